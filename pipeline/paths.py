@@ -1,0 +1,10 @@
+"""Where each stage writes (relative to the repo root; dvc.yaml declares the same)."""
+from pathlib import Path
+
+DATA = Path("data")
+PREPARED = DATA / "prepared"  # {split}.parquet, {split}_questions.parquet, report.json
+FEATURES = DATA / "features"  # <key>.h5, index.json (split -> file), report.json
+PROTOTYPES = DATA / "prototypes"  # <key>.h5, index.json
+MODELS = DATA / "models"  # <method>/bridge.pt, bridge.json, live/ (dvclive)
+METRICS = DATA / "metrics"  # <task>/<method>.json, summary.md
+PLOTS = DATA / "plots"  # example pages and figures
