@@ -1,0 +1,230 @@
+"""Content-keyed HDF5 cache of frozen vision tokens.
+
+A cache file ``<key>.h5`` holds, for one split, ``tokens`` (n x N x d_v,
+float16 by default, one chunk per sample), ``image_ids`` and the images that
+could not be read (``failed_ids``, ``failed_reasons``). The key hashes only what
+determines the content: the images' content hashes (in order), the encoder's
+family, weights hash and preprocessing, the storage dtype and the format
+version -- never a training or evaluation setting.
+
+Extraction is resumable: images are encoded in fixed blocks, each block saved
+atomically under ``<key>.parts/``; an interrupted run skips finished blocks. The
+final file is assembled from the blocks in one deterministic pass (no
+timestamps), so a resumed run ends byte-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.data import Manifest, load_image
+from pipeline.encoders import VisionEncoder
+from pipeline.io import atomic_path, sha256_json
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+BLOCK_SIZE = 256  # images per resumable block (fixed: it must not depend on batch size)
+
+
+class CacheError(ValueError):
+    """A feature cache that is missing, damaged or from another encoder."""
+
+
+def cache_key(manifest: Manifest, encoder: VisionEncoder, dtype: str) -> str:
+    return sha256_json(
+        {
+            "format": FORMAT_VERSION,
+            "images": [[r["image_id"], r["image_sha256"]] for r in manifest.images],
+            "encoder": {"weights_sha256": encoder.weights_sha256, "preprocessing": encoder.preprocessing},
+            "dtype": dtype,
+        }
+    )
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    key: str
+    hit: bool
+    n_images: int
+    n_encoded: int  # encoded in this run (0 on a hit)
+    failed: list[dict] = field(default_factory=list)  # {"image_id", "reason"}
+    seconds: float = 0.0
+
+
+def extract_split(
+    manifest: Manifest,
+    image_root: Path,
+    encoder: VisionEncoder,
+    features_dir: Path,
+    dtype: str = "float16",
+    batch_size: int = 64,
+    stop_after_blocks: int | None = None,
+) -> ExtractResult:
+    """Encode every image of `manifest` into ``features_dir/<key>.h5`` (or reuse it).
+
+    `stop_after_blocks` ends the run early after encoding that many blocks,
+    leaving the parts behind as an interruption would (used to test resuming).
+    """
+    features_dir = Path(features_dir)
+    key = cache_key(manifest, encoder, dtype)
+    final = features_dir / f"{key}.h5"
+    n = len(manifest.images)
+    if final.exists():
+        with FeatureCache(final) as hit:
+            failed = hit.failed
+        log.info("extract %s: cache hit %s (nothing encoded)", manifest.split, final.name)
+        return ExtractResult(final, key, True, n, 0, failed)
+
+    parts = features_dir / f"{key}.parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    blocks = [manifest.images[i : i + BLOCK_SIZE] for i in range(0, n, BLOCK_SIZE)]
+    todo = [b for b in range(len(blocks)) if not _block_path(parts, b).exists()]
+    if len(todo) < len(blocks):
+        log.info("extract %s: resuming, %d of %d blocks already done", manifest.split, len(blocks) - len(todo), len(blocks))
+    start, encoded = time.perf_counter(), 0
+    bar = tqdm(total=sum(len(blocks[b]) for b in todo), unit="img", desc=f"extract {manifest.split}")
+    for count, b in enumerate(todo):
+        if stop_after_blocks is not None and count >= stop_after_blocks:
+            bar.close()
+            return ExtractResult(final, key, False, n, encoded, [], time.perf_counter() - start)
+        _encode_block(blocks[b], image_root, encoder, dtype, batch_size, _block_path(parts, b), bar)
+        encoded += len(blocks[b])
+    bar.close()
+    failed = _assemble(parts, len(blocks), final, key, manifest.split, encoder, dtype)
+    shutil.rmtree(parts)
+    return ExtractResult(final, key, False, n, encoded, failed, time.perf_counter() - start)
+
+
+def _block_path(parts: Path, block: int) -> Path:
+    return parts / f"block-{block:05d}.npz"
+
+
+def _encode_block(rows, image_root, encoder, dtype, batch_size, out: Path, bar) -> None:
+    ok_ids, tokens, failed_ids, reasons = [], [], [], []
+    for i in range(0, len(rows), batch_size):
+        images, ids = [], []
+        for row in rows[i : i + batch_size]:
+            path = image_root / row["image_path"]
+            try:
+                images.append(load_image(path))
+                ids.append(row["image_id"])
+            except FileNotFoundError:
+                failed_ids.append(row["image_id"])
+                reasons.append(f"missing file: {row['image_path']}")
+            except Exception as err:  # PIL raises many types for a corrupt file
+                failed_ids.append(row["image_id"])
+                reasons.append(f"unreadable image {row['image_path']}: {type(err).__name__}: {err}")
+        if images:
+            tokens.append(encoder.encode(images).cpu().numpy().astype(dtype))  # (b, N, d_v)
+            ok_ids.extend(ids)
+        bar.update(len(rows[i : i + batch_size]))
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                tokens=np.concatenate(tokens) if tokens else np.zeros((0, 0, 0), dtype),
+                ids=np.array(ok_ids, dtype=str),
+                failed_ids=np.array(failed_ids, dtype=str),
+                reasons=np.array(reasons, dtype=str),
+            )
+
+
+def _assemble(parts: Path, n_blocks: int, final: Path, key: str, split: str, encoder, dtype) -> list[dict]:
+    blocks = [np.load(_block_path(parts, b)) for b in range(n_blocks)]
+    shapes = [blk["tokens"].shape for blk in blocks if len(blk["ids"])]
+    n_tokens, dim = shapes[0][1:] if shapes else (0, 0)
+    n_ok = sum(s[0] for s in shapes)
+    ids = [str(i) for blk in blocks for i in blk["ids"]]
+    failed = [
+        {"image_id": str(i), "reason": str(r)} for blk in blocks for i, r in zip(blk["failed_ids"], blk["reasons"])
+    ]
+    string = h5py.string_dtype()
+    with atomic_path(final) as tmp, h5py.File(tmp, "w", track_order=True) as f:
+        dset = f.create_dataset(
+            "tokens", shape=(n_ok, n_tokens, dim), dtype=dtype, chunks=(1, n_tokens, dim) if n_ok else None,
+            track_times=False,
+        )
+        row = 0
+        for blk in blocks:
+            if len(blk["ids"]):
+                dset[row : row + len(blk["ids"])] = blk["tokens"]
+                row += len(blk["ids"])
+        f.create_dataset("image_ids", data=np.array(ids, dtype=object), dtype=string, track_times=False)
+        f.create_dataset("failed_ids", data=np.array([x["image_id"] for x in failed], dtype=object), dtype=string,
+                         track_times=False)
+        f.create_dataset("failed_reasons", data=np.array([x["reason"] for x in failed], dtype=object), dtype=string,
+                         track_times=False)
+        f.attrs["cache_key"] = key
+        f.attrs["split"] = split
+        f.attrs["encoder"] = encoder.spec if not encoder.spec.startswith("hf:") else "hf"
+        f.attrs["encoder_weights_sha256"] = encoder.weights_sha256
+        f.attrs["preprocessing"] = json.dumps(encoder.preprocessing, sort_keys=True)
+        f.attrs["dtype"] = dtype
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["library_versions"] = json.dumps(_library_versions(), sort_keys=True)
+    return failed
+
+
+def _library_versions() -> dict[str, str]:
+    import PIL
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "h5py": h5py.__version__,
+            "numpy": np.__version__, "pillow": PIL.__version__}
+
+
+class FeatureCache:
+    """Read side of a cache file: ids, tokens by id, provenance attributes."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CacheError(f"{self.path}: feature cache not found (run the extract stage first)")
+        try:
+            self.file = h5py.File(self.path, "r")
+            self.ids = [s.decode() for s in self.file["image_ids"][:]]
+        except (OSError, KeyError) as err:
+            raise CacheError(f"{self.path}: not a readable feature cache ({err})") from None
+        self.index = {image_id: i for i, image_id in enumerate(self.ids)}
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.file.attrs)
+
+    @property
+    def failed(self) -> list[dict]:
+        return [
+            {"image_id": i.decode(), "reason": r.decode()}
+            for i, r in zip(self.file["failed_ids"][:], self.file["failed_reasons"][:])
+        ]
+
+    def tokens(self, image_ids: list[str] | None = None) -> np.ndarray:
+        """(n, N, d_v) in the stored dtype, in the order of `image_ids` (all when None)."""
+        data = self.file["tokens"]
+        if image_ids is None:
+            return data[:]
+        rows = np.array([self.index[i] for i in image_ids])
+        order = np.argsort(rows)
+        out = np.empty((len(rows),) + data.shape[1:], data.dtype)
+        out[order] = data[rows[order]]  # h5py needs increasing indices
+        return out
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "FeatureCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
