@@ -1,0 +1,112 @@
+"""Captioning scores through pycocoevalcap, and a self-contained HTML page of examples.
+
+Scoring follows the COCO caption evaluation: PTB-tokenise (lower-case, punctuation
+dropped) references and predictions, then BLEU-1..4, METEOR, ROUGE-L and CIDEr(-D).
+Scores are on pycocoevalcap's own scale (BLEU/METEOR/ROUGE-L in [0, 1], CIDEr ~[0, 10]).
+SPICE is left out on purpose: it downloads Stanford CoreNLP models at first use.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import mimetypes
+import os
+import tempfile
+from pathlib import Path
+
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+
+def caption_scores(
+    references: dict[str, list[str]], predictions: dict[str, str]
+) -> dict[str, float]:
+    """Corpus-level BLEU-1..4, METEOR, ROUGE-L, CIDEr of one prediction per id.
+
+    references: id -> all reference captions of that image; predictions: id -> caption.
+    CIDEr's IDF is computed over these references, so scores depend on the whole set.
+    """
+    if set(references) != set(predictions):
+        only_ref = sorted(set(references) - set(predictions))[:3]
+        only_pred = sorted(set(predictions) - set(references))[:3]
+        raise ValueError(
+            f"reference and prediction ids differ: only in references {only_ref}, "
+            f"only in predictions {only_pred} (first 3 shown)"
+        )
+    empty = [k for k, refs in references.items() if not refs]
+    if empty:
+        raise ValueError(f"id {empty[0]!r} has no reference caption")
+
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({k: [{"caption": c} for c in refs] for k, refs in references.items()})
+    res = tokenizer.tokenize({k: [{"caption": predictions[k]}] for k in references})
+
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    meteor_scorer = Meteor()  # starts a JVM (a few seconds: it loads a paraphrase table)
+    try:
+        meteor, _ = meteor_scorer.compute_score(gts, res)
+    finally:
+        # Stop the JVM here: Meteor.__del__ waits on a lock that a failed compute_score
+        # leaves held, which would hang at garbage collection.
+        meteor_scorer.meteor_p.kill()
+        meteor_scorer.meteor_p.wait()
+        if meteor_scorer.lock.locked():
+            meteor_scorer.lock.release()
+    rouge, _ = Rouge().compute_score(gts, res)
+    cider, _ = Cider().compute_score(gts, res)
+
+    scores = {f"BLEU-{n}": bleu[n - 1] for n in range(1, 5)}
+    scores.update({"METEOR": meteor, "ROUGE-L": rouge, "CIDEr": cider})
+    return {k: float(v) for k, v in scores.items()}
+
+
+def _image_data_uri(row: dict) -> str:
+    # Embedding the bytes keeps the page working after it is moved or shared.
+    if "image_b64" in row:
+        return f"data:image/png;base64,{row['image_b64']}"
+    path = Path(row["image_path"])
+    mime = mimetypes.guess_type(path.name)[0] or "image/png"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def _row_html(row: dict) -> str:
+    refs = "".join(f"<li>{html.escape(r)}</li>" for r in row["references"])
+    label = f"<h3>{html.escape(row['label'])}</h3>" if "label" in row else ""
+    return (
+        f'<div class="ex">{label}<img src="{_image_data_uri(row)}" alt="example image">'
+        f'<p><b>generated:</b> {html.escape(row["generated"])}</p>'
+        f"<p><b>references:</b></p><ul>{refs}</ul></div>"
+    )
+
+
+def write_examples_html(path: str | os.PathLike, rows: list[dict], title: str) -> Path:
+    """Write a self-contained HTML page of examples; returns the path.
+
+    Each row: `image_path` (any image file) or `image_b64` (base64 PNG bytes),
+    `generated` (str), `references` (list[str]), optional `label` (str heading).
+    Written to a temp file in the same directory, then os.replace, so a reader
+    (or an interrupted run) never sees a half-written page.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = "\n".join(_row_html(r) for r in rows)
+    page = (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+        f"<title>{html.escape(title)}</title><style>"
+        "body{font-family:sans-serif} .ex{display:inline-block;vertical-align:top;"
+        "width:260px;margin:8px} .ex img{width:256px;image-rendering:pixelated}"
+        f"</style></head><body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
+    )
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
