@@ -69,6 +69,7 @@ def extract_split(
     features_dir: Path,
     dtype: str = "float16",
     batch_size: int = 64,
+    block_size: int = BLOCK_SIZE,
     stop_after_blocks: int | None = None,
 ) -> ExtractResult:
     """Encode every image of `manifest` into ``features_dir/<key>.h5`` (or reuse it).
@@ -88,7 +89,7 @@ def extract_split(
 
     parts = features_dir / f"{key}.parts"
     parts.mkdir(parents=True, exist_ok=True)
-    blocks = [manifest.images[i : i + BLOCK_SIZE] for i in range(0, n, BLOCK_SIZE)]
+    blocks = [manifest.images[i : i + block_size] for i in range(0, n, block_size)]
     todo = [b for b in range(len(blocks)) if not _block_path(parts, b).exists()]
     if len(todo) < len(blocks):
         log.info("extract %s: resuming, %d of %d blocks already done", manifest.split, len(blocks) - len(todo), len(blocks))

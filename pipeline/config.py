@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 # Range checks: field metadata {"check": (predicate, "description")}.
 def _positive(kind: type = float):
-    return {"check": (lambda v: v > 0, f"a {'number' if kind is float else 'integer'} > 0")}
+    return {"check": (lambda v: v > 0, f"{'a number' if kind is float else 'an integer'} > 0")}
 
 
 def _non_negative():

@@ -1,0 +1,112 @@
+"""Prepare: easy-VQA captions from questions, folder sources, portable manifests."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import data
+from pipeline.config import Config, PrepareConfig, parse_config
+from stages import prepare
+
+
+def test_easyvqa_captions_derived_from_questions(easyvqa_splits):
+    splits, report = easyvqa_splits
+    train = splits["train"]
+    assert report["train"]["images"] == 4000 and report["test"]["images"] == 1000
+    assert report["train"]["questions"] == 38575 and report["test"]["questions"] == 9673
+    # about 89% of images resolve both colour and shape (DESIGN.md)
+    assert 0.88 < report["train"]["both"] / 4000 < 0.91
+    assert sum(report["train"][k] for k in ("both", "color_only", "shape_only", "neither", "no_questions")) == 4000
+    first = train.images[0]
+    assert first["captions"] == ["a blue rectangle"]  # image 0: "what is the blue shape?" -> rectangle
+    full = {c for r in train.images for c in r["captions"] if len(c.split()) == 3 and not c.endswith("shape")}
+    assert len(full) == 24  # 8 colours x 3 shapes
+
+
+def test_attributes_from_yes_no_questions():
+    qs = [("is there not a red shape?", "no"), ("does the image contain a circle?", "no"),
+          ("is no rectangle present?", "yes")]
+    assert data.easyvqa_attributes(qs) == {"color": "red", "shape": "triangle"}
+    assert data.easyvqa_caption({"color": "red"}) == "a red shape"
+    assert data.easyvqa_caption({"shape": "circle"}) == "a circle"
+
+
+def test_manifests_are_byte_identical_and_portable(tmp_path):
+    cfg = Config()
+    prepare.run(cfg, tmp_path / "a")
+    prepare.run(cfg, tmp_path / "b")
+    for name in ("train.parquet", "test.parquet", "train_questions.parquet"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    raw = (tmp_path / "a" / "train.parquet").read_bytes()
+    assert str(data.package_dir("easy_vqa")).encode() not in raw  # no machine path inside
+    manifest = data.read_manifest(tmp_path / "a", "test")
+    assert manifest.image_root == "package:easy_vqa" and len(manifest.images) == 1000
+    questions = data.read_questions(tmp_path / "a", "test")
+    assert len(questions) == 9673 and questions[0]["answers"] and questions[0]["image_id"] in manifest.captions_by_id
+
+
+def _image_folder(tmp_path, easyvqa_root, n=5):
+    folder = tmp_path / "mydata"
+    (folder / "imgs").mkdir(parents=True)
+    for i in range(n):
+        shutil.copy(easyvqa_root / f"data/train/images/{i}.png", folder / "imgs" / f"{i}.png")
+    return folder
+
+
+def test_folder_source_round_trips_csv(tmp_path, easyvqa_root):
+    folder = _image_folder(tmp_path, easyvqa_root)
+    (folder / "captions.csv").write_text(
+        "image,caption,split\n"
+        "imgs/0.png,a blue rectangle,train\n"
+        "imgs/0.png,\"a rectangle, blue\",train\n"
+        "imgs/1.png,a blue triangle,train\n"
+        "imgs/2.png,a red triangle,test\n"
+    )
+    cfg = parse_config({"prepare": {"source": "folder", "folder": str(folder)}})
+    report = prepare.run(cfg, tmp_path / "out")
+    assert report == {"test": {"images": 1, "captions": 1}, "train": {"images": 2, "captions": 3}}
+    train = data.read_manifest(tmp_path / "out", "train")
+    assert train.image_root == "params:prepare.folder"
+    assert train.captions_by_id == {"imgs/0.png": ["a blue rectangle", "a rectangle, blue"],
+                                    "imgs/1.png": ["a blue triangle"]}
+    assert str(tmp_path).encode() not in (tmp_path / "out" / "train.parquet").read_bytes()
+    root = data.resolve_image_root(train.image_root, cfg.prepare)
+    assert data.load_image(root / train.images[0]["image_path"]).size == (64, 64)
+
+
+def test_folder_source_json_without_split_is_split_by_hash(tmp_path, easyvqa_root):
+    folder = _image_folder(tmp_path, easyvqa_root)
+    rows = [{"image": f"imgs/{i}.png", "caption": f"caption {i}"} for i in range(5)]
+    (folder / "captions.json").write_text(json.dumps(rows))
+    cfg = PrepareConfig(source="folder", folder=str(folder), test_fraction=0.5)
+    splits, _ = data.load_folder(cfg)
+    again, _ = data.load_folder(cfg)
+    assert [[r["image_id"] for r in s.images] for s in splits] == [[r["image_id"] for r in s.images] for s in again]
+    assert sum(len(s.images) for s in splits) == 5
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("picture,caption\nimgs/0.png,x\n", "missing column(s) image"),
+        ("image,caption\nimgs/9.png,x\n", "row 2: image file imgs/9.png not found"),
+        ("image,caption\n/etc/passwd,x\n", "must be a path inside"),
+    ],
+)
+def test_folder_source_bad_csv_is_one_line(tmp_path, easyvqa_root, content, message):
+    folder = _image_folder(tmp_path, easyvqa_root, n=1)
+    (folder / "captions.csv").write_text(content)
+    with pytest.raises(data.DatasetError) as err:
+        data.load_folder(PrepareConfig(source="folder", folder=str(folder)))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unreadable_manifest_is_reported(tmp_path):
+    (tmp_path / "train.parquet").write_bytes(b"not parquet")
+    with pytest.raises(data.DatasetError, match="unreadable Parquet manifest"):
+        data.read_manifest(tmp_path, "train")
+    with pytest.raises(data.DatasetError, match="run the prepare stage first"):
+        data.read_manifest(tmp_path, "test")

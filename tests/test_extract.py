@@ -1,0 +1,93 @@
+"""Feature cache on 32 real easy-VQA images through the real EfficientNet-Lite0."""
+from __future__ import annotations
+
+import filecmp
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import data
+from pipeline.cache import FeatureCache, cache_key, extract_split
+from tests.conftest import small_manifest
+
+
+@pytest.fixture(scope="module")
+def manifest32(easyvqa_splits):
+    return small_manifest(easyvqa_splits[0]["train"], 32)
+
+
+@pytest.fixture(scope="module")
+def extracted(manifest32, easyvqa_root, lite0, tmp_path_factory):
+    out = tmp_path_factory.mktemp("features")
+    return extract_split(manifest32, easyvqa_root, lite0, out, batch_size=16, block_size=8), out
+
+
+def test_cached_tokens_equal_direct_forward(extracted, manifest32, easyvqa_root, lite0):
+    result, _ = extracted
+    images = [data.load_image(easyvqa_root / r["image_path"]) for r in manifest32.images]
+    direct = lite0.encode(images).numpy()  # (32, 49, 1280)
+    assert direct.shape == (32, 49, 1280)
+    with FeatureCache(result.path) as cache:
+        assert cache.ids == [r["image_id"] for r in manifest32.images]
+        cached = cache.tokens().astype(np.float32)
+        assert cache.attrs["cache_key"] == result.key
+        assert cache.attrs["encoder"] == "efficientnet-lite0"
+        assert cache.attrs["dtype"] == "float16"
+    assert cached.shape == direct.shape
+    # float16 keeps 11 significant bits: relative error <= 2**-11 (plus subnormal slack)
+    np.testing.assert_allclose(cached, direct, rtol=2**-11, atol=1e-4)
+    # the tokens carry information: different images give different features
+    assert np.abs(cached[0] - cached[1]).mean() > 1e-2
+
+
+def test_second_run_is_a_hit(extracted, manifest32, easyvqa_root, lite0, caplog):
+    result, out = extracted
+    caplog.set_level(logging.INFO, logger="pipeline.cache")
+    before = result.path.stat().st_mtime_ns
+    again = extract_split(manifest32, easyvqa_root, lite0, out, batch_size=16, block_size=8)
+    assert again.hit and again.n_encoded == 0 and again.path == result.path
+    assert result.path.stat().st_mtime_ns == before
+    assert "cache hit" in caplog.text
+
+
+def test_resume_is_byte_identical(extracted, manifest32, easyvqa_root, lite0, tmp_path):
+    result, _ = extracted
+    partial = extract_split(manifest32, easyvqa_root, lite0, tmp_path, batch_size=4, block_size=8, stop_after_blocks=2)
+    assert not partial.path.exists()
+    assert len(list((tmp_path / f"{result.key}.parts").glob("block-*.npz"))) == 2
+    resumed = extract_split(manifest32, easyvqa_root, lite0, tmp_path, batch_size=16, block_size=8)
+    assert resumed.n_encoded == 16  # only the two missing blocks
+    assert filecmp.cmp(result.path, resumed.path, shallow=False)
+    assert not (tmp_path / f"{result.key}.parts").exists()
+
+
+def test_corrupt_and_missing_images_are_skipped(manifest32, easyvqa_root, lite0, tmp_path):
+    root = tmp_path / "images"
+    rows = []
+    for row in manifest32.images[:6]:
+        dst = root / row["image_path"]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(easyvqa_root / row["image_path"], dst)
+        rows.append(dict(row))
+    (root / rows[1]["image_path"]).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 10)  # corrupt PNG
+    (root / rows[4]["image_path"]).unlink()  # missing file
+    manifest = data.Manifest("train", manifest32.image_root, rows)
+    result = extract_split(manifest, root, lite0, tmp_path / "features", batch_size=4, block_size=4)
+    reasons = {f["image_id"]: f["reason"] for f in result.failed}
+    assert set(reasons) == {rows[1]["image_id"], rows[4]["image_id"]}
+    assert reasons[rows[4]["image_id"]].startswith("missing file")
+    assert reasons[rows[1]["image_id"]].startswith("unreadable image")
+    with FeatureCache(result.path) as cache:
+        assert len(cache.ids) == 4 and cache.tokens().shape == (4, 49, 1280)
+        assert {f["image_id"] for f in cache.failed} == set(reasons)
+
+
+def test_key_ignores_batch_size_but_not_content(manifest32, lite0):
+    base = cache_key(manifest32, lite0, "float16")
+    changed = data.Manifest("train", manifest32.image_root, [dict(manifest32.images[0], image_sha256="0" * 64)]
+                            + manifest32.images[1:])
+    assert cache_key(changed, lite0, "float16") != base
+    assert cache_key(manifest32, lite0, "float32") != base
