@@ -1,0 +1,110 @@
+"""Assignment prediction loss and InfoNCE."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.losses import assignment_prediction_loss, info_nce_loss
+from pipeline.ot import sinkhorn
+
+B, D, K = 8, 16, 50
+AP_KW = dict(epsilon=0.05, n_iters=3, tau=0.1)
+
+
+def _inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    z_v = F.normalize(torch.randn(B, D, generator=g), dim=-1)
+    z_t = F.normalize(torch.randn(B, D, generator=g), dim=-1)
+    prototypes = F.normalize(torch.randn(K, D, generator=g), dim=-1)
+    prior = torch.rand(K, generator=g) + 0.1
+    return z_v, z_t, prototypes, prior / prior.sum()
+
+
+def test_ap_loss_gradient_reaches_z_v_only() -> None:
+    z_v, z_t, prototypes, prior = _inputs()
+    z_v.requires_grad_(True)
+    prototypes.requires_grad_(True)  # even if a caller forgets to freeze Ê, the loss must not train it
+    before = prototypes.detach().clone()
+    loss = assignment_prediction_loss(z_v, z_t, prototypes, prior, **AP_KW)
+    loss.total.backward()
+    assert z_v.grad is not None and torch.isfinite(z_v.grad).all() and z_v.grad.abs().sum() > 0
+    assert prototypes.grad is None and torch.equal(prototypes, before)
+    assert z_t.grad is None and not loss.text_term.requires_grad
+    for term in (loss.visual_term, loss.text_term):
+        assert torch.isfinite(term) and term.item() > 0
+    torch.testing.assert_close(loss.total, 0.5 * (loss.visual_term + loss.text_term))
+    assert 0 <= loss.marginal_error < 2
+
+
+def test_ap_loss_values_match_definition() -> None:
+    z_v, z_t, prototypes, prior = _inputs(1)
+    loss = assignment_prediction_loss(z_v, z_t, prototypes, prior, **AP_KW)
+    q_t = sinkhorn(z_t @ prototypes.T, prior, AP_KW["epsilon"], AP_KW["n_iters"]).assignments
+    log_p_v = torch.log(torch.softmax(z_v @ prototypes.T / AP_KW["tau"], dim=-1))
+    torch.testing.assert_close(loss.visual_term, -(q_t * log_p_v).sum(-1).mean())
+    # swapping the modalities swaps the two terms
+    swapped = assignment_prediction_loss(z_t, z_v, prototypes, prior, **AP_KW)
+    torch.testing.assert_close(swapped.visual_term, loss.text_term)
+    torch.testing.assert_close(swapped.text_term, loss.visual_term)
+
+
+def test_sgd_on_z_v_reduces_visual_term() -> None:
+    z_v, z_t, prototypes, prior = _inputs(2)
+    param = torch.nn.Parameter(z_v.clone())
+    opt = torch.optim.SGD([param], lr=0.05)
+    history = []
+    for _ in range(10):
+        loss = assignment_prediction_loss(F.normalize(param, dim=-1), z_t, prototypes, prior, **AP_KW)
+        history.append(loss.visual_term.item())
+        opt.zero_grad()
+        loss.visual_term.backward()
+        opt.step()
+    assert history[-1] < history[0] - 0.1, history
+
+
+def test_info_nce_alignment_beats_random() -> None:
+    z_v, z_t, _, _ = _inputs(3)
+    aligned = info_nce_loss(z_v, z_v.clone(), temperature=0.1)
+    random = info_nce_loss(z_v, z_t, temperature=0.1)
+    assert aligned < random
+    # no duplicates: text_ids = arange is plain InfoNCE
+    torch.testing.assert_close(info_nce_loss(z_v, z_t, 0.1, text_ids=torch.arange(B)), random)
+
+
+def test_info_nce_multi_positive_hand_computed() -> None:
+    # samples 0 and 1 are marked as positives of each other (equal text_ids); sample 2 stands alone
+    z_v = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]], dtype=torch.float64)
+    z_t = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]], dtype=torch.float64)
+    text_ids = torch.tensor([7, 7, 3])
+    T = 0.5
+    got = info_nce_loss(z_v, z_t, T, text_ids=text_ids)
+
+    sim = [[sum(a * b for a, b in zip(v, t)) / T for t in z_t.tolist()] for v in z_v.tolist()]
+    pos = [[1.0 if text_ids[i] == text_ids[j] else 0.0 for j in range(3)] for i in range(3)]
+
+    def ce(logits_rows: list[list[float]]) -> float:
+        total = 0.0
+        for i, row in enumerate(logits_rows):
+            log_z = math.log(sum(math.exp(x) for x in row))
+            n_pos = sum(pos[i])
+            total += -sum(pos[i][j] / n_pos * (row[j] - log_z) for j in range(3))
+        return total / 3
+
+    sim_t = [list(col) for col in zip(*sim)]
+    expected = 0.5 * (ce(sim) + ce(sim_t))
+    assert math.isfinite(got.item())
+    assert abs(got.item() - expected) < 1e-12
+    assert abs(info_nce_loss(z_v, z_t, T).item() - got.item()) > 1e-3  # single-positive differs
+
+
+def test_info_nce_identical_duplicate_captions() -> None:
+    """Duplicates with the *same* cached z_t: multi-positive and plain InfoNCE are the same function.
+
+    A negative identical to the positive cannot be pushed away (it only adds log(n_dup) to the
+    loss), so text_ids only matter when positives have different text vectors.
+    """
+    z_v = F.normalize(torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5)), dim=-1)
+    z_t = F.normalize(torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]], dtype=torch.float64), dim=-1)
+    multi = info_nce_loss(z_v, z_t, 0.2, text_ids=torch.tensor([0, 0, 1, 2]))
+    assert torch.isfinite(multi)
+    torch.testing.assert_close(multi, info_nce_loss(z_v, z_t, 0.2))

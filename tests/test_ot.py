@@ -1,0 +1,86 @@
+"""Log-domain Sinkhorn: agreement with POT, marginals, numerical stability, batching."""
+import warnings
+
+import ot as pot
+import pytest
+import torch
+
+from pipeline.ot import sinkhorn
+
+
+def _problem(B: int, K: int, seed: int, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine scores (B, K) and a non-uniform word prior mu (K,)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.nn.functional.normalize(torch.randn(B, 8, generator=g, dtype=dtype), dim=-1)
+    e = torch.nn.functional.normalize(torch.randn(K, 8, generator=g, dtype=dtype), dim=-1)
+    mu = torch.rand(K, generator=g, dtype=dtype) ** 3 + 1e-3
+    return z @ e.T, mu / mu.sum()
+
+
+def _pot_plan(scores: torch.Tensor, mu: torch.Tensor, epsilon: float, n_iters: int) -> torch.Tensor:
+    B = scores.shape[0]
+    a = torch.full((B,), 1.0 / B, dtype=scores.dtype)
+    with warnings.catch_warnings():  # POT warns that it did not converge at small iteration counts
+        warnings.simplefilter("ignore")
+        return pot.sinkhorn(a, mu, -scores, reg=epsilon, method="sinkhorn_log", numItermax=n_iters, stopThr=0)
+
+
+@pytest.mark.parametrize("epsilon", [0.05, 0.1])
+@pytest.mark.parametrize("n_iters", [3, 2000])
+def test_matches_pot_sinkhorn_log(epsilon: float, n_iters: int) -> None:
+    """Same update order as POT (column then row potential), so plans agree after 3 iterations too."""
+    scores, mu = _problem(16, 40, seed=0)
+    ours = sinkhorn(scores, mu, epsilon, n_iters)
+    ref = _pot_plan(scores, mu, epsilon, n_iters)
+    torch.testing.assert_close(ours.log_plan.exp(), ref, rtol=1e-6, atol=1e-15)
+    torch.testing.assert_close(ours.assignments, ref * 16, rtol=1e-6, atol=1e-13)
+
+
+def test_marginals() -> None:
+    scores, mu = _problem(32, 50, seed=1)
+    errors = []
+    for n_iters in [1, 10, 100, 1000]:
+        res = sinkhorn(scores, mu, 0.05, n_iters)
+        torch.testing.assert_close(res.assignments.sum(-1), torch.ones(32, dtype=torch.float64))
+        errors.append(res.marginal_error.item())
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors  # error decreases with n_iters
+    torch.testing.assert_close(res.log_plan.exp().sum(0), mu, rtol=0, atol=1e-9)  # columns reach mu
+    assert errors[-1] < 1e-8
+    # marginal_error is exactly the L1 column error of the plan
+    torch.testing.assert_close(res.marginal_error, (res.log_plan.exp().sum(0) - mu).abs().sum())
+
+
+@pytest.mark.parametrize("epsilon", [1e-3, 1e-2, 1.0])
+def test_stable_in_float32_with_tiny_and_zero_mass(epsilon: float) -> None:
+    scores, mu = _problem(64, 300, seed=2, dtype=torch.float32)
+    mu[:20] = 1e-12
+    mu[20:30] = 0.0
+    mu = mu / mu.sum()
+    res = sinkhorn(scores, mu, epsilon, 3)
+    assert res.assignments.dtype == torch.float32
+    assert torch.isfinite(res.assignments).all() and torch.isfinite(res.marginal_error).all()
+    assert not torch.isnan(res.log_plan).any()
+    assert torch.isfinite(res.log_plan[:, 30:]).all()
+    assert (res.assignments[:, 20:30] == 0).all()  # zero-mass words receive nothing
+    torch.testing.assert_close(res.assignments.sum(-1), torch.ones(64), rtol=0, atol=1e-5)
+
+
+def test_batched_equals_per_problem_loop() -> None:
+    problems = [_problem(12, 30, seed=s) for s in range(3)]
+    scores = torch.stack([s for s, _ in problems])  # (3, B, K)
+    mus = torch.stack([m for _, m in problems])  # (3, K)
+    shared = sinkhorn(scores, mus[0], 0.05, 5)
+    per_problem_mu = sinkhorn(scores, mus, 0.05, 5)
+    for i, (s, m) in enumerate(problems):
+        torch.testing.assert_close(shared.assignments[i], sinkhorn(s, mus[0], 0.05, 5).assignments)
+        one = sinkhorn(s, m, 0.05, 5)
+        torch.testing.assert_close(per_problem_mu.log_plan[i], one.log_plan)
+        torch.testing.assert_close(per_problem_mu.marginal_error[i], one.marginal_error)
+
+
+def test_rejects_bad_input() -> None:
+    scores, mu = _problem(4, 6, seed=3)
+    with pytest.raises(ValueError, match="col_mass"):
+        sinkhorn(scores, mu * 2, 0.1, 3)
+    with pytest.raises(ValueError, match="epsilon"):
+        sinkhorn(scores, mu, 0.0, 3)
