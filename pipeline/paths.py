@@ -8,3 +8,4 @@ PROTOTYPES = DATA / "prototypes"  # <key>.h5, index.json
 MODELS = DATA / "models"  # <method>/bridge.pt, bridge.json, live/ (dvclive)
 METRICS = DATA / "metrics"  # <task>/<method>.json, summary.md
 PLOTS = DATA / "plots"  # example pages and figures
+LM_CACHE = DATA / "lm_cache"  # GGUF models converted once to transformers folders (not DVC-tracked)

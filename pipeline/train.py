@@ -1,0 +1,169 @@
+"""Training the bridge on cached features: VLAP and the two baselines, one loop.
+
+No image is decoded and no vision encoder runs here: visual tokens come from the
+feature cache, z_t from the prototypes cache. The LLM is frozen (eval mode, no
+parameter gradients); only the bridge is optimised (AdamW, warm-up then cosine).
+Batches are a pure function of (seed, step), so a run resumed from a checkpoint
+ends equal to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline.bridge import build_bridge, save_bridge, visual_representation
+from pipeline.config import Config
+from pipeline.io import atomic_path, sha256_json
+from pipeline.lms import LanguageModel
+from pipeline.losses import assignment_prediction_loss, captioning_loss, info_nce_loss
+from pipeline.prototypes import Prototypes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainData:
+    tokens: torch.Tensor  # (n, N, d_v) float16 visual tokens from the cache
+    captions: list[str]  # (n,) one caption per sample
+    image_ids: list[str]  # (n,)
+    features_key: str
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Sample indices of `step`: epoch-wise permutations, a pure function of (seed, step)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, offset = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)[offset * batch_size : (offset + 1) * batch_size]
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def method_config(cfg: Config, method: str):
+    return getattr(cfg.methods, method)
+
+
+def compute_losses(method: str, cfg: Config, lm: LanguageModel, bridge, protos: Prototypes, tokens, captions,
+                   prompt_ids) -> dict[str, torch.Tensor]:
+    """All loss terms of one batch; 'loss' is the one to minimise."""
+    mcfg = method_config(cfg, method)
+    V = bridge(tokens)  # (B, N, D)
+    caption_ids, caption_mask = lm.tokenize_captions(captions, cfg.train.max_caption_tokens)
+    terms = {"loss_cap": captioning_loss(lm, V, prompt_ids, caption_ids, caption_mask)}
+    loss = mcfg.caption_weight * terms["loss_cap"]
+    z_v = visual_representation(V.float())  # (B, D)
+    # Cosine scores divided by tau = 0.01 need float32: bf16 keeps ~3 digits.
+    with torch.autocast(V.device.type, enabled=False):
+        loss = loss + _alignment_terms(method, mcfg, protos, z_v, captions, terms)
+    terms["loss"] = loss
+    return terms
+
+
+def _alignment_terms(method, mcfg, protos: Prototypes, z_v, captions, terms: dict) -> torch.Tensor:
+    """VLAP's L_AP or the contrastive InfoNCE (weighted), recording each term in `terms`."""
+    if method == "vlap":
+        ap = assignment_prediction_loss(z_v, protos.text_reps(captions), protos.prototypes, protos.prior,
+                                        epsilon=mcfg.epsilon, n_iters=mcfg.sinkhorn_iters, tau=mcfg.tau)
+        terms.update(loss_ap=ap.total, loss_ap_visual=ap.visual_term, loss_ap_text=ap.text_term,
+                     sinkhorn_marginal_error=torch.tensor(ap.marginal_error))
+        return mcfg.ap_weight * ap.total
+    if method == "contrastive":
+        text_ids = torch.tensor([protos.text_index[c] for c in captions])
+        terms["loss_nce"] = info_nce_loss(z_v, protos.text_reps(captions), mcfg.temperature, text_ids)
+        return mcfg.nce_weight * terms["loss_nce"]
+    return z_v.new_zeros(())  # limber: captioning only
+
+
+def run_fingerprint(method: str, cfg: Config, data: TrainData, protos: Prototypes, lm: LanguageModel) -> str:
+    """What a checkpoint must match to be resumed."""
+    return sha256_json({"method": method, "train": asdict(cfg.train), "method_cfg": asdict(method_config(cfg, method)),
+                        "features": data.features_key, "prototypes": protos.key, "llm": lm.weights_sha256,
+                        "n": len(data.captions)})
+
+
+def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, protos: Prototypes, out_dir: Path,
+                 checkpoint: Path, stop_after: int | None = None) -> dict:
+    """Train one method; write out_dir/bridge.pt (+ .json) and dvclive logs under out_dir/live.
+
+    `stop_after` ends the run after that many steps (leaving the checkpoint), as an interruption would.
+    """
+    from dvclive import Live
+
+    tcfg, device = cfg.train, lm.device
+    fingerprint = run_fingerprint(method, cfg, data, protos, lm)
+    torch.manual_seed(tcfg.seed)
+    bridge = build_bridge("linear", data.tokens.shape[-1], lm.hidden_size).to(device)
+    optimizer = torch.optim.AdamW(bridge.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tcfg.warmup_steps, tcfg.steps))
+    start, history = 0, []
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state["fingerprint"] == fingerprint:
+            bridge.load_state_dict(state["bridge"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            start, history = state["step"], state["history"]
+            log.info("train %s: resuming from step %d", method, start)
+    prompt_ids, _ = lm.tokenize([tcfg.prompt])
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.precision == "bf16" else nullcontext())
+    live = Live(dir=str(out_dir / "live"), dvcyaml=None, save_dvc_exp=False, report=None)
+    for row in history:  # replay logged steps so the curves are whole after a resume
+        _log_step(live, row)
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, tcfg.steps), initial=start, total=tcfg.steps, desc=f"train {method}", unit="step")
+    for step in bar:
+        if stop_after is not None and step >= start + stop_after:
+            break
+        idx = batch_indices(len(data.captions), tcfg.batch_size, tcfg.seed, step)
+        tokens = data.tokens[idx].to(device=device, dtype=torch.float32)
+        captions = [data.captions[i] for i in idx.tolist()]
+        with autocast:
+            terms = compute_losses(method, cfg, lm, bridge, protos, tokens, captions, prompt_ids[0])
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        row = {k: v.item() for k, v in terms.items()} | {"lr": schedule.get_last_lr()[0]}
+        schedule.step()
+        history.append(row)
+        _log_step(live, row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+        if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.steps:
+            _save_checkpoint(checkpoint, fingerprint, step + 1, bridge, optimizer, schedule, history)
+    live.end()
+    steps_done = len(history)
+    if steps_done < tcfg.steps:
+        return {"finished": False, "steps": steps_done}
+    meta = {"bridge": "linear", "d_vision": int(data.tokens.shape[-1]), "d_model": lm.hidden_size, "method": method,
+            "llm": cfg.prototypes.llm, "encoder": cfg.extract.encoder, "prompt": tcfg.prompt,
+            "features_key": data.features_key, "prototypes_key": protos.key, "train": asdict(tcfg),
+            "method_config": asdict(method_config(cfg, method)), "samples": len(data.captions),
+            "final": history[-1]}
+    save_bridge(out_dir / "bridge.pt", bridge.cpu(), meta)
+    checkpoint.unlink(missing_ok=True)
+    return {"finished": True, "steps": steps_done, "seconds": time.perf_counter() - t0, "final": history[-1]}
+
+
+def _log_step(live, row: dict) -> None:
+    for key, value in row.items():
+        live.log_metric(f"train/{key}", value)
+    live.next_step()
+
+
+def _save_checkpoint(path: Path, fingerprint, step, bridge, optimizer, schedule, history) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save({"fingerprint": fingerprint, "step": step, "bridge": bridge.state_dict(),
+                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "history": history}, tmp)
