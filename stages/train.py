@@ -3,7 +3,7 @@
 Reads  data/features (train split), data/prototypes, data/prepared/train.parquet,
        params `train.*`, `methods.<method>.*` (and the LLM named by `prototypes.llm`).
 Writes data/models/<method>/bridge.pt + bridge.json, dvclive curves in data/models/<method>/live;
-       an interrupted run resumes from data/checkpoints/<method>.pt.
+       an interrupted run resumes from data/models/checkpoints/<method>.pt.
 
     python -m stages.train --method vlap
 """
@@ -83,7 +83,7 @@ def run(cfg: Config, method: str, prepared_dir: Path = paths.PREPARED, features_
     log.info("train %s: %d samples, %d steps of %d", method, len(train_data.captions), cfg.train.steps,
              cfg.train.batch_size)
     out_dir = Path(models_dir) / method
-    checkpoint = Path(models_dir).parent / "checkpoints" / f"{method}.pt"
+    checkpoint = Path(models_dir) / "checkpoints" / f"{method}.pt"  # not a DVC out: survives a re-run
     return train_bridge(method, cfg, train_data, lm, protos, out_dir, checkpoint, stop_after=stop_after)
 
 

@@ -41,3 +41,22 @@ def smollm2():
     from pipeline.lms import load_lm
 
     return load_lm("smollm2-135m", torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, easyvqa_splits, smollm2):
+    """prepare -> extract -> prototypes on 64 train + 32 test real easy-VQA images, through the stages."""
+    from stages import extract, prototypes
+
+    splits, _ = easyvqa_splits
+    root = tmp_path_factory.mktemp("pipeline")
+    dirs = {name: root / name for name in ("prepared", "features", "prototypes", "models", "metrics", "plots")}
+    for name, n in (("train", 64), ("test", 32)):
+        split = splits[name]
+        ids = {r["image_id"] for r in split.images[:n]}
+        questions = [q for q in split.questions if q["image_id"] in ids]
+        data.write_split(dirs["prepared"], data.Split(name, split.image_root, split.images[:n], questions))
+    cfg = Config()
+    extract.run(cfg, dirs["prepared"], dirs["features"])
+    prototypes.run(cfg, dirs["prepared"], dirs["prototypes"], lm=smollm2)
+    return cfg, dirs
