@@ -185,6 +185,17 @@ def _library_versions() -> dict[str, str]:
             "numpy": np.__version__, "pillow": PIL.__version__}
 
 
+def features_file(features_dir: Path, split: str) -> Path:
+    """The cache file the extract stage recorded for `split` in index.json."""
+    index = Path(features_dir) / "index.json"
+    if not index.exists():
+        raise CacheError(f"{index}: not found (run the extract stage first)")
+    entry = json.loads(index.read_text()).get(split)
+    if entry is None:
+        raise CacheError(f"{index}: no features for split {split!r}")
+    return Path(features_dir) / entry["file"]
+
+
 class FeatureCache:
     """Read side of a cache file: ids, tokens by id, provenance attributes."""
 

@@ -64,16 +64,16 @@ class PrototypesConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     max_samples: int = field(default=0, metadata=_non_negative())  # training images used; 0 = all
-    steps: int = field(default=200, metadata=_positive(int))
+    steps: int = field(default=60, metadata=_positive(int))
     batch_size: int = field(default=16, metadata=_positive(int))
-    lr: float = field(default=1e-3, metadata=_positive())
+    lr: float = field(default=1e-2, metadata=_positive())
     weight_decay: float = field(default=0.01, metadata=_non_negative())
-    warmup_steps: int = field(default=20, metadata=_non_negative())
+    warmup_steps: int = field(default=5, metadata=_non_negative())
     prompt: str = "A picture of"
     max_caption_tokens: int = field(default=16, metadata=_positive(int))
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16"] = "bf16"
     seed: int = 0
-    checkpoint_every: int = field(default=50, metadata=_positive(int))
+    checkpoint_every: int = field(default=10, metadata=_positive(int))
     device: str = "auto"
 
 
@@ -106,17 +106,44 @@ class MethodsConfig:
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
-    test_images: int = field(default=200, metadata=_non_negative())  # 0 = all test images
+class EvalCommonConfig:
+    test_images: int = field(default=200, metadata=_non_negative())  # test images evaluated; 0 = all
     batch_size: int = field(default=32, metadata=_positive(int))
-    caption_max_new_tokens: int = field(default=12, metadata=_positive(int))
-    vqa_questions: int = field(default=300, metadata=_non_negative())  # 0 = all test questions
-    vqa_shots: int = field(default=2, metadata=_non_negative())  # n of the n-shot setting (0-shot always runs)
-    vqa_max_new_tokens: int = field(default=4, metadata=_positive(int))
-    arithmetic_queries: int = field(default=200, metadata=_non_negative())  # 0 = all
-    examples: int = field(default=16, metadata=_non_negative())  # rows on each HTML example page
     seed: int = 0
     device: str = "auto"
+
+
+@dataclass(frozen=True)
+class CaptionEvalConfig:
+    max_new_tokens: int = field(default=12, metadata=_positive(int))
+    examples: int = field(default=16, metadata=_non_negative())  # rows of the HTML example page
+
+
+@dataclass(frozen=True)
+class VqaEvalConfig:
+    questions: int = field(default=200, metadata=_non_negative())  # test questions (on the evaluated images); 0 = all
+    shots: int = field(default=2, metadata=_non_negative())  # n of the n-shot setting (0-shot always runs)
+    max_new_tokens: int = field(default=4, metadata=_positive(int))  # open-ended answers
+
+
+@dataclass(frozen=True)
+class RetrievalEvalConfig:
+    assignment_scorer: bool = True  # also rank by similarity of Sinkhorn assignment distributions
+
+
+@dataclass(frozen=True)
+class ArithmeticEvalConfig:
+    queries: int = field(default=100, metadata=_non_negative())  # source images per swap kind; 0 = all
+    examples: int = field(default=12, metadata=_non_negative())
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    common: EvalCommonConfig = field(default_factory=EvalCommonConfig)
+    caption: CaptionEvalConfig = field(default_factory=CaptionEvalConfig)
+    vqa: VqaEvalConfig = field(default_factory=VqaEvalConfig)
+    retrieval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
+    arithmetic: ArithmeticEvalConfig = field(default_factory=ArithmeticEvalConfig)
 
 
 @dataclass(frozen=True)

@@ -144,3 +144,15 @@ def load_prototypes(path: str | Path, device: torch.device = torch.device("cpu")
             )
     except (OSError, KeyError) as err:
         raise CacheError(f"{path}: not a readable prototypes cache ({err})") from None
+
+
+def prototypes_file(prototypes_dir: Path) -> Path:
+    index = Path(prototypes_dir) / "index.json"
+    if not index.exists():
+        raise CacheError(f"{index}: not found (run the prototypes stage first)")
+    return Path(prototypes_dir) / json.loads(index.read_text())["file"]
+
+
+def check_prototypes_match(protos: Prototypes, lm: LanguageModel) -> None:
+    if protos.attrs.get("llm_weights_sha256") != lm.weights_sha256:
+        raise CacheError(f"{protos.path}: prototypes were built from another LLM than {lm.spec} (re-run the prototypes stage)")

@@ -34,6 +34,7 @@ class TrainData:
     captions: list[str]  # (n,) one caption per sample
     image_ids: list[str]  # (n,)
     features_key: str
+    encoder_weights_sha256: str  # the bridge only fits features of this encoder
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -148,7 +149,8 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
         return {"finished": False, "steps": steps_done}
     meta = {"bridge": "linear", "d_vision": int(data.tokens.shape[-1]), "d_model": lm.hidden_size, "method": method,
             "llm": cfg.prototypes.llm, "encoder": cfg.extract.encoder, "prompt": tcfg.prompt,
-            "features_key": data.features_key, "prototypes_key": protos.key, "train": asdict(tcfg),
+            "features_key": data.features_key,
+            "encoder_weights_sha256": data.encoder_weights_sha256, "prototypes_key": protos.key, "train": asdict(tcfg),
             "method_config": asdict(method_config(cfg, method)), "samples": len(data.captions),
             "final": history[-1]}
     save_bridge(out_dir / "bridge.pt", bridge.cpu(), meta)

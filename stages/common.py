@@ -28,3 +28,23 @@ def main_guard(body: Callable[[argparse.Namespace, Config], object], args: argpa
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def method_parser(description: str) -> argparse.ArgumentParser:
+    from pipeline.config import METHODS
+
+    p = parser(description)
+    p.add_argument("--method", required=True, choices=METHODS)
+    return p
+
+
+def write_metrics(metrics_dir, task: str, method: str, metrics: dict):
+    """data/metrics/<task>/<method>.json (a DVC metrics file), written atomically."""
+    from pathlib import Path
+
+    from pipeline.io import write_json_atomic
+
+    path = Path(metrics_dir) / task / f"{method}.json"
+    write_json_atomic(path, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    logging.getLogger(f"stages.evaluate_{task}").info("%s %s: %s", task, method, metrics)
+    return path

@@ -9,7 +9,6 @@ Writes data/models/<method>/bridge.pt + bridge.json, dvclive curves in data/mode
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -18,37 +17,15 @@ import numpy as np
 import torch
 
 from pipeline import data, paths
-from pipeline.cache import CacheError, FeatureCache
+from pipeline.cache import CacheError, FeatureCache, features_file
 from pipeline.config import METHODS, Config
 from pipeline.device import resolve_device
 from pipeline.lms import LanguageModel, load_lm
-from pipeline.prototypes import Prototypes, load_prototypes
+from pipeline.prototypes import check_prototypes_match, load_prototypes, prototypes_file
 from pipeline.train import TrainData, train_bridge
 from stages.common import main_guard, parser
 
 log = logging.getLogger("stages.train")
-
-
-def features_file(features_dir: Path, split: str) -> Path:
-    index = Path(features_dir) / "index.json"
-    if not index.exists():
-        raise CacheError(f"{index}: not found (run the extract stage first)")
-    entry = json.loads(index.read_text()).get(split)
-    if entry is None:
-        raise CacheError(f"{index}: no features for split {split!r}")
-    return Path(features_dir) / entry["file"]
-
-
-def prototypes_file(prototypes_dir: Path) -> Path:
-    index = Path(prototypes_dir) / "index.json"
-    if not index.exists():
-        raise CacheError(f"{index}: not found (run the prototypes stage first)")
-    return Path(prototypes_dir) / json.loads(index.read_text())["file"]
-
-
-def check_prototypes_match(protos: Prototypes, lm: LanguageModel) -> None:
-    if protos.attrs.get("llm_weights_sha256") != lm.weights_sha256:
-        raise CacheError(f"{protos.path}: prototypes were built from another LLM than {lm.spec} (re-run the prototypes stage)")
 
 
 def load_train_data(cfg: Config, prepared_dir: Path, features_dir: Path) -> TrainData:
@@ -65,9 +42,10 @@ def load_train_data(cfg: Config, prepared_dir: Path, features_dir: Path) -> Trai
         unique = sorted(set(ids), key=cache.index.get)
         rows = {image_id: k for k, image_id in enumerate(unique)}
         tokens = torch.from_numpy(cache.file["tokens"][:])[[cache.index[i] for i in unique]]  # (n_unique, N, d_v)
-        key = str(cache.attrs["cache_key"])
+        attrs = cache.attrs
     return TrainData(tokens=tokens[[rows[i] for i in ids]], captions=[c for _, c in pairs], image_ids=ids,
-                     features_key=key)
+                     features_key=str(attrs["cache_key"]),
+                     encoder_weights_sha256=str(attrs["encoder_weights_sha256"]))
 
 
 def run(cfg: Config, method: str, prepared_dir: Path = paths.PREPARED, features_dir: Path = paths.FEATURES,

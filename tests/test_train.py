@@ -10,7 +10,7 @@ import torch
 import pipeline.losses
 from pipeline.bridge import load_bridge
 from pipeline.config import Config
-from pipeline.prototypes import build_prototypes, load_prototypes
+from pipeline.prototypes import build_prototypes, load_prototypes, prototypes_file
 from pipeline.train import batch_indices, compute_losses, lr_factor
 from stages import train
 
@@ -21,7 +21,7 @@ def small(cfg: Config, **train_overrides) -> Config:
 
 def test_prototypes_cache(tiny_pipeline, smollm2):
     cfg, dirs = tiny_pipeline
-    protos = load_prototypes(train.prototypes_file(dirs["prototypes"]))
+    protos = load_prototypes(prototypes_file(dirs["prototypes"]))
     assert protos.prototypes.shape == (49152, 576)
     assert torch.allclose(protos.prototypes.norm(dim=-1), torch.ones(49152), atol=1e-5)
     assert abs(protos.prior.sum().item() - 1) < 1e-5
@@ -51,7 +51,7 @@ def test_schedule_and_batches_are_pure():
 def test_only_the_bridge_receives_gradients(tiny_pipeline, smollm2):
     cfg, dirs = tiny_pipeline
     data = train.load_train_data(cfg, dirs["prepared"], dirs["features"])
-    protos = load_prototypes(train.prototypes_file(dirs["prototypes"]))
+    protos = load_prototypes(prototypes_file(dirs["prototypes"]))
     bridge = torch.nn.Linear(1280, 576)
     prompt_ids, _ = smollm2.tokenize([cfg.train.prompt])
     terms = compute_losses("vlap", cfg, smollm2, bridge, protos, data.tokens[:4].float(), data.captions[:4],

@@ -1,0 +1,33 @@
+"""Image captioning: greedy decoding from [V ; prompt], scored by pycocoevalcap."""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from pipeline.config import Config
+from pipeline.generation import greedy_decode, text_embeds
+from pipeline.tasks.caption_metrics import caption_scores
+from pipeline.tasks.inputs import EvalInputs
+
+
+def generate_captions(inputs: EvalInputs, prompt: str, batch_size: int, max_new_tokens: int) -> dict[str, str]:
+    """image id -> generated caption, batched (all prefixes have the same length N + P)."""
+    lm = inputs.lm
+    prompt_embeds = text_embeds(lm, prompt)  # (P, D)
+    out: dict[str, str] = {}
+    n = len(inputs.image_ids)
+    for i in tqdm(range(0, n, batch_size), desc=f"caption {inputs.method}", unit="batch"):
+        V = inputs.bridged(slice(i, i + batch_size))  # (b, N, D)
+        embeds = torch.cat([V, prompt_embeds.expand(V.shape[0], -1, -1)], 1)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        texts = greedy_decode(lm, embeds, mask, max_new_tokens)
+        out.update(zip(inputs.image_ids[i : i + batch_size], texts))
+    return out
+
+
+def evaluate_captioning(inputs: EvalInputs, cfg: Config) -> tuple[dict, dict[str, str]]:
+    """Metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr) and the generated captions."""
+    ecfg = cfg.evaluate
+    generated = generate_captions(inputs, inputs.meta["prompt"], ecfg.common.batch_size, ecfg.caption.max_new_tokens)
+    scores = caption_scores(inputs.captions, generated)
+    return scores | {"images": len(generated)}, generated

@@ -1,0 +1,84 @@
+"""What every evaluation reads: the bridge, the cached test features, the prototypes, the LLM.
+
+Checks that they belong together: the test cache must come from the encoder the
+bridge was trained on, and the prototypes from the LLM it feeds.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import data
+from pipeline.bridge import load_bridge, visual_representation
+from pipeline.cache import CacheError, FeatureCache, features_file
+from pipeline.config import Config
+from pipeline.device import resolve_device
+from pipeline.lms import LanguageModel, load_lm
+from pipeline.paths import Dirs
+from pipeline.prototypes import Prototypes, check_prototypes_match, load_prototypes, prototypes_file
+
+
+@dataclass
+class EvalInputs:
+    method: str
+    bridge: torch.nn.Module
+    meta: dict  # the bridge's saved config (prompt, encoder, llm, ...)
+    lm: LanguageModel | None
+    protos: Prototypes
+    image_ids: list[str]  # evaluated test images, in manifest order
+    tokens: torch.Tensor  # (n, N, d_v) float16 cached visual tokens
+    captions: dict[str, list[str]]  # image id -> reference captions
+    attributes: dict[str, dict]  # image id -> {"color": ..., "shape": ...} where known
+    image_paths: dict[str, Path]  # image id -> file, for example pages
+    device: torch.device
+
+    @torch.inference_mode()
+    def bridged(self, rows: slice | list[int]) -> torch.Tensor:
+        """V = bridge(tokens) for the given rows: (b, N, D)."""
+        return self.bridge(self.tokens[rows].to(self.device, torch.float32))
+
+    @torch.inference_mode()
+    def z_v(self, batch_size: int = 64) -> torch.Tensor:
+        """(n, D) L2-normalised visual representations of all evaluated images."""
+        return torch.cat([visual_representation(self.bridged(slice(i, i + batch_size)))
+                          for i in range(0, len(self.image_ids), batch_size)])
+
+
+def select_test_images(manifest: data.Manifest, cache: FeatureCache, limit: int) -> list[str]:
+    ids = [r["image_id"] for r in manifest.images if r["captions"] and r["image_id"] in cache.index]
+    return ids[:limit] if limit else ids
+
+
+def load_eval_inputs(cfg: Config, method: str, dirs: Dirs, lm: LanguageModel | None = None,
+                     need_lm: bool = True) -> EvalInputs:
+    device = resolve_device(cfg.evaluate.common.device)
+    bridge, meta = load_bridge(Path(dirs.models) / method / "bridge.pt", device)
+    manifest = data.read_manifest(dirs.prepared, "test")
+    with FeatureCache(features_file(dirs.features, "test")) as cache:
+        if cache.attrs.get("encoder_weights_sha256") != meta.get("encoder_weights_sha256"):
+            raise CacheError(f"{cache.path}: test features come from another encoder than the {method} bridge was "
+                             f"trained on ({meta.get('encoder')}); re-run extract and train")
+        ids = select_test_images(manifest, cache, cfg.evaluate.common.test_images)
+        if not ids:
+            raise CacheError(f"{cache.path}: no test image has both features and a caption")
+        rows = np.array([cache.index[i] for i in ids])
+        tokens = torch.from_numpy(cache.file["tokens"][:][rows])  # (n, N, d_v)
+    if tokens.shape[-1] != meta["d_vision"]:
+        raise CacheError(f"test features have d_v = {tokens.shape[-1]}, the {method} bridge expects {meta['d_vision']}")
+    if need_lm and lm is None:
+        lm = load_lm(meta["llm"], device)
+    protos = load_prototypes(prototypes_file(dirs.prototypes), device)
+    if lm is not None:
+        check_prototypes_match(protos, lm)
+    root = data.resolve_image_root(manifest.image_root, cfg.prepare)
+    by_id = {r["image_id"]: r for r in manifest.images}
+    return EvalInputs(
+        method=method, bridge=bridge, meta=meta, lm=lm, protos=protos, image_ids=ids, tokens=tokens,
+        captions={i: by_id[i]["captions"] for i in ids},
+        attributes={i: json.loads(by_id[i]["attributes"] or "{}") for i in ids},
+        image_paths={i: root / by_id[i]["image_path"] for i in ids}, device=device,
+    )

@@ -1,0 +1,87 @@
+"""Visual question answering on easy-VQA: open-ended and closed-vocabulary, 0-shot and n-shot.
+
+Query prefix: [shots] [V] "Question: {q} Answer:"; each shot is a training image's
+[V] "Question: {q} Answer: {a}\\n". Open-ended answers are decoded greedily;
+closed-vocabulary answers rank the dataset's answer set by LLM log-likelihood,
+the shared prefix run once per query (KV cache).
+"""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+import torch
+from tqdm import tqdm
+
+from pipeline.generation import greedy_decode, left_pad, rank_candidates, text_embeds
+from pipeline.tasks.inputs import EvalInputs
+from pipeline.tasks.vqa_metrics import easyvqa_question_type, normalize_answer, vqa_accuracy
+
+
+def query_text(question: str) -> str:
+    return f" Question: {question} Answer:"
+
+
+def first_answer(generated: str) -> str:
+    """The answer part of an open-ended generation: its first line, trailing punctuation dropped."""
+    return generated.strip().split("\n")[0].strip().rstrip(".")
+
+
+def select_questions(questions: list[dict], image_ids: list[str], limit: int, seed: int) -> list[dict]:
+    keep = set(image_ids)
+    pool = [q for q in questions if q["image_id"] in keep]
+    if limit and len(pool) > limit:
+        pool = sorted(random.Random(seed).sample(pool, limit), key=lambda q: q["question_id"])
+    return pool
+
+
+def shots_prefix(lm, shot_tokens: list[torch.Tensor], shots: list[dict], bridge) -> torch.Tensor:
+    """(S, D) embeddings of the n-shot examples, each [V] Question: q Answer: a\\n."""
+    parts = []
+    for tokens, shot in zip(shot_tokens, shots):
+        with torch.inference_mode():
+            parts.append(bridge(tokens.to(lm.device, torch.float32)))
+        parts.append(text_embeds(lm, query_text(shot["question"]) + f" {shot['answers'][0]}\n"))
+    return torch.cat(parts) if parts else torch.zeros((0, lm.hidden_size), device=lm.device)
+
+
+def answer_questions(inputs: EvalInputs, questions: list[dict], shot_prefix: torch.Tensor, answer_set: list[str],
+                     batch_size: int, max_new_tokens: int) -> list[dict]:
+    """One record per question with the open-ended and the closed-vocabulary answer."""
+    lm, row_of = inputs.lm, {i: k for k, i in enumerate(inputs.image_ids)}
+    candidates = [f" {a}" for a in answer_set]
+    records = []
+    for i in tqdm(range(0, len(questions), batch_size), desc=f"vqa {inputs.method}", unit="batch"):
+        batch = questions[i : i + batch_size]
+        V = inputs.bridged([row_of[q["image_id"]] for q in batch])  # (b, N, D)
+        seqs = [torch.cat([shot_prefix, V[k], text_embeds(lm, query_text(q["question"]))]) for k, q in enumerate(batch)]
+        embeds, mask = left_pad(seqs)
+        open_answers = greedy_decode(lm, embeds, mask, max_new_tokens)
+        closed = rank_candidates(lm, embeds, mask, candidates).argmax(-1).tolist()
+        for q, generated, c in zip(batch, open_answers, closed):
+            answer = q["answers"][0]
+            records.append({
+                "question_id": q["question_id"], "question": q["question"], "answers": q["answers"],
+                "question_type": easyvqa_question_type(q["question"], answer),
+                "open": first_answer(generated), "closed": answer_set[c],
+                "open_accuracy": vqa_accuracy(first_answer(generated), q["answers"]),
+                "closed_accuracy": vqa_accuracy(answer_set[c], q["answers"]),
+            })
+    return records
+
+
+def summarise(records: list[dict], tag: str) -> dict[str, float]:
+    out = {}
+    for mode in ("open", "closed"):
+        values = [r[f"{mode}_accuracy"] for r in records]
+        out[f"{tag}_{mode}_accuracy"] = 100.0 * sum(values) / max(1, len(values))
+        by_type = defaultdict(list)
+        for r in records:
+            by_type[r["question_type"]].append(r[f"{mode}_accuracy"])
+        for qtype, vals in sorted(by_type.items()):
+            out[f"{tag}_{mode}_{qtype}_accuracy"] = 100.0 * sum(vals) / len(vals)
+    return out
+
+
+def answer_vocabulary(questions: list[dict]) -> list[str]:
+    return sorted({normalize_answer(a) for q in questions for a in q["answers"]})

@@ -1,0 +1,36 @@
+"""Visual semantic arithmetic of one trained bridge: swap colour or shape, retrieve, decode.
+
+Reads  data/models/<method>/bridge.pt, the test features and attributes, the LLM's word embeddings,
+       params `evaluate.common`, `evaluate.arithmetic`.
+Writes data/metrics/arithmetic/<method>.json, data/plots/arithmetic/<method>.html (examples)
+
+    python -m stages.evaluate_arithmetic --method vlap
+"""
+from __future__ import annotations
+
+import sys
+
+from pipeline.config import Config
+from pipeline.paths import Dirs
+from pipeline.tasks.arithmetic import evaluate_arithmetic
+from pipeline.tasks.caption_metrics import write_examples_html
+from pipeline.tasks.inputs import load_eval_inputs
+from stages.common import main_guard, method_parser, write_metrics
+
+
+def run(cfg: Config, method: str, dirs: Dirs = Dirs(), lm=None) -> dict:
+    inputs = load_eval_inputs(cfg, method, dirs, lm=lm)
+    metrics, examples = evaluate_arithmetic(inputs, cfg)
+    write_examples_html(dirs.plots / "arithmetic" / f"{method}.html", examples,
+                        f"Visual semantic arithmetic with the {method} bridge")
+    write_metrics(dirs.metrics, "arithmetic", method, metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = method_parser(__doc__.splitlines()[0]).parse_args(argv)
+    return main_guard(lambda a, cfg: run(cfg, a.method), args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

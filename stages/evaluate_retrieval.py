@@ -1,0 +1,33 @@
+"""Retrieval evaluation of one trained bridge: image->text and text->image over the test images.
+
+Reads  data/models/<method>/bridge.pt, the test features, data/prototypes (z_t, prior), params
+       `evaluate.common`, `evaluate.retrieval` (and `methods.vlap` OT settings for the assignment scorer).
+Writes data/metrics/retrieval/<method>.json
+
+    python -m stages.evaluate_retrieval --method vlap
+"""
+from __future__ import annotations
+
+import sys
+
+from pipeline.config import Config
+from pipeline.paths import Dirs
+from pipeline.tasks.inputs import load_eval_inputs
+from pipeline.tasks.retrieval import evaluate_retrieval
+from stages.common import main_guard, method_parser, write_metrics
+
+
+def run(cfg: Config, method: str, dirs: Dirs = Dirs()) -> dict:
+    inputs = load_eval_inputs(cfg, method, dirs, need_lm=False)  # z_v and z_t need no LLM
+    metrics = evaluate_retrieval(inputs, cfg)
+    write_metrics(dirs.metrics, "retrieval", method, metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = method_parser(__doc__.splitlines()[0]).parse_args(argv)
+    return main_guard(lambda a, cfg: run(cfg, a.method), args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

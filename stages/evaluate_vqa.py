@@ -1,0 +1,60 @@
+"""VQA evaluation of one trained bridge on easy-VQA test questions: open/closed, 0-shot and n-shot.
+
+Reads  data/models/<method>/bridge.pt, the test (and, for shots, train) features, the questions
+       tables, params `evaluate.common`, `evaluate.vqa`.
+Writes data/metrics/vqa/<method>.json, data/plots/vqa/<method>_answers.json (every answer)
+
+    python -m stages.evaluate_vqa --method vlap
+"""
+from __future__ import annotations
+
+import random
+import sys
+
+import torch
+
+from pipeline import data
+from pipeline.cache import FeatureCache, features_file
+from pipeline.config import Config
+from pipeline.io import write_json_atomic
+from pipeline.paths import Dirs
+from pipeline.tasks.inputs import load_eval_inputs
+from pipeline.tasks.vqa import answer_questions, answer_vocabulary, select_questions, shots_prefix, summarise
+from stages.common import main_guard, method_parser, write_metrics
+
+
+def pick_shots(dirs: Dirs, n: int, seed: int) -> tuple[list[dict], list[torch.Tensor]]:
+    """n training questions (fixed by the seed) and their images' cached tokens."""
+    if n == 0:
+        return [], []
+    with FeatureCache(features_file(dirs.features, "train")) as cache:
+        pool = [q for q in data.read_questions(dirs.prepared, "train") if q["image_id"] in cache.index]
+        shots = random.Random(seed).sample(pool, n)
+        return shots, [torch.from_numpy(cache.tokens([q["image_id"]])[0]) for q in shots]
+
+
+def run(cfg: Config, method: str, dirs: Dirs = Dirs(), lm=None) -> dict:
+    vcfg, common = cfg.evaluate.vqa, cfg.evaluate.common
+    inputs = load_eval_inputs(cfg, method, dirs, lm=lm)
+    test_questions = data.read_questions(dirs.prepared, "test")
+    questions = select_questions(test_questions, inputs.image_ids, vcfg.questions, common.seed)
+    answer_set = answer_vocabulary(test_questions + data.read_questions(dirs.prepared, "train"))
+    metrics, records = {"questions": len(questions)}, {}
+    for n in sorted({0, vcfg.shots}):
+        shots, shot_tokens = pick_shots(dirs, n, common.seed)
+        prefix = shots_prefix(inputs.lm, shot_tokens, shots, inputs.bridge)
+        records[f"{n}shot"] = answer_questions(inputs, questions, prefix, answer_set, common.batch_size,
+                                               vcfg.max_new_tokens)
+        metrics |= summarise(records[f"{n}shot"], f"{n}shot")
+    write_json_atomic(dirs.plots / "vqa" / f"{method}_answers.json", records)
+    write_metrics(dirs.metrics, "vqa", method, metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = method_parser(__doc__.splitlines()[0]).parse_args(argv)
+    return main_guard(lambda a, cfg: run(cfg, a.method), args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
