@@ -2,7 +2,7 @@
 
 Reads  data/models/<method>/bridge.pt, the test features and attributes, the LLM's word embeddings,
        params `evaluate.common`, `evaluate.arithmetic`.
-Writes data/metrics/arithmetic/<method>.json, data/plots/arithmetic/<method>.html (examples)
+Writes data/metrics/arithmetic/<method>.json, data/plots/arithmetic/<method>/examples.html
 
     python -m stages.evaluate_arithmetic --method vlap
 """
@@ -21,7 +21,7 @@ from stages.common import main_guard, method_parser, write_metrics
 def run(cfg: Config, method: str, dirs: Dirs = Dirs(), lm=None) -> dict:
     inputs = load_eval_inputs(cfg, method, dirs, lm=lm)
     metrics, examples = evaluate_arithmetic(inputs, cfg)
-    write_examples_html(dirs.plots / "arithmetic" / f"{method}.html", examples,
+    write_examples_html(dirs.plots / "arithmetic" / method / "examples.html", examples,
                         f"Visual semantic arithmetic with the {method} bridge")
     write_metrics(dirs.metrics, "arithmetic", method, metrics)
     return metrics

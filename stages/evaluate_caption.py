@@ -1,8 +1,8 @@
 """Captioning evaluation of one trained bridge: greedy captions of the test images, COCO metrics.
 
 Reads  data/models/<method>/bridge.pt, the test features, data/prototypes, params `evaluate.common`, `evaluate.caption`.
-Writes data/metrics/caption/<method>.json, data/plots/caption/<method>.html (examples)
-       and data/plots/caption/<method>_captions.json (every generated caption).
+Writes data/metrics/caption/<method>.json, data/plots/caption/<method>/examples.html
+       and data/plots/caption/<method>/captions.json (every generated caption).
 
     python -m stages.evaluate_caption --method vlap
 """
@@ -22,12 +22,12 @@ from stages.common import main_guard, method_parser, write_metrics
 def run(cfg: Config, method: str, dirs: Dirs = Dirs(), lm=None) -> dict:
     inputs = load_eval_inputs(cfg, method, dirs, lm=lm)
     metrics, generated = evaluate_captioning(inputs, cfg)
-    out = dirs.plots / "caption"
-    write_json_atomic(out / f"{method}_captions.json",
+    out = dirs.plots / "caption" / method
+    write_json_atomic(out / "captions.json",
                       {i: {"generated": generated[i], "references": inputs.captions[i]} for i in generated})
     rows = [{"image_path": inputs.image_paths[i], "generated": generated[i], "references": inputs.captions[i]}
             for i in inputs.image_ids[: cfg.evaluate.caption.examples]]
-    write_examples_html(out / f"{method}.html", rows, f"Captions by the {method} bridge")
+    write_examples_html(out / "examples.html", rows, f"Captions by the {method} bridge")
     write_metrics(dirs.metrics, "caption", method, metrics)
     return metrics
 

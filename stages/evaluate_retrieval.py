@@ -2,7 +2,7 @@
 
 Reads  data/models/<method>/bridge.pt, the test features, data/prototypes (z_t, prior), params
        `evaluate.common`, `evaluate.retrieval` (and `methods.vlap` OT settings for the assignment scorer).
-Writes data/metrics/retrieval/<method>.json
+Writes data/metrics/retrieval/<method>.json, data/plots/retrieval/<method>/recall_at_k.json (R@1..10 curve)
 
     python -m stages.evaluate_retrieval --method vlap
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 from pipeline.config import Config
+from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
 from pipeline.tasks.inputs import load_eval_inputs
 from pipeline.tasks.retrieval import evaluate_retrieval
@@ -19,7 +20,8 @@ from stages.common import main_guard, method_parser, write_metrics
 
 def run(cfg: Config, method: str, dirs: Dirs = Dirs()) -> dict:
     inputs = load_eval_inputs(cfg, method, dirs, need_lm=False)  # z_v and z_t need no LLM
-    metrics = evaluate_retrieval(inputs, cfg)
+    metrics, curve = evaluate_retrieval(inputs, cfg)
+    write_json_atomic(dirs.plots / "retrieval" / method / "recall_at_k.json", curve)
     write_metrics(dirs.metrics, "retrieval", method, metrics)
     return metrics
 

@@ -2,7 +2,7 @@
 
 Reads  data/models/<method>/bridge.pt, the test (and, for shots, train) features, the questions
        tables, params `evaluate.common`, `evaluate.vqa`.
-Writes data/metrics/vqa/<method>.json, data/plots/vqa/<method>_answers.json (every answer)
+Writes data/metrics/vqa/<method>.json, data/plots/vqa/<method>/answers.json (every answer)
 
     python -m stages.evaluate_vqa --method vlap
 """
@@ -46,7 +46,7 @@ def run(cfg: Config, method: str, dirs: Dirs = Dirs(), lm=None) -> dict:
         records[f"{n}shot"] = answer_questions(inputs, questions, prefix, answer_set, common.batch_size,
                                                vcfg.max_new_tokens)
         metrics |= summarise(records[f"{n}shot"], f"{n}shot")
-    write_json_atomic(dirs.plots / "vqa" / f"{method}_answers.json", records)
+    write_json_atomic(dirs.plots / "vqa" / method / "answers.json", records)
     write_metrics(dirs.metrics, "vqa", method, metrics)
     return metrics
 

@@ -8,12 +8,13 @@ Relevance: see pipeline.tasks.retrieval_metrics (equal caption text = correct hi
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pipeline.config import Config
 from pipeline.ot import sinkhorn
 from pipeline.tasks.inputs import EvalInputs
-from pipeline.tasks.retrieval_metrics import relevance_from_texts, retrieval_metrics
+from pipeline.tasks.retrieval_metrics import rank_of_first_relevant, relevance_from_texts, retrieval_metrics
 
 
 def assignments(z: torch.Tensor, inputs: EvalInputs, epsilon: float, n_iters: int) -> torch.Tensor:
@@ -22,17 +23,27 @@ def assignments(z: torch.Tensor, inputs: EvalInputs, epsilon: float, n_iters: in
     return sinkhorn(scores, inputs.protos.prior, epsilon, n_iters).assignments
 
 
+def recall_curve(similarity: np.ndarray, relevant: np.ndarray, k_max: int = 10) -> list[dict]:
+    """R@k for k = 1..k_max in both directions, rows for a DVC plot."""
+    i2t = rank_of_first_relevant(similarity, relevant)
+    t2i = rank_of_first_relevant(similarity.T, relevant.T)
+    return [{"k": k, "i2t": 100.0 * float((i2t <= k).mean()), "t2i": 100.0 * float((t2i <= k).mean())}
+            for k in range(1, k_max + 1)]
+
+
 @torch.inference_mode()
-def evaluate_retrieval(inputs: EvalInputs, cfg: Config) -> dict:
+def evaluate_retrieval(inputs: EvalInputs, cfg: Config) -> tuple[dict, list[dict]]:
+    """Metrics of both scorers, and the cosine scorer's R@k curve."""
     texts = [inputs.captions[i][0] for i in inputs.image_ids]  # one caption per image: the text gallery
     relevant = relevance_from_texts([inputs.captions[i] for i in inputs.image_ids], texts)
     z_v = inputs.z_v(cfg.evaluate.common.batch_size)  # (n, D)
     z_t = inputs.protos.text_reps(texts).to(z_v.device)  # (n, D)
-    metrics = {f"cosine_{k}": v for k, v in retrieval_metrics((z_v @ z_t.T).cpu().numpy(), relevant).items()}
+    cosine = (z_v @ z_t.T).cpu().numpy()  # (n_images, n_texts)
+    metrics = {f"cosine_{k}": v for k, v in retrieval_metrics(cosine, relevant).items()}
     if cfg.evaluate.retrieval.assignment_scorer:
         ot = cfg.methods.vlap
         q_v = assignments(z_v, inputs, ot.epsilon, ot.sinkhorn_iters)
         q_t = assignments(z_t, inputs, ot.epsilon, ot.sinkhorn_iters)
         similarity = q_v.sqrt() @ q_t.sqrt().T  # (n, n) Bhattacharyya coefficient
         metrics |= {f"assignment_{k}": v for k, v in retrieval_metrics(similarity.cpu().numpy(), relevant).items()}
-    return metrics | {"images": len(texts), "distinct_texts": len(set(texts))}
+    return metrics | {"images": len(texts), "distinct_texts": len(set(texts))}, recall_curve(cosine, relevant)
