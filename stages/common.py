@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Callable
 
 from pipeline.cache import CacheError
@@ -17,6 +18,7 @@ USER_ERRORS = (ConfigError, DatasetError, CacheError, FileNotFoundError)
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--data", default="data", type=Path, help="root of the stage folders (default: data)")
     return p
 
 
@@ -40,8 +42,6 @@ def method_parser(description: str) -> argparse.ArgumentParser:
 
 def write_metrics(metrics_dir, task: str, method: str, metrics: dict):
     """data/metrics/<task>/<method>.json (a DVC metrics file), written atomically."""
-    from pathlib import Path
-
     from pipeline.io import write_json_atomic
 
     path = Path(metrics_dir) / task / f"{method}.json"

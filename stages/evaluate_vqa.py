@@ -53,7 +53,7 @@ def run(cfg: Config, method: str, dirs: Dirs = Dirs(), lm=None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = method_parser(__doc__.splitlines()[0]).parse_args(argv)
-    return main_guard(lambda a, cfg: run(cfg, a.method), args)
+    return main_guard(lambda a, cfg: run(cfg, a.method, Dirs.under(a.data)), args)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pipeline.config import Config
 from pipeline.device import resolve_device
 from pipeline.encoders import load_encoder
 from pipeline.io import write_json_atomic
+from pipeline.paths import Dirs
 from stages.common import main_guard, parser
 
 log = logging.getLogger("stages.extract")
@@ -53,7 +54,7 @@ def run(cfg: Config, prepared_dir: Path = paths.PREPARED, out_dir: Path = paths.
 
 def main(argv: list[str] | None = None) -> int:
     args = parser(__doc__.splitlines()[0]).parse_args(argv)
-    return main_guard(lambda a, cfg: run(cfg), args)
+    return main_guard(lambda a, cfg: run(cfg, Dirs.under(a.data).prepared, Dirs.under(a.data).features), args)
 
 
 if __name__ == "__main__":

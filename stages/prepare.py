@@ -15,6 +15,7 @@ from pathlib import Path
 from pipeline import data, paths
 from pipeline.config import Config
 from pipeline.io import write_json_atomic
+from pipeline.paths import Dirs
 from stages.common import main_guard, parser
 
 log = logging.getLogger("stages.prepare")
@@ -33,7 +34,7 @@ def run(cfg: Config, out_dir: Path = paths.PREPARED) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser(__doc__.splitlines()[0]).parse_args(argv)
-    return main_guard(lambda a, cfg: run(cfg), args)
+    return main_guard(lambda a, cfg: run(cfg, Dirs.under(a.data).prepared), args)
 
 
 if __name__ == "__main__":

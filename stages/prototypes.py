@@ -16,6 +16,7 @@ from pipeline.device import resolve_device
 from pipeline.io import write_json_atomic
 from pipeline.lms import load_lm
 from pipeline.prototypes import build_prototypes
+from pipeline.paths import Dirs
 from stages.common import main_guard, parser
 
 
@@ -36,7 +37,7 @@ def run(cfg: Config, prepared_dir: Path = paths.PREPARED, out_dir: Path = paths.
 
 def main(argv: list[str] | None = None) -> int:
     args = parser(__doc__.splitlines()[0]).parse_args(argv)
-    return main_guard(lambda a, cfg: run(cfg), args)
+    return main_guard(lambda a, cfg: run(cfg, Dirs.under(a.data).prepared, Dirs.under(a.data).prototypes), args)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def run(cfg: Config, dirs: Dirs = Dirs()) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser(__doc__.splitlines()[0]).parse_args(argv)
-    return main_guard(lambda a, cfg: run(cfg), args)
+    return main_guard(lambda a, cfg: run(cfg, Dirs.under(a.data)), args)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pipeline.device import resolve_device
 from pipeline.lms import LanguageModel, load_lm
 from pipeline.prototypes import check_prototypes_match, load_prototypes, prototypes_file
 from pipeline.train import TrainData, train_bridge
+from pipeline.paths import Dirs
 from stages.common import main_guard, parser
 
 log = logging.getLogger("stages.train")
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--method", required=True, choices=METHODS)
     args = p.parse_args(argv)
-    return main_guard(lambda a, cfg: run(cfg, a.method), args)
+    dirs = Dirs.under(args.data)
+    return main_guard(lambda a, cfg: run(cfg, a.method, dirs.prepared, dirs.features, dirs.prototypes, dirs.models), args)
 
 
 if __name__ == "__main__":
