@@ -40,6 +40,14 @@ def method_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def method_stage_main(run: Callable, description: str, argv: list[str] | None) -> int:
+    """main() of a per-method stage: `run(cfg, method, dirs)` with --method, --params, --data."""
+    from pipeline.paths import Dirs
+
+    args = method_parser(description).parse_args(argv)
+    return main_guard(lambda a, cfg: run(cfg, a.method, Dirs.under(a.data)), args)
+
+
 def write_metrics(metrics_dir, task: str, method: str, metrics: dict):
     """data/metrics/<task>/<method>.json (a DVC metrics file), written atomically."""
     from pipeline.io import write_json_atomic

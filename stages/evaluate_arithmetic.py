@@ -15,7 +15,7 @@ from pipeline.paths import Dirs
 from pipeline.tasks.arithmetic import evaluate_arithmetic
 from pipeline.tasks.caption_metrics import write_examples_html
 from pipeline.tasks.inputs import load_eval_inputs
-from stages.common import main_guard, method_parser, write_metrics
+from stages.common import method_stage_main, write_metrics
 
 
 def run(cfg: Config, method: str, dirs: Dirs = Dirs(), lm=None) -> dict:
@@ -28,8 +28,7 @@ def run(cfg: Config, method: str, dirs: Dirs = Dirs(), lm=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = method_parser(__doc__.splitlines()[0]).parse_args(argv)
-    return main_guard(lambda a, cfg: run(cfg, a.method, Dirs.under(a.data)), args)
+    return method_stage_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
 from pipeline.tasks.inputs import load_eval_inputs
 from pipeline.tasks.retrieval import evaluate_retrieval
-from stages.common import main_guard, method_parser, write_metrics
+from stages.common import method_stage_main, write_metrics
 
 
 def run(cfg: Config, method: str, dirs: Dirs = Dirs()) -> dict:
@@ -27,8 +27,7 @@ def run(cfg: Config, method: str, dirs: Dirs = Dirs()) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = method_parser(__doc__.splitlines()[0]).parse_args(argv)
-    return main_guard(lambda a, cfg: run(cfg, a.method, Dirs.under(a.data)), args)
+    return method_stage_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

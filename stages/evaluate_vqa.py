@@ -20,7 +20,7 @@ from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
 from pipeline.tasks.inputs import load_eval_inputs
 from pipeline.tasks.vqa import answer_questions, answer_vocabulary, select_questions, shots_prefix, summarise
-from stages.common import main_guard, method_parser, write_metrics
+from stages.common import method_stage_main, write_metrics
 
 
 def pick_shots(dirs: Dirs, n: int, seed: int) -> tuple[list[dict], list[torch.Tensor]]:
@@ -52,8 +52,7 @@ def run(cfg: Config, method: str, dirs: Dirs = Dirs(), lm=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = method_parser(__doc__.splitlines()[0]).parse_args(argv)
-    return main_guard(lambda a, cfg: run(cfg, a.method, Dirs.under(a.data)), args)
+    return method_stage_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

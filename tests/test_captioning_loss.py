@@ -1,0 +1,50 @@
+"""The captioning loss equals transformers' own loss over the full sequence, for causal LMs and T5."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.losses import captioning_loss
+from pipeline.lms import load_lm
+from tests.tiny_models import save_tiny_opt, save_tiny_t5
+
+CPU = torch.device("cpu")
+
+
+def reference_causal_loss(lm, V, prompt_ids, caption_ids, caption_mask):
+    """HF's loss with logits at every position and labels -100 outside the caption."""
+    B = V.shape[0]
+    prompt = lm.embed(prompt_ids).expand(B, -1, -1)
+    inputs = torch.cat([V, prompt, lm.embed(caption_ids)], 1)
+    mask = torch.cat([torch.ones(B, V.shape[1] + prompt.shape[1], dtype=torch.long), caption_mask], 1)
+    labels = torch.cat([torch.full((B, V.shape[1] + prompt.shape[1]), -100), caption_ids.masked_fill(caption_mask == 0, -100)], 1)
+    return lm.model(inputs_embeds=inputs, attention_mask=mask, labels=labels).loss
+
+
+def test_smollm2_caption_positions_only_equals_full_loss(smollm2):
+    torch.manual_seed(0)
+    V = (0.1 * torch.randn(2, 5, 576)).requires_grad_()
+    prompt_ids, _ = smollm2.tokenize(["A picture of"])
+    caption_ids, caption_mask = smollm2.tokenize_captions(["a blue circle", "a red shape that is long"], 16)
+    assert caption_ids[0, caption_mask[0].sum() - 1] == smollm2.tokenizer.eos_token_id  # EOS appended
+    ours = captioning_loss(smollm2, V, prompt_ids[0], caption_ids, caption_mask)
+    ref = reference_causal_loss(smollm2, V, prompt_ids[0], caption_ids, caption_mask)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-4)
+    ours.backward()
+    assert V.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_tiny_hf_models_train_the_prefix(tmp_path, smollm2, kind):
+    save = save_tiny_opt if kind == "opt" else save_tiny_t5
+    lm = load_lm(f"hf:{save(tmp_path / kind, smollm2.tokenizer)}", CPU)
+    V = torch.randn(2, 3, lm.hidden_size, requires_grad=True)
+    prompt_ids, _ = lm.tokenize(["A picture of"])
+    caption_ids, caption_mask = lm.tokenize_captions(["a blue circle", "a triangle"], 8)
+    loss = captioning_loss(lm, V, prompt_ids[0], caption_ids, caption_mask)
+    if kind == "opt":
+        ref = reference_causal_loss(lm, V, prompt_ids[0], caption_ids, caption_mask)
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-4)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert V.grad.abs().sum() > 0
