@@ -129,6 +129,8 @@ class VqaEvalConfig:
 @dataclass(frozen=True)
 class RetrievalEvalConfig:
     assignment_scorer: bool = True  # also rank by similarity of Sinkhorn assignment distributions
+    epsilon: float = field(default=0.01, metadata=_positive())  # that scorer's Sinkhorn settings
+    sinkhorn_iters: int = field(default=3, metadata=_positive(int))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ Specs:
 from __future__ import annotations
 
 import json
+import functools
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,6 +44,21 @@ class VisionEncoder:
         return self.forward_tokens(pixels).float()  # (B, N, d_v)
 
 
+_LOAD_LOCK = threading.Lock()
+
+
+def serialised_load(fn):
+    """transformers' from_pretrained is not safe in two threads at once (a Prefect thread pool)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _LOAD_LOCK:
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@serialised_load
 def load_encoder(spec: str, device: torch.device) -> VisionEncoder:
     if spec == "efficientnet-lite0":
         encoder = _efficientnet_lite0()

@@ -21,7 +21,7 @@ import torch
 from pipeline import paths
 from pipeline.config import ConfigError
 from pipeline.data import package_dir
-from pipeline.encoders import WeightsNotFound, resolve_hf_folder, weights_hash
+from pipeline.encoders import WeightsNotFound, resolve_hf_folder, serialised_load, weights_hash
 from pipeline.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ def converted_gguf(gguf: Path, digest: str, cache_dir: Path = paths.LM_CACHE) ->
     return folder
 
 
+@serialised_load
 def load_lm(spec: str, device: torch.device) -> LanguageModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer

@@ -105,8 +105,9 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
 
     tcfg, device = cfg.train, lm.device
     fingerprint = run_fingerprint(method, cfg, data, protos, lm)
-    torch.manual_seed(tcfg.seed)
-    bridge = build_bridge("linear", data.tokens.shape[-1], lm.hidden_size).to(device)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG state
+        torch.manual_seed(tcfg.seed)
+        bridge = build_bridge("linear", data.tokens.shape[-1], lm.hidden_size).to(device)
     optimizer = torch.optim.AdamW(bridge.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tcfg.warmup_steps, tcfg.steps))
     start, history = 0, []

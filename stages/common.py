@@ -10,6 +10,7 @@ from typing import Callable
 from pipeline.cache import CacheError
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data import DatasetError
+from pipeline.runtime import keep_freed_memory
 
 # Bad input the user can fix: reported as one line, never a traceback.
 USER_ERRORS = (ConfigError, DatasetError, CacheError, FileNotFoundError)
@@ -24,6 +25,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def main_guard(body: Callable[[argparse.Namespace, Config], object], args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()
     try:
         body(args, load_config(args.params))
     except USER_ERRORS as err:

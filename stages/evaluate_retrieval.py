@@ -1,7 +1,7 @@
 """Retrieval evaluation of one trained bridge: image->text and text->image over the test images.
 
 Reads  data/models/<method>/bridge.pt, the test features, data/prototypes (z_t, prior), params
-       `evaluate.common`, `evaluate.retrieval` (and `methods.vlap` OT settings for the assignment scorer).
+       `evaluate.common`, `evaluate.retrieval`.
 Writes data/metrics/retrieval/<method>.json, data/plots/retrieval/<method>/recall_at_k.json (R@1..10 curve)
 
     python -m stages.evaluate_retrieval --method vlap

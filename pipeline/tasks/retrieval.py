@@ -41,9 +41,9 @@ def evaluate_retrieval(inputs: EvalInputs, cfg: Config) -> tuple[dict, list[dict
     cosine = (z_v @ z_t.T).cpu().numpy()  # (n_images, n_texts)
     metrics = {f"cosine_{k}": v for k, v in retrieval_metrics(cosine, relevant).items()}
     if cfg.evaluate.retrieval.assignment_scorer:
-        ot = cfg.methods.vlap
-        q_v = assignments(z_v, inputs, ot.epsilon, ot.sinkhorn_iters)
-        q_t = assignments(z_t, inputs, ot.epsilon, ot.sinkhorn_iters)
+        rcfg = cfg.evaluate.retrieval
+        q_v = assignments(z_v, inputs, rcfg.epsilon, rcfg.sinkhorn_iters)
+        q_t = assignments(z_t, inputs, rcfg.epsilon, rcfg.sinkhorn_iters)
         similarity = q_v.sqrt() @ q_t.sqrt().T  # (n, n) Bhattacharyya coefficient
         metrics |= {f"assignment_{k}": v for k, v in retrieval_metrics(similarity.cpu().numpy(), relevant).items()}
     return metrics | {"images": len(texts), "distinct_texts": len(set(texts))}, recall_curve(cosine, relevant)

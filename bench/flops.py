@@ -1,0 +1,47 @@
+"""This machine's dense matmul rate: the reference "peak" for bench/extract.py and bench/train_step.py.
+
+    python bench/flops.py [--size 2048] [--repeats 10]
+
+Times an (n x n) @ (n x n) matmul in float32 and bfloat16 (torch, torch.get_num_threads() threads)
+and prints the median GFLOP/s (2 n^3 FLOPs per product). Also imported by the other benches.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 10) -> float:
+    """Median GFLOP/s of `repeats` timed (size x size) @ (size x size) products, after 2 warm-ups."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=g).to(dtype)
+    b = torch.randn(size, size, generator=g).to(dtype)
+    out = torch.empty(size, size, dtype=dtype)
+    for _ in range(2):
+        torch.matmul(a, b, out=out)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{args.size}x{args.size} @ {args.size}x{args.size}, median of {args.repeats}\n")
+    print("| dtype | GFLOP/s |")
+    print("|---|---:|")
+    for dtype in (torch.float32, torch.bfloat16):
+        print(f"| {str(dtype).removeprefix('torch.')} | {matmul_gflops(dtype, args.size, args.repeats):.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

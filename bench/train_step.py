@@ -1,0 +1,146 @@
+"""Benchmark: one VLAP training step (fp32 and bf16) vs its FLOP floor on this machine, same run.
+
+    python bench/train_step.py [--batch-size 32] [--steps 3] [--threads T]
+
+One step = pipeline.train.compute_losses (method vlap, default params.yaml) + backward + AdamW on a
+LinearBridge(1280, 576), with the real SmolLM2-135M, exactly as pipeline.train.train_bridge runs it
+(bf16 = the same torch.autocast("cpu", dtype=torch.bfloat16) around compute_losses). Visual tokens
+are the cached train features when data/features/index.json exists, else random tokens (the output
+says which); prototypes from data/prototypes.
+
+Floor: the FLOPs of the frozen-LLM forward plus its input-gradient backward for one batch (matmuls
+counted with torch's FlopCounterMode on captioning_loss + backward w.r.t. the bridged tokens V, plus
+the attention products computed analytically, which the counter misses on CPU), divided by
+this machine's measured matmul rate (bench/flops.py: fp32 peak for fp32, bf16 peak for bf16), timed
+in every round just before that precision's step; the fp32 and bf16 steps alternate.
+The whole step's matmul FLOPs (LLM + bridge + L_AP scores; counter only) are printed too, for scale.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+os.chdir(ROOT)  # pipeline.paths and params.yaml are relative to the repo root
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from flops import matmul_gflops  # noqa: E402
+from pipeline import paths  # noqa: E402
+from pipeline.bridge import LinearBridge  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.lms import load_lm  # noqa: E402
+from pipeline.losses import captioning_loss  # noqa: E402
+from pipeline.prototypes import load_prototypes  # noqa: E402
+from pipeline.train import batch_indices, compute_losses  # noqa: E402
+from stages.train import load_train_data, prototypes_file  # noqa: E402
+
+D_VISION, N_TOKENS = 1280, 49
+METHOD = "vlap"
+PRECISIONS = ("fp32", "bf16")
+
+
+def training_batches(cfg, protos, batch_size: int, count: int) -> tuple[str, list]:
+    """`count` (tokens, captions) batches: cached features if present, else random tokens."""
+    if (paths.FEATURES / "index.json").exists():
+        data = load_train_data(cfg, paths.PREPARED, paths.FEATURES)
+        source = f"cached train features ({len(data.captions)} pairs, key {data.features_key[:12]})"
+        picks = [batch_indices(len(data.captions), batch_size, cfg.train.seed, s) for s in range(count)]
+        return source, [(data.tokens[i].float(), [data.captions[j] for j in i.tolist()]) for i in picks]
+    texts = sorted(protos.text_index)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(batch_size, N_TOKENS, D_VISION, generator=g),
+                [texts[j] for j in torch.randint(len(texts), (batch_size,), generator=g).tolist()])
+               for _ in range(count)]
+    return "random tokens (no data/features/index.json)", batches
+
+
+def train_step(cfg, lm, bridge, optimizer, protos, batch, prompt_ids, autocast) -> None:
+    tokens, captions = batch
+    with autocast:
+        terms = compute_losses(METHOD, cfg, lm, bridge, protos, tokens, captions, prompt_ids)
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    optimizer.step()
+
+
+def llm_gflops(cfg, lm, batch, prompt_ids) -> tuple[float, float]:
+    """Frozen-LLM forward + input-gradient backward of one batch: (matmul GFLOP counted by FlopCounterMode,
+    attention GFLOP computed analytically: torch's counter has no formula for CPU's fused SDPA kernel)."""
+    tokens, captions = batch
+    V = torch.randn(tokens.shape[0], N_TOKENS, lm.hidden_size, requires_grad=True)
+    caption_ids, caption_mask = lm.tokenize_captions(captions, cfg.train.max_caption_tokens)
+    with FlopCounterMode(display=False) as counter:
+        captioning_loss(lm, V, prompt_ids, caption_ids, caption_mask).backward()
+    c = lm.model.config
+    T = N_TOKENS + len(prompt_ids) + caption_ids.shape[1]
+    # QK^T and PV forward (2 products of 2*B*H*T*T*hd each, dense T x T), backward twice the forward.
+    attention = 3 * 2 * 2 * tokens.shape[0] * c.num_attention_heads * T * T * c.head_dim * c.num_hidden_layers
+    return counter.get_total_flops() / 1e9, attention / 1e9
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per precision (after 1 warm-up)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+
+    cfg = load_config()
+    device = torch.device("cpu")
+    lm = load_lm(cfg.prototypes.llm, device)
+    protos = load_prototypes(prototypes_file(paths.PROTOTYPES), device)
+    source, batches = training_batches(cfg, protos, args.batch_size, args.steps + 1)
+    prompt_ids = lm.tokenize([cfg.train.prompt])[0][0]
+    matmul_gflop, attention_gflop = llm_gflops(cfg, lm, batches[0], prompt_ids)
+    floor_gflop = matmul_gflop + attention_gflop
+
+    runs = {}  # precision -> (bridge, optimizer, autocast, dtype of its matmul peak)
+    for precision in PRECISIONS:
+        torch.manual_seed(cfg.train.seed)
+        bridge = LinearBridge(D_VISION, lm.hidden_size)
+        optimizer = torch.optim.AdamW(bridge.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+        runs[precision] = (bridge, optimizer, autocast, torch.bfloat16 if precision == "bf16" else torch.float32)
+    step_gflop, times, peaks = {}, {k: [] for k in PRECISIONS}, {k: [] for k in PRECISIONS}
+    for precision, (bridge, optimizer, autocast, _) in runs.items():  # warm-up step, FLOPs counted
+        with FlopCounterMode(display=False) as counter:
+            train_step(cfg, lm, bridge, optimizer, protos, batches[0], prompt_ids, autocast)
+        step_gflop[precision] = counter.get_total_flops() / 1e9
+    # Timed rounds: each times the matmul peak and one step of every precision, so all see the same load.
+    for batch in batches[1:]:
+        for precision, (bridge, optimizer, autocast, dtype) in runs.items():
+            peaks[precision].append(matmul_gflops(dtype, repeats=3))
+            start = time.perf_counter()
+            train_step(cfg, lm, bridge, optimizer, protos, batch, prompt_ids, autocast)
+            times[precision].append(time.perf_counter() - start)
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {lm.spec}, method {METHOD}, "
+          f"batch {args.batch_size}, {source}, median of {args.steps} steps after 1 warm-up (precisions "
+          f"alternated), 1-min load average {load_before:.2f} before / {os.getloadavg()[0]:.2f} after\n"
+          f"LLM forward + input-gradient backward: {floor_gflop:.1f} GFLOP/step = {matmul_gflop:.1f} "
+          f"(linear layers + LM head at caption positions, FlopCounterMode) + {attention_gflop:.1f} "
+          f"(attention, analytic)\n")
+    print("| precision | s/step | samples/s | step matmul GFLOP (counted) | matmul peak GFLOP/s | floor s | step / floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for precision in PRECISIONS:
+        seconds, peak = statistics.median(times[precision]), statistics.median(peaks[precision])
+        floor = floor_gflop / peak
+        print(f"| {precision} | {seconds:.2f} | {args.batch_size / seconds:.1f} | {step_gflop[precision]:.1f} | "
+              f"{peak:.1f} | {floor:.2f} | {seconds / floor:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

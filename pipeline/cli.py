@@ -1,0 +1,191 @@
+"""The `vlap` command: run the pipeline, or use a trained bridge on one image or one text.
+
+    vlap run [--flow]                               # dvc repro, or the Prefect flow (pipeline.flow)
+    vlap caption IMAGE [--method vlap]              # greedy caption
+    vlap ask IMAGE "what shape is in the image?"    # open-ended answer
+    vlap ask IMAGE "what color is the shape?" --answers red,green,blue   # best of the given answers
+    vlap search "a blue circle" [--top 5]           # cached test images ranked by cosine(z_v, z_t)
+
+Reads  --params (default params.yaml: extract.encoder, evaluate.* devices, lengths and test images),
+       <data>/models/<method>/bridge.pt, and for search the test features, manifest and prototypes
+       under --data (default data). Writes nothing; prints the answer on stdout.
+Bad input (unreadable image, missing bridge, unknown method) -> one line on stderr, exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+from PIL import Image
+
+from pipeline import data
+from pipeline.bridge import load_bridge
+from pipeline.cache import CacheError
+from pipeline.config import METHODS, Config, ConfigError, load_config
+from pipeline.device import resolve_device
+from pipeline.encoders import VisionEncoder, load_encoder
+from pipeline.generation import greedy_decode, left_pad, rank_candidates, text_embeds
+from pipeline.lms import LanguageModel, load_lm
+from pipeline.paths import Dirs
+from pipeline.prototypes import caption_representations
+from pipeline.tasks.inputs import load_eval_inputs
+from pipeline.tasks.vqa import first_answer, query_text
+from stages.common import USER_ERRORS
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit 2), like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def read_image(path: Path) -> Image.Image:
+    """The image as RGB, or a one-line DatasetError naming the file."""
+    try:
+        return data.load_image(path)
+    except (OSError, ValueError) as err:  # PIL raises both; FileNotFoundError is an OSError too
+        raise data.DatasetError(f"{path}: not a readable image ({getattr(err, 'strerror', None) or err})") from None
+
+
+def load_models(cfg: Config, method: str, data_dir: Path) -> tuple[torch.nn.Module, dict, VisionEncoder, LanguageModel]:
+    """The method's bridge (+ its saved config), the encoder of params and the LLM the bridge feeds."""
+    device = resolve_device(cfg.evaluate.common.device)
+    bridge, meta = load_bridge(Dirs.under(data_dir).models / method / "bridge.pt", device)
+    encoder = load_encoder(cfg.extract.encoder, device)
+    if encoder.weights_sha256 != meta.get("encoder_weights_sha256"):
+        raise CacheError(f"extract.encoder {cfg.extract.encoder} is not the encoder the {method} bridge was trained "
+                         f"on ({meta.get('encoder')})")
+    return bridge, meta, encoder, load_lm(meta["llm"], device)
+
+
+@torch.inference_mode()
+def visual_prefix(image: Image.Image, encoder: VisionEncoder, bridge: torch.nn.Module, dtype: str) -> torch.Tensor:
+    """V (N, D): the image's tokens, rounded to the cache's storage dtype as in training, through the bridge."""
+    tokens = encoder.encode([image]).to(getattr(torch, dtype)).float()  # (1, N, d_v)
+    return bridge(tokens)[0]
+
+
+def caption(lm: LanguageModel, V: torch.Tensor, prompt: str, max_new_tokens: int) -> str:
+    """Greedy caption after [V ; prompt], the prefix of pipeline/tasks/captioning.py."""
+    embeds = torch.cat([V, text_embeds(lm, prompt)])[None]  # (1, N + P, D)
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    return greedy_decode(lm, embeds, mask, max_new_tokens)[0]
+
+
+def answer(lm: LanguageModel, V: torch.Tensor, question: str, answers: list[str] | None, max_new_tokens: int) -> str:
+    """[V] " Question: q Answer:" as in pipeline/tasks/vqa.py: the most likely of `answers`, else decoded."""
+    embeds, mask = left_pad([torch.cat([V, text_embeds(lm, query_text(question))])])  # (1, T, D)
+    if answers:
+        scores = rank_candidates(lm, embeds, mask, [f" {a}" for a in answers])  # (1, C) log-likelihoods
+        return answers[int(scores[0].argmax())]
+    return first_answer(greedy_decode(lm, embeds, mask, max_new_tokens)[0])
+
+
+def search(cfg: Config, method: str, dirs: Dirs, text: str, top: int) -> list[tuple[str, float, Path]]:
+    """(image id, cosine, path) of the `top` evaluated test images closest to `text`, best first."""
+    inputs = load_eval_inputs(cfg, method, dirs, need_lm=False)
+    lm = load_lm(inputs.meta["llm"], inputs.device)
+    z_t = torch.from_numpy(caption_representations(lm, [text], batch_size=1)).to(inputs.device)  # (1, D)
+    scores = (inputs.z_v(cfg.evaluate.common.batch_size) @ z_t.T)[:, 0]  # (n,) both sides L2-normalised
+    best = scores.topk(min(top, len(scores)))
+    return [(inputs.image_ids[i], s, inputs.image_paths[inputs.image_ids[i]])
+            for s, i in zip(best.values.tolist(), best.indices.tolist())]
+
+
+# ---------------------------------------------------------------- commands
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.flow:
+        from pipeline import flow  # Prefect is imported only when the flow is asked for
+
+        return flow.main(["--params", args.params or "params.yaml", "--data", args.data or "data"]
+                         + (["--dask"] if args.dask else []))
+    if args.params or args.data or args.dask:
+        raise ConfigError("--params, --data and --dask apply to --flow (dvc repro reads params.yaml, writes data/)")
+    return subprocess.run([sys.executable, "-m", "dvc", "repro"]).returncode
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    cfg, image = load_config(args.params), read_image(args.image)  # cheap checks before loading models
+    bridge, meta, encoder, lm = load_models(cfg, args.method, args.data)
+    V = visual_prefix(image, encoder, bridge, cfg.extract.dtype)
+    print(caption(lm, V, meta["prompt"], cfg.evaluate.caption.max_new_tokens))
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    cfg, image = load_config(args.params), read_image(args.image)
+    bridge, _, encoder, lm = load_models(cfg, args.method, args.data)
+    V = visual_prefix(image, encoder, bridge, cfg.extract.dtype)
+    print(answer(lm, V, args.question, args.answers, cfg.evaluate.vqa.max_new_tokens))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    for rank, (image_id, score, path) in enumerate(
+            search(load_config(args.params), args.method, Dirs.under(args.data), args.text, args.top), start=1):
+        print(f"{rank}\t{image_id}\t{score:.4f}\t{path}")
+    return 0
+
+
+def answer_list(text: str) -> list[str]:
+    answers = [a.strip() for a in text.split(",") if a.strip()]
+    if not answers:
+        raise argparse.ArgumentTypeError("expected comma-separated answers, e.g. red,green,blue")
+    return answers
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="vlap", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline: dvc repro, or the Prefect flow with --flow")
+    run.add_argument("--flow", action="store_true", help="run the Prefect flow instead of dvc repro")
+    run.add_argument("--dask", action="store_true", help="with --flow: tasks on Dask (needs prefect-dask)")
+    run.add_argument("--params", help="with --flow: params file (default: params.yaml)")
+    run.add_argument("--data", help="with --flow: root of the stage folders (default: data)")
+    run.set_defaults(command_fn=cmd_run)
+
+    def model_command(name: str, summary: str, fn) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=summary)
+        c.add_argument("--method", default="vlap", choices=METHODS, help="which trained bridge (default: vlap)")
+        c.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        c.add_argument("--data", default="data", type=Path, help="root of the stage folders (default: data)")
+        c.set_defaults(command_fn=fn)
+        return c
+
+    model_command("caption", "caption an image", cmd_caption).add_argument("image", type=Path)
+    ask = model_command("ask", "answer a question about an image", cmd_ask)
+    ask.add_argument("image", type=Path)
+    ask.add_argument("question")
+    ask.add_argument("--answers", type=answer_list, help="comma-separated candidates: answer with the most likely")
+    search_cmd = model_command("search", "rank the cached test images by a text", cmd_search)
+    search_cmd.add_argument("text")
+    search_cmd.add_argument("--top", type=positive_int, default=5, help="how many images to list (default: 5)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "run":  # `run` leaves logging to the flow (or to dvc); here stdout is the answer
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.command_fn(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

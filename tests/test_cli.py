@@ -1,0 +1,121 @@
+"""The `vlap` command on real easy-VQA images with a briefly trained bridge, the real encoder and SmolLM2."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline import cli
+from pipeline.paths import Dirs
+from pipeline.tasks.captioning import generate_captions
+from pipeline.tasks.inputs import load_eval_inputs
+from stages import train
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = ("circle", "rectangle", "triangle")
+
+
+@pytest.fixture(scope="module")
+def bridge_data(tiny_pipeline, smollm2, tmp_path_factory):
+    """A --data folder (the tiny pipeline's caches + a limber bridge trained 5 steps) and its --params file."""
+    cfg, dirs = tiny_pipeline
+    root = tmp_path_factory.mktemp("cli")
+    for name in ("prepared", "features", "prototypes"):
+        (root / name).symlink_to(dirs[name], target_is_directory=True)
+    cfg = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, steps=5, batch_size=4, checkpoint_every=100),
+        evaluate=dataclasses.replace(cfg.evaluate, common=dataclasses.replace(cfg.evaluate.common, test_images=8)),
+    )
+    train.run(cfg, "limber", root / "prepared", root / "features", root / "prototypes", root / "models", lm=smollm2)
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    return cfg, params, root
+
+
+@pytest.fixture(scope="module")
+def test_image(bridge_data, smollm2):
+    """The first evaluated test image: (id, file path, the caption the evaluation generates from its cached tokens)."""
+    cfg, _, root = bridge_data
+    inputs = load_eval_inputs(cfg, "limber", Dirs.under(root), lm=smollm2)
+    first = inputs.image_ids[:1]
+    generated = generate_captions(dataclasses.replace(inputs, image_ids=first, tokens=inputs.tokens[:1]),
+                                  inputs.meta["prompt"], 1, cfg.evaluate.caption.max_new_tokens)
+    return first[0], inputs.image_paths[first[0]], generated[first[0]]
+
+
+def vlap(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_image_prefix_matches_the_cached_tokens(bridge_data, test_image, lite0, smollm2):
+    """An image file through `vlap` gives the bridge the tokens the feature cache holds for it."""
+    cfg, _, root = bridge_data
+    image_id, path, _ = test_image
+    inputs = load_eval_inputs(cfg, "limber", Dirs.under(root), lm=smollm2)
+    V = cli.visual_prefix(cli.read_image(path), lite0, inputs.bridge, cfg.extract.dtype)  # (N, D)
+    assert torch.allclose(V, inputs.bridged([0])[0], atol=1e-2)
+
+
+def test_caption_prints_the_evaluation_caption(bridge_data, test_image, capsys):
+    _, params, root = bridge_data
+    _, path, evaluated = test_image
+    code, out, err = vlap(capsys, "caption", path, "--method", "limber", "--params", params, "--data", root)
+    assert code == 0, err
+    assert out.strip() and out.strip() == evaluated  # same prefix [V ; prompt] and decoding as evaluate_caption
+
+
+def test_ask_closed_and_open(bridge_data, test_image, capsys):
+    _, params, root = bridge_data
+    _, path, _ = test_image
+    common = ["--method", "limber", "--params", params, "--data", root]
+    code, out, err = vlap(capsys, "ask", path, "what shape is in the image?", "--answers", ",".join(SHAPES), *common)
+    assert code == 0, err
+    assert out.strip() in SHAPES
+    code, out, err = vlap(capsys, "ask", path, "what shape is in the image?", *common)  # open-ended: one line
+    assert code == 0 and out.count("\n") == 1, err
+
+
+def test_search_prints_ranked_test_images(bridge_data, capsys):
+    cfg, params, root = bridge_data
+    code, out, err = vlap(capsys, "search", "a blue circle", "--top", 3, "--method", "limber", "--params", params,
+                          "--data", root)
+    assert code == 0, err
+    rows = [line.split("\t") for line in out.splitlines()]
+    assert [int(r[0]) for r in rows] == [1, 2, 3]
+    evaluated = load_eval_inputs(cfg, "limber", Dirs.under(root), need_lm=False).image_ids
+    assert len({r[1] for r in rows}) == 3 and {r[1] for r in rows} <= set(evaluated)
+    scores = [float(r[2]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and all(-1.0 <= s <= 1.0 for s in scores)
+    assert all(Path(r[3]).is_file() for r in rows)
+
+
+def test_bad_method_and_missing_bridge_are_one_line(bridge_data, test_image, tmp_path, capsys):
+    _, params, root = bridge_data
+    _, path, _ = test_image
+    code, _, err = vlap(capsys, "caption", path, "--method", "vlap", "--params", params, "--data", tmp_path)
+    assert code == 2
+    assert err.splitlines() == [
+        f"error: {tmp_path}/models/vlap/bridge.pt: trained bridge not found (run the train stage first)"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["caption", str(path), "--method", "clip", "--data", str(root)])
+    assert exit_.value.code == 2 and len(capsys.readouterr().err.splitlines()) == 1
+
+
+def test_unreadable_image_exits_2_with_one_line(tmp_path):
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"\x89PNG not really an image")
+    script = Path(sys.executable).with_name("vlap")  # the console script pyproject declares
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
+    proc = subprocess.run(command + ["caption", str(garbage), "--data", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"error: {garbage}: not a readable image")
