@@ -121,8 +121,8 @@ class CaptionEvalConfig:
 
 @dataclass(frozen=True)
 class VqaEvalConfig:
-    questions: int = field(default=150, metadata=_non_negative())  # test questions (on the evaluated images); 0 = all
-    shots: int = field(default=2, metadata=_non_negative())  # n of the n-shot setting (0-shot always runs)
+    questions: int = field(default=64, metadata=_non_negative())  # test questions (on the evaluated images); 0 = all
+    shots: int = field(default=1, metadata=_non_negative())  # n of the n-shot setting (0-shot always runs)
     max_new_tokens: int = field(default=4, metadata=_positive(int))  # open-ended answers
 
 
