@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from flops import matmul_gflops  # noqa: E402
 from pipeline import paths  # noqa: E402
 from pipeline.bridge import LinearBridge  # noqa: E402
+from pipeline.runtime import keep_freed_memory  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.lms import load_lm  # noqa: E402
 from pipeline.losses import captioning_loss  # noqa: E402
@@ -94,6 +95,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per precision (after 1 warm-up)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = p.parse_args()
+    keep_freed_memory()  # as the stages do (both paths of the same run get it)
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
