@@ -100,3 +100,11 @@ def test_question_type_rejects_unknown_template_and_inconsistent_answer():
         easyvqa_question_type("how many shapes are there?", "1")
     with pytest.raises(ValueError, match="classified"):
         easyvqa_question_type("what color is the shape?", "yes")
+
+
+def test_open_ended_answer_is_cut_at_first_clause():
+    from pipeline.tasks.vqa import first_answer
+
+    assert first_answer(" no, there is") == "no"
+    assert first_answer("Blue.\nQuestion: what") == "Blue"
+    assert first_answer("a red circle") == "a red circle"

@@ -8,6 +8,7 @@ the shared prefix run once per query (KV cache).
 from __future__ import annotations
 
 import random
+import re
 from collections import defaultdict
 
 import torch
@@ -23,8 +24,9 @@ def query_text(question: str) -> str:
 
 
 def first_answer(generated: str) -> str:
-    """The answer part of an open-ended generation: its first line, trailing punctuation dropped."""
-    return generated.strip().split("\n")[0].strip().rstrip(".")
+    """The answer part of an open-ended generation: up to the first line break, comma or full stop
+    ("no, there is" -> "no"), as generative VQA evaluations usually cut it."""
+    return re.split(r"[\n,.]", generated.strip(), maxsplit=1)[0].strip()
 
 
 def select_questions(questions: list[dict], image_ids: list[str], limit: int, seed: int) -> list[dict]:
