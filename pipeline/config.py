@@ -37,8 +37,9 @@ def _unit_interval():
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    source: Literal["easyvqa", "folder"] = "easyvqa"  # embedded default data, or a folder of images
-    folder: str = ""  # source=folder: folder holding the images and captions.csv / captions.json
+    source: Literal["easyvqa", "folder", "karpathy"] = "easyvqa"  # embedded default, a folder, COCO/Flickr30k
+    folder: str = ""  # folder/karpathy: the image root (folder: also holds captions.csv / captions.json)
+    annotations: str = ""  # karpathy: the Karpathy-split JSON (dataset_coco.json, dataset_flickr30k.json)
     test_fraction: float = field(default=0.2, metadata=_unit_interval())  # folder rows without a split column
 
 

@@ -213,10 +213,36 @@ def load_folder(cfg: PrepareConfig) -> tuple[list[Split], dict]:
     return splits, report
 
 
+# ---------------------------------------------------------------- COCO / Flickr30k (Karpathy split JSON)
+def load_karpathy(cfg: PrepareConfig) -> tuple[list[Split], dict]:
+    """Karpathy's split file: {"images": [{"filepath"?, "filename", "split", "sentences": [{"raw"}]}]}.
+    "restval" joins train (as in the usual COCO training set); image paths are relative to prepare.folder."""
+    if not cfg.folder or not cfg.annotations:
+        raise ConfigError("params.yaml: prepare.folder and prepare.annotations: both must be set for source karpathy")
+    path, root = Path(cfg.annotations), Path(cfg.folder)
+    try:
+        entries = json.loads(path.read_text())["images"]
+        rows = [(str(Path(e.get("filepath", "")) / e["filename"]), e["split"], [s["raw"].strip() for s in e["sentences"]])
+                for e in entries]
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: annotations file not found") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DatasetError(f"{path}: not a Karpathy split file ({type(err).__name__}: {err})") from None
+    by_split: dict[str, list[dict]] = {}
+    for rel, split, captions in rows:
+        if not (root / rel).is_file():
+            raise DatasetError(f"{path}: image {rel} not found under prepare.folder {root}")
+        by_split.setdefault("train" if split == "restval" else split, []).append(
+            {"image_id": rel, "image_path": rel, "image_sha256": sha256_file(root / rel), "captions": captions,
+             "attributes": "{}"})
+    splits = [Split(name, "params:prepare.folder", images) for name, images in sorted(by_split.items())]
+    report = {s.name: {"images": len(s.images), "captions": sum(len(r["captions"]) for r in s.images)} for s in splits}
+    return splits, report
+
+
 def load_source(cfg: PrepareConfig) -> tuple[list[Split], dict]:
-    if cfg.source == "easyvqa":
-        return load_easyvqa()
-    return load_folder(cfg)
+    loaders = {"easyvqa": lambda _: load_easyvqa(), "folder": load_folder, "karpathy": load_karpathy}
+    return loaders[cfg.source](cfg)
 
 
 # ---------------------------------------------------------------- manifests

@@ -106,7 +106,10 @@ def content_key(stage: str, params: dict, inputs: dict) -> str:
 # ---------------------------------------------------------------- cache keys: (task run context, call parameters)
 def prepare_key(_, p: dict) -> str:
     cfg: Config = p["cfg"]
-    return content_key("prepare", {"prepare": asdict(cfg.prepare)}, {"source": tree_digest(source_root(cfg.prepare))})
+    inputs = {"source": tree_digest(source_root(cfg.prepare))}
+    if cfg.prepare.annotations:  # karpathy: the split file may live outside the image root
+        inputs["annotations"] = file_digest(Path(cfg.prepare.annotations))
+    return content_key("prepare", {"prepare": asdict(cfg.prepare)}, inputs)
 
 
 def extract_key(_, p: dict) -> str:

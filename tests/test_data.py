@@ -110,3 +110,27 @@ def test_unreadable_manifest_is_reported(tmp_path):
         data.read_manifest(tmp_path, "train")
     with pytest.raises(data.DatasetError, match="run the prepare stage first"):
         data.read_manifest(tmp_path, "test")
+
+
+def test_karpathy_split_json(tmp_path, easyvqa_root):
+    """COCO-style Karpathy file: filepath + filename, restval joins train, five references per image."""
+    images = tmp_path / "coco"
+    (images / "val2014").mkdir(parents=True)
+    entries = []
+    for i, split in enumerate(["train", "restval", "val", "test"]):
+        name = f"COCO_val2014_{i:012d}.png"
+        shutil.copy(easyvqa_root / f"data/train/images/{i}.png", images / "val2014" / name)
+        entries.append({"filepath": "val2014", "filename": name, "split": split, "cocoid": i,
+                        "sentences": [{"raw": f"caption {i}.{k} "} for k in range(5)]})
+    ann = tmp_path / "dataset_coco.json"
+    ann.write_text(json.dumps({"dataset": "coco", "images": entries}))
+    cfg = parse_config({"prepare": {"source": "karpathy", "folder": str(images), "annotations": str(ann)}})
+    report = prepare.run(cfg, tmp_path / "out")
+    assert report == {"test": {"images": 1, "captions": 5}, "train": {"images": 2, "captions": 10},
+                      "val": {"images": 1, "captions": 5}}
+    train = data.read_manifest(tmp_path / "out", "train")
+    assert train.images[1]["image_path"] == "val2014/COCO_val2014_000000000001.png"
+    assert train.images[0]["captions"][0] == "caption 0.0"
+    ann.write_text(json.dumps({"images": [{"filename": "x.png"}]}))
+    with pytest.raises(data.DatasetError, match="not a Karpathy split file"):
+        data.load_karpathy(cfg.prepare)
