@@ -38,6 +38,7 @@ from pipeline.data import package_dir
 from pipeline.encoders import resolve_hf_folder, weights_hash
 from pipeline.io import sha256_file, sha256_json
 from pipeline.paths import Dirs
+from pipeline.runtime import keep_freed_memory
 from pipeline.tasks.summary import HEADLINES
 from stages import (evaluate_arithmetic, evaluate_caption, evaluate_retrieval, evaluate_vqa, extract, prepare,
                     prototypes, summarize, train)
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deploy", action="store_true", help="serve the deployment vlap-default instead (blocks)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()  # as the dvc stages do
     try:
         load_config(args.params)  # a bad params file fails in one line, before Prefect starts
         if args.deploy:
