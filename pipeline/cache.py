@@ -222,15 +222,17 @@ class FeatureCache:
         ]
 
     def tokens(self, image_ids: list[str] | None = None) -> np.ndarray:
-        """(n, N, d_v) in the stored dtype, in the order of `image_ids` (all when None)."""
+        """(n, N, d_v) in the stored dtype, in the order of `image_ids` (repeats allowed; all when None)."""
         data = self.file["tokens"]
         if image_ids is None:
             return data[:]
         rows = np.array([self.index[i] for i in image_ids])
-        order = np.argsort(rows)
-        out = np.empty((len(rows),) + data.shape[1:], data.dtype)
-        out[order] = data[rows[order]]  # h5py needs increasing indices
-        return out
+        if len(rows) == 0:
+            return np.empty((0,) + data.shape[1:], data.dtype)
+        # One contiguous read of the span, then in-memory indexing: far faster than h5py's
+        # point selection (which also refuses repeated or unsorted indices).
+        start = rows.min()
+        return data[start : rows.max() + 1][rows - start]
 
     def close(self) -> None:
         self.file.close()

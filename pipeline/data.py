@@ -250,6 +250,11 @@ def manifest_path(prepared_dir: Path, split: str) -> Path:
     return Path(prepared_dir) / f"{split}.parquet"
 
 
+def manifest_splits(prepared_dir: Path) -> list[str]:
+    """Names of the splits that have a manifest, sorted."""
+    return sorted(p.stem for p in Path(prepared_dir).glob("*.parquet") if not p.stem.endswith("_questions"))
+
+
 def questions_path(prepared_dir: Path, split: str) -> Path:
     return Path(prepared_dir) / f"{split}_questions.parquet"
 

@@ -26,7 +26,7 @@ log = logging.getLogger("stages.extract")
 
 def run(cfg: Config, prepared_dir: Path = paths.PREPARED, out_dir: Path = paths.FEATURES) -> dict:
     """Encode all splits; return the report {split: {...}}."""
-    splits = sorted(p.stem for p in Path(prepared_dir).glob("*.parquet") if not p.stem.endswith("_questions"))
+    splits = data.manifest_splits(prepared_dir)
     if not splits:
         raise data.DatasetError(f"{prepared_dir}: no manifests found (run the prepare stage first)")
     encoder = load_encoder(cfg.extract.encoder, resolve_device(cfg.extract.device))

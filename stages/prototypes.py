@@ -22,8 +22,7 @@ from stages.common import main_guard, parser
 
 def run(cfg: Config, prepared_dir: Path = paths.PREPARED, out_dir: Path = paths.PROTOTYPES, lm=None) -> Path:
     """Build (or reuse) the prototypes file; `lm` may be passed in to reuse a loaded model."""
-    manifests = [data.read_manifest(prepared_dir, p.stem) for p in sorted(Path(prepared_dir).glob("*.parquet"))
-                 if not p.stem.endswith("_questions")]
+    manifests = [data.read_manifest(prepared_dir, split) for split in data.manifest_splits(prepared_dir)]
     train = [m for m in manifests if m.split == "train"]
     if not train:
         raise data.DatasetError(f"{prepared_dir}: no train manifest (run the prepare stage first)")

@@ -40,11 +40,9 @@ def load_train_data(cfg: Config, prepared_dir: Path, features_dir: Path) -> Trai
             keep = np.random.default_rng(cfg.train.seed).permutation(len(pairs))[: cfg.train.max_samples]
             pairs = [pairs[i] for i in sorted(keep)]
         ids = [i for i, _ in pairs]
-        unique = sorted(set(ids), key=cache.index.get)
-        rows = {image_id: k for k, image_id in enumerate(unique)}
-        tokens = torch.from_numpy(cache.file["tokens"][:])[[cache.index[i] for i in unique]]  # (n_unique, N, d_v)
+        tokens = torch.from_numpy(cache.tokens(ids))  # (n, N, d_v), one row per (image, caption) pair
         attrs = cache.attrs
-    return TrainData(tokens=tokens[[rows[i] for i in ids]], captions=[c for _, c in pairs], image_ids=ids,
+    return TrainData(tokens=tokens, captions=[c for _, c in pairs], image_ids=ids,
                      features_key=str(attrs["cache_key"]),
                      encoder_weights_sha256=str(attrs["encoder_weights_sha256"]))
 

@@ -91,3 +91,12 @@ def test_key_ignores_batch_size_but_not_content(manifest32, lite0):
                             + manifest32.images[1:])
     assert cache_key(changed, lite0, "float16") != base
     assert cache_key(manifest32, lite0, "float32") != base
+
+
+def test_tokens_by_id_in_any_order_with_repeats(extracted):
+    result, _ = extracted
+    with FeatureCache(result.path) as cache:
+        every = cache.tokens()
+        ids = [cache.ids[5], cache.ids[2], cache.ids[5], cache.ids[30]]
+        picked = cache.tokens(ids)
+    np.testing.assert_array_equal(picked, every[[5, 2, 5, 30]])

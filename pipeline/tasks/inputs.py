@@ -9,7 +9,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline import data
@@ -65,8 +64,7 @@ def load_eval_inputs(cfg: Config, method: str, dirs: Dirs, lm: LanguageModel | N
         ids = select_test_images(manifest, cache, cfg.evaluate.common.test_images)
         if not ids:
             raise CacheError(f"{cache.path}: no test image has both features and a caption")
-        rows = np.array([cache.index[i] for i in ids])
-        tokens = torch.from_numpy(cache.file["tokens"][:][rows])  # (n, N, d_v)
+        tokens = torch.from_numpy(cache.tokens(ids))  # (n, N, d_v)
     if tokens.shape[-1] != meta["d_vision"]:
         raise CacheError(f"test features have d_v = {tokens.shape[-1]}, the {method} bridge expects {meta['d_vision']}")
     if need_lm and lm is None:
