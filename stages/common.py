@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.cache import CacheError
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import METHODS, Config, ConfigError, load_config
 from pipeline.data import DatasetError
+from pipeline.io import write_json_atomic
+from pipeline.paths import Dirs
 from pipeline.runtime import keep_freed_memory
 
 # Bad input the user can fix: reported as one line, never a traceback.
@@ -35,8 +37,6 @@ def main_guard(body: Callable[[argparse.Namespace, Config], object], args: argpa
 
 
 def method_parser(description: str) -> argparse.ArgumentParser:
-    from pipeline.config import METHODS
-
     p = parser(description)
     p.add_argument("--method", required=True, choices=METHODS)
     return p
@@ -44,16 +44,12 @@ def method_parser(description: str) -> argparse.ArgumentParser:
 
 def method_stage_main(run: Callable, description: str, argv: list[str] | None) -> int:
     """main() of a per-method stage: `run(cfg, method, dirs)` with --method, --params, --data."""
-    from pipeline.paths import Dirs
-
     args = method_parser(description).parse_args(argv)
     return main_guard(lambda a, cfg: run(cfg, a.method, Dirs.under(a.data)), args)
 
 
-def write_metrics(metrics_dir, task: str, method: str, metrics: dict):
+def write_metrics(metrics_dir: Path, task: str, method: str, metrics: dict) -> Path:
     """data/metrics/<task>/<method>.json (a DVC metrics file), written atomically."""
-    from pipeline.io import write_json_atomic
-
     path = Path(metrics_dir) / task / f"{method}.json"
     write_json_atomic(path, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     logging.getLogger(f"stages.evaluate_{task}").info("%s %s: %s", task, method, metrics)

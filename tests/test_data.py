@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline import data
