@@ -18,20 +18,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import common  # noqa: F401  (offline, repo root, allocator)
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flops import matmul_gflops  # noqa: E402
 from pipeline.cache import FeatureCache, extract_split  # noqa: E402
-from pipeline.runtime import keep_freed_memory  # noqa: E402
 from pipeline.config import PrepareConfig  # noqa: E402
 from pipeline.data import Manifest, load_easyvqa, load_image, resolve_image_root  # noqa: E402
 from pipeline.encoders import LITE_SIZE, load_encoder  # noqa: E402
@@ -53,7 +49,6 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=4, help="alternate the two paths over this many chunks")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = p.parse_args()
-    keep_freed_memory()  # as the stages do (both paths of the same run get it)
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]

@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import common  # noqa: F401  (offline, repo root, allocator)
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.bridge import LinearBridge, load_bridge  # noqa: E402
 from pipeline.cache import FeatureCache, features_file  # noqa: E402
 from pipeline.generation import greedy_decode, text_embeds  # noqa: E402
 from pipeline.lms import load_lm  # noqa: E402
 from pipeline.paths import Dirs  # noqa: E402
-from pipeline.runtime import keep_freed_memory  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +30,6 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=12)
     args = p.parse_args()
-    keep_freed_memory()  # as the stages do
     dirs = Dirs()
     lm = load_lm("smollm2-135m", torch.device("cpu"))
     with FeatureCache(features_file(dirs.features, "test")) as cache:

@@ -10,16 +10,14 @@ difference of the assignments (asserted below TOLERANCE).
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Callable
 
+import common  # noqa: F401  (offline, repo root, allocator)
 import ot as pot
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.ot import sinkhorn  # noqa: E402
 
 B, D = 256, 576

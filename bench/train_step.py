@@ -20,30 +20,21 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-os.chdir(ROOT)  # pipeline.paths and params.yaml are relative to the repo root
-
+import common  # noqa: F401  (offline, repo root, allocator)
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from flops import matmul_gflops  # noqa: E402
-from pipeline import paths  # noqa: E402
+from pipeline.paths import Dirs  # noqa: E402
 from pipeline.bridge import LinearBridge  # noqa: E402
-from pipeline.runtime import keep_freed_memory  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.lms import load_lm  # noqa: E402
 from pipeline.losses import captioning_loss  # noqa: E402
-from pipeline.prototypes import load_prototypes  # noqa: E402
-from pipeline.train import batch_indices, compute_losses  # noqa: E402
-from stages.train import load_train_data, prototypes_file  # noqa: E402
+from pipeline.prototypes import load_prototypes, prototypes_file  # noqa: E402
+from pipeline.train import batch_indices, compute_losses, load_train_data  # noqa: E402
 
 D_VISION, N_TOKENS = 1280, 49
 METHOD = "vlap"
@@ -52,8 +43,8 @@ PRECISIONS = ("fp32", "bf16")
 
 def training_batches(cfg, protos, batch_size: int, count: int) -> tuple[str, list]:
     """`count` (tokens, captions) batches: cached features if present, else random tokens."""
-    if (paths.FEATURES / "index.json").exists():
-        data = load_train_data(cfg, paths.PREPARED, paths.FEATURES)
+    if (Dirs().features / "index.json").exists():
+        data = load_train_data(cfg, Dirs())
         source = f"cached train features ({len(data.captions)} pairs, key {data.features_key[:12]})"
         picks = [batch_indices(len(data.captions), batch_size, cfg.train.seed, s) for s in range(count)]
         return source, [(data.tokens[i].float(), [data.captions[j] for j in i.tolist()]) for i in picks]
@@ -95,7 +86,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per precision (after 1 warm-up)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = p.parse_args()
-    keep_freed_memory()  # as the stages do (both paths of the same run get it)
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
@@ -103,7 +93,7 @@ def main() -> None:
     cfg = load_config()
     device = torch.device("cpu")
     lm = load_lm(cfg.prototypes.llm, device)
-    protos = load_prototypes(prototypes_file(paths.PROTOTYPES), device)
+    protos = load_prototypes(prototypes_file(Dirs().prototypes), device)
     source, batches = training_batches(cfg, protos, args.batch_size, args.steps + 1)
     prompt_ids = lm.tokenize([cfg.train.prompt])[0][0]
     matmul_gflop, attention_gflop = llm_gflops(cfg, lm, batches[0], prompt_ids)

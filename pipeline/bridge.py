@@ -1,6 +1,7 @@
 """The only trained part: a linear map from vision tokens to LLM input embeddings."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.cache import CacheError
+from pipeline.errors import CacheError, MissingInputError
 from pipeline.io import atomic_path
 
 BRIDGES = ("linear",)
@@ -39,8 +40,10 @@ def visual_representation(V: torch.Tensor) -> torch.Tensor:
 def save_bridge(path: str | Path, bridge: nn.Module, meta: dict) -> None:
     """bridge.pt (weights + the config needed to rebuild it) and a readable bridge.json beside it."""
     path = Path(path)
+    buffer = io.BytesIO()  # saved to a file, torch names the archive after it: a temp name would vary
+    torch.save({"state_dict": bridge.state_dict(), "meta": meta}, buffer)
     with atomic_path(path) as tmp:
-        torch.save({"state_dict": bridge.state_dict(), "meta": meta}, tmp)
+        tmp.write_bytes(buffer.getvalue())
     with atomic_path(path.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
@@ -48,7 +51,7 @@ def save_bridge(path: str | Path, bridge: nn.Module, meta: dict) -> None:
 def load_bridge(path: str | Path, device: torch.device = torch.device("cpu")) -> tuple[nn.Module, dict]:
     path = Path(path)
     if not path.exists():
-        raise CacheError(f"{path}: trained bridge not found (run the train stage first)")
+        raise MissingInputError(f"{path}: trained bridge not found (run the train stage first)")
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
         meta = saved["meta"]

@@ -28,16 +28,13 @@ from tqdm import tqdm
 
 from pipeline.data import Manifest, load_image
 from pipeline.encoders import VisionEncoder
+from pipeline.errors import CacheError, MissingInputError
 from pipeline.io import atomic_path, sha256_json
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 BLOCK_SIZE = 256  # images per resumable block (fixed: it must not depend on batch size)
-
-
-class CacheError(ValueError):
-    """A feature cache that is missing, damaged or from another encoder."""
 
 
 def cache_key(manifest: Manifest, encoder: VisionEncoder, dtype: str) -> str:
@@ -189,10 +186,10 @@ def features_file(features_dir: Path, split: str) -> Path:
     """The cache file the extract stage recorded for `split` in index.json."""
     index = Path(features_dir) / "index.json"
     if not index.exists():
-        raise CacheError(f"{index}: not found (run the extract stage first)")
+        raise MissingInputError(f"{index}: not found (run the extract stage first)")
     entry = json.loads(index.read_text()).get(split)
     if entry is None:
-        raise CacheError(f"{index}: no features for split {split!r}")
+        raise MissingInputError(f"{index}: no features for split {split!r}")
     return Path(features_dir) / entry["file"]
 
 
@@ -202,7 +199,7 @@ class FeatureCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.exists():
-            raise CacheError(f"{self.path}: feature cache not found (run the extract stage first)")
+            raise MissingInputError(f"{self.path}: feature cache not found (run the extract stage first)")
         try:
             self.file = h5py.File(self.path, "r")
             self.ids = [s.decode() for s in self.file["image_ids"][:]]

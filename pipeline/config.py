@@ -15,11 +15,11 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.errors import ConfigError
+
 PARAMS_FILE = Path("params.yaml")
 
 
-class ConfigError(ValueError):
-    """A bad params value; the message is one line that names the key."""
 
 
 # Range checks: field metadata {"check": (predicate, "description")}.
@@ -243,6 +243,6 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     raise TypeError(f"unsupported config type {hint!r} for {key}")  # programming error
 
 
-def section_dict(section: Any) -> dict:
-    """A section as a plain dict (saved next to the artifacts it produced)."""
-    return dataclasses.asdict(section)
+def section_values(section: Any) -> dict:
+    """A section's fields as a plain dict (field by field, so every read is an attribute access)."""
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}

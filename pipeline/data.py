@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.config import ConfigError, PrepareConfig
+from pipeline.config import PrepareConfig
+from pipeline.errors import ConfigError, DatasetError
 from pipeline.io import atomic_path, sha256_file
 
 EASYVQA_COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
@@ -42,10 +43,6 @@ QUESTION_SCHEMA = pa.schema(
         ("answers", pa.list_(pa.string())),
     ]
 )
-
-
-class DatasetError(ValueError):
-    """Input data in the wrong format; the message names the file and the problem."""
 
 
 @dataclass
@@ -296,6 +293,12 @@ def read_manifest(prepared_dir: Path, split: str) -> Manifest:
         raise DatasetError(f"{path}: not a manifest (missing columns {', '.join(sorted(missing))})")
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     return Manifest(split, meta.get("image_root", ""), table.to_pylist())
+
+
+def has_questions(prepared_dir: Path, split: str) -> bool:
+    """Whether the split has a non-empty questions table (a captions-only source has none)."""
+    path = questions_path(prepared_dir, split)
+    return path.exists() and pq.read_metadata(path).num_rows > 0
 
 
 def read_questions(prepared_dir: Path, split: str) -> list[dict]:

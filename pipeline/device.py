@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 
 def resolve_device(spec: str) -> torch.device:

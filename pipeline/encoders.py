@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.io import sha256_file, sha256_json
 
 

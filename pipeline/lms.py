@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline import paths
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.data import package_dir
 from pipeline.encoders import WeightsNotFound, resolve_hf_folder, serialised_load, weights_hash
 from pipeline.io import sha256_file

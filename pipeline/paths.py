@@ -1,28 +1,51 @@
-"""Where each stage writes (relative to the repo root; dvc.yaml declares the same)."""
+"""Where each stage writes, under one data root (default `data/`; tests use a temp folder)."""
+from __future__ import annotations
+
 from dataclasses import dataclass
 from pathlib import Path
 
 DATA = Path("data")
-PREPARED = DATA / "prepared"  # {split}.parquet, {split}_questions.parquet, report.json
-FEATURES = DATA / "features"  # <key>.h5, index.json (split -> file), report.json
-PROTOTYPES = DATA / "prototypes"  # <key>.h5, index.json
-MODELS = DATA / "models"  # <method>/bridge.pt, bridge.json, live/ (dvclive)
-METRICS = DATA / "metrics"  # <task>/<method>.json, summary.md
-PLOTS = DATA / "plots"  # example pages and figures
 LM_CACHE = DATA / "lm_cache"  # GGUF models converted once to transformers folders (not DVC-tracked)
 
 
 @dataclass(frozen=True)
 class Dirs:
-    """The stage folders, overridable as a whole (tests point them at a temp folder)."""
+    """The stage folders under a data root. Stages declare their outputs relative to `root`."""
 
-    prepared: Path = PREPARED
-    features: Path = FEATURES
-    prototypes: Path = PROTOTYPES
-    models: Path = MODELS
-    metrics: Path = METRICS
-    plots: Path = PLOTS
+    root: Path = DATA
 
     @classmethod
-    def under(cls, root: Path) -> "Dirs":
-        return cls(*(Path(root) / name for name in ("prepared", "features", "prototypes", "models", "metrics", "plots")))
+    def under(cls, root: str | Path) -> "Dirs":
+        return cls(Path(root))
+
+    @property
+    def prepared(self) -> Path:  # {split}.parquet, {split}_questions.parquet, report.json
+        return self.root / "prepared"
+
+    @property
+    def features(self) -> Path:  # <key>.h5, index.json (split -> file), report.json (counts, skipped images)
+        return self.root / "features"
+
+    @property
+    def prototypes(self) -> Path:  # <key>.h5, index.json
+        return self.root / "prototypes"
+
+    @property
+    def models(self) -> Path:  # <method>/bridge.pt, bridge.json; checkpoints/ (resume state, not an output)
+        return self.root / "models"
+
+    @property
+    def metrics(self) -> Path:  # <task>/<method>.json, train/<method>/ (dvclive), summary.{md,json}: git-tracked
+        return self.root / "metrics"
+
+    @property
+    def plots(self) -> Path:  # plot data (recall curves, generated captions, answers), summary.png: git-tracked
+        return self.root / "plots"
+
+    @property
+    def pages(self) -> Path:  # HTML example pages with embedded images: DVC-cached, not in git
+        return self.root / "pages"
+
+    @property
+    def reports(self) -> Path:  # timings and machine facts: in no hashed output, not in git
+        return self.root / "reports"

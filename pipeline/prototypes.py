@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.cache import CacheError
+from pipeline.errors import CacheError, DatasetError, MismatchError, MissingInputError
 from pipeline.config import PrototypesConfig
 from pipeline.io import atomic_path, sha256_json
 from pipeline.lms import LanguageModel
@@ -104,7 +104,7 @@ def build_prototypes(lm: LanguageModel, train_captions: list[str], all_texts: li
     if cfg.subset == "corpus":
         token_ids = np.array(sorted(set(np.flatnonzero(df)) - set(zeroed)), dtype=np.int64)
         if len(token_ids) == 0:
-            raise CacheError("prototypes.subset: corpus keeps no word (no training captions)")
+            raise DatasetError("prototypes.subset: corpus keeps no word (no training captions)")
     else:
         token_ids = np.arange(lm.vocab_size, dtype=np.int64)
     with torch.no_grad():
@@ -128,7 +128,7 @@ def build_prototypes(lm: LanguageModel, train_captions: list[str], all_texts: li
 def load_prototypes(path: str | Path, device: torch.device = torch.device("cpu")) -> Prototypes:
     path = Path(path)
     if not path.exists():
-        raise CacheError(f"{path}: prototypes cache not found (run the prototypes stage first)")
+        raise MissingInputError(f"{path}: prototypes cache not found (run the prototypes stage first)")
     try:
         with h5py.File(path, "r") as f:
             texts = [t.decode() for t in f["texts"][:]]
@@ -149,10 +149,10 @@ def load_prototypes(path: str | Path, device: torch.device = torch.device("cpu")
 def prototypes_file(prototypes_dir: Path) -> Path:
     index = Path(prototypes_dir) / "index.json"
     if not index.exists():
-        raise CacheError(f"{index}: not found (run the prototypes stage first)")
+        raise MissingInputError(f"{index}: not found (run the prototypes stage first)")
     return Path(prototypes_dir) / json.loads(index.read_text())["file"]
 
 
 def check_prototypes_match(protos: Prototypes, lm: LanguageModel) -> None:
     if protos.attrs.get("llm_weights_sha256") != lm.weights_sha256:
-        raise CacheError(f"{protos.path}: prototypes were built from another LLM than {lm.spec} (re-run the prototypes stage)")
+        raise MismatchError(f"{protos.path}: prototypes were built from another LLM than {lm.spec} (re-run the prototypes stage)")

@@ -12,17 +12,22 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline import data as datasets
 from pipeline.bridge import build_bridge, save_bridge, visual_representation
-from pipeline.config import Config
+from pipeline.cache import FeatureCache, features_file
+from pipeline.config import Config, section_values
+from pipeline.errors import DatasetError
 from pipeline.io import atomic_path, sha256_json
 from pipeline.lms import LanguageModel
 from pipeline.losses import assignment_prediction_loss, captioning_loss, info_nce_loss
+from pipeline.paths import Dirs
 from pipeline.prototypes import Prototypes
 
 log = logging.getLogger(__name__)
@@ -34,7 +39,26 @@ class TrainData:
     captions: list[str]  # (n,) one caption per sample
     image_ids: list[str]  # (n,)
     features_key: str
+    encoder: str  # as the feature cache names it
     encoder_weights_sha256: str  # the bridge only fits features of this encoder
+
+
+def load_train_data(cfg: Config, dirs: Dirs) -> TrainData:
+    """(image, caption) pairs of the training split that have cached features."""
+    manifest = datasets.read_manifest(dirs.prepared, "train")
+    with FeatureCache(features_file(dirs.features, "train")) as cache:
+        pairs = [(r["image_id"], c) for r in manifest.images if r["image_id"] in cache.index for c in r["captions"]]
+        if not pairs:
+            raise DatasetError(f"{cache.path}: no training image has both features and a caption")
+        if cfg.train.max_samples and len(pairs) > cfg.train.max_samples:
+            keep = np.random.default_rng(cfg.train.seed).permutation(len(pairs))[: cfg.train.max_samples]
+            pairs = [pairs[i] for i in sorted(keep)]
+        ids = [i for i, _ in pairs]
+        tokens = torch.from_numpy(cache.tokens(ids))  # (n, N, d_v), one row per (image, caption) pair
+        attrs = cache.attrs
+    return TrainData(tokens=tokens, captions=[c for _, c in pairs], image_ids=ids,
+                     features_key=str(attrs["cache_key"]), encoder=str(attrs["encoder"]),
+                     encoder_weights_sha256=str(attrs["encoder_weights_sha256"]))
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -90,14 +114,15 @@ def _alignment_terms(method, mcfg, protos: Prototypes, z_v, captions, terms: dic
 
 def run_fingerprint(method: str, cfg: Config, data: TrainData, protos: Prototypes, lm: LanguageModel) -> str:
     """What a checkpoint must match to be resumed."""
-    return sha256_json({"method": method, "train": asdict(cfg.train), "method_cfg": asdict(method_config(cfg, method)),
+    return sha256_json({"method": method, "train": section_values(cfg.train),
+                        "method_cfg": section_values(method_config(cfg, method)),
                         "features": data.features_key, "prototypes": protos.key, "llm": lm.weights_sha256,
                         "n": len(data.captions)})
 
 
 def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, protos: Prototypes, out_dir: Path,
-                 checkpoint: Path, stop_after: int | None = None) -> dict:
-    """Train one method; write out_dir/bridge.pt (+ .json) and dvclive logs under out_dir/live.
+                 live_dir: Path, checkpoint: Path, stop_after: int | None = None) -> dict:
+    """Train one method; write out_dir/bridge.pt (+ .json) and dvclive logs under live_dir.
 
     `stop_after` ends the run after that many steps (leaving the checkpoint), as an interruption would.
     """
@@ -121,7 +146,7 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
             log.info("train %s: resuming from step %d", method, start)
     prompt_ids, _ = lm.tokenize([tcfg.prompt])
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.precision == "bf16" else nullcontext())
-    live = Live(dir=str(out_dir / "live"), dvcyaml=None, save_dvc_exp=False, report=None)
+    live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
     for row in history:  # replay logged steps so the curves are whole after a resume
         _log_step(live, row)
     t0 = time.perf_counter()
@@ -149,10 +174,10 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
     if steps_done < tcfg.steps:
         return {"finished": False, "steps": steps_done}
     meta = {"bridge": "linear", "d_vision": int(data.tokens.shape[-1]), "d_model": lm.hidden_size, "method": method,
-            "llm": cfg.prototypes.llm, "encoder": cfg.extract.encoder, "prompt": tcfg.prompt,
+            "llm": cfg.prototypes.llm, "encoder": data.encoder, "prompt": tcfg.prompt,
             "features_key": data.features_key,
-            "encoder_weights_sha256": data.encoder_weights_sha256, "prototypes_key": protos.key, "train": asdict(tcfg),
-            "method_config": asdict(method_config(cfg, method)), "samples": len(data.captions),
+            "encoder_weights_sha256": data.encoder_weights_sha256, "prototypes_key": protos.key, "train": section_values(tcfg),
+            "method_config": section_values(method_config(cfg, method)), "samples": len(data.captions),
             "final": history[-1]}
     save_bridge(out_dir / "bridge.pt", bridge.cpu(), meta)
     checkpoint.unlink(missing_ok=True)

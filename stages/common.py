@@ -1,56 +1,115 @@
-"""Shared `main()` plumbing: params path argument, logging, one-line errors."""
+"""The stage contract, shared by every stage module.
+
+A stage module has
+  STAGE = StageSpec(...)                          what it reads (params, data) and writes
+  run(cfg, dirs, method=None, *, lm=None) -> dict  the work (a per-method stage needs `method`)
+  main(argv) -> int                                `python -m stages.<name>`, what dvc.yaml calls
+and nothing else is needed to put it in the graph: `stages.graph` lists the modules in order,
+writes dvc.yaml from their STAGE specs and derives their code deps from their imports; the
+Prefect flow runs the same `run` through `run_stage`, which holds the locks of the outputs.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from types import ModuleType
+from typing import Any, Literal
 
-from pipeline.cache import CacheError
-from pipeline.config import METHODS, Config, ConfigError, load_config
-from pipeline.data import DatasetError
-from pipeline.io import write_json_atomic
+from pipeline.config import METHODS, Config, load_config
+from pipeline.errors import ConfigError, report_user_errors
+from pipeline.io import write_json_atomic, write_text_atomic
+from pipeline.locks import locked
 from pipeline.paths import Dirs
 from pipeline.runtime import keep_freed_memory
 
-# Bad input the user can fix: reported as one line, never a traceback.
-USER_ERRORS = (ConfigError, DatasetError, CacheError, FileNotFoundError)
+
+@dataclass(frozen=True)
+class Out:
+    """One output, relative to the data root; "{method}" stands for the stage's method."""
+
+    path: str
+    kind: Literal["outs", "metrics", "plots"] = "outs"
+    cache: bool = True  # False: a small file git tracks (metrics, plot data), as DVC expects for experiments
+    persist: bool = False  # kept across runs (content-keyed caches of other settings, resume state)
+    x: str | None = None  # plots: the x axis column
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+@dataclass(frozen=True)
+class StageSpec:
+    """What a stage reads and writes. Paths are relative to the data root; "{method}" is expanded."""
+
+    name: str
+    params: tuple[str, ...]  # dotted params keys (a section name stands for all its fields)
+    deps: tuple[str, ...]  # data it reads
+    outs: tuple[Out, ...]
+    per_method: bool = False  # one stage per method (dvc foreach over METHODS)
+    description: str = ""
+
+    def label(self, method: str | None) -> str:
+        return f"{self.name}@{method}" if self.per_method else self.name
+
+    def expand(self, text: str, method: str | None) -> str:
+        return text.replace("{method}", method) if self.per_method else text
+
+    def out_paths(self, dirs: Dirs, method: str | None) -> list[Path]:
+        return [dirs.root / self.expand(o.path, method) for o in self.outs]
+
+    def dep_paths(self, dirs: Dirs, method: str | None) -> list[Path]:
+        return [dirs.root / self.expand(d, method) for d in self.deps]
+
+    def param_keys(self, method: str | None) -> list[str]:
+        return [self.expand(p, method) for p in self.params]
+
+
+def check_method(spec: StageSpec, method: str | None) -> None:
+    if spec.per_method and method not in METHODS:
+        raise ConfigError(f"{spec.name} --method: unknown method {method!r} (expected one of {', '.join(METHODS)})")
+    if not spec.per_method and method is not None:
+        raise ConfigError(f"{spec.name}: takes no --method (got {method!r})")
+
+
+def run_stage(module: ModuleType, cfg: Config, dirs: Dirs, method: str | None = None, **kwargs) -> Any:
+    """`module.run(cfg, dirs, method)` while holding the locks of the stage's outputs."""
+    spec: StageSpec = module.STAGE
+    check_method(spec, method)
+    with locked(dirs.root, spec.out_paths(dirs, method), holder=spec.label(method)):
+        return module.run(cfg, dirs, method, **kwargs)
+
+
+def stage_main(module: ModuleType, argv: list[str] | None) -> int:
+    """main() of every stage: --params, --data (and --method for a per-method stage); one-line errors."""
+    spec: StageSpec = module.STAGE
+    p = argparse.ArgumentParser(prog=f"python -m {module.__name__}", description=spec.description)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--data", default="data", type=Path, help="root of the stage folders (default: data)")
-    return p
-
-
-def main_guard(body: Callable[[argparse.Namespace, Config], object], args: argparse.Namespace) -> int:
+    if spec.per_method:
+        p.add_argument("--method", required=True, choices=METHODS)
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     keep_freed_memory()
-    try:
-        body(args, load_config(args.params))
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return report_user_errors(lambda: run_stage(module, load_config(args.params), Dirs.under(args.data),
+                                                getattr(args, "method", None)))
 
 
-def method_parser(description: str) -> argparse.ArgumentParser:
-    p = parser(description)
-    p.add_argument("--method", required=True, choices=METHODS)
-    return p
-
-
-def method_stage_main(run: Callable, description: str, argv: list[str] | None) -> int:
-    """main() of a per-method stage: `run(cfg, method, dirs)` with --method, --params, --data."""
-    args = method_parser(description).parse_args(argv)
-    return main_guard(lambda a, cfg: run(cfg, a.method, Dirs.under(a.data)), args)
-
-
-def write_metrics(metrics_dir: Path, task: str, method: str, metrics: dict) -> Path:
-    """data/metrics/<task>/<method>.json (a DVC metrics file), written atomically."""
-    path = Path(metrics_dir) / task / f"{method}.json"
-    write_json_atomic(path, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+def write_metrics(dirs: Dirs, task: str, method: str, metrics: dict) -> dict:
+    """data/metrics/<task>/<method>.json (a git-tracked DVC metrics file), written atomically."""
+    metrics = {"applicable": True} | {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+    write_json_atomic(dirs.metrics / task / f"{method}.json", metrics)
     logging.getLogger(f"stages.evaluate_{task}").info("%s %s: %s", task, method, metrics)
-    return path
+    return metrics
+
+
+def write_not_applicable(spec: StageSpec, dirs: Dirs, method: str | None, reason: str) -> dict:
+    """The data lacks this task's inputs: every declared output says so, and the run goes on."""
+    logging.getLogger(f"stages.{spec.name}").warning("%s: not applicable: %s", spec.label(method), reason)
+    record = {"applicable": False, "reason": reason}
+    for path in spec.out_paths(dirs, method):
+        if path.suffix == ".json":
+            write_json_atomic(path, record)
+        elif path.suffix == ".html":
+            write_text_atomic(path, f"<!doctype html><meta charset=utf-8><p>Not applicable: {reason}</p>\n")
+        else:
+            raise ValueError(f"{spec.name}: no not-applicable form for {path}")  # programming error
+    return record

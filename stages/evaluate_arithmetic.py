@@ -1,8 +1,8 @@
-"""Visual semantic arithmetic of one trained bridge: swap colour or shape, retrieve, decode.
+"""Visual semantic arithmetic of one trained bridge: swap one caption word, retrieve, decode.
 
 Reads  data/models/<method>/bridge.pt, the test features and attributes, the LLM's word embeddings,
-       params `evaluate.common`, `evaluate.arithmetic`.
-Writes data/metrics/arithmetic/<method>.json, data/plots/arithmetic/<method>/examples.html
+       params `evaluate.common`, `evaluate.arithmetic`, `evaluate.caption.max_new_tokens` (decoding).
+Writes data/metrics/arithmetic/<method>.json, data/pages/arithmetic/<method>.html (examples)
 
     python -m stages.evaluate_arithmetic --method vlap
 """
@@ -15,20 +15,31 @@ from pipeline.paths import Dirs
 from pipeline.tasks.arithmetic import evaluate_arithmetic
 from pipeline.tasks.caption_metrics import write_examples_html
 from pipeline.tasks.inputs import load_eval_inputs
-from stages.common import method_stage_main, write_metrics
+from stages.common import Out, StageSpec, stage_main, write_metrics, write_not_applicable
+
+STAGE = StageSpec(
+    name="evaluate_arithmetic", description=__doc__.splitlines()[0], per_method=True,
+    params=("evaluate.common.test_images", "evaluate.common.batch_size", "evaluate.common.device",
+            "evaluate.arithmetic", "evaluate.caption.max_new_tokens", "prepare.folder"),
+    deps=("models/{method}/bridge.pt", "prepared", "features", "prototypes"),
+    outs=(Out("metrics/arithmetic/{method}.json", kind="metrics", cache=False),
+          Out("pages/arithmetic/{method}.html")),
+)
 
 
-def run(cfg: Config, method: str, dirs: Dirs = Dirs(), lm=None) -> dict:
+def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
     inputs = load_eval_inputs(cfg, method, dirs, lm=lm)
     metrics, examples = evaluate_arithmetic(inputs, cfg)
-    write_examples_html(dirs.plots / "arithmetic" / method / "examples.html", examples,
+    if not metrics:
+        return write_not_applicable(STAGE, dirs, method, "no test image pair differs in exactly one attribute word "
+                                                         "(see README: visual semantic arithmetic)")
+    write_examples_html(dirs.pages / "arithmetic" / f"{method}.html", examples,
                         f"Visual semantic arithmetic with the {method} bridge")
-    write_metrics(dirs.metrics, "arithmetic", method, metrics)
-    return metrics
+    return write_metrics(dirs, "arithmetic", method, metrics)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return method_stage_main(run, __doc__.splitlines()[0], argv)
+    return stage_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Captioning evaluation of one trained bridge: greedy captions of the test images, COCO metrics.
 
 Reads  data/models/<method>/bridge.pt, the test features, data/prototypes, params `evaluate.common`, `evaluate.caption`.
-Writes data/metrics/caption/<method>.json, data/plots/caption/<method>/examples.html
-       and data/plots/caption/<method>/captions.json (every generated caption).
+Writes data/metrics/caption/<method>.json, data/plots/caption/<method>/captions.json (every generated
+       caption) and data/pages/caption/<method>.html (examples).
 
     python -m stages.evaluate_caption --method vlap
 """
@@ -16,24 +16,32 @@ from pipeline.paths import Dirs
 from pipeline.tasks.caption_metrics import write_examples_html
 from pipeline.tasks.captioning import evaluate_captioning
 from pipeline.tasks.inputs import load_eval_inputs
-from stages.common import method_stage_main, write_metrics
+from stages.common import Out, StageSpec, stage_main, write_metrics
+
+STAGE = StageSpec(
+    name="evaluate_caption", description=__doc__.splitlines()[0], per_method=True,
+    params=("evaluate.common.test_images", "evaluate.common.batch_size", "evaluate.common.device",
+            "evaluate.caption", "prepare.folder"),
+    deps=("models/{method}/bridge.pt", "prepared", "features", "prototypes"),
+    outs=(Out("metrics/caption/{method}.json", kind="metrics", cache=False),
+          Out("plots/caption/{method}/captions.json", cache=False),
+          Out("pages/caption/{method}.html")),
+)
 
 
-def run(cfg: Config, method: str, dirs: Dirs = Dirs(), lm=None) -> dict:
+def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
     inputs = load_eval_inputs(cfg, method, dirs, lm=lm)
     metrics, generated = evaluate_captioning(inputs, cfg)
-    out = dirs.plots / "caption" / method
-    write_json_atomic(out / "captions.json",
+    write_json_atomic(dirs.plots / "caption" / method / "captions.json",
                       {i: {"generated": generated[i], "references": inputs.captions[i]} for i in generated})
     rows = [{"image_path": inputs.image_paths[i], "generated": generated[i], "references": inputs.captions[i]}
             for i in inputs.image_ids[: cfg.evaluate.caption.examples]]
-    write_examples_html(out / "examples.html", rows, f"Captions by the {method} bridge")
-    write_metrics(dirs.metrics, "caption", method, metrics)
-    return metrics
+    write_examples_html(dirs.pages / "caption" / f"{method}.html", rows, f"Captions by the {method} bridge")
+    return write_metrics(dirs, "caption", method, metrics)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return method_stage_main(run, __doc__.splitlines()[0], argv)
+    return stage_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -15,19 +15,30 @@ from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
 from pipeline.tasks.inputs import load_eval_inputs
 from pipeline.tasks.retrieval import evaluate_retrieval
-from stages.common import method_stage_main, write_metrics
+from stages.common import Out, StageSpec, stage_main, write_metrics, write_not_applicable
+
+STAGE = StageSpec(
+    name="evaluate_retrieval", description=__doc__.splitlines()[0], per_method=True,
+    params=("evaluate.common.test_images", "evaluate.common.batch_size", "evaluate.common.device",
+            "evaluate.retrieval", "prepare.folder"),
+    deps=("models/{method}/bridge.pt", "prepared", "features", "prototypes"),
+    outs=(Out("metrics/retrieval/{method}.json", kind="metrics", cache=False),
+          Out("plots/retrieval/{method}/recall_at_k.json", kind="plots", cache=False)),
+)
 
 
-def run(cfg: Config, method: str, dirs: Dirs = Dirs()) -> dict:
+def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
     inputs = load_eval_inputs(cfg, method, dirs, need_lm=False)  # z_v and z_t need no LLM
+    if len(inputs.image_ids) < 2:
+        return write_not_applicable(STAGE, dirs, method, f"retrieval needs at least 2 test images with captions "
+                                                         f"and features, the data has {len(inputs.image_ids)}")
     metrics, curve = evaluate_retrieval(inputs, cfg)
     write_json_atomic(dirs.plots / "retrieval" / method / "recall_at_k.json", curve)
-    write_metrics(dirs.metrics, "retrieval", method, metrics)
-    return metrics
+    return write_metrics(dirs, "retrieval", method, metrics)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return method_stage_main(run, __doc__.splitlines()[0], argv)
+    return stage_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

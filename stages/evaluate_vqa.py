@@ -1,8 +1,9 @@
-"""VQA evaluation of one trained bridge on easy-VQA test questions: open/closed, 0-shot and n-shot.
+"""VQA evaluation of one trained bridge on the test questions: open/closed, 0-shot and n-shot.
 
 Reads  data/models/<method>/bridge.pt, the test (and, for shots, train) features, the questions
        tables, params `evaluate.common`, `evaluate.vqa`.
-Writes data/metrics/vqa/<method>.json, data/plots/vqa/<method>/answers.json (every answer)
+Writes data/metrics/vqa/<method>.json, data/plots/vqa/<method>/answers.json (every answer).
+       Data without a questions table gives a metrics file that says "not applicable".
 
     python -m stages.evaluate_vqa --method vlap
 """
@@ -20,7 +21,15 @@ from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
 from pipeline.tasks.inputs import load_eval_inputs
 from pipeline.tasks.vqa import answer_questions, answer_vocabulary, select_questions, shots_prefix, summarise
-from stages.common import method_stage_main, write_metrics
+from stages.common import Out, StageSpec, stage_main, write_metrics, write_not_applicable
+
+STAGE = StageSpec(
+    name="evaluate_vqa", description=__doc__.splitlines()[0], per_method=True,
+    params=("evaluate.common", "evaluate.vqa", "prepare.folder"),
+    deps=("models/{method}/bridge.pt", "prepared", "features", "prototypes"),
+    outs=(Out("metrics/vqa/{method}.json", kind="metrics", cache=False),
+          Out("plots/vqa/{method}/answers.json", cache=False)),
+)
 
 
 def pick_shots(dirs: Dirs, n: int, seed: int) -> tuple[list[dict], list[torch.Tensor]]:
@@ -29,30 +38,35 @@ def pick_shots(dirs: Dirs, n: int, seed: int) -> tuple[list[dict], list[torch.Te
         return [], []
     with FeatureCache(features_file(dirs.features, "train")) as cache:
         pool = [q for q in data.read_questions(dirs.prepared, "train") if q["image_id"] in cache.index]
-        shots = random.Random(seed).sample(pool, n)
+        shots = random.Random(seed).sample(pool, min(n, len(pool)))
         return shots, [torch.from_numpy(cache.tokens([q["image_id"]])[0]) for q in shots]
 
 
-def run(cfg: Config, method: str, dirs: Dirs = Dirs(), lm=None) -> dict:
+def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
     vcfg, common = cfg.evaluate.vqa, cfg.evaluate.common
+    if not data.has_questions(dirs.prepared, "test"):
+        return write_not_applicable(STAGE, dirs, method, "the prepared data has no test questions "
+                                                         "(VQA needs a source with questions, e.g. easy-VQA)")
     inputs = load_eval_inputs(cfg, method, dirs, lm=lm)
     test_questions = data.read_questions(dirs.prepared, "test")
     questions = select_questions(test_questions, inputs.image_ids, vcfg.questions, common.seed)
-    answer_set = answer_vocabulary(test_questions + data.read_questions(dirs.prepared, "train"))
+    if not questions:
+        return write_not_applicable(STAGE, dirs, method, "no test question is about an evaluated test image")
+    train_questions = data.read_questions(dirs.prepared, "train") if data.has_questions(dirs.prepared, "train") else []
+    answer_set = answer_vocabulary(test_questions + train_questions)
     metrics, records = {"questions": len(questions)}, {}
-    for n in sorted({0, vcfg.shots}):
+    for n in sorted({0, vcfg.shots if train_questions else 0}):
         shots, shot_tokens = pick_shots(dirs, n, common.seed)
         prefix = shots_prefix(inputs.lm, shot_tokens, shots, inputs.bridge)
         records[f"{n}shot"] = answer_questions(inputs, questions, prefix, answer_set, common.batch_size,
                                                vcfg.max_new_tokens)
         metrics |= summarise(records[f"{n}shot"], f"{n}shot")
     write_json_atomic(dirs.plots / "vqa" / method / "answers.json", records)
-    write_metrics(dirs.metrics, "vqa", method, metrics)
-    return metrics
+    return write_metrics(dirs, "vqa", method, metrics)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return method_stage_main(run, __doc__.splitlines()[0], argv)
+    return stage_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

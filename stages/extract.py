@@ -1,8 +1,8 @@
 """Extract stage: every image of every split -> frozen vision tokens in the HDF5 cache.
 
 Reads  data/prepared/{split}.parquet and params `extract.*`.
-Writes data/features/<key>.h5 (one per split), index.json (split -> file) and
-report.json (counts, skipped images with reasons, images/s).
+Writes data/features/<key>.h5 (one per split), index.json (split -> file) and report.json
+(counts, skipped images with reasons); timings go to data/reports/extract.json (in no output).
 
     python -m stages.extract
 """
@@ -10,51 +10,57 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
-from pipeline import data, paths
+from pipeline import data
 from pipeline.cache import extract_split
 from pipeline.config import Config
 from pipeline.device import resolve_device
 from pipeline.encoders import load_encoder
+from pipeline.errors import MissingInputError
 from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
-from stages.common import main_guard, parser
+from stages.common import Out, StageSpec, stage_main
 
+STAGE = StageSpec(
+    name="extract", description=__doc__.splitlines()[0],
+    params=("extract.encoder", "extract.dtype", "extract.batch_size", "extract.device", "prepare.folder"),
+    deps=("prepared",),
+    # persist: keyed files of other encoders stay (switching back is a cache hit),
+    # and an interrupted run keeps its finished blocks to resume from.
+    outs=(Out("features", persist=True),),
+)
 log = logging.getLogger("stages.extract")
 
 
-def run(cfg: Config, prepared_dir: Path = paths.PREPARED, out_dir: Path = paths.FEATURES) -> dict:
+def run(cfg: Config, dirs: Dirs, method: None = None, *, lm=None) -> dict:
     """Encode all splits; return the report {split: {...}}."""
-    splits = data.manifest_splits(prepared_dir)
+    splits = data.manifest_splits(dirs.prepared)
     if not splits:
-        raise data.DatasetError(f"{prepared_dir}: no manifests found (run the prepare stage first)")
+        raise MissingInputError(f"{dirs.prepared}: no manifests found (run the prepare stage first)")
     encoder = load_encoder(cfg.extract.encoder, resolve_device(cfg.extract.device))
-    index, report = {}, {}
+    index, report, timings = {}, {}, {}
     for split in splits:
-        manifest = data.read_manifest(prepared_dir, split)
+        manifest = data.read_manifest(dirs.prepared, split)
         root = data.resolve_image_root(manifest.image_root, cfg.prepare)
-        result = extract_split(manifest, root, encoder, out_dir, cfg.extract.dtype, cfg.extract.batch_size)
+        result = extract_split(manifest, root, encoder, dirs.features, cfg.extract.dtype, cfg.extract.batch_size)
         index[split] = {"file": result.path.name, "key": result.key}
-        report[split] = {
-            "images": result.n_images,
+        report[split] = {"images": result.n_images, "skipped": len(result.failed), "skipped_images": result.failed}
+        timings[split] = {
             "encoded_now": result.n_encoded,
             "cache_hit": result.hit,
-            "skipped": len(result.failed),
-            "skipped_images": result.failed,
             "seconds": round(result.seconds, 2),
             "images_per_s": round(result.n_encoded / result.seconds, 1) if result.seconds else None,
         }
         for item in result.failed:
             log.warning("extract %s: skipped %s (%s)", split, item["image_id"], item["reason"])
-    write_json_atomic(Path(out_dir) / "index.json", index)
-    write_json_atomic(Path(out_dir) / "report.json", report)
-    return report
+    write_json_atomic(dirs.features / "index.json", index)
+    write_json_atomic(dirs.features / "report.json", report)
+    write_json_atomic(dirs.reports / "extract.json", timings)  # machine-dependent: outside every hashed output
+    return {split: report[split] | timings[split] for split in splits}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser(__doc__.splitlines()[0]).parse_args(argv)
-    return main_guard(lambda a, cfg: run(cfg, Dirs.under(a.data).prepared, Dirs.under(a.data).features), args)
+    return stage_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Prepare stage: dataset -> Parquet manifests per split (+ VQA questions).
+"""Prepare stage: dataset -> Parquet manifests per split (+ VQA questions where the data has them).
 
-Reads  params `prepare.*` and the source data (easy-VQA package or a folder).
-Writes data/prepared/{split}.parquet, {split}_questions.parquet, report.json.
+Reads  params `prepare.*` and the source data (easy-VQA package, a folder, a Karpathy split file).
+Writes data/prepared/{split}.parquet, {split}_questions.parquet, report.json (counts).
 
     python -m stages.prepare
 """
@@ -10,31 +10,35 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
 
-from pipeline import data, paths
+from pipeline import data
 from pipeline.config import Config
 from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
-from stages.common import main_guard, parser
+from stages.common import Out, StageSpec, stage_main
 
+STAGE = StageSpec(
+    name="prepare", description=__doc__.splitlines()[0],
+    params=("prepare",),
+    deps=(),
+    outs=(Out("prepared"),),
+)
 log = logging.getLogger("stages.prepare")
 
 
-def run(cfg: Config, out_dir: Path = paths.PREPARED) -> dict:
+def run(cfg: Config, dirs: Dirs, method: None = None, *, lm=None) -> dict:
     """Write one manifest per split; return the counts report."""
     splits, report = data.load_source(cfg.prepare)
     for split in splits:
-        data.write_split(out_dir, split)
-    write_json_atomic(Path(out_dir) / "report.json", report)
+        data.write_split(dirs.prepared, split)
+    write_json_atomic(dirs.prepared / "report.json", report)
     for name, counts in report.items():
         log.info("prepare %s: %s", name, json.dumps(counts))
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser(__doc__.splitlines()[0]).parse_args(argv)
-    return main_guard(lambda a, cfg: run(cfg, Dirs.under(a.data).prepared), args)
+    return stage_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

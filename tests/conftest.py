@@ -11,6 +11,7 @@ import torch
 
 from pipeline import data
 from pipeline.config import Config
+from pipeline.paths import Dirs
 from pipeline.runtime import keep_freed_memory
 
 keep_freed_memory()  # as the stages do: much faster batched CPU inference
@@ -26,6 +27,14 @@ def easyvqa_splits():
 def easyvqa_root(easyvqa_splits):
     splits, _ = easyvqa_splits
     return data.resolve_image_root(splits["train"].image_root, Config().prepare)
+
+
+def sharing_inputs(dirs: Dirs, root) -> Dirs:
+    """A new data root whose prepared/features/prototypes are those of `dirs` (symlinked), outputs its own."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("prepared", "features", "prototypes"):
+        (root / name).symlink_to(getattr(dirs, name).resolve(), target_is_directory=True)
+    return Dirs.under(root)
 
 
 def small_manifest(split: data.Split, n: int) -> data.Manifest:
@@ -52,14 +61,13 @@ def tiny_pipeline(tmp_path_factory, easyvqa_splits, smollm2):
     from stages import extract, prototypes
 
     splits, _ = easyvqa_splits
-    root = tmp_path_factory.mktemp("pipeline")
-    dirs = {name: root / name for name in ("prepared", "features", "prototypes", "models", "metrics", "plots")}
+    dirs = Dirs.under(tmp_path_factory.mktemp("pipeline"))
     for name, n in (("train", 64), ("test", 32)):
         split = splits[name]
         ids = {r["image_id"] for r in split.images[:n]}
         questions = [q for q in split.questions if q["image_id"] in ids]
-        data.write_split(dirs["prepared"], data.Split(name, split.image_root, split.images[:n], questions))
+        data.write_split(dirs.prepared, data.Split(name, split.image_root, split.images[:n], questions))
     cfg = Config()
-    extract.run(cfg, dirs["prepared"], dirs["features"])
-    prototypes.run(cfg, dirs["prepared"], dirs["prototypes"], lm=smollm2)
+    extract.run(cfg, dirs)
+    prototypes.run(cfg, dirs, lm=smollm2)
     return cfg, dirs

@@ -10,10 +10,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline import cli
+from vlap import cli
 from pipeline.paths import Dirs
 from pipeline.tasks.captioning import generate_captions
 from pipeline.tasks.inputs import load_eval_inputs
+from conftest import sharing_inputs
 from stages import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,14 +26,13 @@ def bridge_data(tiny_pipeline, smollm2, tmp_path_factory):
     """A --data folder (the tiny pipeline's caches + a limber bridge trained 5 steps) and its --params file."""
     cfg, dirs = tiny_pipeline
     root = tmp_path_factory.mktemp("cli")
-    for name in ("prepared", "features", "prototypes"):
-        (root / name).symlink_to(dirs[name], target_is_directory=True)
+    sharing_inputs(dirs, root)
     cfg = dataclasses.replace(
         cfg,
         train=dataclasses.replace(cfg.train, steps=5, batch_size=4, checkpoint_every=100),
         evaluate=dataclasses.replace(cfg.evaluate, common=dataclasses.replace(cfg.evaluate.common, test_images=8)),
     )
-    train.run(cfg, "limber", root / "prepared", root / "features", root / "prototypes", root / "models", lm=smollm2)
+    train.run(cfg, Dirs.under(root), "limber", lm=smollm2)
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
     return cfg, params, root
@@ -113,7 +113,7 @@ def test_unreadable_image_exits_2_with_one_line(tmp_path):
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(b"\x89PNG not really an image")
     script = Path(sys.executable).with_name("vlap")  # the console script pyproject declares
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "vlap.cli"]
     proc = subprocess.run(command + ["caption", str(garbage), "--data", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stdout == ""

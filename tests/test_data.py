@@ -8,6 +8,7 @@ import pytest
 
 from pipeline import data
 from pipeline.config import Config, PrepareConfig, parse_config
+from pipeline.paths import Dirs
 from stages import prepare
 
 
@@ -35,15 +36,15 @@ def test_attributes_from_yes_no_questions():
 
 def test_manifests_are_byte_identical_and_portable(tmp_path):
     cfg = Config()
-    prepare.run(cfg, tmp_path / "a")
-    prepare.run(cfg, tmp_path / "b")
+    prepare.run(cfg, Dirs.under(tmp_path / "a"))
+    prepare.run(cfg, Dirs.under(tmp_path / "b"))
     for name in ("train.parquet", "test.parquet", "train_questions.parquet"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    raw = (tmp_path / "a" / "train.parquet").read_bytes()
+        assert (tmp_path / "a" / "prepared" / name).read_bytes() == (tmp_path / "b" / "prepared" / name).read_bytes()
+    raw = (tmp_path / "a" / "prepared" / "train.parquet").read_bytes()
     assert str(data.package_dir("easy_vqa")).encode() not in raw  # no machine path inside
-    manifest = data.read_manifest(tmp_path / "a", "test")
+    manifest = data.read_manifest(tmp_path / "a" / "prepared", "test")
     assert manifest.image_root == "package:easy_vqa" and len(manifest.images) == 1000
-    questions = data.read_questions(tmp_path / "a", "test")
+    questions = data.read_questions(tmp_path / "a" / "prepared", "test")
     assert len(questions) == 9673 and questions[0]["answers"] and questions[0]["image_id"] in manifest.captions_by_id
 
 
@@ -65,13 +66,13 @@ def test_folder_source_round_trips_csv(tmp_path, easyvqa_root):
         "imgs/2.png,a red triangle,test\n"
     )
     cfg = parse_config({"prepare": {"source": "folder", "folder": str(folder)}})
-    report = prepare.run(cfg, tmp_path / "out")
+    report = prepare.run(cfg, Dirs.under(tmp_path))
     assert report == {"test": {"images": 1, "captions": 1}, "train": {"images": 2, "captions": 3}}
-    train = data.read_manifest(tmp_path / "out", "train")
+    train = data.read_manifest(tmp_path / "prepared", "train")
     assert train.image_root == "params:prepare.folder"
     assert train.captions_by_id == {"imgs/0.png": ["a blue rectangle", "a rectangle, blue"],
                                     "imgs/1.png": ["a blue triangle"]}
-    assert str(tmp_path).encode() not in (tmp_path / "out" / "train.parquet").read_bytes()
+    assert str(tmp_path).encode() not in (tmp_path / "prepared" / "train.parquet").read_bytes()
     root = data.resolve_image_root(train.image_root, cfg.prepare)
     assert data.load_image(root / train.images[0]["image_path"]).size == (64, 64)
 
@@ -124,10 +125,10 @@ def test_karpathy_split_json(tmp_path, easyvqa_root):
     ann = tmp_path / "dataset_coco.json"
     ann.write_text(json.dumps({"dataset": "coco", "images": entries}))
     cfg = parse_config({"prepare": {"source": "karpathy", "folder": str(images), "annotations": str(ann)}})
-    report = prepare.run(cfg, tmp_path / "out")
+    report = prepare.run(cfg, Dirs.under(tmp_path))
     assert report == {"test": {"images": 1, "captions": 5}, "train": {"images": 2, "captions": 10},
                       "val": {"images": 1, "captions": 5}}
-    train = data.read_manifest(tmp_path / "out", "train")
+    train = data.read_manifest(tmp_path / "prepared", "train")
     assert train.images[1]["image_path"] == "val2014/COCO_val2014_000000000001.png"
     assert train.images[0]["captions"][0] == "caption 0.0"
     ann.write_text(json.dumps({"images": [{"filename": "x.png"}]}))

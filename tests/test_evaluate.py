@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.bridge import load_bridge, save_bridge
-from pipeline.cache import CacheError
+from pipeline.errors import MismatchError
 from pipeline.generation import greedy_decode, left_pad, rank_candidates, text_embeds
-from pipeline.paths import Dirs
 from pipeline.tasks.inputs import load_eval_inputs
 from stages import evaluate_arithmetic, evaluate_caption, evaluate_retrieval, evaluate_vqa, summarize, train
+
+from conftest import sharing_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,9 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def trained(tiny_pipeline, smollm2, tmp_path_factory):
     """A limber bridge trained briefly on the 64 cached training images; eval on 8 test images."""
     cfg, dirs = tiny_pipeline
-    root = tmp_path_factory.mktemp("eval")
-    eval_dirs = Dirs(dirs["prepared"], dirs["features"], dirs["prototypes"], root / "models", root / "metrics",
-                     root / "plots")
+    eval_dirs = sharing_inputs(dirs, tmp_path_factory.mktemp("eval") / "data")
     cfg = dataclasses.replace(
         cfg,
         train=dataclasses.replace(cfg.train, steps=15, batch_size=8, checkpoint_every=100),
@@ -38,19 +37,19 @@ def trained(tiny_pipeline, smollm2, tmp_path_factory):
             arithmetic=dataclasses.replace(cfg.evaluate.arithmetic, queries=4, examples=2),
         ),
     )
-    train.run(cfg, "limber", eval_dirs.prepared, eval_dirs.features, eval_dirs.prototypes, eval_dirs.models, lm=smollm2)
+    train.run(cfg, eval_dirs, "limber", lm=smollm2)
     return cfg, eval_dirs
 
 
 def test_captioning_eval_on_8_images(trained, smollm2):
     cfg, dirs = trained
-    metrics = evaluate_caption.run(cfg, "limber", dirs, lm=smollm2)
+    metrics = evaluate_caption.run(cfg, dirs, "limber", lm=smollm2)
     assert metrics["images"] == 8
     assert set(metrics) >= {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("BLEU-1", "METEOR", "ROUGE-L"))
     captions = json.loads((dirs.plots / "caption" / "limber" / "captions.json").read_text())
     assert len(captions) == 8 and all(v["references"] for v in captions.values())
-    page = (dirs.plots / "caption" / "limber" / "examples.html").read_text()
+    page = (dirs.pages / "caption" / "limber.html").read_text()
     assert page.count("data:image/png;base64,") == 8
     saved = json.loads((dirs.metrics / "caption" / "limber.json").read_text())
     assert saved["CIDEr"] == pytest.approx(metrics["CIDEr"], abs=1e-4)
@@ -58,7 +57,7 @@ def test_captioning_eval_on_8_images(trained, smollm2):
 
 def test_vqa_eval_zero_and_few_shot(trained, smollm2):
     cfg, dirs = trained
-    metrics = evaluate_vqa.run(cfg, "limber", dirs, lm=smollm2)
+    metrics = evaluate_vqa.run(cfg, dirs, "limber", lm=smollm2)
     assert metrics["questions"] == 6
     for key in ("0shot_open_accuracy", "0shot_closed_accuracy", "1shot_open_accuracy", "1shot_closed_accuracy"):
         assert 0.0 <= metrics[key] <= 100.0
@@ -71,17 +70,18 @@ def test_vqa_eval_zero_and_few_shot(trained, smollm2):
 
 def test_retrieval_and_arithmetic_stages(trained, smollm2):
     cfg, dirs = trained
-    metrics = evaluate_retrieval.run(cfg, "limber", dirs)
+    metrics = evaluate_retrieval.run(cfg, dirs, "limber")
     assert metrics["images"] == 8
     for scorer in ("cosine", "assignment"):
         for direction in ("i2t", "t2i"):
             assert 0 <= metrics[f"{scorer}_{direction}_R@1"] <= metrics[f"{scorer}_{direction}_R@10"] == 100.0
     curve = json.loads((dirs.plots / "retrieval" / "limber" / "recall_at_k.json").read_text())
     assert [row["k"] for row in curve] == list(range(1, 11))
-    arith = evaluate_arithmetic.run(cfg, "limber", dirs, lm=smollm2)
+    arith = evaluate_arithmetic.run(cfg, dirs, "limber", lm=smollm2)
     assert {"color_swap_top1", "shape_swap_top1"} <= arith.keys()
-    assert (dirs.plots / "arithmetic" / "limber" / "examples.html").exists()
-    table = summarize.run(cfg, dirs)
+    assert (dirs.pages / "arithmetic" / "limber.html").exists()
+    summarize.run(cfg, dirs)
+    table = (dirs.metrics / "summary.md").read_text()
     assert "| caption/CIDEr |" in table and "| retrieval/cosine_i2t_R@1 |" in table
     assert (dirs.plots / "summary.png").stat().st_size > 1000
 
@@ -111,9 +111,10 @@ def test_batched_greedy_equals_one_at_a_time(smollm2):
 def test_bridge_from_another_encoder_is_refused(trained, smollm2, tmp_path):
     cfg, dirs = trained
     bridge, meta = load_bridge(dirs.models / "limber" / "bridge.pt")
-    save_bridge(tmp_path / "models" / "limber" / "bridge.pt", bridge, meta | {"encoder_weights_sha256": "0" * 64})
-    with pytest.raises(CacheError) as err:
-        load_eval_inputs(cfg, "limber", dataclasses.replace(dirs, models=tmp_path / "models"), lm=smollm2)
+    other = sharing_inputs(dirs, tmp_path / "data")
+    save_bridge(other.models / "limber" / "bridge.pt", bridge, meta | {"encoder_weights_sha256": "0" * 64})
+    with pytest.raises(MismatchError) as err:
+        load_eval_inputs(cfg, "limber", other, lm=smollm2)
     assert "another encoder" in str(err.value) and "\n" not in str(err.value)
 
 

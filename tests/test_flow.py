@@ -1,9 +1,8 @@
-"""The Prefect flow: content cache keys, and a real cache hit through a temporary Prefect server."""
+"""The Prefect flow: built from the stage graph, keyed on DVC's inputs, a real cache hit on a temporary server."""
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machine: no telemetry attempts
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # tasks below run outside a flow
 
 import importlib.util
@@ -17,9 +16,10 @@ from PIL import Image
 from prefect import flow as prefect_flow
 from prefect.testing.utilities import prefect_test_harness
 
-from pipeline import flow
 from pipeline.config import METHODS, Config, PrepareConfig
 from pipeline.paths import Dirs
+from stages import graph
+from vlap import flow
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,6 +29,10 @@ def prefect_server():
     """A temporary local Prefect server and SQLite database for the session (offline)."""
     with prefect_test_harness(server_startup_timeout=180):  # slow to start on a loaded machine
         yield
+
+
+def node(name: str) -> graph.Node:
+    return next(n for n in graph.graph() if n.spec.name == name)
 
 
 def folder_dataset(root: Path) -> Config:
@@ -46,123 +50,81 @@ def write_captions(root: Path, rows: list[tuple]) -> None:
     (root / "captions.csv").write_text("image,caption,split\n" + "".join(f"{r[0]},{r[2]},{r[3]}\n" for r in rows))
 
 
-def dvc_code_deps() -> dict[str, list[str]]:
-    """Stage name -> the code files dvc.yaml lists in its deps (foreach / matrix stages expanded)."""
-    out = {}
-    for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
-        if "matrix" in stage:
-            for task in stage["matrix"]["task"]:
-                out[f"{name}_{task}"] = [d.replace("${item.task}", task) for d in stage["deps"]]
-        else:
-            out[name] = stage["do"]["deps"] if "foreach" in stage else stage["deps"]
-    return {k: sorted(d for d in deps if d.startswith(("stages/", "pipeline/"))) for k, deps in out.items()}
-
-
-def test_flow_stages_and_code_deps_match_dvc_yaml():
+def test_flow_runs_what_dvc_runs():
+    """Every stage dvc.yaml defines (foreach expanded) is one flow task, and each has upstream tasks
+    exactly where dvc.yaml's deps meet another stage's outs."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert tuple(stages["evaluate"]["matrix"]["task"]) == flow.EVAL_TASKS
-    assert tuple(stages["evaluate"]["matrix"]["method"]) == tuple(stages["train"]["foreach"]) == METHODS
-    assert dvc_code_deps() == {name: sorted(files) for name, files in flow.CODE.items()}
-    assert set(flow.TASKS) == set(flow.CODE)
+    dvc_names = {f"{name}@{m}" if "foreach" in s else name for name, s in stages.items()
+                 for m in (s.get("foreach") or [None])}
+    nodes = graph.graph()
+    assert {n.spec.label(m) for n in nodes for m in n.instances()} == dvc_names
+    dirs = Dirs.under(Path("data"))
+    assert flow.upstream(nodes, node("train"), "vlap", dirs) == ["prepare", "extract", "prototypes"]
+    assert flow.upstream(nodes, node("evaluate_vqa"), "limber", dirs) == ["prepare", "extract", "prototypes",
+                                                                          "train@limber"]
+    assert set(flow.upstream(nodes, node("summarize"), None, dirs)) == {
+        f"evaluate_{t}@{m}" for t in ("caption", "vqa", "retrieval", "arithmetic") for m in METHODS}
 
 
-def test_prepare_key_follows_its_params_section_and_the_source_content(tmp_path):
-    cfg = folder_dataset(tmp_path / "images")
-    key = flow.prepare_key(None, {"cfg": cfg})
-    assert flow.prepare_key(None, {"cfg": cfg}) == key  # deterministic
-    assert flow.prepare_key(None, {"cfg": replace(cfg, train=replace(cfg.train, lr=0.5))}) == key  # another section
-    assert flow.prepare_key(None, {"cfg": replace(cfg, prepare=replace(cfg.prepare, test_fraction=0.5))}) != key
-    Image.new("RGB", (8, 8), "black").save(tmp_path / "images" / "red.png")  # same name, new pixels
-    assert flow.prepare_key(None, {"cfg": cfg}) != key
-
-
-def test_keys_hash_file_contents_not_paths(tmp_path):
-    cfg = Config()
-    a, b = tmp_path / "a", tmp_path / "b"
-    for folder in (a, b):
-        folder.mkdir()
-        (folder / "train.parquet").write_bytes(b"manifest")
-        (folder / "train_questions.parquet").write_bytes(b"questions")
-    key = flow.extract_key(None, {"cfg": cfg, "prepared_dir": a})
-    assert flow.extract_key(None, {"cfg": cfg, "prepared_dir": b}) == key  # same bytes elsewhere: same key
-    (b / "train_questions.parquet").write_bytes(b"other questions")  # extract does not read questions
-    assert flow.extract_key(None, {"cfg": cfg, "prepared_dir": b}) == key
-    (b / "train.parquet").write_bytes(b"another manifest")
-    assert flow.extract_key(None, {"cfg": cfg, "prepared_dir": b}) != key
-    batch = replace(cfg, extract=replace(cfg.extract, batch_size=7))  # not a content setting, as in dvc.yaml
-    assert flow.extract_key(None, {"cfg": batch, "prepared_dir": a}) == key
-    fp32 = replace(cfg, extract=replace(cfg.extract, dtype="float32"))
-    assert flow.extract_key(None, {"cfg": fp32, "prepared_dir": a}) != key
-
-
-def test_train_key_per_method_and_inputs(tmp_path):
-    cfg, dirs = Config(), Dirs.under(tmp_path)
-    for path in (dirs.prepared / "train.parquet", dirs.features / "index.json", dirs.prototypes / "index.json"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("v1")
-
-    def key(c: Config, method: str) -> str:
-        return flow.train_key(None, {"cfg": c, "method": method, "prepared_dir": dirs.prepared,
-                                     "features_dir": dirs.features, "prototypes_dir": dirs.prototypes})
-
-    keys = {m: key(cfg, m) for m in METHODS}
+def test_key_follows_declared_params_only(tmp_path):
+    cfg, dirs, train = Config(), Dirs.under(tmp_path), node("train")
+    keys = {m: flow.task_key(train, m, cfg, dirs) for m in METHODS}
     assert len(set(keys.values())) == len(METHODS)
     lam = replace(cfg, methods=replace(cfg.methods, vlap=replace(cfg.methods.vlap, ap_weight=0.5)))
-    assert key(lam, "vlap") != keys["vlap"] and key(lam, "limber") == keys["limber"]
+    assert flow.task_key(train, "vlap", lam, dirs) != keys["vlap"]
+    assert flow.task_key(train, "limber", lam, dirs) == keys["limber"]  # methods.vlap is not limber's param
     other_eval = replace(cfg, evaluate=replace(cfg.evaluate, common=replace(cfg.evaluate.common, test_images=3)))
-    assert key(other_eval, "vlap") == keys["vlap"]
-    (dirs.features / "index.json").write_text("v2")  # another encoder's features
-    assert key(cfg, "vlap") != keys["vlap"]
+    assert flow.task_key(train, "vlap", other_eval, dirs) == keys["vlap"]
+    arith, tokens = node("evaluate_arithmetic"), replace(cfg.evaluate.caption, max_new_tokens=3)
+    assert flow.task_key(arith, "vlap", replace(cfg, evaluate=replace(cfg.evaluate, caption=tokens)), dirs) != \
+        flow.task_key(arith, "vlap", cfg, dirs)  # arithmetic decodes with the caption length
 
 
-def test_evaluate_and_summarize_keys_follow_bridge_and_metrics_bytes(tmp_path):
-    cfg, dirs = Config(), Dirs.under(tmp_path)
-    bridge = dirs.models / "vlap" / "bridge.pt"
-    bridge.parent.mkdir(parents=True)
-    bridge.write_bytes(b"weights 1")
-
-    def key(c: Config, task: str, method: str = "vlap") -> str:
-        return flow.TASKS[f"evaluate_{task}"].cache_key_fn(None, {"cfg": c, "method": method, "dirs": dirs})
-
-    caption, retrieval = key(cfg, "caption"), key(cfg, "retrieval")
-    assert key(cfg, "caption", "limber") != caption
-    eps = replace(cfg, evaluate=replace(cfg.evaluate, retrieval=replace(cfg.evaluate.retrieval, epsilon=0.1)))
-    assert key(eps, "retrieval") != retrieval and key(eps, "caption") == caption  # only retrieval runs Sinkhorn
-    lam = replace(cfg, methods=replace(cfg.methods, vlap=replace(cfg.methods.vlap, ap_weight=0.5, epsilon=0.1)))
-    assert key(lam, "retrieval") == retrieval  # training settings reach evaluation only through bridge.pt
-    bridge.write_bytes(b"weights 2")  # retrained bridge, same path
-    assert key(cfg, "caption") != caption
-
-    summary = flow.summarize_key(None, {"cfg": cfg, "dirs": dirs})
-    (dirs.metrics / "vqa").mkdir(parents=True)
-    (dirs.metrics / "vqa" / "limber.json").write_text('{"0shot_open_accuracy": 10.0}')
-    assert flow.summarize_key(None, {"cfg": cfg, "dirs": dirs}) != summary
+def test_key_hashes_data_deps_by_content(tmp_path):
+    cfg, ev = Config(), node("evaluate_caption")
+    a, b = Dirs.under(tmp_path / "a"), Dirs.under(tmp_path / "b")
+    for dirs in (a, b):
+        for path in (dirs.models / "vlap" / "bridge.pt", dirs.features / "index.json", dirs.prepared / "t.parquet"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"v1")
+    key = flow.task_key(ev, "vlap", cfg, a)
+    assert flow.task_key(ev, "vlap", cfg, b) == key  # same bytes elsewhere: same key
+    (b.models / "vlap" / "bridge.pt").write_bytes(b"retrained")
+    assert flow.task_key(ev, "vlap", cfg, b) != key
+    (b.models / "vlap" / "bridge.pt").write_bytes(b"v1")
+    (b.metrics / "vqa").mkdir(parents=True)
+    (b.metrics / "vqa" / "vlap.json").write_text("{}")  # not a dep of captioning
+    assert flow.task_key(ev, "vlap", cfg, b) == key
 
 
-def test_code_version_changes_the_key(tmp_path, monkeypatch):
-    for name in flow.CODE["summarize"]:
+def test_code_edit_changes_the_key(tmp_path, monkeypatch):
+    summarize = node("summarize")
+    for name in summarize.code:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, tmp_path / name)
     monkeypatch.setattr(flow, "ROOT", tmp_path)
-    params = {"cfg": Config(), "dirs": Dirs.under(tmp_path / "data")}
-    key = flow.summarize_key(None, params)
-    with open(tmp_path / "stages" / "summarize.py", "a") as f:
+    dirs = Dirs.under(tmp_path / "data")
+    key = flow.task_key(summarize, None, Config(), dirs)
+    with open(tmp_path / "pipeline" / "tasks" / "summary.py", "a") as f:  # a module summarize imports
         f.write("\n# an edit\n")
-    assert flow.summarize_key(None, params) != key
+    assert flow.task_key(summarize, None, Config(), dirs) != key
 
 
 def test_prepare_task_runs_once_then_is_a_cache_hit(prefect_server, tmp_path):
     cfg = folder_dataset(tmp_path / "images")
-    dirs, results = Dirs.under(tmp_path / "data"), tmp_path / "data" / ".prefect-results"
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"prepare": {"source": "folder", "folder": str(tmp_path / "images")}}))
+    dirs, prepare = Dirs.under(tmp_path / "data"), node("prepare")
 
     def run_prepare():
-        return flow.configured("prepare", dirs, results)(cfg, dirs.prepared, return_state=True)
+        return flow.stage_task(prepare, None, cfg, dirs)("prepare", str(params), str(dirs.root), None,
+                                                         return_state=True)
 
     first = run_prepare()
     assert first.name == "Completed"
     report = first.result()
     assert report == {"train": {"images": 3, "captions": 3}, "test": {"images": 1, "captions": 1}}
-    assert (results / flow.prepare_key(None, {"cfg": cfg})).is_file()  # persisted under the content key
+    assert (dirs.root / ".prefect-results" / flow.task_key(prepare, None, cfg, dirs)).is_file()
     written = (dirs.prepared / "train.parquet").stat().st_mtime_ns
 
     second = run_prepare()  # a new task run, same content: served from the persisted result
@@ -180,8 +142,8 @@ def test_prepare_task_runs_once_then_is_a_cache_hit(prefect_server, tmp_path):
 @prefect_flow
 def summarize_flow(data: str) -> str:
     """The summarize task submitted as vlap_pipeline submits it; returns its final state's name."""
-    dirs = Dirs.under(Path(data))
-    future = flow.configured("summarize", dirs, Path(data) / ".prefect-results").submit(Config(), dirs)
+    future = flow.stage_task(node("summarize"), None, Config(), Dirs.under(Path(data))).submit(
+        "summarize", str(REPO / "params.yaml"), data, None)
     future.wait()
     return future.state.name
 

@@ -12,6 +12,7 @@ from pipeline.bridge import load_bridge
 from pipeline.config import Config
 from pipeline.prototypes import build_prototypes, load_prototypes, prototypes_file
 from pipeline.train import batch_indices, compute_losses, lr_factor
+from conftest import sharing_inputs
 from stages import train
 
 
@@ -21,7 +22,7 @@ def small(cfg: Config, **train_overrides) -> Config:
 
 def test_prototypes_cache(tiny_pipeline, smollm2):
     cfg, dirs = tiny_pipeline
-    protos = load_prototypes(prototypes_file(dirs["prototypes"]))
+    protos = load_prototypes(prototypes_file(dirs.prototypes))
     assert protos.prototypes.shape == (49152, 576)
     assert torch.allclose(protos.prototypes.norm(dim=-1), torch.ones(49152), atol=1e-5)
     assert abs(protos.prior.sum().item() - 1) < 1e-5
@@ -32,9 +33,9 @@ def test_prototypes_cache(tiny_pipeline, smollm2):
     # a second build with the same inputs is a hit
     train_caps = ["a blue rectangle"]
     path, hit = build_prototypes(smollm2, train_caps, train_caps, dataclasses.replace(cfg.prototypes, subset="corpus"),
-                                 dirs["prototypes"] / "other")
+                                 dirs.prototypes / "other")
     again, hit2 = build_prototypes(smollm2, train_caps, train_caps,
-                                   dataclasses.replace(cfg.prototypes, subset="corpus"), dirs["prototypes"] / "other")
+                                   dataclasses.replace(cfg.prototypes, subset="corpus"), dirs.prototypes / "other")
     assert not hit and hit2 and again == path
     corpus = load_prototypes(path)
     assert corpus.prototypes.shape[0] == len(smollm2.tokenizer("a blue rectangle", add_special_tokens=False)["input_ids"])
@@ -50,8 +51,8 @@ def test_schedule_and_batches_are_pure():
 
 def test_only_the_bridge_receives_gradients(tiny_pipeline, smollm2):
     cfg, dirs = tiny_pipeline
-    data = train.load_train_data(cfg, dirs["prepared"], dirs["features"])
-    protos = load_prototypes(prototypes_file(dirs["prototypes"]))
+    data = train.load_train_data(cfg, dirs)
+    protos = load_prototypes(prototypes_file(dirs.prototypes))
     bridge = torch.nn.Linear(1280, 576)
     prompt_ids, _ = smollm2.tokenize([cfg.train.prompt])
     terms = compute_losses("vlap", cfg, smollm2, bridge, protos, data.tokens[:4].float(), data.captions[:4],
@@ -63,50 +64,54 @@ def test_only_the_bridge_receives_gradients(tiny_pipeline, smollm2):
     assert {"loss_cap", "loss_ap", "loss_ap_visual", "loss_ap_text", "sinkhorn_marginal_error"} <= terms.keys()
 
 
-def test_vlap_lowers_both_losses(tiny_pipeline, smollm2):
+def test_vlap_lowers_both_losses(tiny_pipeline, smollm2, tmp_path):
     cfg, dirs = tiny_pipeline
     cfg = small(cfg, steps=30, batch_size=8, lr=1e-2, warmup_steps=3, precision="bf16", checkpoint_every=100)
-    result = train.run(cfg, "vlap", dirs["prepared"], dirs["features"], dirs["prototypes"], dirs["models"], lm=smollm2)
+    dirs = sharing_inputs(dirs, tmp_path / "data")
+    result = train.run(cfg, dirs, "vlap", lm=smollm2)
     assert result["finished"] and result["steps"] == 30
-    rows = json.loads((dirs["models"] / "vlap" / "live" / "metrics.json").read_text())["train"]
-    tsv = (dirs["models"] / "vlap" / "live" / "plots" / "metrics" / "train" / "loss_cap.tsv").read_text().split()
+    rows = json.loads((dirs.metrics / "train" / "vlap" / "metrics.json").read_text())["train"]
+    tsv = (dirs.metrics / "train" / "vlap" / "plots" / "metrics" / "train" / "loss_cap.tsv").read_text().split()
     cap = [float(x) for x in tsv[3::2]]
-    ap = [float(x) for x in (dirs["models"] / "vlap" / "live" / "plots" / "metrics" / "train" /
+    ap = [float(x) for x in (dirs.metrics / "train" / "vlap" / "plots" / "metrics" / "train" /
                              "loss_ap_visual.tsv").read_text().split()[3::2]]
     assert len(cap) == 30
     first, last = sum(cap[:5]) / 5, sum(cap[-5:]) / 5
     assert last < first - 1.0, (first, last)
     assert sum(ap[-5:]) / 5 < sum(ap[:5]) / 5, ap
     assert rows["loss_cap"] == pytest.approx(cap[-1])
-    bridge, meta = load_bridge(dirs["models"] / "vlap" / "bridge.pt")
+    bridge, meta = load_bridge(dirs.models / "vlap" / "bridge.pt")
     assert meta["method"] == "vlap" and meta["samples"] == 64 and meta["d_model"] == 576
 
 
-def test_limber_never_calls_sinkhorn(tiny_pipeline, smollm2, monkeypatch):
+def test_limber_never_calls_sinkhorn(tiny_pipeline, smollm2, monkeypatch, tmp_path):
     cfg, dirs = tiny_pipeline
     calls = []
     real = pipeline.losses.sinkhorn
     monkeypatch.setattr(pipeline.losses, "sinkhorn", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = small(cfg, steps=2, batch_size=4, checkpoint_every=100)
-    train.run(cfg, "limber", dirs["prepared"], dirs["features"], dirs["prototypes"], dirs["models"] / "l", lm=smollm2)
+    train.run(cfg, sharing_inputs(dirs, tmp_path / "l"), "limber", lm=smollm2)
     assert calls == []
-    train.run(cfg, "vlap", dirs["prepared"], dirs["features"], dirs["prototypes"], dirs["models"] / "v", lm=smollm2)
+    train.run(cfg, sharing_inputs(dirs, tmp_path / "v"), "vlap", lm=smollm2)
     assert len(calls) == 2  # the spy works: one batched call per vlap step
 
 
-def test_resumed_run_equals_uninterrupted(tiny_pipeline, smollm2):
+def test_resumed_run_equals_uninterrupted(tiny_pipeline, smollm2, tmp_path):
     cfg, dirs = tiny_pipeline
     cfg = small(cfg, steps=4, batch_size=4, checkpoint_every=1, warmup_steps=1)
-    args = (dirs["prepared"], dirs["features"], dirs["prototypes"])
-    train.run(cfg, "contrastive", *args, dirs["models"] / "full", lm=smollm2)
-    partial = train.run(cfg, "contrastive", *args, dirs["models"] / "resumed", lm=smollm2, stop_after=2)
+    full_dirs, resumed_dirs = sharing_inputs(dirs, tmp_path / "full"), sharing_inputs(dirs, tmp_path / "resumed")
+    train.run(cfg, full_dirs, "contrastive", lm=smollm2)
+    partial = train.run(cfg, resumed_dirs, "contrastive", lm=smollm2, stop_after=2)
     assert not partial["finished"] and partial["steps"] == 2
-    assert (dirs["models"] / "resumed" / "checkpoints" / "contrastive.pt").exists()
-    done = train.run(cfg, "contrastive", *args, dirs["models"] / "resumed", lm=smollm2)
+    assert (resumed_dirs.models / "checkpoints" / "contrastive.pt").exists()
+    done = train.run(cfg, resumed_dirs, "contrastive", lm=smollm2)
     assert done["finished"] and done["steps"] == 4
-    full, _ = load_bridge(dirs["models"] / "full" / "contrastive" / "bridge.pt")
-    resumed, _ = load_bridge(dirs["models"] / "resumed" / "contrastive" / "bridge.pt")
+    full, _ = load_bridge(full_dirs.models / "contrastive" / "bridge.pt")
+    resumed, _ = load_bridge(resumed_dirs.models / "contrastive" / "bridge.pt")
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
-    tsv = dirs["models"] / "resumed" / "contrastive" / "live" / "plots" / "metrics" / "train" / "loss_nce.tsv"
+    # the saved files are byte-identical too (reproducible outputs)
+    assert (full_dirs.models / "contrastive" / "bridge.pt").read_bytes() == \
+        (resumed_dirs.models / "contrastive" / "bridge.pt").read_bytes()
+    tsv = resumed_dirs.metrics / "train" / "contrastive" / "plots" / "metrics" / "train" / "loss_nce.tsv"
     assert len(tsv.read_text().strip().splitlines()) == 1 + 4  # header + every step once

@@ -3,7 +3,9 @@
 e(word) is the mean input embedding of the word's tokens in its leading-space form
 (" red"), L2-normalised like the prototypes, so it lives on the same scale as z_v.
 For a colour swap a, b are colours and the shape must stay; for a shape swap the
-reverse. The caption of an arithmetic result is decoded from the prefix shifted the
+reverse (where the data labels colour and shape, as easy-VQA does). A word swap works on any
+captions: a is a word of the image's caption, b the word in its place in another evaluated
+image's caption that differs in that word only; the nearest image must carry that caption. The caption of an arithmetic result is decoded from the prefix shifted the
 same way token by token: [V - E(a) + E(b) ; prompt] with the raw mean embeddings.
 """
 from __future__ import annotations
@@ -38,25 +40,45 @@ def swap_queries(inputs: EvalInputs, changed: str, limit: int) -> list[tuple[int
     return queries
 
 
+def caption_words(caption: str) -> tuple[str, ...]:
+    return tuple(caption.lower().split())
+
+
+def word_swap_queries(inputs: EvalInputs, limit: int) -> list[tuple[int, str, str, tuple[str, ...]]]:
+    """(row, a, b, target words): the image's first caption with one word a replaced by b is the caption
+    of another evaluated image ("a red circle" -> "a blue circle"); b cycles through the candidates."""
+    words = [caption_words(inputs.captions[i][0]) for i in inputs.image_ids]
+    known = sorted({caption_words(c) for i in inputs.image_ids for c in inputs.captions[i]})
+    queries = []
+    for k, source in enumerate(words):
+        options = []
+        for other in known:
+            diff = [p for p, (x, y) in enumerate(zip(source, other)) if x != y] if len(other) == len(source) else []
+            if len(diff) == 1:
+                options.append((source[diff[0]], other[diff[0]], other))
+        if options:
+            queries.append((k, *options[len(queries) % len(options)]))
+        if limit and len(queries) == limit:
+            break
+    return queries
+
+
 @torch.inference_mode()
 def evaluate_arithmetic(inputs: EvalInputs, cfg: Config) -> tuple[dict, list[dict]]:
+    """Attribute swaps (colour, shape: where the data labels them) and caption-word swaps (any captions)."""
     acfg, lm = cfg.evaluate.arithmetic, inputs.lm
     z_v = inputs.z_v(cfg.evaluate.common.batch_size)  # (n, D)
     prompt = text_embeds(lm, inputs.meta["prompt"])
     metrics, examples = {}, []
-    for changed, kept in SWAPS.items():
-        queries = swap_queries(inputs, changed, acfg.queries)
-        if not queries:
-            continue
+
+    def run_swaps(kind: str, queries: list[tuple[int, str, str]], is_hit) -> None:
         rows = np.array([k for k, _, _ in queries])
         e_a = torch.stack([word_embedding(lm, a) for _, a, _ in queries])  # (Q, D)
         e_b = torch.stack([word_embedding(lm, b) for _, _, b in queries])
         shifted = z_v[rows] - F.normalize(e_a, dim=-1) + F.normalize(e_b, dim=-1)  # (Q, D)
         hits = nearest_neighbours(shifted.cpu().numpy(), z_v.cpu().numpy(), exclude=rows)
-        targets = [dict(inputs.attributes[inputs.image_ids[k]], **{changed: b}) for k, _, b in queries]
-        retrieved = [inputs.attributes[inputs.image_ids[h]] for h in hits]
-        metrics[f"{changed}_swap_top1"] = 100.0 * swap_accuracy(retrieved, targets, changed)
-        metrics[f"{changed}_swap_queries"] = len(queries)
+        metrics[f"{kind}_swap_top1"] = 100.0 * sum(is_hit(q, int(h)) for q, h in enumerate(hits)) / len(queries)
+        metrics[f"{kind}_swap_queries"] = len(queries)
         # captions decoded from the shifted prefix, for a few examples
         shown = queries[: acfg.examples]
         if shown:
@@ -67,9 +89,23 @@ def evaluate_arithmetic(inputs: EvalInputs, cfg: Config) -> tuple[dict, list[dic
             decoded = greedy_decode(lm, embeds, mask, cfg.evaluate.caption.max_new_tokens)
             for (k, a, b), hit, caption in zip(shown, hits, decoded):
                 examples.append({
-                    "label": f"{changed}: '{inputs.captions[inputs.image_ids[k]][0]}' - {a} + {b}",
+                    "label": f"{kind}: '{inputs.captions[inputs.image_ids[k]][0]}' - {a} + {b}",
                     "image_path": inputs.image_paths[inputs.image_ids[k]],
                     "generated": f"decoded: {caption}",
                     "references": [f"retrieved: {inputs.captions[inputs.image_ids[hit]][0]}"],
                 })
+
+    attrs = [inputs.attributes[i] for i in inputs.image_ids]
+    for changed in SWAPS:
+        queries = swap_queries(inputs, changed, acfg.queries)
+        if queries:
+            targets = [dict(attrs[k], **{changed: b}) for k, _, b in queries]
+            run_swaps(changed, queries,
+                      lambda q, h, targets=targets, changed=changed: swap_accuracy([attrs[h]], [targets[q]], changed))
+    word_queries = word_swap_queries(inputs, acfg.queries)
+    if word_queries:
+        def caption_hit(q: int, h: int) -> bool:
+            return word_queries[q][3] in {caption_words(c) for c in inputs.captions[inputs.image_ids[h]]}
+
+        run_swaps("word", [(k, a, b) for k, a, b, _ in word_queries], caption_hit)
     return metrics, examples

@@ -13,7 +13,8 @@ import torch
 
 from pipeline import data
 from pipeline.bridge import load_bridge, visual_representation
-from pipeline.cache import CacheError, FeatureCache, features_file
+from pipeline.cache import FeatureCache, features_file
+from pipeline.errors import DatasetError, MismatchError
 from pipeline.config import Config
 from pipeline.device import resolve_device
 from pipeline.lms import LanguageModel, load_lm
@@ -59,14 +60,14 @@ def load_eval_inputs(cfg: Config, method: str, dirs: Dirs, lm: LanguageModel | N
     manifest = data.read_manifest(dirs.prepared, "test")
     with FeatureCache(features_file(dirs.features, "test")) as cache:
         if cache.attrs.get("encoder_weights_sha256") != meta.get("encoder_weights_sha256"):
-            raise CacheError(f"{cache.path}: test features come from another encoder than the {method} bridge was "
+            raise MismatchError(f"{cache.path}: test features come from another encoder than the {method} bridge was "
                              f"trained on ({meta.get('encoder')}); re-run extract and train")
         ids = select_test_images(manifest, cache, cfg.evaluate.common.test_images)
         if not ids:
-            raise CacheError(f"{cache.path}: no test image has both features and a caption")
+            raise DatasetError(f"{cache.path}: no test image has both features and a caption")
         tokens = torch.from_numpy(cache.tokens(ids))  # (n, N, d_v)
     if tokens.shape[-1] != meta["d_vision"]:
-        raise CacheError(f"test features have d_v = {tokens.shape[-1]}, the {method} bridge expects {meta['d_vision']}")
+        raise MismatchError(f"test features have d_v = {tokens.shape[-1]}, the {method} bridge expects {meta['d_vision']}")
     if need_lm and lm is None:
         lm = load_lm(meta["llm"], device)
     protos = load_prototypes(prototypes_file(dirs.prototypes), device)

@@ -8,7 +8,7 @@ HEADLINES = {  # task -> metric keys shown in the comparison (all are "higher is
     "caption": ["CIDEr", "METEOR", "BLEU-1"],
     "vqa": ["0shot_open_accuracy", "0shot_closed_accuracy", "nshot_open_accuracy", "nshot_closed_accuracy"],
     "retrieval": ["cosine_i2t_R@1", "cosine_t2i_R@1", "assignment_i2t_R@1", "assignment_t2i_R@1"],
-    "arithmetic": ["color_swap_top1", "shape_swap_top1"],
+    "arithmetic": ["color_swap_top1", "shape_swap_top1", "word_swap_top1"],
 }
 
 
@@ -23,31 +23,48 @@ def headline_values(metrics: dict, task: str) -> dict[str, float | None]:
     return out
 
 
-def collect(metrics_dir: Path, methods: list[str]) -> dict[str, dict[str, float | None]]:
-    """method -> {task/metric: value}; a missing file gives no entries for that task."""
-    table = {}
+NOT_APPLICABLE = "n/a"
+
+
+def collect(metrics_dir: Path, methods: list[str]) -> tuple[dict[str, dict[str, float | str | None]], dict[str, str]]:
+    """(method -> {task/metric: value or "n/a"}, task -> why it is not applicable).
+
+    A missing file gives no entries for that task; a task the data lacks inputs for gives one
+    "n/a" cell per method and its reason."""
+    table, reasons = {}, {}
     for method in methods:
         row = {}
         for task in HEADLINES:
             path = Path(metrics_dir) / task / f"{method}.json"
-            if path.exists():
-                row |= headline_values(json.loads(path.read_text()), task)
+            if not path.exists():
+                continue
+            metrics = json.loads(path.read_text())
+            if metrics.get("applicable", True):
+                row |= headline_values(metrics, task)
+            else:
+                row[task] = NOT_APPLICABLE
+                reasons[task] = metrics.get("reason", "")
         table[method] = row
-    return table
+    return table, reasons
 
 
-def markdown_table(table: dict[str, dict[str, float | None]]) -> str:
+def cell(value: float | str | None, fmt: str) -> str:
+    return "–" if value is None else value if isinstance(value, str) else fmt.format(value)
+
+
+def markdown_table(table: dict[str, dict[str, float | str | None]], reasons: dict[str, str] | None = None) -> str:
     columns = sorted({c for row in table.values() for c in row}, key=lambda c: (list(HEADLINES).index(c.split("/")[0]),
                                                                                    c))
     lines = ["| metric | " + " | ".join(table) + " |", "| --- |" + " ---: |" * len(table)]
     for col in columns:
         cells = [table[m].get(col) for m in table]
         fmt = "{:.3f}" if col.startswith("caption/") else "{:.1f}"  # COCO scores vs percentages
-        lines.append(f"| {col} | " + " | ".join("–" if v is None else fmt.format(v) for v in cells) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {col} | " + " | ".join(cell(v, fmt) for v in cells) + " |")
+    notes = [f"* {task}: n/a, {why}" for task, why in sorted((reasons or {}).items())]
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
-def bar_plot(table: dict[str, dict[str, float | None]], path: Path) -> None:
+def bar_plot(table: dict[str, dict[str, float | str | None]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,6 +74,10 @@ def bar_plot(table: dict[str, dict[str, float | None]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4))
     for ax, task in zip(axes, tasks):
         cols = sorted({c for row in table.values() for c in row if c.startswith(task + "/")})
+        if not cols:
+            ax.set_title(f"{task} (n/a)" if any(task in row for row in table.values()) else task)
+            ax.set_xticks([])
+            continue
         width = 0.8 / max(1, len(table))
         for k, (method, row) in enumerate(table.items()):
             ax.bar([i + k * width for i in range(len(cols))], [row.get(c) or 0.0 for c in cols], width, label=method)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import random
 import re
-from collections import defaultdict
 
 import torch
 from tqdm import tqdm
 
 from pipeline.generation import greedy_decode, left_pad, rank_candidates, text_embeds
 from pipeline.tasks.inputs import EvalInputs
-from pipeline.tasks.vqa_metrics import easyvqa_question_type, normalize_answer, vqa_accuracy
+from pipeline.tasks.vqa_metrics import accuracy_by_type, easyvqa_question_type, normalize_answer, vqa_accuracy
 
 
 def query_text(question: str) -> str:
@@ -73,15 +72,12 @@ def answer_questions(inputs: EvalInputs, questions: list[dict], shot_prefix: tor
 
 
 def summarise(records: list[dict], tag: str) -> dict[str, float]:
+    """Accuracy (%) of open and closed answers, overall and per question type."""
     out = {}
     for mode in ("open", "closed"):
-        values = [r[f"{mode}_accuracy"] for r in records]
-        out[f"{tag}_{mode}_accuracy"] = 100.0 * sum(values) / max(1, len(values))
-        by_type = defaultdict(list)
-        for r in records:
-            by_type[r["question_type"]].append(r[f"{mode}_accuracy"])
-        for qtype, vals in sorted(by_type.items()):
-            out[f"{tag}_{mode}_{qtype}_accuracy"] = 100.0 * sum(vals) / len(vals)
+        rows = [{"question_type": r["question_type"], "accuracy": r[f"{mode}_accuracy"]} for r in records]
+        out[f"{tag}_{mode}_accuracy"] = 100.0 * sum(r["accuracy"] for r in rows) / max(1, len(rows))
+        out |= {f"{tag}_{mode}_{qtype}_accuracy": 100.0 * acc for qtype, acc in accuracy_by_type(rows).items()}
     return out
 
 

@@ -1,6 +1,6 @@
 """The `vlap` command: run the pipeline, or use a trained bridge on one image or one text.
 
-    vlap run [--flow]                               # dvc repro, or the Prefect flow (pipeline.flow)
+    vlap run [--flow]                               # dvc repro, or the Prefect flow (vlap.flow)
     vlap caption IMAGE [--method vlap]              # greedy caption
     vlap ask IMAGE "what shape is in the image?"    # open-ended answer
     vlap ask IMAGE "what color is the shape?" --answers red,green,blue   # best of the given answers
@@ -25,8 +25,7 @@ from PIL import Image
 
 from pipeline import data
 from pipeline.bridge import load_bridge
-from pipeline.cache import CacheError
-from pipeline.config import METHODS, Config, ConfigError, load_config
+from pipeline.config import METHODS, Config, load_config
 from pipeline.device import resolve_device
 from pipeline.encoders import VisionEncoder, load_encoder
 from pipeline.generation import greedy_decode, left_pad, rank_candidates, text_embeds
@@ -35,7 +34,7 @@ from pipeline.paths import Dirs
 from pipeline.prototypes import caption_representations
 from pipeline.tasks.inputs import load_eval_inputs
 from pipeline.tasks.vqa import first_answer, query_text
-from stages.common import USER_ERRORS
+from pipeline.errors import USER_ERRORS, ConfigError, DatasetError, MismatchError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -50,7 +49,7 @@ def read_image(path: Path) -> Image.Image:
     try:
         return data.load_image(path)
     except (OSError, ValueError) as err:  # PIL raises both; FileNotFoundError is an OSError too
-        raise data.DatasetError(f"{path}: not a readable image ({getattr(err, 'strerror', None) or err})") from None
+        raise DatasetError(f"{path}: not a readable image ({getattr(err, 'strerror', None) or err})") from None
 
 
 def load_models(cfg: Config, method: str, data_dir: Path) -> tuple[torch.nn.Module, dict, VisionEncoder, LanguageModel]:
@@ -59,7 +58,7 @@ def load_models(cfg: Config, method: str, data_dir: Path) -> tuple[torch.nn.Modu
     bridge, meta = load_bridge(Dirs.under(data_dir).models / method / "bridge.pt", device)
     encoder = load_encoder(cfg.extract.encoder, device)
     if encoder.weights_sha256 != meta.get("encoder_weights_sha256"):
-        raise CacheError(f"extract.encoder {cfg.extract.encoder} is not the encoder the {method} bridge was trained "
+        raise MismatchError(f"extract.encoder {cfg.extract.encoder} is not the encoder the {method} bridge was trained "
                          f"on ({meta.get('encoder')})")
     return bridge, meta, encoder, load_lm(meta["llm"], device)
 
@@ -101,7 +100,7 @@ def search(cfg: Config, method: str, dirs: Dirs, text: str, top: int) -> list[tu
 # ---------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
     if args.flow:
-        from pipeline import flow  # Prefect is imported only when the flow is asked for
+        from vlap import flow  # Prefect is imported only when the flow is asked for
 
         return flow.main(["--params", args.params or "params.yaml", "--data", args.data or "data"]
                          + (["--dask"] if args.dask else []))

@@ -1,0 +1,54 @@
+"""Errors the user can fix, and the guard that reports them as one line.
+
+Every message names the input and what is wrong with it, e.g.
+``params.yaml: train.lr: expected a number > 0, got -1`` or
+``data/models/vlap/bridge.pt: trained bridge not found (run the train stage first)``.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, TypeVar
+
+
+class UserError(Exception):
+    """Bad input the user can fix; the message is one line naming the input."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad params value or command-line choice; the message names the key."""
+
+
+class DatasetError(UserError, ValueError):
+    """Input data in the wrong format or without what a step needs; the message names the file."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """An upstream output is not there (a stage that should have run first)."""
+
+
+class CacheError(UserError):
+    """A cache file exists but cannot be read, or is corrupt."""
+
+
+class MismatchError(UserError):
+    """Inputs that do not belong together (a bridge and features of another encoder, ...)."""
+
+
+class LockTimeoutError(UserError):
+    """Another run kept an output folder locked for longer than we were asked to wait."""
+
+
+# What a command reports in one line (exit code 2) instead of a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
+
+T = TypeVar("T")
+
+
+def report_user_errors(body: Callable[[], T]) -> int:
+    """Run `body`; a user error becomes `error: <message>` on stderr and exit code 2."""
+    try:
+        body()
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,141 @@
+"""Your own data through the real `dvc repro`: a folder of captioned images the test draws, tiny
+local hf: models, every stage run, VQA "not applicable", the rest measured; then a `dvc exp run`
+whose metrics `dvc exp show` lists beside the baseline's."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image, ImageDraw
+
+from stages import graph
+from tiny_models import save_tiny_clip_vision, save_tiny_opt
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def draw(shape: str, rgb: tuple, jitter: int) -> Image.Image:
+    img = Image.new("RGB", (48, 48), (235, 235, 235))
+    d, box = ImageDraw.Draw(img), (8 + jitter, 8, 40 - jitter, 40)
+    {"circle": lambda: d.ellipse(box, fill=rgb), "square": lambda: d.rectangle(box, fill=rgb),
+     "triangle": lambda: d.polygon([(24, 6 + jitter), (42, 42), (6, 42)], fill=rgb)}[shape]()
+    return img
+
+
+def write_folder_dataset(folder: Path) -> int:
+    """36 photos-like PNGs (3 colours x 3 shapes x 4), captions.csv with a split column (1 in 4 is test)."""
+    folder.mkdir(parents=True)
+    rows = ["image,caption,split"]
+    for colour, rgb in COLOURS.items():
+        for shape in SHAPES:
+            for k in range(4):
+                name = f"{colour}_{shape}_{k}.png"
+                draw(shape, rgb, k).save(folder / name)
+                rows.append(f"{name},a {colour} {shape},{'test' if k == 3 else 'train'}")
+    (folder / "captions.csv").write_text("\n".join(rows) + "\n")
+    return len(rows) - 1
+
+
+def sh(args: list[str], cwd: Path, env: dict, timeout: int = 600) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def metric_files(tree) -> dict[str, dict]:
+    """Every {"data/metrics/...json": {"data": {...}}} found anywhere in `dvc exp show --json` output."""
+    found = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if key == "metrics" and isinstance(value, dict):
+                found |= {path: entry.get("data", {}) for path, entry in value.items() if isinstance(entry, dict)}
+            else:
+                found |= metric_files(value)
+    elif isinstance(tree, list):
+        for item in tree:
+            found |= metric_files(item)
+    return found
+
+
+def experiments(shown: list) -> list[dict]:
+    """The experiment entries (not the baseline) of `dvc exp show --json`."""
+    return [rev for entry in shown for exp in (entry.get("experiments") or []) for rev in exp.get("revs", [])]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, smollm2):
+    root = tmp_path_factory.mktemp("own-data")
+    n_images = write_folder_dataset(root / "photos")
+    clip, opt = save_tiny_clip_vision(root / "models" / "clip"), save_tiny_opt(root / "models" / "opt",
+                                                                               smollm2.tokenizer)
+    work = root / "repo"
+    work.mkdir()
+    for name in ("pipeline", "stages"):
+        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(REPO / name, work / name)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prepare"] |= {"source": "folder", "folder": str(root / "photos")}
+    params["extract"] |= {"encoder": f"hf:{clip}", "batch_size": 16}
+    params["prototypes"] |= {"llm": f"hf:{opt}"}
+    params["train"] |= {"steps": 3, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 3}
+    params["evaluate"]["common"] |= {"test_images": 0, "batch_size": 8}
+    params["evaluate"]["caption"] |= {"max_new_tokens": 3, "examples": 2}
+    params["evaluate"]["arithmetic"] |= {"queries": 0, "examples": 1}
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GIT_AUTHOR_NAME": "t",
+                        "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("PYTHONPATH", None)
+    sh(["git", "init", "-q"], work, env)
+    sh([sys.executable, "-m", "dvc", "init", "-q"], work, env)
+    sh(["git", "add", "-A"], work, env)
+    sh(["git", "commit", "-qm", "own data"], work, env)
+    out = sh([sys.executable, "-m", "dvc", "repro"], work, env, timeout=900)
+    return work, env, out, n_images
+
+
+def test_every_stage_runs_on_a_folder_of_photos(repo):
+    work, _, out, n_images = repo
+    lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    expected = {n.spec.label(m) for n in graph.graph() for m in n.instances()}
+    assert set(lock) == expected, out[-2000:]
+    report = json.loads((work / "data" / "prepared" / "report.json").read_text())
+    assert report["train"]["images"] + report["test"]["images"] == n_images
+    metrics = {t: json.loads((work / "data" / "metrics" / t / "vlap.json").read_text())
+               for t in ("caption", "vqa", "retrieval", "arithmetic")}
+    assert metrics["vqa"]["applicable"] is False and "no test questions" in metrics["vqa"]["reason"]
+    assert metrics["caption"]["applicable"] is True and metrics["caption"]["images"] == 9
+    assert 0.0 <= metrics["caption"]["CIDEr"] and 0.0 <= metrics["caption"]["BLEU-1"] <= 1.0
+    assert metrics["retrieval"]["applicable"] is True and metrics["retrieval"]["images"] == 9
+    assert metrics["arithmetic"]["applicable"] is True, metrics["arithmetic"]
+    summary = (work / "data" / "metrics" / "summary.md").read_text()
+    vqa_row = next(line for line in summary.splitlines() if line.startswith("| vqa |"))
+    assert vqa_row == "| vqa | n/a | n/a | n/a |"
+    assert "| caption/CIDEr |" in summary and "| retrieval/cosine_i2t_R@1 |" in summary
+    status = sh([sys.executable, "-m", "dvc", "status"], work, repo[1])
+    assert "up to date" in status.lower()
+
+
+def test_experiment_metrics_show_beside_the_baseline(repo):
+    work, env, _, _ = repo
+    sh(["git", "add", "-A"], work, env)  # the baseline commit holds dvc.lock and the metrics, as on main
+    sh(["git", "commit", "-qm", "baseline run"], work, env)
+    log = sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "methods.vlap.ap_weight=0.5"], work, env, timeout=900)
+    assert "train@limber" not in log.replace("'train@limber' didn't change", "")  # only vlap's stages re-ran
+    shown = json.loads(sh([sys.executable, "-m", "dvc", "exp", "show", "--json"], work, env))
+    baseline = metric_files([{k: v for k, v in entry.items() if k != "experiments"} for entry in shown])
+    (exp,) = experiments(shown)
+    in_exp = metric_files(exp)
+    key = "data/metrics/train/vlap/metrics.json"
+    assert baseline[key]["train"]["loss"] != in_exp[key]["train"]["loss"]  # vlap retrained with lambda = 0.5
+    assert in_exp["data/metrics/caption/vlap.json"]["applicable"] is True
+    assert in_exp["data/metrics/train/limber/metrics.json"] == baseline["data/metrics/train/limber/metrics.json"]

@@ -1,0 +1,1 @@
+"""The layer above the stages: the Prefect flow and the `vlap` command."""

@@ -1,0 +1,223 @@
+"""The Prefect flow: the stages of `stages.graph` as Prefect tasks, cached on DVC's own inputs.
+
+    python -m vlap.flow [--params params.yaml] [--data data] [--dask]
+    python -m vlap.flow --deploy     # serve the deployment "vlap-default" (blocks until stopped)
+
+Walks the same graph dvc.yaml is written from and calls the same `run` of each stage module,
+through `stages.common.run_stage` (which holds the outputs' locks, so a flow run and a
+`dvc repro` never write one output together). Under `dvc repro` DVC decides what is stale;
+here each task's cache key hashes what DVC hashes for that stage: the values of its declared
+params, the content of its data deps and of its code deps (the files its imports reach). The
+prepare task also hashes its source data, which params name and dvc.yaml cannot list.
+Prefect's own defaults would not do: the default policy includes the flow run id, and INPUTS
+hashes a path by its string, not its content. Results (small dicts) persist under
+<data>/.prefect-results; a task whose outputs are missing, or changed since its last flow run,
+re-runs even on a key hit. On the repo's own data/ and params.yaml, a stage that dvc.lock calls
+up to date (`dvc repro` made its outputs) is not run again.
+
+Reads  params.yaml (or --params) and what each stage reads under --data.
+Writes what each stage writes under --data, plus <data>/.prefect-results/<key> (one per task run).
+"""
+from __future__ import annotations
+
+import os
+
+# An offline machine: the telemetry service would log an ERROR on every run.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from prefect import Task, flow, task  # noqa: E402
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner  # noqa: E402
+
+from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.data import package_dir  # noqa: E402
+from pipeline.errors import ConfigError, report_user_errors  # noqa: E402
+from pipeline.io import sha256_file, sha256_json, write_json_atomic  # noqa: E402
+from pipeline.paths import Dirs  # noqa: E402
+from pipeline.runtime import keep_freed_memory  # noqa: E402
+from stages.common import run_stage  # noqa: E402
+from stages.graph import ROOT, Node, graph  # noqa: E402
+
+# One task at a time in threads: each stage already uses every core for its tensor maths.
+# Under DaskTaskRunner (--dask) tasks run side by side, each in its own worker process.
+MAX_WORKERS = 1
+
+
+# ---------------------------------------------------------------- content digests
+_digests: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: a file is hashed once per process
+
+
+def file_digest(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _digests:
+        _digests[key] = sha256_file(path)
+    return _digests[key]
+
+
+def tree_digest(path: Path) -> str:
+    """A file's hash, a folder's hash over (relative name, hash) of its files, or "missing"."""
+    path = Path(path)
+    if path.is_file():
+        return file_digest(path)
+    if not path.is_dir():
+        return "missing"  # the stage itself then reports what is missing
+    return sha256_json({p.relative_to(path).as_posix(): file_digest(p) for p in sorted(path.rglob("*"))
+                        if p.is_file() and "__pycache__" not in p.parts})
+
+
+def param_value(cfg: Config, key: str) -> Any:
+    """The value of a dotted params key (a whole section as a dict)."""
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def source_digest(cfg: Config) -> dict:
+    """What the prepare stage reads outside data/: the dataset itself."""
+    p = cfg.prepare
+    root = package_dir("easy_vqa") / "data" if p.source == "easyvqa" else Path(p.folder)
+    out = {"source": tree_digest(root)}
+    if p.annotations:
+        out["annotations"] = tree_digest(Path(p.annotations))
+    return out
+
+
+def task_key(node: Node, method: str | None, cfg: Config, dirs: Dirs) -> str:
+    """Hash of what DVC hashes for this stage: declared params, data deps, code deps."""
+    spec = node.spec
+    inputs = {"params": {k: param_value(cfg, k) for k in spec.param_keys(method)},
+              "deps": {str(p.relative_to(dirs.root)): tree_digest(p) for p in spec.dep_paths(dirs, method)},
+              "code": {f: file_digest(ROOT / f) for f in node.code}}
+    if spec.name == "prepare":
+        inputs["source"] = source_digest(cfg)
+    return sha256_json({"stage": spec.label(method), **inputs})
+
+
+# ---------------------------------------------------------------- tasks and the flow
+def outputs_record(node: Node, method: str | None, dirs: Dirs) -> Path:
+    return dirs.root / ".prefect-results" / f"{node.spec.label(method)}.outputs.json"
+
+
+def outputs_digest(node: Node, method: str | None, dirs: Dirs) -> dict[str, str]:
+    return {str(p.relative_to(dirs.root)): tree_digest(p) for p in node.spec.out_paths(dirs, method)}
+
+
+def outputs_stale(node: Node, method: str | None, dirs: Dirs) -> bool:
+    """An output is missing, or differs from what this stage's last flow run wrote (as DVC's outs check)."""
+    if not all(p.exists() for p in node.spec.out_paths(dirs, method)):
+        return True
+    record = outputs_record(node, method, dirs)
+    return record.exists() and json.loads(record.read_text()) != outputs_digest(node, method, dirs)
+
+
+def up_to_date_in_dvc(label: str, params: Path, dirs: Dirs) -> bool:
+    """The repo's own data and params, and dvc.lock says this stage is up to date: `dvc repro` made these outputs."""
+    if params.resolve() != ROOT / "params.yaml" or dirs.root.resolve() != ROOT / "data":
+        return False
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        return not repo.status(targets=[label])
+
+
+def run_stage_task(stage: str, params: str, data: str, method: str | None) -> Any:
+    """One stage run, as dvc.yaml's command would do it (params read and validated here)."""
+    node, dirs = next(n for n in graph() if n.spec.name == stage), Dirs.under(data)
+    label = node.spec.label(method)
+    if up_to_date_in_dvc(label, Path(params), dirs):
+        logging.getLogger(__name__).info("%s: up to date in dvc.lock, not run", label)
+        result = {"up_to_date_in_dvc": True}
+    else:
+        result = run_stage(node.module, load_config(params), dirs, method)
+    write_json_atomic(outputs_record(node, method, dirs), outputs_digest(node, method, dirs))
+    return result
+
+
+STAGE_TASK: Task = task(run_stage_task, persist_result=True, cache_result_in_memory=False)
+
+
+def stage_task(node: Node, method: str | None, cfg: Config, dirs: Dirs) -> Task:
+    """The task of one stage run: keyed on its inputs (evaluated when it starts, after its upstream),
+    results kept under <data>/.prefect-results, forced to re-run when an output is missing or was changed."""
+    stale = outputs_stale(node, method, dirs)
+    return STAGE_TASK.with_options(
+        name=node.spec.name, task_run_name=node.spec.label(method), result_storage=dirs.root / ".prefect-results",
+        cache_key_fn=lambda _ctx, _params: task_key(node, method, cfg, dirs), refresh_cache=True if stale else None)
+
+
+def upstream(nodes: list[Node], node: Node, method: str | None, dirs: Dirs) -> list[str]:
+    """Labels of the stage runs whose outputs this stage reads: a dep at, above or below one of their outs."""
+    found = []
+    deps = node.spec.dep_paths(dirs, method)
+    for other in nodes:
+        for m in other.instances():
+            outs = other.spec.out_paths(dirs, m)
+            if any(d == o or d in o.parents or o in d.parents for d in deps for o in outs):
+                found.append(other.spec.label(m))
+    return found
+
+
+@flow(name="vlap-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS))
+def vlap_pipeline(params: str = "params.yaml", data: str = "data") -> dict:
+    """The whole graph; returns {stage label: what its run returned}."""
+    cfg, root = load_config(params), Path(data).resolve()
+    dirs = Dirs.under(root)
+    nodes = graph()
+    futures = {}
+    for node in nodes:  # graph order is DAG order: a FIFO pool never holds a task whose upstream is queued
+        for method in node.instances():
+            wait_for = [futures[u] for u in upstream(nodes, node, method, dirs)]
+            futures[node.spec.label(method)] = stage_task(node, method, cfg, dirs).submit(
+                node.spec.name, str(params), str(root), method, wait_for=wait_for)
+    # Results in DAG order: the first failure raised is the cause, not a downstream "NotReady".
+    return {label: f.result() for label, f in futures.items()}
+
+
+def dask_runner() -> TaskRunner:
+    """prefect-dask's runner on a local Dask cluster; imported only when asked for."""
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ConfigError("--dask needs the prefect-dask package (pip install prefect-dask)") from None
+    return DaskTaskRunner(cluster_kwargs={"threads_per_worker": 1})  # parallel processes, not threads
+
+
+def serve_deployment(params: str, data: str) -> None:
+    """Register the deployment "vlap-default" and run its flow runs from this process (blocks)."""
+    from prefect import serve
+
+    serve(vlap_pipeline.to_deployment(name="vlap-default", parameters={"params": params, "data": data}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--data", default="data", help="root of the stage folders (default: data)")
+    p.add_argument("--dask", action="store_true", help="run tasks on a Dask cluster (needs prefect-dask)")
+    p.add_argument("--deploy", action="store_true", help="serve the deployment vlap-default instead (blocks)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()  # as the dvc stages do
+
+    def body() -> None:
+        load_config(args.params)  # a bad params file fails in one line, before Prefect starts
+        if args.deploy:
+            serve_deployment(args.params, args.data)
+        else:
+            (vlap_pipeline.with_options(task_runner=dask_runner()) if args.dask else vlap_pipeline)(
+                params=args.params, data=args.data)
+
+    return report_user_errors(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
