@@ -27,7 +27,7 @@ def assignment_prediction_loss(
     n_iters: int,
     tau: float,
 ) -> APLoss:
-    """Swapped assignment prediction (DESIGN §1.6-1.7).
+    """Swapped assignment prediction (docs/method.md#the-objective).
 
     z_v, z_t: (B, D) L2-normalised; prototypes: (K, D) L2-normalised word embeddings Ê; prior: (K,) mu.
     """

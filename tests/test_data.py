@@ -17,7 +17,7 @@ def test_easyvqa_captions_derived_from_questions(easyvqa_splits):
     train = splits["train"]
     assert report["train"]["images"] == 4000 and report["test"]["images"] == 1000
     assert report["train"]["questions"] == 38575 and report["test"]["questions"] == 9673
-    # about 89% of images resolve both colour and shape (DESIGN.md)
+    # about 89% of images resolve both colour and shape (docs/method.md, easy-VQA captions)
     assert 0.88 < report["train"]["both"] / 4000 < 0.91
     assert sum(report["train"][k] for k in ("both", "color_only", "shape_only", "neither", "no_questions")) == 4000
     first = train.images[0]

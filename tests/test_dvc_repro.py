@@ -1,6 +1,7 @@
 """Your own data through the real `dvc repro`: a folder of captioned images the test draws, tiny
-local hf: models, every stage run, VQA "not applicable", the rest measured; then a `dvc exp run`
-whose metrics `dvc exp show` lists beside the baseline's."""
+local hf: models, every stage run, VQA "not applicable", the rest measured; the Prefect flow on the
+same repo reuses what `dvc repro` made; then a `dvc exp run` whose metrics `dvc exp show` lists
+beside the baseline's."""
 from __future__ import annotations
 
 import json
@@ -78,7 +79,7 @@ def repo(tmp_path_factory, smollm2):
                                                                                smollm2.tokenizer)
     work = root / "repo"
     work.mkdir()
-    for name in ("pipeline", "stages"):
+    for name in ("pipeline", "stages", "vlap"):
         shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, work / name)
@@ -123,6 +124,27 @@ def test_every_stage_runs_on_a_folder_of_photos(repo):
     assert "| caption/CIDEr |" in summary and "| retrieval/cosine_i2t_R@1 |" in summary
     status = sh([sys.executable, "-m", "dvc", "status"], work, repo[1])
     assert "up to date" in status.lower()
+
+
+def test_prefect_flow_after_dvc_repro_reuses_every_output(repo):
+    """On the repo's own data and params, the flow runs nothing dvc.lock calls up to date; a second flow
+    run is served from Prefect's cache; neither prints an ERROR line (telemetry is off)."""
+    work, env, _, _ = repo
+    labels = {n.spec.label(m) for n in graph.graph() for m in n.instances()}
+    before = (work / "dvc.lock").read_text()
+    first = subprocess.run([sys.executable, "-m", "vlap.flow"], cwd=work, env=env, capture_output=True, text=True,
+                           timeout=600)
+    log = first.stdout + first.stderr
+    assert first.returncode == 0, log[-3000:]
+    assert {label for label in labels if f"{label}: up to date in dvc.lock, not run" in log} == labels
+    assert "ERROR" not in log
+    second = subprocess.run([sys.executable, "-m", "vlap.flow"], cwd=work, env=env, capture_output=True,
+                            text=True, timeout=600)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0 and "ERROR" not in log, log[-3000:]
+    assert log.count("Finished in state Cached") == len(labels)
+    assert (work / "dvc.lock").read_text() == before
+    assert "up to date" in sh([sys.executable, "-m", "dvc", "status"], work, env).lower()
 
 
 def test_experiment_metrics_show_beside_the_baseline(repo):

@@ -24,6 +24,8 @@ import os
 
 # An offline machine: the telemetry service would log an ERROR on every run.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The stages' own log lines (counts, cache hits, skipped images) through Prefect's handlers.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "stages,pipeline")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -33,7 +35,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from prefect import Task, flow, task  # noqa: E402
+from prefect import Task, flow, get_run_logger, task  # noqa: E402
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
 from pipeline.config import Config, load_config  # noqa: E402
@@ -134,7 +136,7 @@ def run_stage_task(stage: str, params: str, data: str, method: str | None) -> An
     node, dirs = next(n for n in graph() if n.spec.name == stage), Dirs.under(data)
     label = node.spec.label(method)
     if up_to_date_in_dvc(label, Path(params), dirs):
-        logging.getLogger(__name__).info("%s: up to date in dvc.lock, not run", label)
+        get_run_logger().info("%s: up to date in dvc.lock, not run", label)
         result = {"up_to_date_in_dvc": True}
     else:
         result = run_stage(node.module, load_config(params), dirs, method)
