@@ -47,7 +47,7 @@ def training_batches(cfg, protos, batch_size: int, count: int) -> tuple[str, lis
         data = load_train_data(cfg, Dirs())
         source = f"cached train features ({len(data.captions)} pairs, key {data.features_key[:12]})"
         picks = [batch_indices(len(data.captions), batch_size, cfg.train.seed, s) for s in range(count)]
-        return source, [(data.tokens[i].float(), [data.captions[j] for j in i.tolist()]) for i in picks]
+        return source, [(data.tokens(i).float(), [data.captions[j] for j in i.tolist()]) for i in picks]
     texts = sorted(protos.text_index)
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(batch_size, N_TOKENS, D_VISION, generator=g),

@@ -1,7 +1,8 @@
 """Content-keyed HDF5 cache of frozen vision tokens.
 
 A cache file ``<key>.h5`` holds, for one split, ``tokens`` (n x N x d_v,
-float16 by default, one chunk per sample), ``image_ids`` and the images that
+float16 by default, one chunk per sample, each with a Fletcher-32 checksum so a
+corrupted chunk fails on read instead of being trained on), ``image_ids`` and the images that
 could not be read (``failed_ids``, ``failed_reasons``). The key hashes only what
 determines the content: the images' content hashes (in order), the encoder's
 family, weights hash and preprocessing, the storage dtype and the format
@@ -33,7 +34,7 @@ from pipeline.io import atomic_path, sha256_json
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: Fletcher-32 checksum per token chunk
 BLOCK_SIZE = 256  # images per resumable block (fixed: it must not depend on batch size)
 
 
@@ -151,7 +152,7 @@ def _assemble(parts: Path, n_blocks: int, final: Path, key: str, split: str, enc
     with atomic_path(final) as tmp, h5py.File(tmp, "w", track_order=True) as f:
         dset = f.create_dataset(
             "tokens", shape=(n_ok, n_tokens, dim), dtype=dtype, chunks=(1, n_tokens, dim) if n_ok else None,
-            track_times=False,
+            fletcher32=bool(n_ok), track_times=False,
         )
         row = 0
         for blk in blocks:
@@ -193,6 +194,54 @@ def features_file(features_dir: Path, split: str) -> Path:
     return Path(features_dir) / entry["file"]
 
 
+def read_token_rows(file: h5py.File, path: Path, rows: np.ndarray) -> np.ndarray:
+    """(len(rows), N, d_v) tokens of the given rows, in that order (repeats allowed), reading only those.
+
+    Dense requests are one contiguous read of their span (far faster than h5py's point
+    selection); sparse ones (a random training batch of a large split) read one chunk per
+    distinct row, so memory stays bounded by the request, never by the split. A chunk whose
+    Fletcher-32 checksum fails stops with one line naming the file and the sample.
+    """
+    data = file["tokens"]
+    rows = np.asarray(rows, dtype=np.int64)
+    distinct, inverse = np.unique(rows, return_inverse=True)
+    if len(distinct) == 0:
+        return np.empty((0,) + data.shape[1:], data.dtype)
+    try:
+        if distinct[-1] - distinct[0] + 1 <= 2 * len(distinct):
+            block = data[distinct[0] : distinct[-1] + 1][distinct - distinct[0]]
+        else:
+            block = np.stack([data[r] for r in distinct])
+    except OSError as err:  # checksum mismatch or an unreadable chunk
+        bad = next((int(r) for r in distinct if not _readable(data, int(r))), int(distinct[0]))
+        sample = file["image_ids"][bad].decode()
+        raise CacheError(f"{path}: sample {sample!r} (row {bad}) is corrupt ({err}); delete the file and re-run "
+                         f"the extract stage") from None
+    return block[inverse.reshape(-1)]
+
+
+def _readable(data: h5py.Dataset, row: int) -> bool:
+    try:
+        data[row]
+        return True
+    except OSError:
+        return False
+
+
+class TokenReader:
+    """Reads token rows of one cache file, kept open, without loading its list of ids."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError as err:
+            raise CacheError(f"{self.path}: not a readable feature cache ({err})") from None
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        return read_token_rows(self.file, self.path, rows)
+
+
 class FeatureCache:
     """Read side of a cache file: ids, tokens by id, provenance attributes."""
 
@@ -218,18 +267,17 @@ class FeatureCache:
             for i, r in zip(self.file["failed_ids"][:], self.file["failed_reasons"][:])
         ]
 
+    def rows(self, image_ids: list[str]) -> np.ndarray:
+        """The cache row of each id (int64)."""
+        return np.array([self.index[i] for i in image_ids], dtype=np.int64)
+
     def tokens(self, image_ids: list[str] | None = None) -> np.ndarray:
         """(n, N, d_v) in the stored dtype, in the order of `image_ids` (repeats allowed; all when None)."""
-        data = self.file["tokens"]
-        if image_ids is None:
-            return data[:]
-        rows = np.array([self.index[i] for i in image_ids])
-        if len(rows) == 0:
-            return np.empty((0,) + data.shape[1:], data.dtype)
-        # One contiguous read of the span, then in-memory indexing: far faster than h5py's
-        # point selection (which also refuses repeated or unsorted indices).
-        start = rows.min()
-        return data[start : rows.max() + 1][rows - start]
+        return self.read_rows(np.arange(len(self.ids)) if image_ids is None else self.rows(image_ids))
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), N, d_v) in the given order (repeats allowed); see `read_token_rows`."""
+        return read_token_rows(self.file, self.path, rows)
 
     def close(self) -> None:
         self.file.close()

@@ -75,6 +75,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "bf16"
     seed: int = 0
     checkpoint_every: int = field(default=10, metadata=_positive(int))
+    loader_workers: int = field(default=1, metadata=_non_negative())  # processes reading batches from the cache
     device: str = "auto"
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from pipeline import data as datasets
 from pipeline.bridge import build_bridge, save_bridge, visual_representation
-from pipeline.cache import FeatureCache, features_file
+from pipeline.cache import FeatureCache, TokenReader, features_file
 from pipeline.config import Config, section_values
 from pipeline.errors import DatasetError
 from pipeline.io import atomic_path, sha256_json
@@ -35,12 +35,43 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainData:
-    tokens: torch.Tensor  # (n, N, d_v) float16 visual tokens from the cache
+    """The training samples: where their tokens are in the feature cache, not the tokens themselves."""
+
+    features_path: Path  # the train split's cache file
+    rows: np.ndarray  # (n,) cache row of each sample's image
     captions: list[str]  # (n,) one caption per sample
     image_ids: list[str]  # (n,)
+    d_vision: int
     features_key: str
     encoder: str  # as the feature cache names it
     encoder_weights_sha256: str  # the bridge only fits features of this encoder
+
+    def tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """(len(idx), N, d_v) float16 tokens of samples `idx`, read from the cache (tests, benches)."""
+        return torch.from_numpy(TokenReader(self.features_path).read_rows(self.rows[idx.numpy()]))
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item i = the batch of step start + i: (step, sample indices, float16 tokens read from the cache).
+
+    A pure function of (seed, step), so a resumed run sees the same batches. Each worker
+    process opens the cache itself and reads only its batch's chunks: memory is bounded by
+    the batch and the prefetch depth, never by the size of the split.
+    """
+
+    def __init__(self, data: TrainData, batch_size: int, seed: int, start: int, steps: int):
+        self.data, self.batch_size, self.seed, self.start, self.steps = data, batch_size, seed, start, steps
+        self.reader: TokenReader | None = None  # opened lazily, in the process that reads
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        step = self.start + i
+        idx = batch_indices(len(self.data.rows), self.batch_size, self.seed, step)
+        if self.reader is None:
+            self.reader = TokenReader(self.data.features_path)
+        return step, idx, torch.from_numpy(self.reader.read_rows(self.data.rows[idx.numpy()]))
 
 
 def load_train_data(cfg: Config, dirs: Dirs) -> TrainData:
@@ -54,10 +85,10 @@ def load_train_data(cfg: Config, dirs: Dirs) -> TrainData:
             keep = np.random.default_rng(cfg.train.seed).permutation(len(pairs))[: cfg.train.max_samples]
             pairs = [pairs[i] for i in sorted(keep)]
         ids = [i for i, _ in pairs]
-        tokens = torch.from_numpy(cache.tokens(ids))  # (n, N, d_v), one row per (image, caption) pair
-        attrs = cache.attrs
-    return TrainData(tokens=tokens, captions=[c for _, c in pairs], image_ids=ids,
-                     features_key=str(attrs["cache_key"]), encoder=str(attrs["encoder"]),
+        attrs, d_vision = cache.attrs, int(cache.file["tokens"].shape[-1])
+        rows = cache.rows(ids)  # one per (image, caption) pair; tokens are read per batch while training
+    return TrainData(features_path=cache.path, rows=rows, captions=[c for _, c in pairs], image_ids=ids,
+                     d_vision=d_vision, features_key=str(attrs["cache_key"]), encoder=str(attrs["encoder"]),
                      encoder_weights_sha256=str(attrs["encoder_weights_sha256"]))
 
 
@@ -132,7 +163,7 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
     fingerprint = run_fingerprint(method, cfg, data, protos, lm)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG state
         torch.manual_seed(tcfg.seed)
-        bridge = build_bridge("linear", data.tokens.shape[-1], lm.hidden_size).to(device)
+        bridge = build_bridge("linear", data.d_vision, lm.hidden_size).to(device)
     optimizer = torch.optim.AdamW(bridge.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tcfg.warmup_steps, tcfg.steps))
     start, history = 0, []
@@ -150,12 +181,15 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
     for row in history:  # replay logged steps so the curves are whole after a resume
         _log_step(live, row)
     t0 = time.perf_counter()
-    bar = tqdm(range(start, tcfg.steps), initial=start, total=tcfg.steps, desc=f"train {method}", unit="step")
-    for step in bar:
+    batches = StepBatches(data, tcfg.batch_size, tcfg.seed, start, tcfg.steps)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=tcfg.loader_workers,
+                                         prefetch_factor=2 if tcfg.loader_workers else None,
+                                         pin_memory=device.type == "cuda")
+    bar = tqdm(loader, initial=start, total=tcfg.steps, desc=f"train {method}", unit="step")
+    for step, idx, tokens in bar:
         if stop_after is not None and step >= start + stop_after:
             break
-        idx = batch_indices(len(data.captions), tcfg.batch_size, tcfg.seed, step)
-        tokens = data.tokens[idx].to(device=device, dtype=torch.float32)
+        tokens = tokens.to(device=device, dtype=torch.float32, non_blocking=True)
         captions = [data.captions[i] for i in idx.tolist()]
         with autocast:
             terms = compute_losses(method, cfg, lm, bridge, protos, tokens, captions, prompt_ids[0])
@@ -173,7 +207,7 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
     steps_done = len(history)
     if steps_done < tcfg.steps:
         return {"finished": False, "steps": steps_done}
-    meta = {"bridge": "linear", "d_vision": int(data.tokens.shape[-1]), "d_model": lm.hidden_size, "method": method,
+    meta = {"bridge": "linear", "d_vision": data.d_vision, "d_model": lm.hidden_size, "method": method,
             "llm": cfg.prototypes.llm, "encoder": data.encoder, "prompt": tcfg.prompt,
             "features_key": data.features_key,
             "encoder_weights_sha256": data.encoder_weights_sha256, "prototypes_key": protos.key, "train": section_values(tcfg),

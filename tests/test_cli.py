@@ -44,7 +44,7 @@ def test_image(bridge_data, smollm2):
     cfg, _, root = bridge_data
     inputs = load_eval_inputs(cfg, "limber", Dirs.under(root), lm=smollm2)
     first = inputs.image_ids[:1]
-    generated = generate_captions(dataclasses.replace(inputs, image_ids=first, tokens=inputs.tokens[:1]),
+    generated = generate_captions(dataclasses.replace(inputs, image_ids=first, rows=inputs.rows[:1]),
                                   inputs.meta["prompt"], 1, cfg.evaluate.caption.max_new_tokens)
     return first[0], inputs.image_paths[first[0]], generated[first[0]]
 

@@ -5,11 +5,13 @@ import filecmp
 import logging
 import shutil
 
+import h5py
 import numpy as np
 import pytest
 
 from pipeline import data
 from pipeline.cache import FeatureCache, cache_key, extract_split
+from pipeline.errors import CacheError
 from tests.conftest import small_manifest
 
 
@@ -99,3 +101,33 @@ def test_tokens_by_id_in_any_order_with_repeats(extracted):
         ids = [cache.ids[5], cache.ids[2], cache.ids[5], cache.ids[30]]
         picked = cache.tokens(ids)
     np.testing.assert_array_equal(picked, every[[5, 2, 5, 30]])
+
+
+def test_sparse_reads_equal_dense_ones(extracted):
+    """A scattered request (a random training batch of a large split) reads chunk by chunk, same values."""
+    result, _ = extracted
+    with FeatureCache(result.path) as cache:
+        every = cache.tokens()
+        rows = np.array([31, 0, 17, 0])  # span 32 for 3 distinct rows: read row by row
+        np.testing.assert_array_equal(cache.read_rows(rows), every[rows])
+
+
+def test_corrupt_chunk_is_caught_on_read_in_one_line(extracted, tmp_path):
+    result, _ = extracted
+    path = tmp_path / "corrupt.h5"
+    shutil.copy(result.path, path)
+    with h5py.File(path, "r") as f:
+        assert f["tokens"].fletcher32
+        offset = f["tokens"].id.get_chunk_info(3).byte_offset  # sample 3's chunk
+        victim = f["image_ids"][3].decode()
+    with open(path, "r+b") as f:
+        f.seek(offset + 100)
+        byte = f.read(1)
+        f.seek(offset + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with FeatureCache(path) as cache:
+        np.testing.assert_array_equal(cache.read_rows(np.array([0, 1])), cache.read_rows(np.array([0, 1])))
+        with pytest.raises(CacheError) as err:
+            cache.read_rows(np.array([2, 3, 4]))
+    message = str(err.value)
+    assert message.startswith(f"{path}: sample {victim!r} (row 3) is corrupt") and "\n" not in message

@@ -55,7 +55,8 @@ def test_only_the_bridge_receives_gradients(tiny_pipeline, smollm2):
     protos = load_prototypes(prototypes_file(dirs.prototypes))
     bridge = torch.nn.Linear(1280, 576)
     prompt_ids, _ = smollm2.tokenize([cfg.train.prompt])
-    terms = compute_losses("vlap", cfg, smollm2, bridge, protos, data.tokens[:4].float(), data.captions[:4],
+    tokens = data.tokens(torch.arange(4)).float()
+    terms = compute_losses("vlap", cfg, smollm2, bridge, protos, tokens, data.captions[:4],
                            prompt_ids[0])
     terms["loss"].backward()
     assert bridge.weight.grad is not None and bridge.weight.grad.abs().sum() > 0

@@ -6,14 +6,15 @@ bridge was trained on, and the prototypes from the LLM it feeds.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline import data
 from pipeline.bridge import load_bridge, visual_representation
-from pipeline.cache import FeatureCache, features_file
+from pipeline.cache import FeatureCache, TokenReader, features_file
 from pipeline.errors import DatasetError, MismatchError
 from pipeline.config import Config
 from pipeline.device import resolve_device
@@ -30,16 +31,24 @@ class EvalInputs:
     lm: LanguageModel | None
     protos: Prototypes
     image_ids: list[str]  # evaluated test images, in manifest order
-    tokens: torch.Tensor  # (n, N, d_v) float16 cached visual tokens
+    features_path: Path  # the test split's cache file; tokens are read in blocks, never all at once
+    rows: np.ndarray  # (n,) cache row of each evaluated image
     captions: dict[str, list[str]]  # image id -> reference captions
     attributes: dict[str, dict]  # image id -> {"color": ..., "shape": ...} where known
     image_paths: dict[str, Path]  # image id -> file, for example pages
     device: torch.device
+    reader: TokenReader | None = field(default=None, repr=False)  # opened on first read
+
+    def tokens(self, rows: slice | list[int]) -> torch.Tensor:
+        """(b, N, d_v) float16 cached tokens of the given evaluated images (positions in image_ids)."""
+        if self.reader is None:
+            self.reader = TokenReader(self.features_path)
+        return torch.from_numpy(self.reader.read_rows(self.rows[rows]))
 
     @torch.inference_mode()
     def bridged(self, rows: slice | list[int]) -> torch.Tensor:
-        """V = bridge(tokens) for the given rows: (b, N, D)."""
-        return self.bridge(self.tokens[rows].to(self.device, torch.float32))
+        """V = bridge(tokens) for the given evaluated images: (b, N, D)."""
+        return self.bridge(self.tokens(rows).to(self.device, torch.float32))
 
     @torch.inference_mode()
     def z_v(self, batch_size: int = 64) -> torch.Tensor:
@@ -65,9 +74,9 @@ def load_eval_inputs(cfg: Config, method: str, dirs: Dirs, lm: LanguageModel | N
         ids = select_test_images(manifest, cache, cfg.evaluate.common.test_images)
         if not ids:
             raise DatasetError(f"{cache.path}: no test image has both features and a caption")
-        tokens = torch.from_numpy(cache.tokens(ids))  # (n, N, d_v)
-    if tokens.shape[-1] != meta["d_vision"]:
-        raise MismatchError(f"test features have d_v = {tokens.shape[-1]}, the {method} bridge expects {meta['d_vision']}")
+        rows, d_vision = cache.rows(ids), int(cache.file["tokens"].shape[-1])
+    if d_vision != meta["d_vision"]:
+        raise MismatchError(f"test features have d_v = {d_vision}, the {method} bridge expects {meta['d_vision']}")
     if need_lm and lm is None:
         lm = load_lm(meta["llm"], device)
     protos = load_prototypes(prototypes_file(dirs.prototypes), device)
@@ -76,7 +85,7 @@ def load_eval_inputs(cfg: Config, method: str, dirs: Dirs, lm: LanguageModel | N
     root = data.resolve_image_root(manifest.image_root, cfg.prepare)
     by_id = {r["image_id"]: r for r in manifest.images}
     return EvalInputs(
-        method=method, bridge=bridge, meta=meta, lm=lm, protos=protos, image_ids=ids, tokens=tokens,
+        method=method, bridge=bridge, meta=meta, lm=lm, protos=protos, image_ids=ids, features_path=cache.path, rows=rows,
         captions={i: by_id[i]["captions"] for i in ids},
         attributes={i: json.loads(by_id[i]["attributes"] or "{}") for i in ids},
         image_paths={i: root / by_id[i]["image_path"] for i in ids}, device=device,
