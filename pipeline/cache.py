@@ -8,10 +8,12 @@ determines the content: the images' content hashes (in order), the encoder's
 family, weights hash and preprocessing, the storage dtype and the format
 version -- never a training or evaluation setting.
 
-Extraction is resumable: images are encoded in fixed blocks, each block saved
-atomically under ``<key>.parts/``; an interrupted run skips finished blocks. The
-final file is assembled from the blocks in one deterministic pass (no
-timestamps), so a resumed run ends byte-identical to an uninterrupted one.
+Extraction is resumable: images are encoded in shards of ``shard_size``, each shard saved
+atomically under ``<key>.parts/``; an interrupted run skips finished shards. Shards are
+encoded inline, or on a Dask cluster (a LocalCluster of N worker processes, or an existing
+scheduler: several GPU machines), each a task that is retried on failure. The final file is
+assembled from the shards in one deterministic pass (no timestamps), so a resumed or a
+distributed run ends byte-identical to an uninterrupted inline one.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import h5py
@@ -28,14 +31,16 @@ import torch
 from tqdm import tqdm
 
 from pipeline.data import Manifest, load_image
-from pipeline.encoders import VisionEncoder
+from pipeline.encoders import VisionEncoder, load_encoder
 from pipeline.errors import CacheError, MissingInputError
 from pipeline.io import atomic_path, sha256_json
+from pipeline.runtime import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: Fletcher-32 checksum per token chunk
-BLOCK_SIZE = 256  # images per resumable block (fixed: it must not depend on batch size)
+BLOCK_SIZE = 256  # default images per resumable shard (the final file does not depend on it)
+SHARD_RETRIES = 2  # a failed Dask shard is retried this many times before it is listed
 
 
 def cache_key(manifest: Manifest, encoder: VisionEncoder, dtype: str) -> str:
@@ -69,11 +74,13 @@ def extract_split(
     batch_size: int = 64,
     block_size: int = BLOCK_SIZE,
     stop_after_blocks: int | None = None,
+    cluster: "ShardCluster | None" = None,
 ) -> ExtractResult:
     """Encode every image of `manifest` into ``features_dir/<key>.h5`` (or reuse it).
 
-    `stop_after_blocks` ends the run early after encoding that many blocks,
-    leaving the parts behind as an interruption would (used to test resuming).
+    `cluster` encodes the shards on Dask workers instead of inline. `stop_after_blocks` ends
+    the run early after that many shards, leaving the parts behind as an interruption would
+    (used to test resuming).
     """
     features_dir = Path(features_dir)
     key = cache_key(manifest, encoder, dtype)
@@ -93,6 +100,9 @@ def extract_split(
         log.info("extract %s: resuming, %d of %d blocks already done", manifest.split, len(blocks) - len(todo), len(blocks))
     start, encoded = time.perf_counter(), 0
     bar = tqdm(total=sum(len(blocks[b]) for b in todo), unit="img", desc=f"extract {manifest.split}")
+    if cluster is not None:
+        encoded = cluster.encode(blocks, todo, image_root, encoder, dtype, batch_size, parts, bar)
+        todo = []
     for count, b in enumerate(todo):
         if stop_after_blocks is not None and count >= stop_after_blocks:
             bar.close()
@@ -127,7 +137,8 @@ def _encode_block(rows, image_root, encoder, dtype, batch_size, out: Path, bar) 
         if images:
             tokens.append(encoder.encode(images).cpu().numpy().astype(dtype))  # (b, N, d_v)
             ok_ids.extend(ids)
-        bar.update(len(rows[i : i + batch_size]))
+        if bar is not None:
+            bar.update(len(rows[i : i + batch_size]))
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(
@@ -137,6 +148,69 @@ def _encode_block(rows, image_root, encoder, dtype, batch_size, out: Path, bar) 
                 failed_ids=np.array(failed_ids, dtype=str),
                 reasons=np.array(reasons, dtype=str),
             )
+
+
+class ShardCluster:
+    """Shards encoded as Dask tasks: `workers` local processes, or the cluster at `scheduler`."""
+
+    def __init__(self, workers: int = 0, scheduler: str = ""):
+        from distributed import Client, LocalCluster
+
+        if scheduler:
+            self.cluster, self.client = None, Client(scheduler)
+        else:
+            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                        dashboard_address=None)
+            self.client = Client(self.cluster)
+        # Each worker computes with the torch thread count of an inline run here: CPU kernels may
+        # split their sums differently with another count, and the file must be the same byte for byte.
+        self.threads = torch.get_num_threads()
+
+    def encode(self, blocks, todo, image_root, encoder, dtype, batch_size, parts, bar) -> int:
+        """Encode shards `todo` into `parts`; retried, then listed in one error if they still fail."""
+        from distributed import as_completed
+
+        futures = {self.client.submit(encode_shard, encoder.spec, str(encoder.device), blocks[b], str(image_root),
+                                      dtype, batch_size, str(_block_path(parts, b)), self.threads,
+                                      key=f"extract-{parts.name}-{b}", retries=SHARD_RETRIES, pure=False): b
+                   for b in todo}
+        encoded, failed = 0, []
+        for future in as_completed(futures):
+            b = futures[future]
+            if future.status == "finished":
+                encoded += len(blocks[b])
+                bar.update(len(blocks[b]))
+            else:
+                failed.append(f"shard {b} ({type(future.exception()).__name__}: {future.exception()})")
+        if failed:
+            raise CacheError(f"{parts}: {len(failed)} of {len(todo)} shards failed after {SHARD_RETRIES} retries: "
+                             f"{'; '.join(sorted(failed))}; finished shards are kept, re-run to resume")
+        return encoded
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+    def __enter__(self) -> "ShardCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@lru_cache(maxsize=2)
+def _worker_encoder(spec: str, device: str) -> VisionEncoder:
+    return load_encoder(spec, torch.device(device))
+
+
+def encode_shard(spec: str, device: str, rows: list[dict], image_root: str, dtype: str, batch_size: int,
+                 out: str, threads: int) -> int:
+    """A Dask task: encode one shard into its part file (the encoder is loaded once per worker process)."""
+    keep_freed_memory()
+    torch.set_num_threads(threads)
+    _encode_block(rows, Path(image_root), _worker_encoder(spec, device), dtype, batch_size, Path(out), None)
+    return len(rows)
 
 
 def _assemble(parts: Path, n_blocks: int, final: Path, key: str, split: str, encoder, dtype) -> list[dict]:

@@ -37,8 +37,9 @@ def _unit_interval():
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    source: Literal["easyvqa", "folder", "karpathy"] = "easyvqa"  # embedded default, a folder, COCO/Flickr30k
-    folder: str = ""  # folder/karpathy: the image root (folder: also holds captions.csv / captions.json)
+    source: Literal["easyvqa", "folder", "karpathy", "webdataset"] = "easyvqa"  # + a folder, COCO/Flickr30k, tars
+    folder: str = ""  # folder/karpathy/webdataset: the image root (folder: also holds captions.csv / captions.json)
+    shards: str = ""  # webdataset: brace pattern of tar shards under folder, e.g. "{00000..00127}.tar"
     annotations: str = ""  # karpathy: the Karpathy-split JSON (dataset_coco.json, dataset_flickr30k.json)
     test_fraction: float = field(default=0.2, metadata=_unit_interval())  # folder rows without a split column
 
@@ -49,6 +50,9 @@ class ExtractConfig:
     batch_size: int = field(default=64, metadata=_positive(int))
     dtype: Literal["float16", "float32"] = "float16"  # storage dtype of cached tokens
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    shard_size: int = field(default=256, metadata=_positive(int))  # images per resumable unit of work
+    workers: int = field(default=0, metadata=_non_negative())  # 0: inline; N: a local Dask cluster of N processes
+    scheduler: str = ""  # tcp://host:port of an existing Dask scheduler (overrides workers)
 
 
 @dataclass(frozen=True)

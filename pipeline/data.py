@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from PIL import Image
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import ConfigError, DatasetError
+from pipeline import shards
 from pipeline.io import atomic_path, sha256_file
 
 EASYVQA_COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
@@ -237,8 +239,31 @@ def load_karpathy(cfg: PrepareConfig) -> tuple[list[Split], dict]:
     return splits, report
 
 
+# ---------------------------------------------------------------- webdataset shards (img2dataset)
+def load_webdataset(cfg: PrepareConfig) -> tuple[list[Split], dict]:
+    """Tar shards under prepare.folder named by the brace pattern prepare.shards; split by image hash
+    (prepare.test_fraction), as a folder without a split column. Damaged shards are listed, not fatal."""
+    if not cfg.folder or not cfg.shards:
+        raise ConfigError("params.yaml: prepare.folder and prepare.shards: both must be set for source webdataset")
+    folder = Path(cfg.folder)
+    if not folder.is_dir():
+        raise DatasetError(f"prepare.folder: {folder} is not a folder")
+    samples, skipped = shards.list_samples(folder, cfg.shards)
+    by_split: dict[str, list[dict]] = {}
+    for s in samples:
+        fraction = int(s["sha256"][:8], 16) / 16**8
+        by_split.setdefault("test" if fraction < cfg.test_fraction else "train", []).append(
+            {"image_id": f"{s['shard']}/{s['key']}", "image_path": f"{s['shard']}/{s['member']}",
+             "image_sha256": s["sha256"], "captions": [s["caption"]] if s["caption"] else [], "attributes": "{}"})
+    splits = [Split(name, "params:prepare.folder", images) for name, images in sorted(by_split.items())]
+    report = {s.name: {"images": len(s.images), "captions": sum(len(r["captions"]) for r in s.images)} for s in splits}
+    report["skipped"] = {"count": len(skipped), "items": skipped}
+    return splits, report
+
+
 def load_source(cfg: PrepareConfig) -> tuple[list[Split], dict]:
-    loaders = {"easyvqa": lambda _: load_easyvqa(), "folder": load_folder, "karpathy": load_karpathy}
+    loaders = {"easyvqa": lambda _: load_easyvqa(), "folder": load_folder, "karpathy": load_karpathy,
+               "webdataset": load_webdataset}
     return loaders[cfg.source](cfg)
 
 
@@ -308,8 +333,16 @@ def read_questions(prepared_dir: Path, split: str) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
+def read_image_bytes(path: Path) -> bytes:
+    """The stored bytes of an image: a file, or a member of a tar shard (`<shard>.tar/<member>`)."""
+    member = shards.split_member_path(path)
+    return shards.read_member(*member) if member else Path(path).read_bytes()
+
+
 def load_image(path: Path) -> Image.Image:
-    """Decode an image to RGB; raises OSError/ValueError with the reason if unreadable."""
-    with Image.open(path) as img:
+    """Decode an image to RGB (a file, or a member of a tar shard: `<shard>.tar/<member>`);
+    raises FileNotFoundError when it is not there, OSError/ValueError with the reason if unreadable."""
+    source = io.BytesIO(read_image_bytes(path)) if shards.split_member_path(path) else path
+    with Image.open(source) as img:
         img.load()
         return img.convert("RGB")

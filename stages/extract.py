@@ -1,6 +1,7 @@
 """Extract stage: every image of every split -> frozen vision tokens in the HDF5 cache.
 
-Reads  data/prepared/{split}.parquet and params `extract.*`.
+Reads  data/prepared/{split}.parquet and params `extract.*`. Shards of `extract.shard_size` images are
+       encoded inline, on a local Dask cluster (`extract.workers`) or an existing one (`extract.scheduler`).
 Writes data/features/<key>.h5 (one per split), index.json (split -> file) and report.json
 (counts, skipped images with reasons); timings go to data/reports/extract.json (in no output).
 
@@ -8,11 +9,12 @@ Writes data/features/<key>.h5 (one per split), index.json (split -> file) and re
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
 from pipeline import data
-from pipeline.cache import extract_split
+from pipeline.cache import ShardCluster, extract_split
 from pipeline.config import Config
 from pipeline.device import resolve_device
 from pipeline.encoders import load_encoder
@@ -23,7 +25,7 @@ from stages.common import Out, StageSpec, stage_main
 
 STAGE = StageSpec(
     name="extract", description=__doc__.splitlines()[0],
-    params=("extract.encoder", "extract.dtype", "extract.batch_size", "extract.device", "prepare.folder"),
+    params=("extract", "prepare.folder"),
     deps=("prepared",),
     # persist: keyed files of other encoders stay (switching back is a cache hit),
     # and an interrupted run keeps its finished blocks to resume from.
@@ -37,12 +39,19 @@ def run(cfg: Config, dirs: Dirs, method: None = None, *, lm=None) -> dict:
     splits = data.manifest_splits(dirs.prepared)
     if not splits:
         raise MissingInputError(f"{dirs.prepared}: no manifests found (run the prepare stage first)")
-    encoder = load_encoder(cfg.extract.encoder, resolve_device(cfg.extract.device))
+    xcfg = cfg.extract
+    encoder = load_encoder(xcfg.encoder, resolve_device(xcfg.device))
     index, report, timings = {}, {}, {}
-    for split in splits:
-        manifest = data.read_manifest(dirs.prepared, split)
-        root = data.resolve_image_root(manifest.image_root, cfg.prepare)
-        result = extract_split(manifest, root, encoder, dirs.features, cfg.extract.dtype, cfg.extract.batch_size)
+    with contextlib.ExitStack() as stack:
+        cluster = (stack.enter_context(ShardCluster(xcfg.workers, xcfg.scheduler))
+                   if xcfg.workers or xcfg.scheduler else None)
+        results = {}
+        for split in splits:
+            manifest = data.read_manifest(dirs.prepared, split)
+            root = data.resolve_image_root(manifest.image_root, cfg.prepare)
+            results[split] = extract_split(manifest, root, encoder, dirs.features, xcfg.dtype, xcfg.batch_size,
+                                           block_size=xcfg.shard_size, cluster=cluster)
+    for split, result in results.items():
         index[split] = {"file": result.path.name, "key": result.key}
         report[split] = {"images": result.n_images, "skipped": len(result.failed), "skipped_images": result.failed}
         timings[split] = {

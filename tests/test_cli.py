@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from vlap import cli
 from pipeline.paths import Dirs
@@ -69,7 +70,27 @@ def test_caption_prints_the_evaluation_caption(bridge_data, test_image, capsys):
     _, path, evaluated = test_image
     code, out, err = vlap(capsys, "caption", path, "--method", "limber", "--params", params, "--data", root)
     assert code == 0, err
-    assert out.strip() and out.strip() == evaluated  # same prefix [V ; prompt] and decoding as evaluate_caption
+    assert out == f"{path}\t{' '.join(evaluated.split())}\n"  # same prefix [V ; prompt] and decoding as evaluate_caption
+
+
+def test_caption_many_images_in_batches(bridge_data, test_image, tmp_path, capsys):
+    """Files and a folder, batches of 2, one line per image; an unreadable one is one error line, exit 2."""
+    _, params, root = bridge_data
+    _, path, evaluated = test_image
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for k, colour in enumerate(("red", "blue", "green")):
+        Image.new("RGB", (64, 64), colour).save(folder / f"{k}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG no")
+    (folder / "notes.txt").write_text("not an image")
+    code, out, err = vlap(capsys, "caption", path, "--folder", folder, "--batch-size", 2, "--method", "limber",
+                          "--params", params, "--data", root)
+    assert code == 2
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert [Path(p) for p, _ in lines] == [path, folder / "0.png", folder / "1.png", folder / "2.png"]
+    assert lines[0][1] == " ".join(evaluated.split())  # batched decoding gives the single-image caption
+    (line,) = [e for e in err.splitlines() if e.startswith("error:")]  # (library warnings may precede it)
+    assert line.startswith(f"error: {folder / 'broken.png'}: not a readable image")
 
 
 def test_ask_closed_and_open(bridge_data, test_image, capsys):
@@ -90,11 +111,15 @@ def test_search_prints_ranked_test_images(bridge_data, capsys):
     assert code == 0, err
     rows = [line.split("\t") for line in out.splitlines()]
     assert [int(r[0]) for r in rows] == [1, 2, 3]
-    evaluated = load_eval_inputs(cfg, "limber", Dirs.under(root), need_lm=False).image_ids
-    assert len({r[1] for r in rows}) == 3 and {r[1] for r in rows} <= set(evaluated)
+    cached = load_eval_inputs(cfg, "limber", Dirs.under(root), need_lm=False, every_image=True).image_ids
+    assert len(cached) == 32  # every cached test image, not only the evaluated 8
+    assert len({r[1] for r in rows}) == 3 and {r[1] for r in rows} <= set(cached)
     scores = [float(r[2]) for r in rows]
     assert scores == sorted(scores, reverse=True) and all(-1.0 <= s <= 1.0 for s in scores)
     assert all(Path(r[3]).is_file() for r in rows)
+    code, out, err = vlap(capsys, "search", "a blue circle", "--top", 2, "--split", "train", "--method", "limber",
+                          "--params", params, "--data", root)
+    assert code == 0 and len(out.splitlines()) == 2, err
 
 
 def test_bad_method_and_missing_bridge_are_one_line(bridge_data, test_image, tmp_path, capsys):

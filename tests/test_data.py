@@ -1,14 +1,17 @@
 """Prepare: easy-VQA captions from questions, folder sources, portable manifests."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from pipeline import data
 from pipeline.config import Config, PrepareConfig, parse_config
 from pipeline.paths import Dirs
+from shard_writer import png_bytes
 from stages import prepare
 
 
@@ -134,3 +137,49 @@ def test_karpathy_split_json(tmp_path, easyvqa_root):
     ann.write_text(json.dumps({"images": [{"filename": "x.png"}]}))
     with pytest.raises(data.DatasetError, match="not a Karpathy split file"):
         data.load_karpathy(cfg.prepare)
+
+
+def test_webdataset_shards_as_img2dataset_writes_them(tmp_path, lite0):
+    """Brace-pattern shard list, captions from .txt or .json, manifests naming shard/member, images read
+    from inside the tars; a corrupt member is skipped at extraction, a truncated shard keeps what precedes
+    the damage and lists the rest."""
+    from PIL import Image
+
+    from pipeline.cache import FeatureCache, extract_split
+    from shard_writer import truncate, write_shard
+
+    colours = ["red", "green", "blue", "gray", "teal", "brown"]
+    images = {f"{s:05d}{k:04d}": Image.new("RGB", (32, 32), colours[(s * 4 + k) % 6]) for s in range(3) for k in range(4)}
+    shards = tmp_path / "shards"
+    for s in range(3):
+        samples = []
+        for k in range(4):
+            key = f"{s:05d}{k:04d}"
+            samples.append((key, images[key], f"a {colours[(s * 4 + k) % 6]} square", ("txt", "json", "both")[k % 3]))
+        if s == 1:
+            samples[2] = (samples[2][0], b"\xff\xd8\xff\xe0 not really a jpeg", samples[2][2], "txt")
+        write_shard(shards / f"{s:05d}.tar", samples)
+    truncate(shards / "00002.tar", "000020002.jpg")
+    cfg = Config(prepare=PrepareConfig(source="webdataset", folder=str(shards), shards="{00000..00002}.tar",
+                                       test_fraction=0.0))
+    report = prepare.run(cfg, Dirs.under(tmp_path))
+    train = data.read_manifest(tmp_path / "prepared", "train")
+    by_id = {r["image_id"]: r for r in train.images}
+    assert train.image_root == "params:prepare.folder"
+    assert by_id["00000.tar/000000000"]["image_path"] == "00000.tar/000000000.jpg"
+    assert by_id["00000.tar/000000000"]["captions"] == ["a red square"]  # from .txt
+    assert by_id["00000.tar/000000001"]["captions"] == ["a green square"]  # from .json
+    assert str(tmp_path).encode() not in (tmp_path / "prepared" / "train.parquet").read_bytes()
+    assert len(train.images) == 10  # shard 2 is cut inside its third image: its first two samples only
+    assert report["skipped"]["count"] >= 1 and any("00002.tar" in s["image_id"] for s in report["skipped"]["items"])
+
+    root = data.resolve_image_root(train.image_root, cfg.prepare)
+    result = extract_split(train, root, lite0, tmp_path / "features", batch_size=4, block_size=4)
+    assert [f["image_id"] for f in result.failed] == ["00001.tar/000010002"]  # the corrupt member
+    assert result.failed[0]["reason"].startswith("unreadable image 00001.tar/000010002.jpg")
+    with FeatureCache(result.path) as cache:
+        assert len(cache.ids) == len(train.images) - 1
+        from_tar = cache.tokens(["00000.tar/000000003"]).astype("float32")
+    direct = lite0.encode([Image.open(io.BytesIO(png_bytes(images["000000003"], "JPEG"))).convert("RGB")])
+    assert np.abs(from_tar - direct.numpy()).max() < 2e-3  # the member, decoded in place, as the file would be
+    assert not list(tmp_path.rglob("*.jpg"))  # nothing unpacked

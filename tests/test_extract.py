@@ -131,3 +131,18 @@ def test_corrupt_chunk_is_caught_on_read_in_one_line(extracted, tmp_path):
             cache.read_rows(np.array([2, 3, 4]))
     message = str(err.value)
     assert message.startswith(f"{path}: sample {victim!r} (row 3) is corrupt") and "\n" not in message
+
+
+def test_two_dask_workers_give_the_inline_file_byte_for_byte(manifest32, easyvqa_root, lite0, tmp_path):
+    from pipeline.cache import ShardCluster
+
+    manifest = data.Manifest("train", manifest32.image_root, manifest32.images[:32] * 2)  # 64 images, 8 shards
+    manifest = data.Manifest("train", manifest.image_root,
+                             [dict(r, image_id=f"{r['image_id']}-{k}") for k, r in enumerate(manifest.images)])
+    inline = extract_split(manifest, easyvqa_root, lite0, tmp_path / "inline", batch_size=8, block_size=8)
+    with ShardCluster(workers=2) as cluster:
+        sharded = extract_split(manifest, easyvqa_root, lite0, tmp_path / "dask", batch_size=8, block_size=8,
+                                cluster=cluster)
+    assert sharded.n_encoded == 64 and sharded.key == inline.key
+    assert filecmp.cmp(inline.path, sharded.path, shallow=False)
+    assert not (tmp_path / "dask" / f"{sharded.key}.parts").exists()

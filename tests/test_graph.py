@@ -20,7 +20,7 @@ from vlap.flow import tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
 # Fields only some sources read (easy-VQA reads none of them).
-SOURCE_DEPENDENT = {"prepare.folder", "prepare.annotations", "prepare.test_fraction"}
+SOURCE_DEPENDENT = {"prepare.folder", "prepare.annotations", "prepare.shards", "prepare.test_fraction"}
 # Written beside the outputs on purpose, in no hashed output: resume state, timings, locks.
 NOT_OUTPUTS = ("models/checkpoints", "reports", ".locks")
 

@@ -1,10 +1,10 @@
 """The `vlap` command: run the pipeline, or use a trained bridge on one image or one text.
 
     vlap run [--flow]                               # dvc repro, or the Prefect flow (vlap.flow)
-    vlap caption IMAGE [--method vlap]              # greedy caption
+    vlap caption IMAGE... [--folder DIR]            # greedy captions, in batches: "path<TAB>caption" per image
     vlap ask IMAGE "what shape is in the image?"    # open-ended answer
     vlap ask IMAGE "what color is the shape?" --answers red,green,blue   # best of the given answers
-    vlap search "a blue circle" [--top 5]           # cached test images ranked by cosine(z_v, z_t)
+    vlap search "a blue circle" [--top 5] [--split test]   # cached images ranked by cosine(z_v, z_t)
 
 Reads  --params (default params.yaml: extract.encoder, evaluate.* devices, lengths and test images),
        <data>/models/<method>/bridge.pt, and for search the test features, manifest and prototypes
@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from pipeline import data
-from pipeline.bridge import load_bridge
+from pipeline.bridge import load_bridge, visual_representation
 from pipeline.config import METHODS, Config, load_config
 from pipeline.device import resolve_device
 from pipeline.encoders import VisionEncoder, load_encoder
@@ -35,6 +35,9 @@ from pipeline.prototypes import caption_representations
 from pipeline.tasks.inputs import load_eval_inputs
 from pipeline.tasks.vqa import first_answer, query_text
 from pipeline.errors import USER_ERRORS, ConfigError, DatasetError, MismatchError
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -70,13 +73,6 @@ def visual_prefix(image: Image.Image, encoder: VisionEncoder, bridge: torch.nn.M
     return bridge(tokens)[0]
 
 
-def caption(lm: LanguageModel, V: torch.Tensor, prompt: str, max_new_tokens: int) -> str:
-    """Greedy caption after [V ; prompt], the prefix of pipeline/tasks/captioning.py."""
-    embeds = torch.cat([V, text_embeds(lm, prompt)])[None]  # (1, N + P, D)
-    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-    return greedy_decode(lm, embeds, mask, max_new_tokens)[0]
-
-
 def answer(lm: LanguageModel, V: torch.Tensor, question: str, answers: list[str] | None, max_new_tokens: int) -> str:
     """[V] " Question: q Answer:" as in pipeline/tasks/vqa.py: the most likely of `answers`, else decoded."""
     embeds, mask = left_pad([torch.cat([V, text_embeds(lm, query_text(question))])])  # (1, T, D)
@@ -86,15 +82,48 @@ def answer(lm: LanguageModel, V: torch.Tensor, question: str, answers: list[str]
     return first_answer(greedy_decode(lm, embeds, mask, max_new_tokens)[0])
 
 
-def search(cfg: Config, method: str, dirs: Dirs, text: str, top: int) -> list[tuple[str, float, Path]]:
-    """(image id, cosine, path) of the `top` evaluated test images closest to `text`, best first."""
-    inputs = load_eval_inputs(cfg, method, dirs, need_lm=False)
+def search(cfg: Config, method: str, dirs: Dirs, text: str, top: int, split: str = "test"
+           ) -> list[tuple[str, float, Path]]:
+    """(image id, cosine, path) of the `top` cached `split` images closest to `text`, best first.
+
+    Streams the split's tokens in blocks and keeps a running top-k: memory is bounded by the block."""
+    inputs = load_eval_inputs(cfg, method, dirs, need_lm=False, split=split, every_image=True)
     lm = load_lm(inputs.meta["llm"], inputs.device)
-    z_t = torch.from_numpy(caption_representations(lm, [text], batch_size=1)).to(inputs.device)  # (1, D)
-    scores = (inputs.z_v(cfg.evaluate.common.batch_size) @ z_t.T)[:, 0]  # (n,) both sides L2-normalised
-    best = scores.topk(min(top, len(scores)))
+    z_t = torch.from_numpy(caption_representations(lm, [text], batch_size=1)).to(inputs.device)[0]  # (D,)
+    block = cfg.evaluate.common.batch_size
+    best_scores, best_rows = torch.empty(0, device=inputs.device), torch.empty(0, dtype=torch.long)
+    with torch.inference_mode():
+        for start in range(0, len(inputs.image_ids), block):
+            scores = visual_representation(inputs.bridged(slice(start, start + block))) @ z_t  # both L2-normalised
+            best_scores = torch.cat([best_scores, scores])
+            best_rows = torch.cat([best_rows, torch.arange(start, start + len(scores))])
+            keep = best_scores.topk(min(top, len(best_scores))).indices
+            best_scores, best_rows = best_scores[keep], best_rows[keep.cpu()]
     return [(inputs.image_ids[i], s, inputs.image_paths[inputs.image_ids[i]])
-            for s, i in zip(best.values.tolist(), best.indices.tolist())]
+            for s, i in zip(best_scores.tolist(), best_rows.tolist())]
+
+
+def image_files(images: list[Path], folder: Path | None) -> list[Path]:
+    """The images named, then every image file in `folder` (sorted, not recursive)."""
+    found = list(images)
+    if folder is not None:
+        if not folder.is_dir():
+            raise DatasetError(f"--folder {folder}: not a folder")
+        found += sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not found:
+        raise DatasetError("caption: no image given (name image files and/or --folder DIR)")
+    return found
+
+
+@torch.inference_mode()
+def caption_batch(images: list[Image.Image], encoder: VisionEncoder, bridge: torch.nn.Module, lm: LanguageModel,
+                  dtype: str, prompt: str, max_new_tokens: int) -> list[str]:
+    """Greedy captions of a batch, as evaluate_caption decodes them (tokens rounded to the cache dtype)."""
+    tokens = encoder.encode(images).to(getattr(torch, dtype)).float()  # (B, N, d_v)
+    V = bridge(tokens)  # (B, N, D)
+    embeds = torch.cat([V, text_embeds(lm, prompt).expand(len(images), -1, -1)], 1)
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    return greedy_decode(lm, embeds, mask, max_new_tokens)
 
 
 # ---------------------------------------------------------------- commands
@@ -110,11 +139,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    cfg, image = load_config(args.params), read_image(args.image)  # cheap checks before loading models
+    """One line per image: `path<TAB>caption`; an unreadable image is one error line, the others go on."""
+    cfg, paths = load_config(args.params), image_files(args.images, args.folder)
+    if len(paths) == 1:
+        read_image(paths[0])  # a lone bad image fails before the models load
     bridge, meta, encoder, lm = load_models(cfg, args.method, args.data)
-    V = visual_prefix(image, encoder, bridge, cfg.extract.dtype)
-    print(caption(lm, V, meta["prompt"], cfg.evaluate.caption.max_new_tokens))
-    return 0
+    batch_size, failed = args.batch_size or cfg.evaluate.common.batch_size, 0
+    for start in range(0, len(paths), batch_size):
+        batch = []
+        for path in paths[start : start + batch_size]:
+            try:
+                batch.append((path, read_image(path)))
+            except DatasetError as err:
+                print(f"error: {err}", file=sys.stderr)
+                failed += 1
+        if batch:
+            captions = caption_batch([image for _, image in batch], encoder, bridge, lm, cfg.extract.dtype,
+                                     meta["prompt"], cfg.evaluate.caption.max_new_tokens)
+            for (path, _), text in zip(batch, captions):
+                print(f"{path}\t{' '.join(text.split())}", flush=True)  # one line, whatever was decoded
+    return 2 if failed else 0
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -127,7 +171,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     for rank, (image_id, score, path) in enumerate(
-            search(load_config(args.params), args.method, Dirs.under(args.data), args.text, args.top), start=1):
+            search(load_config(args.params), args.method, Dirs.under(args.data), args.text, args.top, args.split),
+            start=1):
         print(f"{rank}\t{image_id}\t{score:.4f}\t{path}")
     return 0
 
@@ -164,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(command_fn=fn)
         return c
 
-    model_command("caption", "caption an image", cmd_caption).add_argument("image", type=Path)
+    caption_cmd = model_command("caption", "caption images, in batches: one line per image", cmd_caption)
+    caption_cmd.add_argument("images", type=Path, nargs="*", help="image files")
+    caption_cmd.add_argument("--folder", type=Path, help="also every image file in this folder")
+    caption_cmd.add_argument("--batch-size", type=positive_int, help="images per batch (default: evaluate.common.batch_size)")
     ask = model_command("ask", "answer a question about an image", cmd_ask)
     ask.add_argument("image", type=Path)
     ask.add_argument("question")
@@ -172,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     search_cmd = model_command("search", "rank the cached test images by a text", cmd_search)
     search_cmd.add_argument("text")
     search_cmd.add_argument("--top", type=positive_int, default=5, help="how many images to list (default: 5)")
+    search_cmd.add_argument("--split", default="test", help="which cached split to search (default: test)")
     return p
 
 

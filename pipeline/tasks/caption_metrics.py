@@ -21,6 +21,8 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+from pipeline.data import read_image_bytes
+
 
 def caption_scores(
     references: dict[str, list[str]], predictions: dict[str, str]
@@ -70,7 +72,7 @@ def _image_data_uri(row: dict) -> str:
         return f"data:image/png;base64,{row['image_b64']}"
     path = Path(row["image_path"])
     mime = mimetypes.guess_type(path.name)[0] or "image/png"
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+    return f"data:{mime};base64,{base64.b64encode(read_image_bytes(path)).decode('ascii')}"
 
 
 def _row_html(row: dict) -> str:

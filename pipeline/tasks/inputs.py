@@ -57,26 +57,29 @@ class EvalInputs:
                           for i in range(0, len(self.image_ids), batch_size)])
 
 
-def select_test_images(manifest: data.Manifest, cache: FeatureCache, limit: int) -> list[str]:
-    ids = [r["image_id"] for r in manifest.images if r["captions"] and r["image_id"] in cache.index]
+def select_test_images(manifest: data.Manifest, cache: FeatureCache, limit: int, need_captions: bool = True) -> list[str]:
+    ids = [r["image_id"] for r in manifest.images if (r["captions"] or not need_captions) and r["image_id"] in cache.index]
     return ids[:limit] if limit else ids
 
 
 def load_eval_inputs(cfg: Config, method: str, dirs: Dirs, lm: LanguageModel | None = None,
-                     need_lm: bool = True) -> EvalInputs:
+                     need_lm: bool = True, split: str = "test", every_image: bool = False) -> EvalInputs:
+    """The evaluation's inputs on `split`: its first `evaluate.common.test_images` images with captions
+    and features, or with `every_image` all its images with features (search)."""
     device = resolve_device(cfg.evaluate.common.device)
     bridge, meta = load_bridge(Path(dirs.models) / method / "bridge.pt", device)
-    manifest = data.read_manifest(dirs.prepared, "test")
-    with FeatureCache(features_file(dirs.features, "test")) as cache:
+    manifest = data.read_manifest(dirs.prepared, split)
+    with FeatureCache(features_file(dirs.features, split)) as cache:
         if cache.attrs.get("encoder_weights_sha256") != meta.get("encoder_weights_sha256"):
-            raise MismatchError(f"{cache.path}: test features come from another encoder than the {method} bridge was "
-                             f"trained on ({meta.get('encoder')}); re-run extract and train")
-        ids = select_test_images(manifest, cache, cfg.evaluate.common.test_images)
+            raise MismatchError(f"{cache.path}: {split} features come from another encoder than the {method} bridge "
+                                f"was trained on ({meta.get('encoder')}); re-run extract and train")
+        ids = (select_test_images(manifest, cache, 0, need_captions=False) if every_image
+               else select_test_images(manifest, cache, cfg.evaluate.common.test_images))
         if not ids:
-            raise DatasetError(f"{cache.path}: no test image has both features and a caption")
+            raise DatasetError(f"{cache.path}: no {split} image has both features and a caption")
         rows, d_vision = cache.rows(ids), int(cache.file["tokens"].shape[-1])
     if d_vision != meta["d_vision"]:
-        raise MismatchError(f"test features have d_v = {d_vision}, the {method} bridge expects {meta['d_vision']}")
+        raise MismatchError(f"{split} features have d_v = {d_vision}, the {method} bridge expects {meta['d_vision']}")
     if need_lm and lm is None:
         lm = load_lm(meta["llm"], device)
     protos = load_prototypes(prototypes_file(dirs.prototypes), device)

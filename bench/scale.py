@@ -1,0 +1,205 @@
+"""Benchmark: training from the streaming feature store vs the in-memory loader as the split grows,
+and extraction inline vs on 2 Dask workers, same run.
+
+    python bench/scale.py [--sizes 5000 50000 200000] [--steps 8] [--batch-size 16] [--workdir DIR]
+    python bench/scale.py --extract [--images 1000]
+
+Training: synthetic caches of N samples written straight into the cache format (random float16
+tokens, 49 x 1280, Fletcher-32 chunks; captions cycled from easy-VQA's), prototypes of the real
+SmolLM2. Each (size, loader) runs in its own process: the VLAP step of pipeline.train
+(compute_losses + backward + AdamW, bf16 autocast as the default) for --steps steps after one
+warm-up, batches a pure function of (seed, step). Loaders:
+- streaming: pipeline.train.StepBatches through a DataLoader with 1 worker (the default), which
+  reads only each batch's chunks;
+- memory (the reference, the loader before the streaming store): every token of the split read
+  into one tensor first, batches indexed from it. Skipped where it would not fit in RAM.
+Reported: peak RSS of the training process and of its loader worker (getrusage), samples/s.
+
+Extraction: the first --images easy-VQA train images through pipeline.cache.extract_split, inline
+and with a distributed.LocalCluster of 2 worker processes (each with the inline run's torch thread
+count, which keeps the file byte-identical), same shard size;
+the two files are compared byte for byte.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import common  # noqa: F401  (offline, repo root, allocator)
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline import data  # noqa: E402
+from pipeline.cache import FORMAT_VERSION  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+
+N_TOKENS, D_VISION, BLOCK = 49, 1280, 1000
+
+
+def write_synthetic_cache(path: Path, n: int, seed: int = 0) -> None:
+    """n random float16 samples in the extract stage's layout (one chunk per sample, Fletcher-32)."""
+    if path.exists():
+        return
+    rng = np.random.default_rng(seed)
+    tmp = path.with_suffix(".tmp")
+    with h5py.File(tmp, "w", track_order=True) as f:
+        tokens = f.create_dataset("tokens", shape=(n, N_TOKENS, D_VISION), dtype="float16",
+                                  chunks=(1, N_TOKENS, D_VISION), fletcher32=True, track_times=False)
+        for start in range(0, n, BLOCK):
+            stop = min(n, start + BLOCK)
+            tokens[start:stop] = rng.standard_normal((stop - start, N_TOKENS, D_VISION), dtype=np.float32)
+        string = h5py.string_dtype()
+        f.create_dataset("image_ids", data=np.array([f"s{i}" for i in range(n)], dtype=object), dtype=string)
+        f.create_dataset("failed_ids", data=np.array([], dtype=object), dtype=string)
+        f.create_dataset("failed_reasons", data=np.array([], dtype=object), dtype=string)
+        f.attrs.update(cache_key=f"synthetic-{n}", split="train", encoder="synthetic", encoder_weights_sha256="0",
+                       dtype="float16", format_version=FORMAT_VERSION)
+    tmp.rename(path)
+
+
+def child(args) -> None:
+    """One training measurement; prints a JSON line."""
+    from pipeline.bridge import LinearBridge
+    from pipeline.lms import load_lm
+    from pipeline.prototypes import build_prototypes, load_prototypes
+    from pipeline.train import StepBatches, TrainData, batch_indices, compute_losses
+
+    cfg = load_config()
+    lm = load_lm(cfg.prototypes.llm, torch.device("cpu"))
+    captions = sorted({c for s in data.load_easyvqa()[0] if s.name == "train" for r in s.images for c in r["captions"]})
+    path, _ = build_prototypes(lm, captions, captions, cfg.prototypes, Path(args.workdir) / "prototypes")
+    protos = load_prototypes(path)
+    n = args.size
+    train = TrainData(features_path=Path(args.workdir) / f"{n}.h5", rows=np.arange(n),
+                      captions=[captions[i % len(captions)] for i in range(n)], image_ids=[f"s{i}" for i in range(n)],
+                      d_vision=D_VISION, features_key="synthetic", encoder="synthetic", encoder_weights_sha256="0")
+    total = args.steps + 1
+    if args.loader == "memory":
+        with h5py.File(train.features_path, "r") as f:
+            everything = torch.from_numpy(f["tokens"][:])  # the whole split in memory
+        batches = ((s, idx, everything[idx]) for s in range(total)
+                   for idx in [batch_indices(n, args.batch_size, cfg.train.seed, s)])
+    else:
+        batches = torch.utils.data.DataLoader(StepBatches(train, args.batch_size, cfg.train.seed, 0, total),
+                                              batch_size=None, num_workers=1, prefetch_factor=2)
+    torch.manual_seed(0)
+    bridge = LinearBridge(D_VISION, lm.hidden_size)
+    optimizer = torch.optim.AdamW(bridge.parameters(), lr=cfg.train.lr)
+    prompt_ids = lm.tokenize([cfg.train.prompt])[0][0]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.precision == "bf16" else nullcontext()
+    start = None
+    for step, idx, tokens in batches:
+        if step == 1:
+            start = time.perf_counter()  # after the warm-up step
+        with autocast:
+            terms = compute_losses("vlap", cfg, lm, bridge, protos, tokens.float(),
+                                   [train.captions[i] for i in idx.tolist()], prompt_ids)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+    seconds = time.perf_counter() - start
+    print(json.dumps({"size": n, "loader": args.loader, "samples_per_s": args.steps * args.batch_size / seconds,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+
+
+def training(args) -> None:
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    rows = []
+    for n in args.sizes:
+        t = time.perf_counter()
+        write_synthetic_cache(workdir / f"{n}.h5", n)
+        print(f"cache of {n} samples ready ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+        for loader in ("streaming", "memory"):
+            if loader == "memory" and n * N_TOKENS * D_VISION * 2 > 0.6 * available:
+                rows.append({"size": n, "loader": loader, "skipped": f"needs {n * N_TOKENS * D_VISION * 2 / 2**30:.1f} "
+                                                                     f"GiB of {available / 2**30:.1f} GiB free"})
+                continue
+            out = subprocess.run([sys.executable, __file__, "--child", "--size", str(n), "--loader", loader,
+                                  "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                                  "--workdir", str(workdir)], capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(rows[-1], file=sys.stderr)
+    base = {r["loader"]: r for r in rows if r["size"] == args.sizes[0] and "skipped" not in r}
+    print(f"\nVLAP step, batch {args.batch_size}, {args.steps} timed steps after 1 warm-up, torch threads "
+          f"{torch.get_num_threads()}\n")
+    print("| samples | loader | peak RSS MB (trainer) | peak RSS MB (loader worker) | RSS / smallest | samples/s | "
+          "samples/s / smallest |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if "skipped" in r:
+            print(f"| {r['size']:,} | {r['loader']} | – | – | – | – | skipped: {r['skipped']} |")
+            continue
+        b = base[r["loader"]]
+        print(f"| {r['size']:,} | {r['loader']} | {r['peak_rss_mb']:.0f} | {r['worker_peak_rss_mb']:.0f} | "
+              f"{r['peak_rss_mb'] / b['peak_rss_mb']:.2f} | {r['samples_per_s']:.2f} | "
+              f"{r['samples_per_s'] / b['samples_per_s']:.2f} |")
+
+
+def extraction(args) -> None:
+    import filecmp
+    import tempfile
+
+    from pipeline.cache import ShardCluster, extract_split
+    from pipeline.config import PrepareConfig
+    from pipeline.encoders import load_encoder
+
+    splits, _ = data.load_easyvqa()
+    train = next(s for s in splits if s.name == "train")
+    manifest = data.Manifest("train", train.image_root, train.images[: args.images])
+    root = data.resolve_image_root(manifest.image_root, PrepareConfig())
+    encoder = load_encoder("efficientnet-lite0", torch.device("cpu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        inline = extract_split(manifest, root, encoder, Path(tmp) / "inline", batch_size=64, block_size=128)
+        inline_s = time.perf_counter() - t
+        t = time.perf_counter()
+        with ShardCluster(workers=2) as cluster:
+            startup = time.perf_counter() - t
+            sharded = extract_split(manifest, root, encoder, Path(tmp) / "dask", batch_size=64, block_size=128,
+                                    cluster=cluster)
+        dask_s = time.perf_counter() - t
+        same = filecmp.cmp(inline.path, sharded.path, shallow=False)
+    print(f"\n{args.images} easy-VQA images, EfficientNet-Lite0, shards of 128, batch 64, {os.cpu_count()} cores\n")
+    print("| path | seconds | images/s | ratio to inline |")
+    print("|---|---:|---:|---:|")
+    print(f"| inline (1 process, torch threads {torch.get_num_threads()}) | {inline_s:.1f} | "
+          f"{args.images / inline_s:.1f} | 1.00 |")
+    print(f"| 2 Dask workers ({torch.get_num_threads()} torch threads each, incl. {startup:.1f} s cluster start) | "
+          f"{dask_s:.1f} | "
+          f"{args.images / dask_s:.1f} | {inline_s / dask_s:.2f} |")
+    print(f"\nsame file byte for byte: {same}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[5000, 50000, 200000])
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workdir", default="data/reports/bench-scale")
+    p.add_argument("--extract", action="store_true", help="measure extraction inline vs 2 Dask workers instead")
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--loader", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args)
+    elif args.extract:
+        extraction(args)
+    else:
+        training(args)
+
+
+if __name__ == "__main__":
+    main()
