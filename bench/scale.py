@@ -17,8 +17,8 @@ Reported: peak RSS of the training process and of its loader worker (getrusage),
 
 Extraction: the first --images easy-VQA train images through pipeline.cache.extract_split, inline
 and with a distributed.LocalCluster of 2 worker processes (each with the inline run's torch thread
-count, which keeps the file byte-identical), same shard size;
-the two files are compared byte for byte.
+count, which keeps the file byte-identical), and once more with 1 torch thread per worker (no
+oversubscription of the cores, but other CPU kernels); same shard size; files compared byte for byte.
 """
 from __future__ import annotations
 
@@ -170,6 +170,13 @@ def extraction(args) -> None:
                                     cluster=cluster)
         dask_s = time.perf_counter() - t
         same = filecmp.cmp(inline.path, sharded.path, shallow=False)
+        t = time.perf_counter()
+        with ShardCluster(workers=2) as cluster:
+            cluster.threads = 1  # one thread per core: no oversubscription, but not the inline run's kernels
+            single = extract_split(manifest, root, encoder, Path(tmp) / "dask1", batch_size=64, block_size=128,
+                                   cluster=cluster)
+        single_s = time.perf_counter() - t
+        same_single = filecmp.cmp(inline.path, single.path, shallow=False)
     print(f"\n{args.images} easy-VQA images, EfficientNet-Lite0, shards of 128, batch 64, {os.cpu_count()} cores\n")
     print("| path | seconds | images/s | ratio to inline |")
     print("|---|---:|---:|---:|")
@@ -178,7 +185,9 @@ def extraction(args) -> None:
     print(f"| 2 Dask workers ({torch.get_num_threads()} torch threads each, incl. {startup:.1f} s cluster start) | "
           f"{dask_s:.1f} | "
           f"{args.images / dask_s:.1f} | {inline_s / dask_s:.2f} |")
-    print(f"\nsame file byte for byte: {same}")
+    print(f"| 2 Dask workers (1 torch thread each) | {single_s:.1f} | {args.images / single_s:.1f} | "
+          f"{inline_s / single_s:.2f} |")
+    print(f"\nsame file byte for byte as inline: {same} (threads as inline), {same_single} (1 thread each)")
 
 
 def main() -> None:
