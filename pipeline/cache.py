@@ -102,13 +102,13 @@ def extract_split(
     bar = tqdm(total=sum(len(blocks[b]) for b in todo), unit="img", desc=f"extract {manifest.split}")
     if cluster is not None:
         encoded = cluster.encode(blocks, todo, image_root, encoder, dtype, batch_size, parts, bar)
-        todo = []
-    for count, b in enumerate(todo):
-        if stop_after_blocks is not None and count >= stop_after_blocks:
-            bar.close()
-            return ExtractResult(final, key, False, n, encoded, [], time.perf_counter() - start)
-        _encode_block(blocks[b], image_root, encoder, dtype, batch_size, _block_path(parts, b), bar)
-        encoded += len(blocks[b])
+    else:
+        for count, b in enumerate(todo):
+            if stop_after_blocks is not None and count >= stop_after_blocks:
+                bar.close()
+                return ExtractResult(final, key, False, n, encoded, [], time.perf_counter() - start)
+            _encode_block(blocks[b], image_root, encoder, dtype, batch_size, _block_path(parts, b), bar)
+            encoded += len(blocks[b])
     bar.close()
     failed = _assemble(parts, len(blocks), final, key, manifest.split, encoder, dtype)
     shutil.rmtree(parts)
@@ -181,7 +181,8 @@ class ShardCluster:
                 encoded += len(blocks[b])
                 bar.update(len(blocks[b]))
             else:
-                failed.append(f"shard {b} ({type(future.exception()).__name__}: {future.exception()})")
+                err = future.exception()
+                failed.append(f"shard {b} ({type(err).__name__}: {err})")
         if failed:
             raise CacheError(f"{parts}: {len(failed)} of {len(todo)} shards failed after {SHARD_RETRIES} retries: "
                              f"{'; '.join(sorted(failed))}; finished shards are kept, re-run to resume")

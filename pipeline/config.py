@@ -20,8 +20,6 @@ from pipeline.errors import ConfigError
 PARAMS_FILE = Path("params.yaml")
 
 
-
-
 # Range checks: field metadata {"check": (predicate, "description")}.
 def _positive(kind: type = float):
     return {"check": (lambda v: v > 0, f"{'a number' if kind is float else 'an integer'} > 0")}

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline import shards
 from pipeline.config import PrepareConfig
 from pipeline.errors import ConfigError, DatasetError
-from pipeline import shards
 from pipeline.io import atomic_path, sha256_file
 
 EASYVQA_COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
@@ -203,13 +203,19 @@ def load_folder(cfg: PrepareConfig) -> tuple[list[Split], dict]:
                 raise DatasetError(f"{source}: row {line}: image {rel} appears in splits {split_of[rel]} and {split}")
     for rel, row in images.items():
         if rel not in split_of:
-            # Deterministic split by content: the same image lands in the same split everywhere.
-            fraction = int(row["image_sha256"][:8], 16) / 16**8
-            split_of[rel] = "test" if fraction < cfg.test_fraction else "train"
+            split_of[rel] = split_by_content(row["image_sha256"], cfg.test_fraction)
     names = sorted(set(split_of.values()))
     splits = [Split(n, "params:prepare.folder", [r for k, r in images.items() if split_of[k] == n]) for n in names]
-    report = {s.name: {"images": len(s.images), "captions": sum(len(r["captions"]) for r in s.images)} for s in splits}
-    return splits, report
+    return splits, split_counts(splits)
+
+
+def split_by_content(image_sha256: str, test_fraction: float) -> str:
+    """Deterministic split by content: the same image lands in the same split everywhere."""
+    return "test" if int(image_sha256[:8], 16) / 16**8 < test_fraction else "train"
+
+
+def split_counts(splits: list[Split]) -> dict[str, dict[str, int]]:
+    return {s.name: {"images": len(s.images), "captions": sum(len(r["captions"]) for r in s.images)} for s in splits}
 
 
 # ---------------------------------------------------------------- COCO / Flickr30k (Karpathy split JSON)
@@ -235,8 +241,7 @@ def load_karpathy(cfg: PrepareConfig) -> tuple[list[Split], dict]:
             {"image_id": rel, "image_path": rel, "image_sha256": sha256_file(root / rel), "captions": captions,
              "attributes": "{}"})
     splits = [Split(name, "params:prepare.folder", images) for name, images in sorted(by_split.items())]
-    report = {s.name: {"images": len(s.images), "captions": sum(len(r["captions"]) for r in s.images)} for s in splits}
-    return splits, report
+    return splits, split_counts(splits)
 
 
 # ---------------------------------------------------------------- webdataset shards (img2dataset)
@@ -251,14 +256,11 @@ def load_webdataset(cfg: PrepareConfig) -> tuple[list[Split], dict]:
     samples, skipped = shards.list_samples(folder, cfg.shards)
     by_split: dict[str, list[dict]] = {}
     for s in samples:
-        fraction = int(s["sha256"][:8], 16) / 16**8
-        by_split.setdefault("test" if fraction < cfg.test_fraction else "train", []).append(
+        by_split.setdefault(split_by_content(s["sha256"], cfg.test_fraction), []).append(
             {"image_id": f"{s['shard']}/{s['key']}", "image_path": f"{s['shard']}/{s['member']}",
              "image_sha256": s["sha256"], "captions": [s["caption"]] if s["caption"] else [], "attributes": "{}"})
     splits = [Split(name, "params:prepare.folder", images) for name, images in sorted(by_split.items())]
-    report = {s.name: {"images": len(s.images), "captions": sum(len(r["captions"]) for r in s.images)} for s in splits}
-    report["skipped"] = {"count": len(skipped), "items": skipped}
-    return splits, report
+    return splits, split_counts(splits) | {"skipped": {"count": len(skipped), "items": skipped}}
 
 
 def load_source(cfg: PrepareConfig) -> tuple[list[Split], dict]:
@@ -342,7 +344,7 @@ def read_image_bytes(path: Path) -> bytes:
 def load_image(path: Path) -> Image.Image:
     """Decode an image to RGB (a file, or a member of a tar shard: `<shard>.tar/<member>`);
     raises FileNotFoundError when it is not there, OSError/ValueError with the reason if unreadable."""
-    source = io.BytesIO(read_image_bytes(path)) if shards.split_member_path(path) else path
-    with Image.open(source) as img:
+    member = shards.split_member_path(path)
+    with Image.open(io.BytesIO(shards.read_member(*member)) if member else path) as img:
         img.load()
         return img.convert("RGB")

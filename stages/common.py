@@ -63,6 +63,13 @@ class StageSpec:
         return [self.expand(p, method) for p in self.params]
 
 
+# What every evaluation of a trained bridge reads: its bridge, the manifests, the cached features and
+# prototypes; the evaluate.common fields every evaluation uses, and the image root of example pages.
+EVALUATION_DEPS = ("models/{method}/bridge.pt", "prepared", "features", "prototypes")
+EVALUATION_PARAMS = ("evaluate.common.test_images", "evaluate.common.batch_size", "evaluate.common.device",
+                     "prepare.folder")
+
+
 def check_method(spec: StageSpec, method: str | None) -> None:
     if spec.per_method and method not in METHODS:
         raise ConfigError(f"{spec.name} --method: unknown method {method!r} (expected one of {', '.join(METHODS)})")

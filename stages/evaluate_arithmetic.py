@@ -15,13 +15,13 @@ from pipeline.paths import Dirs
 from pipeline.tasks.arithmetic import evaluate_arithmetic
 from pipeline.tasks.caption_metrics import write_examples_html
 from pipeline.tasks.inputs import load_eval_inputs
-from stages.common import Out, StageSpec, stage_main, write_metrics, write_not_applicable
+from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, Out, StageSpec, stage_main, write_metrics,
+                           write_not_applicable)
 
 STAGE = StageSpec(
     name="evaluate_arithmetic", description=__doc__.splitlines()[0], per_method=True,
-    params=("evaluate.common.test_images", "evaluate.common.batch_size", "evaluate.common.device",
-            "evaluate.arithmetic", "evaluate.caption.max_new_tokens", "prepare.folder"),
-    deps=("models/{method}/bridge.pt", "prepared", "features", "prototypes"),
+    params=EVALUATION_PARAMS + ("evaluate.arithmetic", "evaluate.caption.max_new_tokens"),
+    deps=EVALUATION_DEPS,
     outs=(Out("metrics/arithmetic/{method}.json", kind="metrics", cache=False),
           Out("pages/arithmetic/{method}.html")),
 )

@@ -16,13 +16,12 @@ from pipeline.paths import Dirs
 from pipeline.tasks.caption_metrics import write_examples_html
 from pipeline.tasks.captioning import evaluate_captioning
 from pipeline.tasks.inputs import load_eval_inputs
-from stages.common import Out, StageSpec, stage_main, write_metrics
+from stages.common import EVALUATION_DEPS, EVALUATION_PARAMS, Out, StageSpec, stage_main, write_metrics
 
 STAGE = StageSpec(
     name="evaluate_caption", description=__doc__.splitlines()[0], per_method=True,
-    params=("evaluate.common.test_images", "evaluate.common.batch_size", "evaluate.common.device",
-            "evaluate.caption", "prepare.folder"),
-    deps=("models/{method}/bridge.pt", "prepared", "features", "prototypes"),
+    params=EVALUATION_PARAMS + ("evaluate.caption",),
+    deps=EVALUATION_DEPS,
     outs=(Out("metrics/caption/{method}.json", kind="metrics", cache=False),
           Out("plots/caption/{method}/captions.json", cache=False),
           Out("pages/caption/{method}.html")),

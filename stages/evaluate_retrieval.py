@@ -15,13 +15,13 @@ from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
 from pipeline.tasks.inputs import load_eval_inputs
 from pipeline.tasks.retrieval import evaluate_retrieval
-from stages.common import Out, StageSpec, stage_main, write_metrics, write_not_applicable
+from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, Out, StageSpec, stage_main, write_metrics,
+                           write_not_applicable)
 
 STAGE = StageSpec(
     name="evaluate_retrieval", description=__doc__.splitlines()[0], per_method=True,
-    params=("evaluate.common.test_images", "evaluate.common.batch_size", "evaluate.common.device",
-            "evaluate.retrieval", "prepare.folder"),
-    deps=("models/{method}/bridge.pt", "prepared", "features", "prototypes"),
+    params=EVALUATION_PARAMS + ("evaluate.retrieval",),
+    deps=EVALUATION_DEPS,
     outs=(Out("metrics/retrieval/{method}.json", kind="metrics", cache=False),
           Out("plots/retrieval/{method}/recall_at_k.json", kind="plots", cache=False)),
 )

@@ -21,12 +21,12 @@ from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
 from pipeline.tasks.inputs import load_eval_inputs
 from pipeline.tasks.vqa import answer_questions, answer_vocabulary, select_questions, shots_prefix, summarise
-from stages.common import Out, StageSpec, stage_main, write_metrics, write_not_applicable
+from stages.common import EVALUATION_DEPS, Out, StageSpec, stage_main, write_metrics, write_not_applicable
 
 STAGE = StageSpec(
     name="evaluate_vqa", description=__doc__.splitlines()[0], per_method=True,
     params=("evaluate.common", "evaluate.vqa", "prepare.folder"),
-    deps=("models/{method}/bridge.pt", "prepared", "features", "prototypes"),
+    deps=EVALUATION_DEPS,
     outs=(Out("metrics/vqa/{method}.json", kind="metrics", cache=False),
           Out("plots/vqa/{method}/answers.json", cache=False)),
 )

@@ -61,7 +61,7 @@ def test_image_prefix_matches_the_cached_tokens(bridge_data, test_image, lite0, 
     cfg, _, root = bridge_data
     image_id, path, _ = test_image
     inputs = load_eval_inputs(cfg, "limber", Dirs.under(root), lm=smollm2)
-    V = cli.visual_prefix(cli.read_image(path), lite0, inputs.bridge, cfg.extract.dtype)  # (N, D)
+    V = cli.visual_prefixes([cli.read_image(path)], lite0, inputs.bridge, cfg.extract.dtype)[0]  # (N, D)
     assert torch.allclose(V, inputs.bridged([0])[0], atol=1e-2)
 
 

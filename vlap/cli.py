@@ -32,6 +32,7 @@ from pipeline.generation import greedy_decode, left_pad, rank_candidates, text_e
 from pipeline.lms import LanguageModel, load_lm
 from pipeline.paths import Dirs
 from pipeline.prototypes import caption_representations
+from pipeline.tasks.captioning import decode_captions
 from pipeline.tasks.inputs import load_eval_inputs
 from pipeline.tasks.vqa import first_answer, query_text
 from pipeline.errors import USER_ERRORS, ConfigError, DatasetError, MismatchError
@@ -67,10 +68,11 @@ def load_models(cfg: Config, method: str, data_dir: Path) -> tuple[torch.nn.Modu
 
 
 @torch.inference_mode()
-def visual_prefix(image: Image.Image, encoder: VisionEncoder, bridge: torch.nn.Module, dtype: str) -> torch.Tensor:
-    """V (N, D): the image's tokens, rounded to the cache's storage dtype as in training, through the bridge."""
-    tokens = encoder.encode([image]).to(getattr(torch, dtype)).float()  # (1, N, d_v)
-    return bridge(tokens)[0]
+def visual_prefixes(images: list[Image.Image], encoder: VisionEncoder, bridge: torch.nn.Module, dtype: str
+                    ) -> torch.Tensor:
+    """V (B, N, D): the images' tokens, rounded to the cache's storage dtype as in training, through the bridge."""
+    tokens = encoder.encode(images).to(getattr(torch, dtype)).float()  # (B, N, d_v)
+    return bridge(tokens)
 
 
 def answer(lm: LanguageModel, V: torch.Tensor, question: str, answers: list[str] | None, max_new_tokens: int) -> str:
@@ -115,17 +117,6 @@ def image_files(images: list[Path], folder: Path | None) -> list[Path]:
     return found
 
 
-@torch.inference_mode()
-def caption_batch(images: list[Image.Image], encoder: VisionEncoder, bridge: torch.nn.Module, lm: LanguageModel,
-                  dtype: str, prompt: str, max_new_tokens: int) -> list[str]:
-    """Greedy captions of a batch, as evaluate_caption decodes them (tokens rounded to the cache dtype)."""
-    tokens = encoder.encode(images).to(getattr(torch, dtype)).float()  # (B, N, d_v)
-    V = bridge(tokens)  # (B, N, D)
-    embeds = torch.cat([V, text_embeds(lm, prompt).expand(len(images), -1, -1)], 1)
-    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-    return greedy_decode(lm, embeds, mask, max_new_tokens)
-
-
 # ---------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
     if args.flow:
@@ -154,8 +145,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
                 print(f"error: {err}", file=sys.stderr)
                 failed += 1
         if batch:
-            captions = caption_batch([image for _, image in batch], encoder, bridge, lm, cfg.extract.dtype,
-                                     meta["prompt"], cfg.evaluate.caption.max_new_tokens)
+            V = visual_prefixes([image for _, image in batch], encoder, bridge, cfg.extract.dtype)
+            captions = decode_captions(lm, V, text_embeds(lm, meta["prompt"]), cfg.evaluate.caption.max_new_tokens)
             for (path, _), text in zip(batch, captions):
                 print(f"{path}\t{' '.join(text.split())}", flush=True)  # one line, whatever was decoded
     return 2 if failed else 0
@@ -164,7 +155,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     cfg, image = load_config(args.params), read_image(args.image)
     bridge, _, encoder, lm = load_models(cfg, args.method, args.data)
-    V = visual_prefix(image, encoder, bridge, cfg.extract.dtype)
+    V = visual_prefixes([image], encoder, bridge, cfg.extract.dtype)[0]
     print(answer(lm, V, args.question, args.answers, cfg.evaluate.vqa.max_new_tokens))
     return 0
 
@@ -212,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     caption_cmd = model_command("caption", "caption images, in batches: one line per image", cmd_caption)
     caption_cmd.add_argument("images", type=Path, nargs="*", help="image files")
     caption_cmd.add_argument("--folder", type=Path, help="also every image file in this folder")
-    caption_cmd.add_argument("--batch-size", type=positive_int, help="images per batch (default: evaluate.common.batch_size)")
+    caption_cmd.add_argument("--batch-size", type=positive_int,
+                             help="images per batch (default: evaluate.common.batch_size)")
     ask = model_command("ask", "answer a question about an image", cmd_ask)
     ask.add_argument("image", type=Path)
     ask.add_argument("question")

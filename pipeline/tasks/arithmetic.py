@@ -5,8 +5,9 @@ e(word) is the mean input embedding of the word's tokens in its leading-space fo
 For a colour swap a, b are colours and the shape must stay; for a shape swap the
 reverse (where the data labels colour and shape, as easy-VQA does). A word swap works on any
 captions: a is a word of the image's caption, b the word in its place in another evaluated
-image's caption that differs in that word only; the nearest image must carry that caption. The caption of an arithmetic result is decoded from the prefix shifted the
-same way token by token: [V - E(a) + E(b) ; prompt] with the raw mean embeddings.
+image's caption that differs in that word only; the nearest image must carry that caption.
+The caption of an arithmetic result is decoded from the prefix shifted the same way token by
+token: [V - E(a) + E(b) ; prompt] with the raw mean embeddings.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import Config
-from pipeline.generation import greedy_decode, text_embeds
+from pipeline.generation import text_embeds
 from pipeline.tasks.arithmetic_metrics import nearest_neighbours, swap_accuracy
+from pipeline.tasks.captioning import decode_captions
 from pipeline.tasks.inputs import EvalInputs
 
 SWAPS = {"color": "shape", "shape": "color"}  # changed attribute -> the one that must stay
@@ -84,9 +86,7 @@ def evaluate_arithmetic(inputs: EvalInputs, cfg: Config) -> tuple[dict, list[dic
         if shown:
             V = inputs.bridged([k for k, _, _ in shown])  # (s, N, D)
             V = V - e_a[: len(shown), None] + e_b[: len(shown), None]
-            embeds = torch.cat([V, prompt.expand(len(shown), -1, -1)], 1)
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-            decoded = greedy_decode(lm, embeds, mask, cfg.evaluate.caption.max_new_tokens)
+            decoded = decode_captions(lm, V, prompt, cfg.evaluate.caption.max_new_tokens)
             for (k, a, b), hit, caption in zip(shown, hits, decoded):
                 examples.append({
                     "label": f"{kind}: '{inputs.captions[inputs.image_ids[k]][0]}' - {a} + {b}",

@@ -10,18 +10,23 @@ from pipeline.tasks.caption_metrics import caption_scores
 from pipeline.tasks.inputs import EvalInputs
 
 
+def decode_captions(lm, V: torch.Tensor, prompt_embeds: torch.Tensor, max_new_tokens: int) -> list[str]:
+    """Greedy captions after [V ; prompt] for a batch of visual prefixes V (b, N, D), prompt (P, D);
+    all prefixes have the same length N + P, so no padding."""
+    embeds = torch.cat([V, prompt_embeds.expand(V.shape[0], -1, -1)], 1)
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    return greedy_decode(lm, embeds, mask, max_new_tokens)
+
+
 def generate_captions(inputs: EvalInputs, prompt: str, batch_size: int, max_new_tokens: int) -> dict[str, str]:
-    """image id -> generated caption, batched (all prefixes have the same length N + P)."""
-    lm = inputs.lm
-    prompt_embeds = text_embeds(lm, prompt)  # (P, D)
+    """image id -> generated caption, batched."""
+    prompt_embeds = text_embeds(inputs.lm, prompt)  # (P, D)
     out: dict[str, str] = {}
     n = len(inputs.image_ids)
     for i in tqdm(range(0, n, batch_size), desc=f"caption {inputs.method}", unit="batch"):
         V = inputs.bridged(slice(i, i + batch_size))  # (b, N, D)
-        embeds = torch.cat([V, prompt_embeds.expand(V.shape[0], -1, -1)], 1)
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        texts = greedy_decode(lm, embeds, mask, max_new_tokens)
-        out.update(zip(inputs.image_ids[i : i + batch_size], texts))
+        out.update(zip(inputs.image_ids[i : i + batch_size], decode_captions(inputs.lm, V, prompt_embeds,
+                                                                            max_new_tokens)))
     return out
 
 
