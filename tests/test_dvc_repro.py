@@ -155,13 +155,38 @@ def test_every_stage_runs_on_a_folder_of_photos(repo):
     assert "up to date" in sh([sys.executable, "-m", "dvc", "status"], work, env).lower()
 
 
-def test_every_stage_runs_on_webdataset_shards(tmp_path, smollm2):
-    work, env, out, n_images = make_repo(tmp_path, smollm2.tokenizer, "webdataset")
+@pytest.fixture(scope="module")
+def shard_repo(tmp_path_factory, smollm2):
+    root = tmp_path_factory.mktemp("shards")
+    return make_repo(root, smollm2.tokenizer, "webdataset") + (root,)
+
+
+def test_every_stage_runs_on_webdataset_shards(shard_repo):
+    work, env, out, n_images, root = shard_repo
     check_every_task(work, n_images, out)
     manifest = data.read_manifest(work / "data" / "prepared", "train")
     assert manifest.image_root == "params:prepare.folder"
     assert {r["image_path"].split("/")[0] for r in manifest.images} == {"00000.tar", "00001.tar", "00002.tar"}
-    assert not list((tmp_path / "shards").glob("*.jpg"))  # read from inside the tars
+    assert not list((root / "shards").glob("*.jpg"))  # read from inside the tars
+
+
+def test_prefect_flow_runs_every_stage_on_shards_as_dvc_does(shard_repo):
+    """The flow on another data folder (so dvc.lock vouches for nothing there) runs every stage itself
+    and writes the same metrics, byte for byte, as `dvc repro` did."""
+    work, env, _, _, _ = shard_repo
+    flow_data = work / "flow-data"
+    run = subprocess.run([sys.executable, "-m", "vlap.flow", "--data", str(flow_data)], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=900)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-3000:]
+    assert "ERROR" not in log and "up to date in dvc.lock" not in log
+    labels = {n.spec.label(m) for n in graph.graph() for m in n.instances()}
+    assert log.count("Finished in state Completed") >= len(labels)
+    for task in ("caption", "vqa", "retrieval", "arithmetic"):
+        for method in ("vlap", "limber", "contrastive"):
+            relative = Path("metrics") / task / f"{method}.json"
+            assert (flow_data / relative).read_bytes() == (work / "data" / relative).read_bytes(), relative
+    assert (flow_data / "metrics" / "summary.md").read_text() == (work / "data" / "metrics" / "summary.md").read_text()
 
 
 def test_prefect_flow_after_dvc_repro_reuses_every_output(repo):
