@@ -35,11 +35,17 @@ def _unit_interval():
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    source: Literal["easyvqa", "folder", "karpathy", "webdataset"] = "easyvqa"  # + a folder, COCO/Flickr30k, tars
-    folder: str = ""  # folder/karpathy/webdataset: the image root (folder: also holds captions.csv / captions.json)
+    source: Literal["easyvqa", "folder", "karpathy", "webdataset", "cc3m", "nocaps", "vqav2"] = "easyvqa"
+    folder: str = ""  # every source but easyvqa: the image root (folder: also holds captions.csv / captions.json)
     shards: str = ""  # webdataset: brace pattern of tar shards under folder, e.g. "{00000..00127}.tar"
-    annotations: str = ""  # karpathy: the Karpathy-split JSON (dataset_coco.json, dataset_flickr30k.json)
-    test_fraction: float = field(default=0.2, metadata=_unit_interval())  # folder rows without a split column
+    annotations: str = ""  # karpathy: split JSON; cc3m: caption/URL TSV; nocaps: COCO-style JSON; vqav2: annotations JSON
+    questions: str = ""  # vqav2: the questions JSON matching `annotations`
+    test_fraction: float = field(default=0.2, metadata=_unit_interval())  # sources without their own split
+    # An evaluation source: its test split replaces the training source's (e.g. train on CC3M, test on NoCaps).
+    test_source: Literal["", "folder", "karpathy", "nocaps", "vqav2"] = ""
+    test_folder: str = ""  # test_source's image root
+    test_annotations: str = ""  # test_source's annotations (as `annotations` for that source)
+    test_questions: str = ""  # test_source vqav2: its questions JSON
 
 
 @dataclass(frozen=True)
@@ -67,11 +73,13 @@ class PrototypesConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     max_samples: int = field(default=0, metadata=_non_negative())  # training images used; 0 = all
-    steps: int = field(default=60, metadata=_positive(int))
-    batch_size: int = field(default=16, metadata=_positive(int))
+    steps: int = field(default=60, metadata=_positive(int))  # used when epochs is 0
+    epochs: float = field(default=0.0, metadata=_non_negative())  # > 0: the run's length in passes over the data
+    batch_size: int = field(default=16, metadata=_positive(int))  # the global batch (all torchrun ranks together)
     lr: float = field(default=1e-2, metadata=_positive())
     weight_decay: float = field(default=0.01, metadata=_non_negative())
-    warmup_steps: int = field(default=5, metadata=_non_negative())
+    warmup_steps: int = field(default=5, metadata=_non_negative())  # used when epochs is 0
+    warmup_epochs: float = field(default=0.0, metadata=_non_negative())  # used when epochs > 0
     prompt: str = "A picture of"
     max_caption_tokens: int = field(default=16, metadata=_positive(int))
     precision: Literal["fp32", "bf16"] = "bf16"
@@ -128,6 +136,7 @@ class VqaEvalConfig:
     questions: int = field(default=64, metadata=_non_negative())  # test questions (on the evaluated images); 0 = all
     shots: int = field(default=1, metadata=_non_negative())  # n of the n-shot setting (0-shot always runs)
     max_new_tokens: int = field(default=4, metadata=_positive(int))  # open-ended answers
+    closed_answers: int = field(default=0, metadata=_non_negative())  # ranked candidates: N most frequent; 0 = all
 
 
 @dataclass(frozen=True)
@@ -152,8 +161,35 @@ class EvaluateConfig:
     arithmetic: ArithmeticEvalConfig = field(default_factory=ArithmeticEvalConfig)
 
 
+# The paper's settings (docs/method.md#presets says which values are the paper's and which ours).
+# A preset sets exactly the keys in PRESET_KEYS; "default" is the dataclass defaults (the embedded
+# CPU-sized setting). A key given in params.yaml overrides the preset; null means "the preset's".
+_PAPER = {
+    "prototypes": {"temperature": 0.25},
+    "train": {"prompt": "A picture of ", "batch_size": 256, "epochs": 32.0, "warmup_epochs": 3.0,
+              "weight_decay": 0.01},
+    "methods": {"vlap": {"ap_weight": 0.1, "epsilon": 0.01, "sinkhorn_iters": 3, "tau": 0.01}},
+}
+_ENCODERS = {"clip-vitb32": "hf:openai/clip-vit-base-patch32", "beit-b16": "hf:microsoft/beit-base-patch16-224-pt22k"}
+_LLMS = {"opt-1.3b": ("hf:facebook/opt-1.3b", 1e-4), "t5-base": ("hf:t5-base", 1e-2)}
+PRESETS: dict[str, dict] = {"default": {}} | {
+    f"{enc}_{llm}": {
+        "extract": {"encoder": encoder},
+        "prototypes": {"llm": llm_spec, **_PAPER["prototypes"]},
+        "train": {**_PAPER["train"], "lr": lr},
+        "methods": _PAPER["methods"],
+    }
+    for enc, encoder in _ENCODERS.items() for llm, (llm_spec, lr) in _LLMS.items()
+}
+PRESET_KEYS = ("extract.encoder", "prototypes.llm", "prototypes.temperature", "train.prompt", "train.lr",
+               "train.weight_decay", "train.batch_size", "train.steps", "train.epochs", "train.warmup_steps",
+               "train.warmup_epochs", "methods.vlap.ap_weight", "methods.vlap.epsilon",
+               "methods.vlap.sinkhorn_iters", "methods.vlap.tau")
+
+
 @dataclass(frozen=True)
 class Config:
+    preset: Literal[tuple(PRESETS)] = "default"  # type: ignore[valid-type]
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     prototypes: PrototypesConfig = field(default_factory=PrototypesConfig)
@@ -178,7 +214,50 @@ def load_config(path: str | Path = PARAMS_FILE) -> Config:
 
 
 def parse_config(raw: Any, source: str = "params") -> Config:
-    return _build(Config, raw, prefix="", source=source)
+    """Validate raw params: the preset's values first, then every key given (non-null) over them."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level: expected a mapping, got {type(raw).__name__}")
+    preset = raw.get("preset") or "default"
+    if preset not in PRESETS:
+        raise ConfigError(f"{source}: preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
+    given = _without_preset_nulls(raw)
+    _check_schedule(given, preset, source)
+    return _build(Config, _merged(PRESETS[preset], given) | {"preset": preset}, prefix="", source=source)
+
+
+def _without_preset_nulls(raw: dict, prefix: str = "") -> dict:
+    """`raw` less the preset keys set to null (null = take the preset's value)."""
+    out = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            out[key] = _without_preset_nulls(value, f"{prefix}{key}.")
+        elif not (value is None and f"{prefix}{key}" in PRESET_KEYS):
+            out[key] = value
+    return out
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def _check_schedule(given: dict, preset: str, source: str) -> None:
+    """Steps and epochs are two ways to size a run: one of them, never both."""
+    train = given.get("train") if isinstance(given.get("train"), dict) else {}
+    preset_train = PRESETS[preset].get("train", {})
+    epochs = train.get("epochs", preset_train.get("epochs", 0.0))
+    by = f" (preset {preset})" if "epochs" not in train and epochs else ""
+    if isinstance(epochs, (int, float)) and epochs > 0:
+        for key in ("steps", "warmup_steps"):
+            if key in train:
+                raise ConfigError(f"{source}: train.{key}: not used when train.epochs is {epochs:g}{by}; "
+                                  f"set train.epochs: 0 to size the run in steps")
+    elif train.get("warmup_epochs"):
+        raise ConfigError(f"{source}: train.warmup_epochs: needs train.epochs > 0 (the run is sized in steps)")
 
 
 def _build(cls: type, raw: Any, prefix: str, source: str):

@@ -2,9 +2,10 @@
 
 A manifest (one per split) lists images: id, location relative to a declared
 image root, content hash, reference captions, and attributes (JSON) when the
-source knows them. The root is stored symbolically (``package:easy_vqa`` or
-``params:prepare.folder``), never as a machine path, so the same data gives
-byte-identical manifests on any machine. VQA sources add a questions table.
+source knows them. The root is stored symbolically (``package:easy_vqa``,
+``params:prepare.folder`` or ``params:prepare.test_folder``), never as a machine path,
+so the same data gives byte-identical manifests on any machine. VQA sources add a
+questions table. Sources and their files: docs/datasets.md.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import importlib.util
 import io
 import json
 import re
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -42,7 +44,9 @@ QUESTION_SCHEMA = pa.schema(
         ("question_id", pa.string()),
         ("image_id", pa.string()),
         ("question", pa.string()),
-        ("answers", pa.list_(pa.string())),
+        ("answers", pa.list_(pa.string())),  # VQAv2: the ten human answers; easy-VQA: one
+        ("question_type", pa.string()),  # VQAv2's question_type ("what color is the"); "" where unknown
+        ("answer_type", pa.string()),  # VQAv2's answer_type ("yes/no", "number", "other"); "" where unknown
     ]
 )
 
@@ -53,6 +57,25 @@ class Split:
     image_root: str  # symbolic root, resolved by resolve_image_root
     images: list[dict]  # rows of IMAGE_SCHEMA
     questions: list[dict] = field(default_factory=list)  # rows of QUESTION_SCHEMA
+
+
+@dataclass(frozen=True)
+class Role:
+    """Which params keys name a source's files: the training source's (prepare.folder, ...) or the
+    evaluation source's (prepare.test_folder, ...), so messages name the key the user set and the
+    manifests the root they must be resolved against."""
+
+    prefix: str = ""
+
+    def key(self, name: str) -> str:
+        return f"prepare.{self.prefix}{name}"
+
+    @property
+    def root(self) -> str:
+        return f"params:{self.key('folder')}"
+
+
+TRAIN_ROLE, TEST_ROLE = Role(""), Role("test_")
 
 
 # ---------------------------------------------------------------- roots & paths
@@ -70,6 +93,8 @@ def resolve_image_root(symbol: str, cfg: PrepareConfig) -> Path:
         return package_dir(value)
     if kind == "params" and value == "prepare.folder":
         return Path(cfg.folder)
+    if kind == "params" and value == "prepare.test_folder":
+        return Path(cfg.test_folder)
     raise DatasetError(f"manifest image_root {symbol!r} is not a known root")
 
 
@@ -127,7 +152,8 @@ def load_easyvqa() -> tuple[list[Split], dict]:
         for index, (question, answer, image_id) in enumerate(qs):
             by_image.setdefault(image_id, []).append((question, answer))
             questions.append(
-                {"question_id": f"{name}-{index}", "image_id": str(image_id), "question": question, "answers": [answer]}
+                {"question_id": f"{name}-{index}", "image_id": str(image_id), "question": question, "answers": [answer],
+                 "question_type": "", "answer_type": ""}
             )
         ids = sorted(int(p.stem) for p in image_dir.glob("*.png"))
         counts = {"images": len(ids), "questions": len(questions), "both": 0, "color_only": 0, "shape_only": 0,
@@ -177,12 +203,10 @@ def read_caption_rows(folder: Path) -> tuple[Path, list[dict]]:
     raise DatasetError(f"{folder}: no captions.csv or captions.json found")
 
 
-def load_folder(cfg: PrepareConfig) -> tuple[list[Split], dict]:
+def load_folder(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict]:
     if not cfg.folder:
-        raise ConfigError("params.yaml: prepare.folder: must be set when prepare.source is folder")
-    folder = Path(cfg.folder)
-    if not folder.is_dir():
-        raise DatasetError(f"prepare.folder: {folder} is not a folder")
+        raise ConfigError(f"params.yaml: {role.key('folder')}: must be set when {role.key('source')} is folder")
+    folder = existing_folder(cfg, role)
     source, rows = read_caption_rows(folder)
     images: dict[str, dict] = {}  # image path -> row, in first-seen order
     split_of: dict[str, str] = {}
@@ -205,8 +229,15 @@ def load_folder(cfg: PrepareConfig) -> tuple[list[Split], dict]:
         if rel not in split_of:
             split_of[rel] = split_by_content(row["image_sha256"], cfg.test_fraction)
     names = sorted(set(split_of.values()))
-    splits = [Split(n, "params:prepare.folder", [r for k, r in images.items() if split_of[k] == n]) for n in names]
+    splits = [Split(n, role.root, [r for k, r in images.items() if split_of[k] == n]) for n in names]
     return splits, split_counts(splits)
+
+
+def existing_folder(cfg: PrepareConfig, role: Role) -> Path:
+    folder = Path(cfg.folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{role.key('folder')}: {folder} is not a folder")
+    return folder
 
 
 def split_by_content(image_sha256: str, test_fraction: float) -> str:
@@ -219,11 +250,10 @@ def split_counts(splits: list[Split]) -> dict[str, dict[str, int]]:
 
 
 # ---------------------------------------------------------------- COCO / Flickr30k (Karpathy split JSON)
-def load_karpathy(cfg: PrepareConfig) -> tuple[list[Split], dict]:
+def load_karpathy(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict]:
     """Karpathy's split file: {"images": [{"filepath"?, "filename", "split", "sentences": [{"raw"}]}]}.
     "restval" joins train (as in the usual COCO training set); image paths are relative to prepare.folder."""
-    if not cfg.folder or not cfg.annotations:
-        raise ConfigError("params.yaml: prepare.folder and prepare.annotations: both must be set for source karpathy")
+    require_keys(cfg, role, "karpathy", "folder", "annotations")
     path, root = Path(cfg.annotations), Path(cfg.folder)
     try:
         entries = json.loads(path.read_text())["images"]
@@ -236,37 +266,265 @@ def load_karpathy(cfg: PrepareConfig) -> tuple[list[Split], dict]:
     by_split: dict[str, list[dict]] = {}
     for rel, split, captions in rows:
         if not (root / rel).is_file():
-            raise DatasetError(f"{path}: image {rel} not found under prepare.folder {root}")
+            raise DatasetError(f"{path}: image {rel} not found under {role.key('folder')} {root}")
         by_split.setdefault("train" if split == "restval" else split, []).append(
             {"image_id": rel, "image_path": rel, "image_sha256": sha256_file(root / rel), "captions": captions,
              "attributes": "{}"})
-    splits = [Split(name, "params:prepare.folder", images) for name, images in sorted(by_split.items())]
+    splits = [Split(name, role.root, images) for name, images in sorted(by_split.items())]
     return splits, split_counts(splits)
 
 
+def require_keys(cfg: PrepareConfig, role: Role, source: str, *names: str) -> None:
+    """The params a file source cannot do without, named as the user sets them."""
+    if not all(getattr(cfg, n) for n in names):
+        keys = " and ".join(role.key(n) for n in names)
+        raise ConfigError(f"params.yaml: {keys}: all must be set for {role.key('source')} {source}")
+
+
 # ---------------------------------------------------------------- webdataset shards (img2dataset)
-def load_webdataset(cfg: PrepareConfig) -> tuple[list[Split], dict]:
+def load_webdataset(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict]:
     """Tar shards under prepare.folder named by the brace pattern prepare.shards; split by image hash
     (prepare.test_fraction), as a folder without a split column. Damaged shards are listed, not fatal."""
-    if not cfg.folder or not cfg.shards:
-        raise ConfigError("params.yaml: prepare.folder and prepare.shards: both must be set for source webdataset")
-    folder = Path(cfg.folder)
-    if not folder.is_dir():
-        raise DatasetError(f"prepare.folder: {folder} is not a folder")
+    require_keys(cfg, role, "webdataset", "folder", "shards")
+    folder = existing_folder(cfg, role)
     samples, skipped = shards.list_samples(folder, cfg.shards)
     by_split: dict[str, list[dict]] = {}
     for s in samples:
         by_split.setdefault(split_by_content(s["sha256"], cfg.test_fraction), []).append(
             {"image_id": f"{s['shard']}/{s['key']}", "image_path": f"{s['shard']}/{s['member']}",
              "image_sha256": s["sha256"], "captions": [s["caption"]] if s["caption"] else [], "attributes": "{}"})
-    splits = [Split(name, "params:prepare.folder", images) for name, images in sorted(by_split.items())]
+    splits = [Split(name, role.root, images) for name, images in sorted(by_split.items())]
     return splits, split_counts(splits) | {"skipped": {"count": len(skipped), "items": skipped}}
 
 
+# ---------------------------------------------------------------- JSON annotation files
+def read_json(path: Path, key: str) -> object:
+    """A JSON file named by params `key`; a missing or unparsable file is one line naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found ({key})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: not valid JSON ({err})") from None
+
+
+def field_of(obj: object, name: str, path: Path, where: str, kind: type | tuple[type, ...]) -> object:
+    """obj[name] checked for type; otherwise one line naming the file and the field (`images[3].domain`)."""
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{path}: {where}: expected an object with field {name!r}, got {type(obj).__name__}")
+    if name not in obj:
+        raise DatasetError(f"{path}: {where}: missing field {name!r}")
+    value = obj[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise DatasetError(f"{path}: {where}.{name}: expected {expected}, got {type(value).__name__}")
+    return value
+
+
+def image_row(root: Path, rel: str, image_id: str, captions: list[str], attributes: dict | None = None) -> dict:
+    return {"image_id": image_id, "image_path": rel, "image_sha256": sha256_file(root / rel), "captions": captions,
+            "attributes": json.dumps(attributes or {}, sort_keys=True)}
+
+
+# ---------------------------------------------------------------- CC3M (TSV + img2dataset `files` output)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def read_cc3m_tsv(path: Path, key: str) -> list[tuple[int, str, str]]:
+    """(line, caption, url) of CC3M's TSV (Train_GCC-training.tsv): caption<TAB>image URL, no header;
+    the `caption<TAB>url` header img2dataset's instructions add in place is skipped."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            for line, text in enumerate(f, start=1):
+                text = text.rstrip("\r\n")
+                if not text.strip() or (line == 1 and text.strip().lower() == "caption\turl"):
+                    continue
+                fields = text.split("\t")
+                if len(fields) != 2:
+                    raise DatasetError(f"{path}: line {line}: expected 2 tab-separated fields (caption, url), "
+                                       f"got {len(fields)}")
+                caption, url = fields[0].strip(), fields[1].strip()
+                if not caption or not url:
+                    raise DatasetError(f"{path}: line {line}: empty {'caption' if not caption else 'url'}")
+                rows.append((line, caption, url))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found ({key})") from None
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return rows
+
+
+def img2dataset_files(folder: Path) -> dict[str, str]:
+    """url -> image path (relative to folder) of each image in img2dataset's `files` output
+    (<shard>/<key>.jpg beside <key>.json). The sidecar's "url" ties an image to its TSV row whatever
+    key scheme the download used; the first image of a URL downloaded twice wins."""
+    found: dict[str, str] = {}
+    for meta_path in sorted(folder.glob("*/*.json")):
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DatasetError(f"{meta_path}: not valid JSON ({err})") from None
+        url = field_of(meta, "url", meta_path, "img2dataset metadata", str)
+        if meta.get("status", "success") != "success":
+            continue
+        image = next((p for p in map(meta_path.with_suffix, IMAGE_SUFFIXES) if p.is_file()), None)
+        if image is not None:
+            found.setdefault(url, image.relative_to(folder).as_posix())
+    return found
+
+
+def load_cc3m(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict]:
+    """CC3M as distributed (caption/URL TSV) with the images img2dataset downloaded beside it. Rows whose
+    image is not there (dead links are common) are counted, not fatal; a URL listed twice is one image
+    with both captions. Split by image hash (prepare.test_fraction): CC3M has no test split of its own."""
+    require_keys(cfg, role, "cc3m", "folder", "annotations")
+    folder = existing_folder(cfg, role)
+    downloaded = img2dataset_files(folder)
+    images: dict[str, dict] = {}  # image path -> row, in TSV order
+    missing: list[int] = []
+    used: set[str] = set()
+    for line, caption, url in read_cc3m_tsv(Path(cfg.annotations), role.key('annotations')):
+        rel = downloaded.get(url)
+        if rel is None:
+            missing.append(line)
+            continue
+        used.add(url)
+        if rel not in images:
+            images[rel] = image_row(folder, rel, rel, [])
+        images[rel]["captions"].append(caption)
+    by_split: dict[str, list[dict]] = {}
+    for row in images.values():
+        by_split.setdefault(split_by_content(row["image_sha256"], cfg.test_fraction), []).append(row)
+    splits = [Split(name, role.root, rows) for name, rows in sorted(by_split.items())]
+    report = {"missing": {"count": len(missing), "first_lines": missing[:10]},
+              "downloads_not_in_tsv": len(downloaded) - len(used)}
+    return splits, split_counts(splits) | report
+
+
+# ---------------------------------------------------------------- NoCaps (COCO-style JSON)
+def load_nocaps(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict]:
+    """NoCaps (nocaps_val_4500_captions.json): {"images": [{"id", "file_name", "domain"}],
+    "annotations": [{"image_id", "caption"}]}; images under prepare.folder by file_name. Everything is
+    test data; each image keeps its domain (in-/near-/out-domain) in its attributes for per-domain
+    CIDEr. The test set's image-info file has no "annotations": its images get no captions."""
+    require_keys(cfg, role, "nocaps", "folder", "annotations")
+    root, path = existing_folder(cfg, role), Path(cfg.annotations)
+    doc = read_json(path, role.key("annotations"))
+    images: dict[str, dict] = {}
+    for i, entry in enumerate(field_of(doc, "images", path, "top level", list)):
+        where = f"images[{i}]"
+        image_id = str(field_of(entry, "id", path, where, (int, str)))
+        name = field_of(entry, "file_name", path, where, str)
+        domain = field_of(entry, "domain", path, where, str)
+        if Path(name).is_absolute() or ".." in Path(name).parts or not (root / name).is_file():
+            raise DatasetError(f"{path}: {where}.file_name: image {name} not found under {role.key('folder')} {root}")
+        images[image_id] = image_row(root, name, image_id, [], {"domain": domain})
+    annotations = field_of(doc, "annotations", path, "top level", list) if "annotations" in doc else []
+    for i, ann in enumerate(annotations):
+        where = f"annotations[{i}]"
+        image_id = str(field_of(ann, "image_id", path, where, (int, str)))
+        caption = field_of(ann, "caption", path, where, str)
+        if image_id not in images:
+            raise DatasetError(f"{path}: {where}.image_id: {image_id} is not an image of the file")
+        images[image_id]["captions"].append(caption.strip())
+    split = Split("test", role.root, list(images.values()))
+    report = split_counts([split])
+    report["test"]["domains"] = dict(sorted(Counter(json.loads(r["attributes"])["domain"]
+                                                    for r in split.images).items()))
+    return [split], report
+
+
+# ---------------------------------------------------------------- VQAv2 (questions + annotations JSON)
+def vqav2_image(root: Path, subtype: str, image_id: int) -> str | None:
+    """COCO's file name for an image (COCO_val2014_000000000042.jpg), directly under the root or in
+    its <subtype>/ folder as the COCO zips unpack; None when neither is there."""
+    name = f"COCO_{subtype}_{image_id:012d}.jpg"
+    return next((rel for rel in (name, f"{subtype}/{name}") if (root / rel).is_file()), None)
+
+
+def vqav2_answers(path: Path, key: str) -> tuple[dict[str, tuple[list[str], str, str]], str | None]:
+    """question_id -> (the human answers, question_type, answer_type) of a VQAv2 annotations file,
+    and its data_subtype."""
+    doc = read_json(path, key)
+    out = {}
+    for i, ann in enumerate(field_of(doc, "annotations", path, "top level", list)):
+        where = f"annotations[{i}]"
+        qid = str(field_of(ann, "question_id", path, where, (int, str)))
+        given = field_of(ann, "answers", path, where, list)
+        if not given:
+            raise DatasetError(f"{path}: {where}.answers: empty")
+        answers = [field_of(a, "answer", path, f"{where}.answers[{k}]", str) for k, a in enumerate(given)]
+        out[qid] = (answers, field_of(ann, "question_type", path, where, str),
+                    field_of(ann, "answer_type", path, where, str))
+    return out, doc.get("data_subtype") if isinstance(doc, dict) else None
+
+
+def load_vqav2(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict]:
+    """VQAv2: a questions file ({"data_subtype", "questions": [{"question_id", "image_id", "question"}]})
+    and its annotations ({"annotations": [{"question_id", "answers": [{"answer"} x10], "question_type",
+    "answer_type"}]}); images are COCO's. A train* subtype gives the train split, any other the test
+    split. The images get no captions: VQAv2 has none."""
+    require_keys(cfg, role, "vqav2", "folder", "annotations", "questions")
+    root, q_path, a_path = existing_folder(cfg, role), Path(cfg.questions), Path(cfg.annotations)
+    answers_of, a_subtype = vqav2_answers(a_path, role.key('annotations'))
+    doc = read_json(q_path, role.key("questions"))
+    subtype = field_of(doc, "data_subtype", q_path, "top level", str)
+    if a_subtype is not None and a_subtype != subtype:
+        raise DatasetError(f"{a_path}: data_subtype {a_subtype!r} differs from the questions file's {subtype!r}")
+    questions, image_ids = [], {}
+    for i, q in enumerate(field_of(doc, "questions", q_path, "top level", list)):
+        where = f"questions[{i}]"
+        qid = str(field_of(q, "question_id", q_path, where, (int, str)))
+        image_id = field_of(q, "image_id", q_path, where, int)
+        text = field_of(q, "question", q_path, where, str)
+        if qid not in answers_of:
+            raise DatasetError(f"{a_path}: no annotation for question_id {qid} ({q_path}: {where})")
+        answers, question_type, answer_type = answers_of[qid]
+        questions.append({"question_id": qid, "image_id": str(image_id), "question": text, "answers": answers,
+                          "question_type": question_type, "answer_type": answer_type})
+        image_ids.setdefault(image_id, where)
+    images = []
+    for image_id, where in image_ids.items():
+        rel = vqav2_image(root, subtype, image_id)
+        if rel is None:
+            raise DatasetError(f"{q_path}: {where}.image_id: image COCO_{subtype}_{image_id:012d}.jpg not found "
+                               f"under {role.key('folder')} {root} (nor in its {subtype}/ folder)")
+        images.append(image_row(root, rel, str(image_id), []))
+    split = Split("train" if subtype.startswith("train") else "test", role.root, images, questions)
+    report = split_counts([split])
+    report[split.name] |= {"questions": len(questions),
+                           "answer_types": dict(sorted(Counter(q["answer_type"] for q in questions).items()))}
+    return [split], report
+
+
+# ---------------------------------------------------------------- one source, or a training and a test source
+LOADERS = {"folder": load_folder, "karpathy": load_karpathy, "webdataset": load_webdataset, "cc3m": load_cc3m,
+           "nocaps": load_nocaps, "vqav2": load_vqav2}
+
+
+def load_one(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict]:
+    return load_easyvqa() if cfg.source == "easyvqa" else LOADERS[cfg.source](cfg, role)
+
+
 def load_source(cfg: PrepareConfig) -> tuple[list[Split], dict]:
-    loaders = {"easyvqa": lambda _: load_easyvqa(), "folder": load_folder, "karpathy": load_karpathy,
-               "webdataset": load_webdataset}
-    return loaders[cfg.source](cfg)
+    """The splits of prepare.source; with prepare.test_source, its test split replaces the training
+    source's (train on CC3M, test on NoCaps), and the training source, read with test_fraction 0,
+    keeps every image it would have hashed into test."""
+    if not cfg.test_source:
+        return load_one(cfg)
+    splits, report = load_one(replace(cfg, test_fraction=0.0))
+    test_cfg = replace(cfg, source=cfg.test_source, folder=cfg.test_folder, annotations=cfg.test_annotations,
+                       questions=cfg.test_questions, shards="", test_fraction=1.0, test_source="")
+    test_splits, test_report = load_one(test_cfg, TEST_ROLE)
+    test = next((s for s in test_splits if s.name == "test"), None)
+    if test is None:
+        raise DatasetError(f"prepare.test_source {cfg.test_source}: its files give no test split "
+                           f"(only {', '.join(s.name for s in test_splits) or 'nothing'})")
+    names = {s.name for s in test_splits}
+    report = {k: v for k, v in report.items() if k != "test"} | {"test": test_report["test"]}
+    report["test_source"] = {"source": cfg.test_source} | {k: v for k, v in test_report.items() if k not in names}
+    return sorted([s for s in splits if s.name != "test"] + [test], key=lambda s: s.name), report
 
 
 # ---------------------------------------------------------------- manifests
@@ -320,6 +578,11 @@ def read_manifest(prepared_dir: Path, split: str) -> Manifest:
         raise DatasetError(f"{path}: not a manifest (missing columns {', '.join(sorted(missing))})")
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     return Manifest(split, meta.get("image_root", ""), table.to_pylist())
+
+
+def has_captions(prepared_dir: Path, split: str) -> bool:
+    """Whether any image of the split has a reference caption (VQAv2's images have none)."""
+    return any(r["captions"] for r in read_manifest(prepared_dir, split).images)
 
 
 def has_questions(prepared_dir: Path, split: str) -> bool:

@@ -6,11 +6,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline.distributed import Ranks
 from pipeline.ot import sinkhorn
 
 
 @dataclass(frozen=True)
 class APLoss:
+    """This rank's shares of the loss terms (the whole terms in one process); shares add up over ranks."""
+
     total: torch.Tensor  # ½ (visual_term + text_term); only visual_term carries gradient (to z_v)
     visual_term: torch.Tensor  # -mean_b Σ_k q_t log p_v: predict the text's assignment from the image
     text_term: torch.Tensor  # -mean_b Σ_k q_v log p_t: reported, no gradient (text side is frozen)
@@ -26,22 +29,27 @@ def assignment_prediction_loss(
     epsilon: float,
     n_iters: int,
     tau: float,
+    ranks: Ranks = Ranks(),
 ) -> APLoss:
     """Swapped assignment prediction (docs/method.md#the-objective).
 
-    z_v, z_t: (B, D) L2-normalised; prototypes: (K, D) L2-normalised word embeddings Ê; prior: (K,) mu.
+    z_v, z_t: (b, D) L2-normalised, this rank's part of the global batch of B; prototypes: (K, D)
+    L2-normalised word embeddings Ê; prior: (K,) mu. The OT problems couple the samples of a batch,
+    so they are solved over the global batch (scores gathered from every rank); each rank then
+    scores its own rows.
     """
     z_t, prototypes = z_t.detach(), prototypes.detach()  # frozen text reps and word prototypes
-    s_v = z_v @ prototypes.T  # (B, K) S_v
-    s_t = z_t @ prototypes.T  # (B, K) S_t
+    s_v = z_v @ prototypes.T  # (b, K) S_v, this rank's rows
+    S_v, S_t = ranks.gather(s_v.detach()), ranks.gather(z_t @ prototypes.T)  # (B, K) each, global
     # Both OT problems in one call; never below float32 (a half-precision OT loses tiny mu_k).
     ot_dtype = torch.promote_types(s_v.dtype, torch.float32)
-    ot = sinkhorn(torch.stack([s_v.detach(), s_t]).to(ot_dtype), prior, epsilon, n_iters)
+    ot = sinkhorn(torch.stack([S_v, S_t]).to(ot_dtype), prior, epsilon, n_iters)
     q_v, q_t = ot.assignments.to(s_v.dtype).unbind(0)  # (B, K) each, rows sum to 1, targets (no grad)
-    log_p_v = F.log_softmax(s_v / tau, dim=-1)  # (B, K)
-    log_p_t = F.log_softmax(s_t / tau, dim=-1)  # (B, K)
-    visual_term = -(q_t * log_p_v).sum(-1).mean()
-    text_term = -(q_v * log_p_t).sum(-1).mean()
+    log_p_v = F.log_softmax(s_v / tau, dim=-1)  # (b, K)
+    log_p_t = F.log_softmax(S_t / tau, dim=-1)  # (B, K)
+    batch = S_v.shape[0]
+    visual_term = -(ranks.local_part(q_t) * log_p_v).sum() / batch  # this rank's share of the batch mean
+    text_term = -(q_v * log_p_t).sum(-1).mean() / ranks.world  # global on every rank: an equal share each
     return APLoss(
         total=0.5 * (visual_term + text_term),
         visual_term=visual_term,
@@ -51,38 +59,48 @@ def assignment_prediction_loss(
 
 
 def info_nce_loss(
-    z_v: torch.Tensor, z_t: torch.Tensor, temperature: float, text_ids: torch.Tensor | None = None
+    z_v: torch.Tensor, z_t: torch.Tensor, temperature: float, text_ids: torch.Tensor | None = None,
+    ranks: Ranks = Ranks(),
 ) -> torch.Tensor:
-    """Symmetric (CLIP-style) InfoNCE over the batch; z_v, z_t: (B, D) L2-normalised."""
+    """Symmetric (CLIP-style) InfoNCE over the global batch; z_v, z_t: (b, D) L2-normalised, this rank's rows.
+
+    Every rank computes the whole loss over the gathered batch and returns an equal share of it; the
+    gather hands each rank the gradient of its own rows.
+    """
+    z_v, z_t = ranks.gather_with_grad(z_v), ranks.gather(z_t)  # (B, D) each
     logits = z_v @ z_t.T / temperature  # (B, B) image i vs text j
     B = logits.shape[0]
     # Samples sharing a caption (equal text_ids) are positives of each other, with a uniform target over them.
     if text_ids is None:
         positives = torch.eye(B, dtype=logits.dtype, device=logits.device)  # (B, B)
     else:
+        text_ids = ranks.gather(text_ids.to(logits.device))
         positives = (text_ids[:, None] == text_ids[None, :]).to(logits.dtype)  # (B, B), symmetric
     targets = positives / positives.sum(-1, keepdim=True)  # (B, B) rows sum to 1
-    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+    loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+    return loss / ranks.world
 
 
 def captioning_loss(lm, V: torch.Tensor, prompt_ids: torch.Tensor, caption_ids: torch.Tensor,
-                    caption_mask: torch.Tensor) -> torch.Tensor:
+                    caption_mask: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of the caption given [V ; prompt] as input embeddings to the frozen LM.
 
     V: (B, N, D) bridged visual tokens; prompt_ids: (P,); caption_ids, caption_mask: (B, C) right-padded.
-    Vocabulary logits are computed only at the positions that predict caption tokens.
+    Vocabulary logits are computed only at the positions that predict caption tokens. `reduction`
+    "sum" gives the summed token losses (a share of a mean over several processes' tokens).
     """
     B, N, _ = V.shape
     prompt = lm.embed(prompt_ids).unsqueeze(0).expand(B, -1, -1)  # (B, P, D)
     prefix = torch.cat([V.to(prompt.dtype), prompt], dim=1)  # (B, N + P, D)
     prefix_mask = torch.ones(prefix.shape[:2], dtype=caption_mask.dtype, device=caption_mask.device)
-    if lm.is_encoder_decoder:  # T5: the prefix goes to the encoder, the caption is decoded
-        labels = caption_ids.masked_fill(caption_mask == 0, -100)
-        return lm.model(inputs_embeds=prefix, attention_mask=prefix_mask, labels=labels, use_cache=False).loss
+    keep = caption_mask.bool()
+    if lm.is_encoder_decoder:  # T5: the prefix goes to the encoder, the caption is the decoder's target
+        labels = caption_ids.masked_fill(~keep, -100)  # the model shifts them right into decoder inputs
+        logits = lm.model(inputs_embeds=prefix, attention_mask=prefix_mask, labels=labels, use_cache=False).logits
+        return F.cross_entropy(logits[keep].float(), caption_ids[keep], reduction=reduction)
     inputs = torch.cat([prefix, lm.embed(caption_ids)], dim=1)  # (B, N + P + C, D)
     hidden = lm.body_states(inputs, torch.cat([prefix_mask, caption_mask], dim=1))  # (B, T, D)
     start = prefix.shape[1] - 1  # position t predicts token t + 1
     predicting = hidden[:, start : start + caption_ids.shape[1]]  # (B, C, D)
-    keep = caption_mask.bool()
     logits = lm.output_embeddings(predicting[keep])  # (M, K) caption positions only
-    return F.cross_entropy(logits.float(), caption_ids[keep])
+    return F.cross_entropy(logits.float(), caption_ids[keep], reduction=reduction)

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from pipeline import data as datasets
 from pipeline.bridge import build_bridge, save_bridge, visual_representation
 from pipeline.cache import FeatureCache, TokenReader, features_file
-from pipeline.config import Config, section_values
+from pipeline.config import Config, TrainConfig, section_values
+from pipeline.distributed import Ranks, check_batch
 from pipeline.errors import DatasetError
 from pipeline.io import atomic_path, sha256_json
 from pipeline.lms import LanguageModel
@@ -59,8 +60,9 @@ class StepBatches(torch.utils.data.Dataset):
     the batch and the prefetch depth, never by the size of the split.
     """
 
-    def __init__(self, data: TrainData, batch_size: int, seed: int, start: int, steps: int):
+    def __init__(self, data: TrainData, batch_size: int, seed: int, start: int, steps: int, ranks: Ranks = Ranks()):
         self.data, self.batch_size, self.seed, self.start, self.steps = data, batch_size, seed, start, steps
+        self.ranks = ranks  # under torchrun each process reads only its part of every global batch
         self.reader: TokenReader | None = None  # opened lazily, in the process that reads
 
     def __len__(self) -> int:
@@ -68,7 +70,7 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         step = self.start + i
-        idx = batch_indices(len(self.data.rows), self.batch_size, self.seed, step)
+        idx = self.ranks.local_part(batch_indices(len(self.data.rows), self.batch_size, self.seed, step))
         if self.reader is None:
             self.reader = TokenReader(self.data.features_path)
         return step, idx, torch.from_numpy(self.reader.read_rows(self.data.rows[idx.numpy()]))
@@ -100,6 +102,14 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     return torch.randperm(n, generator=g)[offset * batch_size : (offset + 1) * batch_size]
 
 
+def run_length(tcfg: TrainConfig, n_samples: int) -> tuple[int, int]:
+    """(steps, warm-up steps): as given, or from epochs over `n_samples` at the global batch size."""
+    if not tcfg.epochs:
+        return tcfg.steps, tcfg.warmup_steps
+    per_epoch = max(1, n_samples // tcfg.batch_size)  # as batch_indices walks an epoch
+    return max(1, round(tcfg.epochs * per_epoch)), round(tcfg.warmup_epochs * per_epoch)
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up to 1, then cosine decay to 0 at `total`."""
     if step < warmup:
@@ -113,32 +123,36 @@ def method_config(cfg: Config, method: str):
 
 
 def compute_losses(method: str, cfg: Config, lm: LanguageModel, bridge, protos: Prototypes, tokens, captions,
-                   prompt_ids) -> dict[str, torch.Tensor]:
-    """All loss terms of one batch; 'loss' is the one to minimise."""
+                   prompt_ids, ranks: Ranks = Ranks()) -> dict[str, torch.Tensor]:
+    """All loss terms of this process's part of one global batch; 'loss' is the one to minimise.
+
+    Each term is this rank's share: the shares of all ranks add up to the term of the global batch
+    (in one process, the term itself)."""
     mcfg = method_config(cfg, method)
-    V = bridge(tokens)  # (B, N, D)
+    V = bridge(tokens)  # (b, N, D)
     caption_ids, caption_mask = lm.tokenize_captions(captions, cfg.train.max_caption_tokens)
-    terms = {"loss_cap": captioning_loss(lm, V, prompt_ids, caption_ids, caption_mask)}
+    tokens_in_batch = ranks.total(caption_mask.sum())  # the mean is over the global batch's caption tokens
+    terms = {"loss_cap": captioning_loss(lm, V, prompt_ids, caption_ids, caption_mask, "sum") / tokens_in_batch}
     loss = mcfg.caption_weight * terms["loss_cap"]
-    z_v = visual_representation(V.float())  # (B, D)
+    z_v = visual_representation(V.float())  # (b, D)
     # Cosine scores divided by tau = 0.01 need float32: bf16 keeps ~3 digits.
     with torch.autocast(V.device.type, enabled=False):
-        loss = loss + _alignment_terms(method, mcfg, protos, z_v, captions, terms)
+        loss = loss + _alignment_terms(method, mcfg, protos, z_v, captions, terms, ranks)
     terms["loss"] = loss
     return terms
 
 
-def _alignment_terms(method, mcfg, protos: Prototypes, z_v, captions, terms: dict) -> torch.Tensor:
+def _alignment_terms(method, mcfg, protos: Prototypes, z_v, captions, terms: dict, ranks: Ranks) -> torch.Tensor:
     """VLAP's L_AP or the contrastive InfoNCE (weighted), recording each term in `terms`."""
     if method == "vlap":
         ap = assignment_prediction_loss(z_v, protos.text_reps(captions), protos.prototypes, protos.prior,
-                                        epsilon=mcfg.epsilon, n_iters=mcfg.sinkhorn_iters, tau=mcfg.tau)
+                                        epsilon=mcfg.epsilon, n_iters=mcfg.sinkhorn_iters, tau=mcfg.tau, ranks=ranks)
         terms.update(loss_ap=ap.total, loss_ap_visual=ap.visual_term, loss_ap_text=ap.text_term,
-                     sinkhorn_marginal_error=torch.tensor(ap.marginal_error))
+                     sinkhorn_marginal_error=z_v.new_tensor(ap.marginal_error / ranks.world))
         return mcfg.ap_weight * ap.total
     if method == "contrastive":
         text_ids = torch.tensor([protos.text_index[c] for c in captions])
-        terms["loss_nce"] = info_nce_loss(z_v, protos.text_reps(captions), mcfg.temperature, text_ids)
+        terms["loss_nce"] = info_nce_loss(z_v, protos.text_reps(captions), mcfg.temperature, text_ids, ranks)
         return mcfg.nce_weight * terms["loss_nce"]
     return z_v.new_zeros(())  # limber: captioning only
 
@@ -152,20 +166,24 @@ def run_fingerprint(method: str, cfg: Config, data: TrainData, protos: Prototype
 
 
 def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, protos: Prototypes, out_dir: Path,
-                 live_dir: Path, checkpoint: Path, stop_after: int | None = None) -> dict:
+                 live_dir: Path, checkpoint: Path, stop_after: int | None = None, ranks: Ranks = Ranks()) -> dict:
     """Train one method; write out_dir/bridge.pt (+ .json) and dvclive logs under live_dir.
 
     `stop_after` ends the run after that many steps (leaving the checkpoint), as an interruption would.
+    Under torchrun (`ranks.world` > 1) every process trains on its part of each global batch through
+    DDP, and only rank 0 writes.
     """
     from dvclive import Live
 
     tcfg, device = cfg.train, lm.device
+    steps, warmup = run_length(tcfg, len(data.rows))
+    check_batch(tcfg.batch_size, len(data.rows), ranks)
     fingerprint = run_fingerprint(method, cfg, data, protos, lm)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG state
         torch.manual_seed(tcfg.seed)
         bridge = build_bridge("linear", data.d_vision, lm.hidden_size).to(device)
     optimizer = torch.optim.AdamW(bridge.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tcfg.warmup_steps, tcfg.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
     start, history = 0, []
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -177,42 +195,50 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
             log.info("train %s: resuming from step %d", method, start)
     prompt_ids, _ = lm.tokenize([tcfg.prompt])
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.precision == "bf16" else nullcontext())
-    live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
-    for row in history:  # replay logged steps so the curves are whole after a resume
+    trained = bridge
+    if ranks.world > 1:  # all-reduces (averages) the gradients; every rank starts from rank 0's weights
+        trained = torch.nn.parallel.DistributedDataParallel(bridge, device_ids=[device] if device.type == "cuda" else None)
+    live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None) if ranks.is_main else None
+    for row in history if live else []:  # replay logged steps so the curves are whole after a resume
         _log_step(live, row)
     t0 = time.perf_counter()
-    batches = StepBatches(data, tcfg.batch_size, tcfg.seed, start, tcfg.steps)
+    batches = StepBatches(data, tcfg.batch_size, tcfg.seed, start, steps, ranks)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=tcfg.loader_workers,
                                          prefetch_factor=2 if tcfg.loader_workers else None,
                                          pin_memory=device.type == "cuda")
-    bar = tqdm(loader, initial=start, total=tcfg.steps, desc=f"train {method}", unit="step")
+    bar = tqdm(loader, initial=start, total=steps, desc=f"train {method}", unit="step", disable=not ranks.is_main)
     for step, idx, tokens in bar:
         if stop_after is not None and step >= start + stop_after:
             break
         tokens = tokens.to(device=device, dtype=torch.float32, non_blocking=True)
         captions = [data.captions[i] for i in idx.tolist()]
         with autocast:
-            terms = compute_losses(method, cfg, lm, bridge, protos, tokens, captions, prompt_ids[0])
+            terms = compute_losses(method, cfg, lm, trained, protos, tokens, captions, prompt_ids[0], ranks)
         optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        # Shares add up to the global loss, and DDP averages gradients over ranks: scale back to the sum.
+        (terms["loss"] * ranks.world).backward()
         optimizer.step()
-        row = {k: v.item() for k, v in terms.items()} | {"lr": schedule.get_last_lr()[0]}
+        row = {k: ranks.total(v).item() for k, v in terms.items()} | {"lr": schedule.get_last_lr()[0]}
         schedule.step()
         history.append(row)
-        _log_step(live, row)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
-        if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.steps:
+        if not ranks.is_main:
+            continue
+        _log_step(live, row)
+        if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == steps:
             _save_checkpoint(checkpoint, fingerprint, step + 1, bridge, optimizer, schedule, history)
-    live.end()
     steps_done = len(history)
-    if steps_done < tcfg.steps:
+    if not ranks.is_main:
+        return {"finished": steps_done >= steps, "steps": steps_done}
+    live.end()
+    if steps_done < steps:
         return {"finished": False, "steps": steps_done}
     meta = {"bridge": "linear", "d_vision": data.d_vision, "d_model": lm.hidden_size, "method": method,
             "llm": cfg.prototypes.llm, "encoder": data.encoder, "prompt": tcfg.prompt,
             "features_key": data.features_key,
             "encoder_weights_sha256": data.encoder_weights_sha256, "prototypes_key": protos.key, "train": section_values(tcfg),
             "method_config": section_values(method_config(cfg, method)), "samples": len(data.captions),
-            "final": history[-1]}
+            "steps": steps, "warmup_steps": warmup, "processes": ranks.world, "final": history[-1]}
     save_bridge(out_dir / "bridge.pt", bridge.cpu(), meta)
     checkpoint.unlink(missing_ok=True)
     return {"finished": True, "steps": steps_done, "seconds": time.perf_counter() - t0, "final": history[-1]}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -67,7 +68,10 @@ class StageSpec:
 # prototypes; the evaluate.common fields every evaluation uses, and the image root of example pages.
 EVALUATION_DEPS = ("models/{method}/bridge.pt", "prepared", "features", "prototypes")
 EVALUATION_PARAMS = ("evaluate.common.test_images", "evaluate.common.batch_size", "evaluate.common.device",
-                     "prepare.folder")
+                     "prepare.folder", "prepare.test_folder")
+# Why captioning, retrieval and arithmetic skip a test split without reference captions.
+NO_TEST_CAPTIONS = ("the test split has no reference captions (VQAv2 has none); this task needs a test source "
+                    "with captions (e.g. prepare.test_source nocaps or karpathy)")
 
 
 def check_method(spec: StageSpec, method: str | None) -> None:
@@ -81,6 +85,8 @@ def run_stage(module: ModuleType, cfg: Config, dirs: Dirs, method: str | None = 
     """`module.run(cfg, dirs, method)` while holding the locks of the stage's outputs."""
     spec: StageSpec = module.STAGE
     check_method(spec, method)
+    if os.environ.get("RANK", "0") != "0":  # a torchrun process other than rank 0 writes nothing
+        return module.run(cfg, dirs, method, **kwargs)
     with locked(dirs.root, spec.out_paths(dirs, method), holder=spec.label(method)):
         return module.run(cfg, dirs, method, **kwargs)
 

@@ -2,7 +2,8 @@
 
 Reads  data/models/<method>/bridge.pt, the test features and attributes, the LLM's word embeddings,
        params `evaluate.common`, `evaluate.arithmetic`, `evaluate.caption.max_new_tokens` (decoding).
-Writes data/metrics/arithmetic/<method>.json, data/pages/arithmetic/<method>.html (examples)
+Writes data/metrics/arithmetic/<method>.json, data/pages/arithmetic/<method>.html (examples);
+       "not applicable" on a test split without reference captions (VQAv2).
 
     python -m stages.evaluate_arithmetic --method vlap
 """
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import sys
 
+from pipeline import data
 from pipeline.config import Config
 from pipeline.paths import Dirs
 from pipeline.tasks.arithmetic import evaluate_arithmetic
 from pipeline.tasks.caption_metrics import write_examples_html
 from pipeline.tasks.inputs import load_eval_inputs
-from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, Out, StageSpec, stage_main, write_metrics,
-                           write_not_applicable)
+from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, NO_TEST_CAPTIONS, Out, StageSpec, stage_main,
+                           write_metrics, write_not_applicable)
 
 STAGE = StageSpec(
     name="evaluate_arithmetic", description=__doc__.splitlines()[0], per_method=True,
@@ -28,6 +30,8 @@ STAGE = StageSpec(
 
 
 def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
+    if not data.has_captions(dirs.prepared, "test"):
+        return write_not_applicable(STAGE, dirs, method, NO_TEST_CAPTIONS)
     inputs = load_eval_inputs(cfg, method, dirs, lm=lm)
     metrics, examples = evaluate_arithmetic(inputs, cfg)
     if not metrics:

@@ -2,7 +2,9 @@
 
 Reads  data/models/<method>/bridge.pt, the test features, data/prototypes, params `evaluate.common`, `evaluate.caption`.
 Writes data/metrics/caption/<method>.json, data/plots/caption/<method>/captions.json (every generated
-       caption) and data/pages/caption/<method>.html (examples).
+       caption) and data/pages/caption/<method>.html (examples). Test images with a domain (NoCaps)
+       add CIDEr per domain (CIDEr_in, CIDEr_near, CIDEr_out, CIDEr_overall). A test split without
+       reference captions (VQAv2) gives outputs that say "not applicable".
 
     python -m stages.evaluate_caption --method vlap
 """
@@ -10,13 +12,15 @@ from __future__ import annotations
 
 import sys
 
+from pipeline import data
 from pipeline.config import Config
 from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
-from pipeline.tasks.caption_metrics import write_examples_html
+from pipeline.tasks.caption_metrics import cider_by_domain, write_examples_html
 from pipeline.tasks.captioning import evaluate_captioning
 from pipeline.tasks.inputs import load_eval_inputs
-from stages.common import EVALUATION_DEPS, EVALUATION_PARAMS, Out, StageSpec, stage_main, write_metrics
+from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, NO_TEST_CAPTIONS, Out, StageSpec, stage_main,
+                           write_metrics, write_not_applicable)
 
 STAGE = StageSpec(
     name="evaluate_caption", description=__doc__.splitlines()[0], per_method=True,
@@ -29,8 +33,13 @@ STAGE = StageSpec(
 
 
 def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
+    if not data.has_captions(dirs.prepared, "test"):
+        return write_not_applicable(STAGE, dirs, method, NO_TEST_CAPTIONS)
     inputs = load_eval_inputs(cfg, method, dirs, lm=lm)
     metrics, generated = evaluate_captioning(inputs, cfg)
+    domains = {i: a["domain"] for i, a in inputs.attributes.items() if "domain" in a}
+    if domains:
+        metrics |= cider_by_domain(inputs.captions, generated, domains)
     write_json_atomic(dirs.plots / "caption" / method / "captions.json",
                       {i: {"generated": generated[i], "references": inputs.captions[i]} for i in generated})
     rows = [{"image_path": inputs.image_paths[i], "generated": generated[i], "references": inputs.captions[i]}

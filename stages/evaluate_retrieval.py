@@ -2,7 +2,8 @@
 
 Reads  data/models/<method>/bridge.pt, the test features, data/prototypes (z_t, prior), params
        `evaluate.common`, `evaluate.retrieval`.
-Writes data/metrics/retrieval/<method>.json, data/plots/retrieval/<method>/recall_at_k.json (R@1..10 curve)
+Writes data/metrics/retrieval/<method>.json, data/plots/retrieval/<method>/recall_at_k.json (R@1..10 curve);
+       "not applicable" on a test split without reference captions (VQAv2).
 
     python -m stages.evaluate_retrieval --method vlap
 """
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import sys
 
+from pipeline import data
 from pipeline.config import Config
 from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
 from pipeline.tasks.inputs import load_eval_inputs
 from pipeline.tasks.retrieval import evaluate_retrieval
-from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, Out, StageSpec, stage_main, write_metrics,
-                           write_not_applicable)
+from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, NO_TEST_CAPTIONS, Out, StageSpec, stage_main,
+                           write_metrics, write_not_applicable)
 
 STAGE = StageSpec(
     name="evaluate_retrieval", description=__doc__.splitlines()[0], per_method=True,
@@ -28,6 +30,8 @@ STAGE = StageSpec(
 
 
 def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
+    if not data.has_captions(dirs.prepared, "test"):
+        return write_not_applicable(STAGE, dirs, method, NO_TEST_CAPTIONS)
     inputs = load_eval_inputs(cfg, method, dirs, need_lm=False)  # z_v and z_t need no LLM
     if len(inputs.image_ids) < 2:
         return write_not_applicable(STAGE, dirs, method, f"retrieval needs at least 2 test images with captions "

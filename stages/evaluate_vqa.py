@@ -25,7 +25,7 @@ from stages.common import EVALUATION_DEPS, Out, StageSpec, stage_main, write_met
 
 STAGE = StageSpec(
     name="evaluate_vqa", description=__doc__.splitlines()[0], per_method=True,
-    params=("evaluate.common", "evaluate.vqa", "prepare.folder"),
+    params=("evaluate.common", "evaluate.vqa", "prepare.folder", "prepare.test_folder"),
     deps=EVALUATION_DEPS,
     outs=(Out("metrics/vqa/{method}.json", kind="metrics", cache=False),
           Out("plots/vqa/{method}/answers.json", cache=False)),
@@ -47,13 +47,13 @@ def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
     if not data.has_questions(dirs.prepared, "test"):
         return write_not_applicable(STAGE, dirs, method, "the prepared data has no test questions "
                                                          "(VQA needs a source with questions, e.g. easy-VQA)")
-    inputs = load_eval_inputs(cfg, method, dirs, lm=lm)
     test_questions = data.read_questions(dirs.prepared, "test")
+    inputs = load_eval_inputs(cfg, method, dirs, lm=lm, only={q["image_id"] for q in test_questions})
     questions = select_questions(test_questions, inputs.image_ids, vcfg.questions, common.seed)
     if not questions:
         return write_not_applicable(STAGE, dirs, method, "no test question is about an evaluated test image")
     train_questions = data.read_questions(dirs.prepared, "train") if data.has_questions(dirs.prepared, "train") else []
-    answer_set = answer_vocabulary(test_questions + train_questions)
+    answer_set = answer_vocabulary(test_questions + train_questions, vcfg.closed_answers)
     metrics, records = {"questions": len(questions)}, {}
     for n in sorted({0, vcfg.shots if train_questions else 0}):
         shots, shot_tokens = pick_shots(dirs, n, common.seed)

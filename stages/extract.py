@@ -25,7 +25,7 @@ from stages.common import Out, StageSpec, stage_main
 
 STAGE = StageSpec(
     name="extract", description=__doc__.splitlines()[0],
-    params=("extract", "prepare.folder"),
+    params=("extract", "prepare.folder", "prepare.test_folder"),
     deps=("prepared",),
     # persist: keyed files of other encoders stay (switching back is a cache hit),
     # and an interrupted run keeps its finished blocks to resume from.

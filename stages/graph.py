@@ -21,7 +21,7 @@ from types import ModuleType
 
 import yaml
 
-from pipeline.config import METHODS
+from pipeline.config import METHODS, PRESET_KEYS
 from stages.common import StageSpec
 
 ROOT = Path(__file__).resolve().parents[1]  # holds pipeline/ and stages/
@@ -109,8 +109,11 @@ def dvc_stage(node: Node) -> dict:
     spec, pm = node.spec, node.spec.per_method
     stage = {"cmd": f"python -m {node.module.__name__}" + (" --method ${item}" if pm else ""),
              "deps": list(node.code) + [dvc_path(d, pm) for d in spec.deps]}
-    if spec.params:
-        stage["params"] = [p.replace("{method}", "${item}") for p in spec.params]
+    params = [p.replace("{method}", "${item}") for p in spec.params]
+    if any(reads_preset(spec.param_keys(m)) for m in node.instances()):
+        params.insert(0, "preset")  # the values of the preset keys params.yaml leaves null
+    if params:
+        stage["params"] = params
     for kind in ("outs", "metrics", "plots"):
         entries = []
         for out in (o for o in spec.outs if o.kind == kind):
@@ -121,6 +124,11 @@ def dvc_stage(node: Node) -> dict:
         if entries:
             stage[kind] = entries
     return {"foreach": list(METHODS), "do": stage} if pm else stage
+
+
+def reads_preset(keys: list[str]) -> bool:
+    """Whether any of these params keys (sections or fields) holds a key a preset sets."""
+    return any(k == p or p.startswith(k + ".") for k in keys for p in PRESET_KEYS)
 
 
 def dvc_yaml_text(nodes: list[Node] | None = None) -> str:

@@ -1,6 +1,7 @@
 """Prepare stage: dataset -> Parquet manifests per split (+ VQA questions where the data has them).
 
-Reads  params `prepare.*` and the source data (easy-VQA package, a folder, a Karpathy split file).
+Reads  params `prepare.*` and the source data (easy-VQA package, a folder, a Karpathy split file, tar shards,
+       CC3M, NoCaps, VQAv2; prepare.test_source: a second source for the test split; docs/datasets.md).
 Writes data/prepared/{split}.parquet, {split}_questions.parquet, report.json (counts).
 
     python -m stages.prepare

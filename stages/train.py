@@ -6,18 +6,20 @@ Writes data/models/<method>/bridge.pt + bridge.json, dvclive curves in data/metr
        an interrupted run resumes from data/models/checkpoints/<method>.pt.
 
     python -m stages.train --method vlap
+    torchrun --nproc-per-node 4 -m stages.train --method vlap   # data-parallel (DDP); rank 0 writes
 """
 from __future__ import annotations
 
 import logging
 import sys
 
+from pipeline import distributed
 from pipeline.config import Config
 from pipeline.device import resolve_device
 from pipeline.lms import LanguageModel, load_lm
 from pipeline.paths import Dirs
 from pipeline.prototypes import check_prototypes_match, load_prototypes, prototypes_file
-from pipeline.train import load_train_data, train_bridge
+from pipeline.train import load_train_data, run_length, train_bridge
 from stages.common import Out, StageSpec, stage_main
 
 STAGE = StageSpec(
@@ -34,15 +36,20 @@ log = logging.getLogger("stages.train")
 def run(cfg: Config, dirs: Dirs, method: str, *, lm: LanguageModel | None = None,
         stop_after: int | None = None) -> dict:
     """Train one method; `stop_after` ends the run after that many steps, as an interruption would."""
-    train_data = load_train_data(cfg, dirs)
-    lm = lm or load_lm(cfg.prototypes.llm, resolve_device(cfg.train.device))
-    protos = load_prototypes(prototypes_file(dirs.prototypes), lm.device)
-    check_prototypes_match(protos, lm)
-    log.info("train %s: %d samples, %d steps of %d", method, len(train_data.captions), cfg.train.steps,
-             cfg.train.batch_size)
-    checkpoint = dirs.models / "checkpoints" / f"{method}.pt"  # not a DVC out: survives a re-run
-    return train_bridge(method, cfg, train_data, lm, protos, dirs.models / method,
-                        dirs.metrics / "train" / method, checkpoint, stop_after=stop_after)
+    ranks, device = distributed.start(cfg.train.device)
+    try:
+        train_data = load_train_data(cfg, dirs)
+        lm = lm or load_lm(cfg.prototypes.llm, resolve_device(device))
+        protos = load_prototypes(prototypes_file(dirs.prototypes), lm.device)
+        check_prototypes_match(protos, lm)
+        steps, _ = run_length(cfg.train, len(train_data.rows))
+        log.info("train %s: %d samples, %d steps of %d on %d process(es)", method, len(train_data.captions), steps,
+                 cfg.train.batch_size, ranks.world)
+        checkpoint = dirs.models / "checkpoints" / f"{method}.pt"  # not a DVC out: survives a re-run
+        return train_bridge(method, cfg, train_data, lm, protos, dirs.models / method,
+                            dirs.metrics / "train" / method, checkpoint, stop_after=stop_after, ranks=ranks)
+    finally:
+        distributed.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

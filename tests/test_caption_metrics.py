@@ -4,7 +4,7 @@ import io
 import pytest
 from PIL import Image
 
-from pipeline.tasks.caption_metrics import caption_scores, write_examples_html
+from pipeline.tasks.caption_metrics import caption_scores, cider_by_domain, domain_key, write_examples_html
 
 REFERENCES = {
     "0": ["A red circle on a white background.", "a red circle"],
@@ -63,3 +63,29 @@ def test_examples_html_is_escaped_self_contained_and_atomic(tmp_path):
     assert page.count('src="data:image/png;base64,') == 2
     assert base64.b64encode(_png_bytes("blue")).decode() in page
     assert [p.name for p in out.parent.iterdir()] == ["examples.html"]  # no temp file left
+
+
+def test_nocaps_cider_per_domain_scores_each_subset_on_its_own():
+    """Against pycocoevalcap's Cider run directly on each domain's images (captions already in PTB form:
+    lower case, no punctuation), so each subset's IDF comes from its own references."""
+    from pycocoevalcap.cider.cider import Cider
+
+    refs = {"0": ["a red circle", "a red round shape"], "1": ["a blue square", "a small blue square"],
+            "2": ["a green triangle", "a triangle in green"], "3": ["two dogs on grass", "dogs playing on grass"],
+            "4": ["a cat on a sofa", "a sleepy cat"], "5": ["a bowl of fruit", "fruit in a bowl"]}
+    preds = {"0": "a red circle", "1": "a blue shape", "2": "a green square", "3": "a dog on grass",
+             "4": "a cat", "5": "a plate of food"}
+    domains = {"0": "in-domain", "1": "in-domain", "2": "near-domain", "3": "near-domain", "4": "out-domain",
+               "5": "out-domain"}
+    scores = cider_by_domain(refs, preds, domains)
+    assert set(scores) == {"CIDEr_in", "CIDEr_near", "CIDEr_out", "CIDEr_overall"}
+
+    def direct(ids):
+        return Cider().compute_score({i: refs[i] for i in ids}, {i: [preds[i]] for i in ids})[0]
+
+    for key, domain in (("in", "in-domain"), ("near", "near-domain"), ("out", "out-domain")):
+        assert scores[f"CIDEr_{key}"] == pytest.approx(direct([i for i in refs if domains[i] == domain]))
+    assert scores["CIDEr_overall"] == pytest.approx(direct(list(refs)))
+    assert scores["CIDEr_in"] != pytest.approx(  # a subset's score is not that of its images within the whole
+        sum(Cider().compute_score(refs, {i: [preds[i]] for i in refs})[1][:2]) / 2)
+    assert domain_key("out-domain") == "out" and domain_key("Near Domain") == "near_domain"

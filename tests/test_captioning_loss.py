@@ -48,3 +48,41 @@ def test_tiny_hf_models_train_the_prefix(tmp_path, smollm2, kind):
     assert torch.isfinite(loss)
     loss.backward()
     assert V.grad.abs().sum() > 0
+
+
+def test_t5_caption_is_the_decoder_target_and_text_states_come_from_the_encoder(tmp_path, smollm2):
+    lm = load_lm(f"hf:{save_tiny_t5(tmp_path / 't5', smollm2.tokenizer)}", CPU)
+    torch.manual_seed(0)
+    V = torch.randn(2, 3, lm.hidden_size)
+    prompt_ids, _ = lm.tokenize(["A picture of"])
+    caption_ids, caption_mask = lm.tokenize_captions(["a blue circle", "a triangle"], 8)
+    # Built by hand: [V ; prompt] into the encoder; the decoder reads <start> + caption[:-1] and predicts caption.
+    prefix = torch.cat([V, lm.embed(prompt_ids[0]).expand(2, -1, -1)], 1)
+    start = torch.full((2, 1), lm.model.config.decoder_start_token_id)
+    decoder_ids = torch.cat([start, caption_ids[:, :-1]], 1)
+    logits = lm.model(inputs_embeds=prefix, decoder_input_ids=decoder_ids).logits
+    keep = caption_mask.bool()
+    ref = torch.nn.functional.cross_entropy(logits[keep], caption_ids[keep])
+    assert captioning_loss(lm, V, prompt_ids[0], caption_ids, caption_mask).item() == pytest.approx(ref.item(), rel=1e-5)
+    summed = captioning_loss(lm, V, prompt_ids[0], caption_ids, caption_mask, reduction="sum")
+    assert summed.item() == pytest.approx(ref.item() * keep.sum().item(), rel=1e-5)
+
+    ids, mask = lm.tokenize(["a blue circle"])
+    encoder = lm.model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(lm.text_states(ids, mask), encoder)
+
+
+def test_t5_ranks_answers_by_decoder_likelihood(tmp_path, smollm2):
+    from pipeline.generation import rank_candidates
+
+    lm = load_lm(f"hf:{save_tiny_t5(tmp_path / 't5', smollm2.tokenizer)}", CPU)
+    torch.manual_seed(1)
+    embeds, mask = torch.randn(2, 4, lm.hidden_size), torch.ones(2, 4, dtype=torch.long)
+    candidates = [" yes", " blue rectangle"]
+    scores = rank_candidates(lm, embeds, mask, candidates)
+    for b in range(2):
+        for c, text in enumerate(candidates):
+            ids, _ = lm.tokenize([text])
+            logits = lm.model(inputs_embeds=embeds[b : b + 1], attention_mask=mask[b : b + 1], labels=ids).logits
+            expected = torch.log_softmax(logits[0], -1).gather(-1, ids[0][:, None]).sum()
+            assert scores[b, c].item() == pytest.approx(expected.item(), rel=1e-5)

@@ -10,38 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import data
 from pipeline.config import Config, parse_config
 from pipeline.paths import Dirs
 from stages import graph
-from stages.common import run_stage
+from graph_runner import run_graph
 from tiny_models import save_tiny_clip_vision, save_tiny_opt
 from vlap.flow import tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
 # Fields only some sources read (easy-VQA reads none of them).
-SOURCE_DEPENDENT = {"prepare.folder", "prepare.annotations", "prepare.shards", "prepare.test_fraction"}
+SOURCE_DEPENDENT = {"prepare.folder", "prepare.annotations", "prepare.shards", "prepare.test_fraction", "prepare.questions", "prepare.test_folder", "prepare.test_annotations", "prepare.test_questions"}
 # Written beside the outputs on purpose, in no hashed output: resume state, timings, locks.
 NOT_OUTPUTS = ("models/checkpoints", "reports", ".locks")
-
-
-class RecordingConfig:
-    """A view of a Config that records every leaf field read, as "section.field" keys."""
-
-    def __init__(self, obj, prefix: str, log: set):
-        object.__setattr__(self, "_obj", obj)
-        object.__setattr__(self, "_prefix", prefix)
-        object.__setattr__(self, "_log", log)
-
-    def __getattr__(self, name: str):
-        value = getattr(self._obj, name)
-        if name.startswith("__"):
-            return value
-        key = self._prefix + name
-        if dataclasses.is_dataclass(value):
-            return RecordingConfig(value, key + ".", self._log)
-        self._log.add(key)
-        return value
 
 
 def leaves(cfg: Config, key: str) -> set[str]:
@@ -51,10 +31,6 @@ def leaves(cfg: Config, key: str) -> set[str]:
     if not dataclasses.is_dataclass(value):
         return {key}
     return set().union(*(leaves(cfg, f"{key}.{f.name}") for f in dataclasses.fields(value)))
-
-
-def snapshot(root: Path) -> dict[str, int]:
-    return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
 def test_dvc_yaml_is_generated_from_the_specs():
@@ -92,30 +68,6 @@ def tiny_config(models) -> Config:
                      "vqa": {"questions": 4, "shots": 1, "max_new_tokens": 2},
                      "arithmetic": {"queries": 3, "examples": 1}},
     })
-
-
-def run_graph(cfg: Config, dirs: Dirs, record: bool) -> dict[str, tuple[set, set]]:
-    """Every stage in graph order, in-process; easy-VQA cut to 48 train / 24 test images after prepare.
-    Returns label -> (params read, files written) when recording."""
-    seen = {}
-    for node in graph.graph():
-        for method in node.instances():
-            log: set[str] = set()
-            before = snapshot(dirs.root) if dirs.root.exists() else {}
-            run_stage(node.module, RecordingConfig(cfg, "", log) if record else cfg, dirs, method)
-            if node.spec.name == "prepare":
-                cut_easyvqa(dirs)
-            after = snapshot(dirs.root)
-            seen[node.spec.label(method)] = (log, {p for p, t in after.items() if before.get(p) != t})
-    return seen
-
-
-def cut_easyvqa(dirs: Dirs) -> None:
-    for split, n in (("train", 48), ("test", 24)):
-        manifest = data.read_manifest(dirs.prepared, split)
-        keep = {r["image_id"] for r in manifest.images[:n]}
-        questions = [q for q in data.read_questions(dirs.prepared, split) if q["image_id"] in keep]
-        data.write_split(dirs.prepared, data.Split(split, manifest.image_root, manifest.images[:n], questions))
 
 
 def test_stages_read_declared_params_write_declared_outs_and_reproduce(tiny_models, tmp_path):

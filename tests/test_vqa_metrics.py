@@ -9,6 +9,8 @@ from pipeline.tasks.vqa_metrics import (
     accuracy_by_type,
     easyvqa_question_type,
     normalize_answer,
+    process_punctuation,
+    question_type,
     vqa_accuracy,
 )
 
@@ -48,7 +50,8 @@ def test_accuracy_single_answer_is_exact_match_after_normalisation():
 @pytest.mark.parametrize(
     "n_match, expected",
     [
-        # mean over 10 leave-one-out subsets of min(1, matches/3):
+        # mean over the 10 leave-one-out subsets (9 answers each) of min(1, matches/3); leaving out a
+        # matching answer leaves n_match - 1 matches, leaving out another leaves n_match:
         (0, 0.0),
         (1, (1 * 0 + 9 * (1 / 3)) / 10),        # 0.3
         (2, (2 * (1 / 3) + 8 * (2 / 3)) / 10),  # 0.6
@@ -58,8 +61,50 @@ def test_accuracy_single_answer_is_exact_match_after_normalisation():
     ],
 )
 def test_accuracy_ten_answers(n_match, expected):
-    answers = ["two"] * n_match + ["3"] * (10 - n_match)
-    assert vqa_accuracy("2", answers) == pytest.approx(expected)
+    answers = ["2"] * n_match + ["3"] * (10 - n_match)
+    assert vqa_accuracy("Two.", answers) == pytest.approx(expected)  # the prediction is normalised: "2"
+
+
+def test_accuracy_hand_worked_examples():
+    assert vqa_accuracy("2", ["2"] * 2 + ["3"] * 8) == pytest.approx(0.6)
+    assert vqa_accuracy("red", ["red"] * 3 + ["dark red"] * 3 + ["maroon"] * 4) == pytest.approx(0.9)
+    assert vqa_accuracy("dont", ["don't"] * 3 + ["no"] * 7) == pytest.approx(0.9)  # contraction restored
+    assert vqa_accuracy("The dog!", ["dog"] * 2 + ["puppy"] * 8) == pytest.approx(0.6)
+
+
+def test_accuracy_processes_human_answers_as_the_official_script_does():
+    """Human answers only go through processPunctuation, and only when they disagree."""
+    assert vqa_accuracy("black and white", ["black-and-white"] * 4 + ["gray"] * 6) == 1.0
+    assert vqa_accuracy("black and white", ["black-and-white"] * 10) == 0.0  # all the same: left as they are
+    assert vqa_accuracy("two", ["two"] * 3 + ["3"] * 7) == 0.0  # "two" -> "2" for the prediction only
+    assert vqa_accuracy("yes", ["yes!"] * 3 + ["no"] * 7) == 0.0  # "yes!" -> "yes " (in-word punctuation)
+
+
+def test_official_normalisation_quirks():
+    assert process_punctuation("yes!") == "yes "
+    assert process_punctuation("." * 40) == "." * 8  # re.UNICODE passed as sub()'s count: 32 periods at most
+    assert normalize_answer("whatll") == "what'll" and normalize_answer("somebody'd") == "somebodyd"
+    assert normalize_answer("im") == "im"  # the official map has "Im", which lower-cased text never matches
+    assert normalize_answer("The 3.5 ft. pole") == "3.5 ft pole"
+
+
+def test_question_type_is_the_stored_answer_type_else_easyvqa():
+    assert question_type({"question": "Is it?", "answers": ["yes"] * 10, "answer_type": "yes/no"}) == "yes_no"
+    assert question_type({"question": "How many?", "answers": ["2"] * 10, "answer_type": "number"}) == "number"
+    assert question_type({"question": "what color is the circle?", "answers": ["red"], "answer_type": ""}) == "color"
+    assert question_type({"question": "is there a red shape?", "answers": ["no"]}) == "yes_no"
+
+
+def test_summary_keys_per_answer_type():
+    from pipeline.tasks.vqa import summarise
+
+    records = [{"question_type": t, "open_accuracy": a, "closed_accuracy": 1.0}
+               for t, a in (("yes_no", 1.0), ("number", 0.3), ("other", 0.0), ("other", 0.9))]
+    metrics = summarise(records, "0shot")
+    assert metrics["0shot_open_accuracy"] == pytest.approx(100 * 2.2 / 4)
+    assert metrics["0shot_open_yes_no_accuracy"] == 100.0 and metrics["0shot_open_number_accuracy"] == 30.0
+    assert metrics["0shot_open_other_accuracy"] == pytest.approx(45.0)
+    assert not any("/" in k for k in metrics)
 
 
 def test_accuracy_needs_an_answer():

@@ -52,3 +52,14 @@ def save_tiny_t5(folder: Path, tokenizer) -> Path:
     T5ForConditionalGeneration(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def save_tiny_beit(folder: Path) -> Path:
+    from transformers import BeitConfig, BeitImageProcessor, BeitModel
+
+    torch.manual_seed(0)
+    config = BeitConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                        image_size=32, patch_size=8, use_mask_token=True)
+    BeitModel(config, add_pooling_layer=False).save_pretrained(folder)
+    BeitImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

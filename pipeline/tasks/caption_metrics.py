@@ -12,6 +12,7 @@ import base64
 import html
 import mimetypes
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -63,6 +64,27 @@ def caption_scores(
 
     scores = {f"BLEU-{n}": bleu[n - 1] for n in range(1, 5)}
     scores.update({"METEOR": meteor, "ROUGE-L": rouge, "CIDEr": cider})
+    return {k: float(v) for k, v in scores.items()}
+
+
+def domain_key(domain: str) -> str:
+    """A metric-key part for a domain: "in-domain" -> "in", "near-domain" -> "near"."""
+    return re.sub(r"[^0-9a-z]+", "_", domain.lower().removesuffix("-domain")).strip("_")
+
+
+def cider_by_domain(references: dict[str, list[str]], predictions: dict[str, str],
+                    domains: dict[str, str]) -> dict[str, float]:
+    """CIDEr of each domain's images on their own, as NoCaps reports in-, near- and out-domain scores
+    (each subset is scored separately, so its IDF comes from that subset's references), and over all
+    images: keys CIDEr_<domain key> and CIDEr_overall. Images without a domain count in overall only."""
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({k: [{"caption": c} for c in refs] for k, refs in references.items()})
+    res = tokenizer.tokenize({k: [{"caption": predictions[k]}] for k in references})
+    scores = {"CIDEr_overall": Cider().compute_score(gts, res)[0]}
+    for domain in sorted(set(domains.values())):
+        ids = [k for k in references if domains.get(k) == domain]
+        scores[f"CIDEr_{domain_key(domain)}"] = Cider().compute_score({k: gts[k] for k in ids},
+                                                                      {k: res[k] for k in ids})[0]
     return {k: float(v) for k, v in scores.items()}
 
 

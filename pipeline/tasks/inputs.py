@@ -57,15 +57,23 @@ class EvalInputs:
                           for i in range(0, len(self.image_ids), batch_size)])
 
 
-def select_test_images(manifest: data.Manifest, cache: FeatureCache, limit: int, need_captions: bool = True) -> list[str]:
-    ids = [r["image_id"] for r in manifest.images if (r["captions"] or not need_captions) and r["image_id"] in cache.index]
+def select_test_images(manifest: data.Manifest, cache: FeatureCache, limit: int, need_captions: bool = True,
+                       only: set[str] | None = None) -> list[str]:
+    """The first `limit` (0: all) images with features, and with captions unless told otherwise,
+    among `only` when given."""
+    ids = [r["image_id"] for r in manifest.images
+           if (r["captions"] or not need_captions) and (only is None or r["image_id"] in only)
+           and r["image_id"] in cache.index]
     return ids[:limit] if limit else ids
 
 
 def load_eval_inputs(cfg: Config, method: str, dirs: Dirs, lm: LanguageModel | None = None,
-                     need_lm: bool = True, split: str = "test", every_image: bool = False) -> EvalInputs:
+                     need_lm: bool = True, split: str = "test", every_image: bool = False,
+                     only: set[str] | None = None) -> EvalInputs:
     """The evaluation's inputs on `split`: its first `evaluate.common.test_images` images with captions
-    and features, or with `every_image` all its images with features (search)."""
+    and features; with `only`, the first of those images with features, captions or not (VQA: the
+    images that have questions, VQAv2's have no captions); with `every_image` all its images with
+    features (search)."""
     device = resolve_device(cfg.evaluate.common.device)
     bridge, meta = load_bridge(Path(dirs.models) / method / "bridge.pt", device)
     manifest = data.read_manifest(dirs.prepared, split)
@@ -73,10 +81,14 @@ def load_eval_inputs(cfg: Config, method: str, dirs: Dirs, lm: LanguageModel | N
         if cache.attrs.get("encoder_weights_sha256") != meta.get("encoder_weights_sha256"):
             raise MismatchError(f"{cache.path}: {split} features come from another encoder than the {method} bridge "
                                 f"was trained on ({meta.get('encoder')}); re-run extract and train")
-        ids = (select_test_images(manifest, cache, 0, need_captions=False) if every_image
-               else select_test_images(manifest, cache, cfg.evaluate.common.test_images))
+        if every_image:
+            ids = select_test_images(manifest, cache, 0, need_captions=False)
+        else:
+            ids = select_test_images(manifest, cache, cfg.evaluate.common.test_images, need_captions=only is None,
+                                     only=only)
         if not ids:
-            raise DatasetError(f"{cache.path}: no {split} image has both features and a caption")
+            wanted = "a caption" if only is None else "questions"
+            raise DatasetError(f"{cache.path}: no {split} image has both features and {wanted}")
         rows, d_vision = cache.rows(ids), int(cache.file["tokens"].shape[-1])
     if d_vision != meta["d_vision"]:
         raise MismatchError(f"{split} features have d_v = {d_vision}, the {method} bridge expects {meta['d_vision']}")

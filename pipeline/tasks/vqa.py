@@ -1,21 +1,23 @@
-"""Visual question answering on easy-VQA: open-ended and closed-vocabulary, 0-shot and n-shot.
+"""Visual question answering (easy-VQA, VQAv2): open-ended and closed-vocabulary, 0-shot and n-shot.
 
 Query prefix: [shots] [V] "Question: {q} Answer:"; each shot is a training image's
-[V] "Question: {q} Answer: {a}\\n". Open-ended answers are decoded greedily;
-closed-vocabulary answers rank the dataset's answer set by LLM log-likelihood,
-the shared prefix run once per query (KV cache).
+[V] "Question: {q} Answer: {a}\\n" (a: its most common human answer). Open-ended answers are
+decoded greedily; closed-vocabulary answers rank the dataset's answer set by LLM log-likelihood,
+the shared prefix run once per query (KV cache). Accuracy is reported per question type: VQAv2's
+answer type (yes_no, number, other) where the data has one, else easy-VQA's (color, shape, yes_no).
 """
 from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 
 import torch
 from tqdm import tqdm
 
 from pipeline.generation import greedy_decode, left_pad, rank_candidates, text_embeds
 from pipeline.tasks.inputs import EvalInputs
-from pipeline.tasks.vqa_metrics import accuracy_by_type, easyvqa_question_type, normalize_answer, vqa_accuracy
+from pipeline.tasks.vqa_metrics import accuracy_by_type, normalize_answer, question_type, vqa_accuracy
 
 
 def query_text(question: str) -> str:
@@ -42,8 +44,13 @@ def shots_prefix(lm, shot_tokens: list[torch.Tensor], shots: list[dict], bridge)
     for tokens, shot in zip(shot_tokens, shots):
         with torch.inference_mode():
             parts.append(bridge(tokens.to(lm.device, torch.float32)))
-        parts.append(text_embeds(lm, query_text(shot["question"]) + f" {shot['answers'][0]}\n"))
+        parts.append(text_embeds(lm, query_text(shot["question"]) + f" {shot_answer(shot)}\n"))
     return torch.cat(parts) if parts else torch.zeros((0, lm.hidden_size), device=lm.device)
+
+
+def shot_answer(question: dict) -> str:
+    """The answer a shot shows: the most common human answer (the first on a tie; easy-VQA's only one)."""
+    return Counter(question["answers"]).most_common(1)[0][0]
 
 
 def answer_questions(inputs: EvalInputs, questions: list[dict], shot_prefix: torch.Tensor, answer_set: list[str],
@@ -60,10 +67,9 @@ def answer_questions(inputs: EvalInputs, questions: list[dict], shot_prefix: tor
         open_answers = greedy_decode(lm, embeds, mask, max_new_tokens)
         closed = rank_candidates(lm, embeds, mask, candidates).argmax(-1).tolist()
         for q, generated, c in zip(batch, open_answers, closed):
-            answer = q["answers"][0]
             records.append({
                 "question_id": q["question_id"], "question": q["question"], "answers": q["answers"],
-                "question_type": easyvqa_question_type(q["question"], answer),
+                "question_type": question_type(q),
                 "open": first_answer(generated), "closed": answer_set[c],
                 "open_accuracy": vqa_accuracy(first_answer(generated), q["answers"]),
                 "closed_accuracy": vqa_accuracy(answer_set[c], q["answers"]),
@@ -81,5 +87,9 @@ def summarise(records: list[dict], tag: str) -> dict[str, float]:
     return out
 
 
-def answer_vocabulary(questions: list[dict]) -> list[str]:
-    return sorted({normalize_answer(a) for q in questions for a in q["answers"]})
+def answer_vocabulary(questions: list[dict], limit: int = 0) -> list[str]:
+    """The closed-vocabulary candidates: every normalised answer, or the `limit` most frequent
+    (VQAv2 evaluations usually rank its 3,129 most frequent answers), sorted."""
+    counts = Counter(normalize_answer(a) for q in questions for a in q["answers"])
+    kept = sorted(counts, key=lambda a: (-counts[a], a))[: limit or None]
+    return sorted(kept)
