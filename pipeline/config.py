@@ -144,6 +144,8 @@ class RetrievalEvalConfig:
     assignment_scorer: bool = True  # also rank by similarity of Sinkhorn assignment distributions
     epsilon: float = field(default=0.01, metadata=_positive())  # that scorer's Sinkhorn settings
     sinkhorn_iters: int = field(default=3, metadata=_positive(int))
+    centre: bool = True  # also rank by cosine after subtracting training means of z_v and z_t
+    centre_images: int = field(default=1000, metadata=_positive(int))  # training images those means use
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Reads  data/models/<method>/bridge.pt, the test features and attributes, the LLM's word embeddings,
        params `evaluate.common`, `evaluate.arithmetic`, `evaluate.caption.max_new_tokens` (decoding).
-Writes data/metrics/arithmetic/<method>.json, data/pages/arithmetic/<method>.html (examples);
+Writes data/metrics/arithmetic/<method>.json, data/plots/arithmetic/<method>/queries.json (every query and
+       whether it hit), data/pages/arithmetic/<method>.html (examples);
        "not applicable" on a test split without reference captions (VQAv2).
 
     python -m stages.evaluate_arithmetic --method vlap
@@ -13,6 +14,7 @@ import sys
 
 from pipeline import data
 from pipeline.config import Config
+from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
 from pipeline.tasks.arithmetic import evaluate_arithmetic
 from pipeline.tasks.caption_metrics import write_examples_html
@@ -25,6 +27,7 @@ STAGE = StageSpec(
     params=EVALUATION_PARAMS + ("evaluate.arithmetic", "evaluate.caption.max_new_tokens"),
     deps=EVALUATION_DEPS,
     outs=(Out("metrics/arithmetic/{method}.json", kind="metrics", cache=False),
+          Out("plots/arithmetic/{method}/queries.json", cache=False),
           Out("pages/arithmetic/{method}.html")),
 )
 
@@ -33,10 +36,11 @@ def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
     if not data.has_captions(dirs.prepared, "test"):
         return write_not_applicable(STAGE, dirs, method, NO_TEST_CAPTIONS)
     inputs = load_eval_inputs(cfg, method, dirs, lm=lm)
-    metrics, examples = evaluate_arithmetic(inputs, cfg)
+    metrics, examples, per_query = evaluate_arithmetic(inputs, cfg)
     if not metrics:
         return write_not_applicable(STAGE, dirs, method, "no test image pair differs in exactly one attribute word "
                                                          "(see README: visual semantic arithmetic)")
+    write_json_atomic(dirs.plots / "arithmetic" / method / "queries.json", per_query)
     write_examples_html(dirs.pages / "arithmetic" / f"{method}.html", examples,
                         f"Visual semantic arithmetic with the {method} bridge")
     return write_metrics(dirs, "arithmetic", method, metrics)

@@ -2,7 +2,8 @@
 
 Reads  data/models/<method>/bridge.pt, the test features, data/prototypes (z_t, prior), params
        `evaluate.common`, `evaluate.retrieval`.
-Writes data/metrics/retrieval/<method>.json, data/plots/retrieval/<method>/recall_at_k.json (R@1..10 curve);
+Writes data/metrics/retrieval/<method>.json, data/plots/retrieval/<method>/recall_at_k.json (R@1..10 curve of
+       the natural scorer), ranks.json (every query's rank under every scorer);
        "not applicable" on a test split without reference captions (VQAv2).
 
     python -m stages.evaluate_retrieval --method vlap
@@ -12,11 +13,12 @@ from __future__ import annotations
 import sys
 
 from pipeline import data
+from pipeline.cache import features_file
 from pipeline.config import Config
 from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
 from pipeline.tasks.inputs import load_eval_inputs
-from pipeline.tasks.retrieval import evaluate_retrieval
+from pipeline.tasks.retrieval import evaluate_retrieval, training_centres
 from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, NO_TEST_CAPTIONS, Out, StageSpec, stage_main,
                            write_metrics, write_not_applicable)
 
@@ -25,7 +27,8 @@ STAGE = StageSpec(
     params=EVALUATION_PARAMS + ("evaluate.retrieval",),
     deps=EVALUATION_DEPS,
     outs=(Out("metrics/retrieval/{method}.json", kind="metrics", cache=False),
-          Out("plots/retrieval/{method}/recall_at_k.json", kind="plots", cache=False)),
+          Out("plots/retrieval/{method}/recall_at_k.json", kind="plots", cache=False),
+          Out("plots/retrieval/{method}/ranks.json", cache=False)),
 )
 
 
@@ -36,8 +39,14 @@ def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
     if len(inputs.image_ids) < 2:
         return write_not_applicable(STAGE, dirs, method, f"retrieval needs at least 2 test images with captions "
                                                          f"and features, the data has {len(inputs.image_ids)}")
-    metrics, curve = evaluate_retrieval(inputs, cfg)
+    centres = None
+    if cfg.evaluate.retrieval.centre:
+        train_images = data.read_manifest(dirs.prepared, "train").images
+        centres = training_centres(inputs, features_file(dirs.features, "train"), train_images,
+                                   cfg.evaluate.retrieval.centre_images, cfg.evaluate.common.batch_size)
+    metrics, curve, per_query = evaluate_retrieval(inputs, cfg, centres)
     write_json_atomic(dirs.plots / "retrieval" / method / "recall_at_k.json", curve)
+    write_json_atomic(dirs.plots / "retrieval" / method / "ranks.json", per_query)
     return write_metrics(dirs, "retrieval", method, metrics)
 
 

@@ -7,12 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline import data
 from pipeline.bridge import load_bridge, save_bridge
+from pipeline.cache import FeatureCache, features_file
 from pipeline.errors import MismatchError
+from pipeline.prototypes import prototypes_file
 from pipeline.generation import greedy_decode, left_pad, rank_candidates, text_embeds
 from pipeline.tasks.inputs import load_eval_inputs
 from stages import evaluate_arithmetic, evaluate_caption, evaluate_retrieval, evaluate_vqa, summarize, train
@@ -68,21 +73,66 @@ def test_vqa_eval_zero_and_few_shot(trained, smollm2):
     assert {r["question_type"] for r in answers["0shot"]} <= {"color", "shape", "yes_no"}
 
 
-def test_retrieval_and_arithmetic_stages(trained, smollm2):
+def independent_ranks(scores: np.ndarray, relevant: np.ndarray) -> list[int]:
+    """1 + the number of irrelevant candidates scoring at least the best relevant one, query by query."""
+    out = []
+    for row, rel in zip(scores, relevant):
+        best = max(v for v, r in zip(row, rel) if r)
+        out.append(1 + sum(1 for v, r in zip(row, rel) if not r and v >= best))
+    return out
+
+
+def test_retrieval_stage_equals_an_independent_calculation(trained, smollm2):
     cfg, dirs = trained
     metrics = evaluate_retrieval.run(cfg, dirs, "limber")
-    assert metrics["images"] == 8
-    for scorer in ("cosine", "assignment"):
-        for direction in ("i2t", "t2i"):
-            assert 0 <= metrics[f"{scorer}_{direction}_R@1"] <= metrics[f"{scorer}_{direction}_R@10"] == 100.0
+    saved = json.loads((dirs.plots / "retrieval" / "limber" / "ranks.json").read_text())
+    ids, texts = saved["image_ids"], saved["texts"]
+    # Independently: the bridge on the cached tokens, z_t from the prototypes file, the relevance by caption text.
+    bridge, _ = load_bridge(dirs.models / "limber" / "bridge.pt")
+    with FeatureCache(features_file(dirs.features, "test")) as cache:
+        tokens = torch.from_numpy(cache.tokens(ids)).float()
+    with torch.inference_mode():
+        z_v = F.normalize(bridge(tokens).mean(1), dim=-1).numpy()
+    with h5py.File(prototypes_file(dirs.prototypes), "r") as f:
+        all_texts = [t.decode() for t in f["texts"][:]]
+        z_t = f["z_t"][:][[all_texts.index(t) for t in texts]].astype(np.float64)
+    captions = {r["image_id"]: r["captions"] for r in data.read_manifest(dirs.prepared, "test").images}
+    assert texts == list(dict.fromkeys(c for i in ids for c in captions[i]))  # distinct texts, no tied copies
+    assert len(ids) == 8 and metrics["distinct_texts"] == len(texts) == len(set(texts))
+    relevant = np.array([[t in captions[i] for t in texts] for i in ids])
+    cosine = z_v.astype(np.float64) @ z_t.T
+    for name, sim in (("cosine", cosine),):
+        i2t, t2i = independent_ranks(sim, relevant), independent_ranks(sim.T, relevant.T)
+        assert saved["ranks"][name] == {"i2t": i2t, "t2i": t2i}
+        for k in (1, 5):
+            assert metrics[f"{name}_i2t_R@{k}"] == pytest.approx(100 * np.mean(np.array(i2t) <= k), abs=1e-3)
+            assert metrics[f"{name}_t2i_R@{k}"] == pytest.approx(100 * np.mean(np.array(t2i) <= k), abs=1e-3)
+    assert metrics["natural_scorer"] == "cosine" and metrics["natural_i2t_R@1"] == metrics["cosine_i2t_R@1"]
+    assert set(saved["ranks"]) == {"cosine", "assignment", "centred"}
     curve = json.loads((dirs.plots / "retrieval" / "limber" / "recall_at_k.json").read_text())
     assert [row["k"] for row in curve] == list(range(1, 11))
+    assert curve[0]["i2t"] == pytest.approx(metrics["natural_i2t_R@1"], abs=1e-3)
+
+
+def test_arithmetic_and_summary_cells_equal_the_metrics_files(trained, smollm2):
+    cfg, dirs = trained
     arith = evaluate_arithmetic.run(cfg, dirs, "limber", lm=smollm2)
     assert {"color_swap_top1", "shape_swap_top1"} <= arith.keys()
     assert (dirs.pages / "arithmetic" / "limber.html").exists()
+    evaluate_retrieval.run(cfg, dirs, "limber")
     summarize.run(cfg, dirs)
-    table = (dirs.metrics / "summary.md").read_text()
-    assert "| caption/CIDEr |" in table and "| retrieval/cosine_i2t_R@1 |" in table
+    rows = {}
+    for line in (dirs.metrics / "summary.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if "/" in cells[0] and len(cells) == 4:
+            rows[cells[0]] = cells[2]  # the limber column (vlap, limber, contrastive)
+    for task in ("retrieval", "arithmetic"):
+        saved = json.loads((dirs.metrics / task / "limber.json").read_text())
+        for key, shown in rows.items():
+            if key.startswith(task + "/") and shown != "–":
+                value = saved[key.split("/", 1)[1]]
+                assert shown == (value if isinstance(value, str) else f"{value:.1f}"), key
+    assert rows["retrieval/natural_scorer"] == "cosine"
     assert (dirs.plots / "summary.png").stat().st_size > 1000
 
 
@@ -121,6 +171,9 @@ def test_bridge_from_another_encoder_is_refused(trained, smollm2, tmp_path):
 def test_missing_bridge_fails_in_one_line(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("evaluate:\n  common:\n    test_images: 4\n")
+    row = {"image_id": "1", "image_path": "1.png", "image_sha256": "0" * 64, "captions": ["a red circle"],
+           "attributes": "{}"}
+    data.write_split(tmp_path / "prepared", data.Split("test", "package:easy_vqa", [row]))
     proc = subprocess.run(
         [sys.executable, "-m", "stages.evaluate_caption", "--method", "vlap", "--params", str(params),
          "--data", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -108,3 +108,15 @@ def test_info_nce_identical_duplicate_captions() -> None:
     multi = info_nce_loss(z_v, z_t, 0.2, text_ids=torch.tensor([0, 0, 1, 2]))
     assert torch.isfinite(multi)
     torch.testing.assert_close(multi, info_nce_loss(z_v, z_t, 0.2))
+
+
+def test_info_nce_equals_a_loop_over_queries() -> None:
+    """Plain InfoNCE recomputed query by query: -log softmax of the matching pair, both directions."""
+    g = torch.Generator().manual_seed(11)
+    z_v = F.normalize(torch.randn(5, 4, dtype=torch.float64, generator=g), dim=-1)
+    z_t = F.normalize(torch.randn(5, 4, dtype=torch.float64, generator=g), dim=-1)
+    t = 0.3
+    i2t = [-(z_v[i] @ z_t[i] / t - torch.logsumexp(z_v[i] @ z_t.T / t, 0)) for i in range(5)]
+    t2i = [-(z_t[j] @ z_v[j] / t - torch.logsumexp(z_t[j] @ z_v.T / t, 0)) for j in range(5)]
+    expected = 0.5 * (torch.stack(i2t).mean() + torch.stack(t2i).mean())
+    torch.testing.assert_close(info_nce_loss(z_v, z_t, t), expected)

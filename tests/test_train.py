@@ -116,3 +116,52 @@ def test_resumed_run_equals_uninterrupted(tiny_pipeline, smollm2, tmp_path):
         (resumed_dirs.models / "contrastive" / "bridge.pt").read_bytes()
     tsv = resumed_dirs.metrics / "train" / "contrastive" / "plots" / "metrics" / "train" / "loss_nce.tsv"
     assert len(tsv.read_text().strip().splitlines()) == 1 + 4  # header + every step once
+
+
+def test_prior_is_normalised_document_frequency_with_specials_zeroed(tiny_pipeline, smollm2):
+    cfg, dirs = tiny_pipeline
+    protos = load_prototypes(prototypes_file(dirs.prototypes))
+    from pipeline import data
+
+    captions = [c for r in data.read_manifest(dirs.prepared, "train").images for c in r["captions"]]
+    df = {}
+    for caption in captions:  # document frequency: in how many captions each token id occurs
+        for token in set(smollm2.tokenizer.encode(caption, add_special_tokens=False)):
+            df[token] = df.get(token, 0) + 1
+    K = protos.prototypes.shape[0]
+    mu = torch.zeros(K, dtype=torch.float64)
+    for token, count in df.items():
+        mu[token] = count ** cfg.prototypes.temperature
+    mu = mu / mu.sum() + cfg.prototypes.smoothing
+    mu[list(set(smollm2.tokenizer.all_special_ids))] = 0.0
+    mu = mu / mu.sum()
+    torch.testing.assert_close(protos.prior.double(), mu, rtol=1e-5, atol=1e-12)
+
+
+def test_prototype_cache_key_follows_llm_captions_and_prior_and_switching_back_hits(smollm2, tmp_path):
+    """The key changes with the LLM, the captions and the prior settings, not with batch size or device;
+    going back to earlier settings finds the earlier file."""
+    from tiny_models import save_tiny_opt
+    from pipeline.lms import load_lm
+    from pipeline.prototypes import prototypes_key
+
+    caps = ["a blue circle", "a red triangle"]
+    base = dataclasses.replace(Config().prototypes, subset="corpus")
+    key = prototypes_key(smollm2, caps, caps, base)
+    changed = {
+        "prior": dataclasses.replace(base, prior="uniform"),
+        "temperature": dataclasses.replace(base, temperature=0.5),
+        "smoothing": dataclasses.replace(base, smoothing=1e-6),
+        "subset": dataclasses.replace(base, subset="vocab"),
+    }
+    for name, other in changed.items():
+        assert prototypes_key(smollm2, caps, caps, other) != key, name
+    assert prototypes_key(smollm2, caps, caps, dataclasses.replace(base, batch_size=7, device="cpu")) == key
+    assert prototypes_key(smollm2, caps + ["a gray shape"], caps, base) != key  # training captions
+    assert prototypes_key(smollm2, caps, caps + ["a gray shape"], base) != key  # texts needing z_t
+    opt = load_lm(f"hf:{save_tiny_opt(tmp_path / 'opt', smollm2.tokenizer)}", torch.device("cpu"))
+    assert prototypes_key(opt, caps, caps, base) != key  # another LLM
+    first, hit = build_prototypes(smollm2, caps, caps, base, tmp_path / "protos")
+    second, _ = build_prototypes(smollm2, caps, caps, changed["temperature"], tmp_path / "protos")
+    back, hit_back = build_prototypes(smollm2, caps, caps, base, tmp_path / "protos")
+    assert not hit and second != first and hit_back and back == first

@@ -5,10 +5,11 @@
     vlap ask IMAGE "what shape is in the image?"    # open-ended answer
     vlap ask IMAGE "what color is the shape?" --answers red,green,blue   # best of the given answers
     vlap search "a blue circle" [--top 5] [--split test]   # cached images ranked by cosine(z_v, z_t)
+    vlap study [--seeds 0 1 2] [--steps 200]        # seeds x methods with confidence intervals (vlap/study.py)
 
 Reads  --params (default params.yaml: extract.encoder, evaluate.* devices, lengths and test images),
        <data>/models/<method>/bridge.pt, and for search the test features, manifest and prototypes
-       under --data (default data). Writes nothing; prints the answer on stdout.
+       under --data (default data). Writes nothing (study: its folder); prints the answer on stdout.
 Bad input (unreadable image, missing bridge, unknown method) -> one line on stderr, exit code 2.
 """
 from __future__ import annotations
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", help="with --flow: root of the stage folders (default: data)")
     run.set_defaults(command_fn=cmd_run)
 
+    sub.add_parser("study", help="seeds x methods at one budget on the cached features: mean and 95%% intervals, "
+                                 "paired differences (vlap study --help)")
+
     def model_command(name: str, summary: str, fn) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=summary)
         c.add_argument("--method", default="vlap", choices=METHODS, help="which trained bridge (default: vlap)")
@@ -217,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["study"]:  # its own parser (vlap/study.py)
+        from vlap import study
+
+        return study.main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command != "run":  # `run` leaves logging to the flow (or to dvc); here stdout is the answer
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

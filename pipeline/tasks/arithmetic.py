@@ -66,12 +66,13 @@ def word_swap_queries(inputs: EvalInputs, limit: int) -> list[tuple[int, str, st
 
 
 @torch.inference_mode()
-def evaluate_arithmetic(inputs: EvalInputs, cfg: Config) -> tuple[dict, list[dict]]:
-    """Attribute swaps (colour, shape: where the data labels them) and caption-word swaps (any captions)."""
+def evaluate_arithmetic(inputs: EvalInputs, cfg: Config) -> tuple[dict, list[dict], dict]:
+    """Attribute swaps (colour, shape: where the data labels them) and caption-word swaps (any captions):
+    (metrics, example rows, per-query hits {kind: [{"query", "a", "b", "retrieved", "hit"}]})."""
     acfg, lm = cfg.evaluate.arithmetic, inputs.lm
     z_v = inputs.z_v(cfg.evaluate.common.batch_size)  # (n, D)
     prompt = text_embeds(lm, inputs.meta["prompt"])
-    metrics, examples = {}, []
+    metrics, examples, per_query = {}, [], {}
 
     def run_swaps(kind: str, queries: list[tuple[int, str, str]], is_hit) -> None:
         rows = np.array([k for k, _, _ in queries])
@@ -79,7 +80,10 @@ def evaluate_arithmetic(inputs: EvalInputs, cfg: Config) -> tuple[dict, list[dic
         e_b = torch.stack([word_embedding(lm, b) for _, _, b in queries])
         shifted = z_v[rows] - F.normalize(e_a, dim=-1) + F.normalize(e_b, dim=-1)  # (Q, D)
         hits = nearest_neighbours(shifted.cpu().numpy(), z_v.cpu().numpy(), exclude=rows)
-        metrics[f"{kind}_swap_top1"] = 100.0 * sum(is_hit(q, int(h)) for q, h in enumerate(hits)) / len(queries)
+        hit = [bool(is_hit(q, int(h))) for q, h in enumerate(hits)]
+        metrics[f"{kind}_swap_top1"] = 100.0 * sum(hit) / len(queries)
+        per_query[kind] = [{"query": inputs.image_ids[k], "a": a, "b": b, "retrieved": inputs.image_ids[int(h)],
+                            "hit": ok} for (k, a, b), h, ok in zip(queries, hits, hit)]
         metrics[f"{kind}_swap_queries"] = len(queries)
         # captions decoded from the shifted prefix, for a few examples
         shown = queries[: acfg.examples]
@@ -108,4 +112,4 @@ def evaluate_arithmetic(inputs: EvalInputs, cfg: Config) -> tuple[dict, list[dic
             return word_queries[q][3] in {caption_words(c) for c in inputs.captions[inputs.image_ids[h]]}
 
         run_swaps("word", [(k, a, b) for k, a, b, _ in word_queries], caption_hit)
-    return metrics, examples
+    return metrics, examples, per_query

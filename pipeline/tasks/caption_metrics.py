@@ -134,3 +134,13 @@ def write_examples_html(path: str | os.PathLike, rows: list[dict], title: str) -
         os.unlink(tmp)
         raise
     return path
+
+
+def cider_per_image(references: dict[str, list[str]], predictions: dict[str, str]) -> dict[str, float]:
+    """CIDEr(-D) of each image's prediction (PTB-tokenised, IDF over all these references): the corpus
+    CIDEr is their mean, so a bootstrap over images can resample them."""
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({k: [{"caption": c} for c in refs] for k, refs in references.items()})
+    res = tokenizer.tokenize({k: [{"caption": predictions[k]}] for k in references})
+    _, scores = Cider().compute_score(gts, res)
+    return {k: float(v) for k, v in zip(gts, scores)}

@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HEADLINES = {  # task -> metric keys shown in the comparison (all are "higher is better")
+HEADLINES = {  # task -> metric keys shown in the comparison (numbers are all "higher is better")
     "caption": ["CIDEr", "METEOR", "BLEU-1"],
     "vqa": ["0shot_open_accuracy", "0shot_closed_accuracy", "nshot_open_accuracy", "nshot_closed_accuracy"],
-    "retrieval": ["cosine_i2t_R@1", "cosine_t2i_R@1", "assignment_i2t_R@1", "assignment_t2i_R@1"],
+    # natural_*: the scorer the method was trained for (natural_scorer names it); the others for comparison
+    "retrieval": ["natural_scorer", "natural_i2t_R@1", "natural_t2i_R@1", "natural_i2t_R@5", "cosine_i2t_R@1",
+                  "assignment_i2t_R@1", "centred_i2t_R@1"],
     "arithmetic": ["color_swap_top1", "shape_swap_top1", "word_swap_top1"],
 }
 
@@ -73,7 +75,8 @@ def bar_plot(table: dict[str, dict[str, float | str | None]], path: Path) -> Non
     tasks = list(HEADLINES)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4))
     for ax, task in zip(axes, tasks):
-        cols = sorted({c for row in table.values() for c in row if c.startswith(task + "/")})
+        cols = sorted({c for row in table.values() for c, v in row.items()
+                       if c.startswith(task + "/") and not isinstance(v, str)})
         if not cols:
             ax.set_title(f"{task} (n/a)" if any(task in row for row in table.values()) else task)
             ax.set_xticks([])

@@ -1,0 +1,97 @@
+"""`vlap study`: seeds × methods on the same cached inputs, scored per item, with intervals."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from graph_runner import cut_easyvqa
+from pipeline.bridge import load_bridge
+from pipeline.config import parse_config
+from pipeline.paths import Dirs
+from stages import extract, prepare, prototypes
+from stages.common import run_stage
+from tiny_models import save_tiny_clip_vision, save_tiny_opt
+from vlap.flow import tree_digest
+from vlap.study import per_item_scores, run_study
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, smollm2):
+    root = tmp_path_factory.mktemp("study")
+    clip, opt = save_tiny_clip_vision(root / "clip"), save_tiny_opt(root / "opt", smollm2.tokenizer)
+    cfg = parse_config({
+        "extract": {"encoder": f"hf:{clip}", "batch_size": 16},
+        "prototypes": {"llm": f"hf:{opt}"},
+        "train": {"batch_size": 4, "warmup_steps": 1, "checkpoint_every": 10, "loader_workers": 0},
+        "evaluate": {"common": {"batch_size": 4}, "caption": {"max_new_tokens": 3, "examples": 1},
+                     "vqa": {"shots": 1, "max_new_tokens": 2}, "arithmetic": {"queries": 4, "examples": 1}},
+    })
+    base = Dirs.under(root / "data")
+    run_stage(prepare, cfg, base)
+    cut_easyvqa(base, (24, 10))
+    run_stage(extract, cfg, base)
+    run_stage(prototypes, cfg, base)
+    before = {name: tree_digest(getattr(base, name)) for name in ("features", "prototypes", "prepared")}
+    out = root / "data" / "study"
+    report = run_study(cfg, base, out, seeds=[0, 1], methods=["vlap", "limber", "contrastive"], steps=3,
+                       test_images=10, vqa_questions=6, n_boot=200)
+    return cfg, base, out, report, before
+
+
+def test_nothing_is_encoded_again_and_seeds_train_different_bridges(study):
+    cfg, base, out, _, before = study
+    assert {name: tree_digest(getattr(base, name)) for name in before} == before
+    for seed in (0, 1):
+        for name in ("features", "prototypes", "prepared"):
+            link = out / "runs" / f"seed-{seed}" / name
+            assert link.is_symlink() and link.resolve() == getattr(base, name).resolve()
+    w0, w1 = (load_bridge(out / "runs" / f"seed-{s}" / "models" / "vlap" / "bridge.pt")[0].proj.weight for s in (0, 1))
+    assert not torch.equal(w0, w1)
+
+
+def test_per_item_scores_average_to_the_stage_metrics(study):
+    _, _, out, _, _ = study
+    dirs = Dirs.under(out / "runs" / "seed-1")
+    for method in ("vlap", "contrastive"):
+        items = per_item_scores(dirs, method)
+        for task, key in (("caption", "CIDEr"), ("vqa", "0shot_open_accuracy"), ("vqa", "1shot_closed_accuracy"),
+                          ("retrieval", "natural_i2t_R@1"), ("retrieval", "natural_t2i_R@5"),
+                          ("arithmetic", "color_swap_top1")):
+            saved = json.loads((dirs.metrics / task / f"{method}.json").read_text())
+            assert np.mean(list(items[f"{task}/{key}"].values())) == pytest.approx(saved[key], abs=1e-3), (method, key)
+
+
+def test_report_has_intervals_and_paired_differences(study):
+    _, _, out, report, _ = study
+    assert {"caption/CIDEr", "vqa/0shot_open_accuracy", "retrieval/natural_i2t_R@1",
+            "arithmetic/color_swap_top1"} <= report.keys()
+    for metric, entry in report.items():
+        for m, i in entry["methods"].items():
+            assert i["low"] <= i["mean"] <= i["high"] and len(i["per_seed"]) == 2, (metric, m)
+            assert i["mean"] == pytest.approx(np.mean(i["per_seed"]))
+        for base, d in entry["vlap_minus"].items():
+            assert d["mean"] == pytest.approx(entry["methods"]["vlap"]["mean"] - entry["methods"][base]["mean"])
+            assert d["excludes_zero"] == (d["low"] > 0 or d["high"] < 0)
+    text = (out / "report.md").read_text()
+    assert "| caption/CIDEr | 10 |" in text and "vlap − limber" in text and "vlap − contrastive" in text
+    assert (out / "intervals.png").stat().st_size > 1000
+    assert json.loads((out / "study.json").read_text())["seeds"] == [0, 1]
+
+
+def test_a_rerun_keeps_finished_runs(study):
+    cfg, base, out, report, _ = study
+    bridge = out / "runs" / "seed-0" / "models" / "limber" / "bridge.pt"
+    mtime = bridge.stat().st_mtime_ns
+    again = run_study(cfg, base, out, seeds=[0, 1], methods=["vlap", "limber", "contrastive"], steps=3,
+                      test_images=10, vqa_questions=6, n_boot=200)
+    assert bridge.stat().st_mtime_ns == mtime and again == report
+
+
+def test_a_study_without_cached_inputs_fails_in_one_line(tmp_path):
+    from pipeline.errors import MissingInputError
+
+    with pytest.raises(MissingInputError, match="run `dvc repro prototypes` first"):
+        run_study(parse_config({}), Dirs.under(tmp_path / "data"), tmp_path / "study", [0], ["vlap"])

@@ -1,0 +1,247 @@
+"""`vlap study`: seeds × methods at one training budget on the same cached features, with intervals.
+
+    vlap study [--seeds 0 1 2] [--steps 200] [--test-images 0] [--vqa-questions 500] [--out data/study]
+
+Each seed trains every method (the seed sets the bridge's initialisation and the batch order) and
+runs every evaluation, in its own data root under `<out>/runs/seed-<s>/` whose prepared data,
+features and prototypes are links to the pipeline's own: nothing is encoded again (run
+`dvc repro prototypes` first). Evaluation settings are the same for every seed, so every method
+and seed is scored on the same test items. The report (`<out>/report.md`, `study.json`,
+`intervals.png`) gives each headline metric as mean and 95% interval (pipeline.stats: bootstrap
+over seeds and test items) and the paired difference VLAP − each baseline with its interval.
+A finished (seed, method) is not trained again when the study is re-run with the same settings.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import stats
+from pipeline.config import METHODS, Config, load_config, section_values
+from pipeline.errors import MissingInputError, report_user_errors
+from pipeline.io import sha256_json, write_json_atomic, write_text_atomic
+from pipeline.paths import Dirs
+from pipeline.tasks.caption_metrics import cider_per_image
+from stages import evaluate_arithmetic, evaluate_caption, evaluate_retrieval, evaluate_vqa, train
+from stages.common import run_stage
+
+log = logging.getLogger("vlap.study")
+EVALUATIONS = (evaluate_caption, evaluate_vqa, evaluate_retrieval, evaluate_arithmetic)
+BASELINES = ("limber", "contrastive")
+
+
+def study_config(cfg: Config, seed: int, steps: int | None, test_images: int | None,
+                 vqa_questions: int | None) -> Config:
+    """The run's config: the seed and the budget replaced; evaluation the same for every seed."""
+    t = dataclasses.replace(cfg.train, seed=seed, **({"steps": steps, "epochs": 0.0} if steps else {}))
+    common = cfg.evaluate.common if test_images is None else dataclasses.replace(cfg.evaluate.common,
+                                                                                   test_images=test_images)
+    vqa = cfg.evaluate.vqa if vqa_questions is None else dataclasses.replace(cfg.evaluate.vqa,
+                                                                               questions=vqa_questions)
+    return dataclasses.replace(cfg, train=t, evaluate=dataclasses.replace(cfg.evaluate, common=common, vqa=vqa))
+
+
+def run_dirs(base: Dirs, root: Path) -> Dirs:
+    """A data root of its own whose inputs are links to the base pipeline's (never copied or re-made)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("prepared", "features", "prototypes"):
+        link, target = root / name, getattr(base, name).resolve()
+        if not link.is_symlink():
+            link.symlink_to(target, target_is_directory=True)
+    return Dirs.under(root)
+
+
+def train_and_evaluate(cfg: Config, dirs: Dirs, method: str, lm) -> None:
+    """One (seed, method): skipped when a previous study finished it with the same settings."""
+    marker = dirs.root / "done" / f"{method}.json"
+    fingerprint = sha256_json({"train": section_values(cfg.train), "method": section_values(getattr(cfg.methods, method)),
+                               "evaluate": {f.name: section_values(getattr(cfg.evaluate, f.name))
+                                            for f in dataclasses.fields(cfg.evaluate)}})
+    if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+        log.info("study: %s seed %d done before, kept", method, cfg.train.seed)
+        return
+    run_stage(train, cfg, dirs, method, lm=lm)
+    for stage in EVALUATIONS:
+        run_stage(stage, cfg, dirs, method, lm=lm)
+    write_json_atomic(marker, {"fingerprint": fingerprint})
+
+
+# ---------------------------------------------------------------- per-item scores
+def per_item_scores(dirs: Dirs, method: str) -> dict[str, dict[str, float]]:
+    """metric -> {test item: score} for the headline metrics whose per-item scores the stages saved."""
+    out: dict[str, dict[str, float]] = {}
+    plots = dirs.plots
+    captions = read_applicable(plots / "caption" / method / "captions.json")
+    if captions:
+        refs = {i: r["references"] for i, r in captions.items()}
+        out["caption/CIDEr"] = cider_per_image(refs, {i: r["generated"] for i, r in captions.items()})
+    answers = read_applicable(plots / "vqa" / method / "answers.json")
+    for setting, records in (answers or {}).items():
+        for mode in ("open", "closed"):
+            out[f"vqa/{setting}_{mode}_accuracy"] = {r["question_id"]: 100.0 * r[f"{mode}_accuracy"] for r in records}
+    ranks = read_applicable(plots / "retrieval" / method / "ranks.json")
+    if ranks:
+        natural = json.loads((dirs.metrics / "retrieval" / f"{method}.json").read_text())["natural_scorer"]
+        for direction, keys in (("i2t", ranks["image_ids"]), ("t2i", ranks["texts"])):
+            for k in (1, 5):
+                out[f"retrieval/natural_{direction}_R@{k}"] = {
+                    key: 100.0 * (r <= k) for key, r in zip(keys, ranks["ranks"][natural][direction])}
+        for scorer in ("cosine", "centred"):  # the same scorer for every method, beside the natural one
+            if scorer in ranks["ranks"]:
+                out[f"retrieval/{scorer}_i2t_R@1"] = {
+                    key: 100.0 * (r <= 1) for key, r in zip(ranks["image_ids"], ranks["ranks"][scorer]["i2t"])}
+    queries = read_applicable(plots / "arithmetic" / method / "queries.json")
+    for kind, rows in (queries or {}).items():
+        out[f"arithmetic/{kind}_swap_top1"] = {f"{q['query']}:{q['a']}>{q['b']}": 100.0 * q["hit"] for q in rows}
+    return out
+
+
+def read_applicable(path: Path):
+    """A stage's per-item file, or None where the task was not applicable."""
+    if not path.exists():
+        return None
+    value = json.loads(path.read_text())
+    return None if isinstance(value, dict) and value.get("applicable") is False else value
+
+
+def score_matrices(roots: list[Dirs], methods: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """metric -> method -> (seeds × items) on the items every seed and method was scored on."""
+    scores = {m: [per_item_scores(d, m) for d in roots] for m in methods}
+    metrics = sorted(set.intersection(*(set(s) for runs in scores.values() for s in runs)))
+    out = {}
+    for metric in metrics:
+        items = sorted(set.intersection(*(set(s[metric]) for runs in scores.values() for s in runs)))
+        out[metric] = {m: np.array([[s[metric][i] for i in items] for s in scores[m]]) for m in methods}
+    return out
+
+
+# ---------------------------------------------------------------- report
+def summarise(matrices: dict[str, dict[str, np.ndarray]], n_boot: int) -> dict:
+    report = {}
+    for metric, by_method in matrices.items():
+        entry = {"items": int(next(iter(by_method.values())).shape[1]),
+                 "methods": {m: stats.interval(v, n_boot=n_boot).as_dict() | {"per_seed": v.mean(1).tolist()}
+                             for m, v in by_method.items()}}
+        if "vlap" in by_method:
+            entry["vlap_minus"] = {}
+            for base in (b for b in BASELINES if b in by_method):
+                diff = stats.paired_difference(by_method["vlap"], by_method[base], n_boot=n_boot)
+                entry["vlap_minus"][base] = diff.as_dict() | {"excludes_zero": diff.excludes_zero}
+        report[metric] = entry
+    return report
+
+
+def markdown(report: dict, header: str) -> str:
+    methods = list(next(iter(report.values()))["methods"]) if report else []
+    bases = [b for b in BASELINES if any(b in e.get("vlap_minus", {}) for e in report.values())]
+    lines = [header, "",
+             "Each cell: mean [95% interval], bootstrap over seeds and test items (pipeline/stats.py). "
+             "A difference marked **real** has an interval that excludes zero.", "",
+             "| metric | items | " + " | ".join(methods) + " | " + " | ".join(f"vlap − {b}" for b in bases) + " |",
+             "| --- | ---: |" + " ---: |" * (len(methods) + len(bases))]
+
+    def fmt(i: dict, sign: bool = False) -> str:
+        return f"{i['mean']:{'+' if sign else ''}.2f} [{i['low']:.2f}, {i['high']:.2f}]"
+
+    for metric, e in report.items():
+        cells = [fmt(e["methods"][m]) for m in methods]
+        diffs = []
+        for b in bases:
+            d = e.get("vlap_minus", {}).get(b)
+            diffs.append("–" if d is None else fmt(d, True) + (" **real**" if d["excludes_zero"] else " noise"))
+        lines.append(f"| {metric} | {e['items']} | " + " | ".join(cells + diffs) + " |")
+    lines += ["", "Per seed (mean over items):", "", "| metric | method | " + "per-seed means |", "| --- | --- | --- |"]
+    for metric, e in report.items():
+        for m in methods:
+            lines.append(f"| {metric} | {m} | " + ", ".join(f"{v:.2f}" for v in e["methods"][m]["per_seed"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(report)
+    cols = min(4, len(metrics))
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        by_method = report[metric]["methods"]
+        names = list(by_method)
+        means = [by_method[m]["mean"] for m in names]
+        err = [[by_method[m]["mean"] - by_method[m]["low"] for m in names],
+               [by_method[m]["high"] - by_method[m]["mean"] for m in names]]
+        ax.bar(names, means, yerr=err, capsize=4, color=["C0", "C1", "C2"][: len(names)])
+        ax.set_title(metric, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run_study(cfg: Config, base: Dirs, out: Path, seeds: list[int], methods: list[str], steps: int | None = None,
+              test_images: int | None = None, vqa_questions: int | None = None, n_boot: int = 2000,
+              command: str = "vlap study", lm=None) -> dict:
+    if not (base.features / "index.json").exists() or not base.prototypes.exists():
+        raise MissingInputError(f"{base.root}: no cached features or prototypes (run `dvc repro prototypes` first)")
+    roots = []
+    for seed in seeds:
+        run_cfg = study_config(cfg, seed, steps, test_images, vqa_questions)
+        dirs = run_dirs(base, Path(out) / "runs" / f"seed-{seed}")
+        if lm is None:
+            from pipeline.device import resolve_device
+            from pipeline.lms import load_lm
+
+            lm = load_lm(cfg.prototypes.llm, resolve_device(cfg.train.device))
+        for method in methods:
+            train_and_evaluate(run_cfg, dirs, method, lm)
+        roots.append(dirs)
+    report = summarise(score_matrices(roots, methods), n_boot)
+    run_cfg = study_config(cfg, seeds[0], steps, test_images, vqa_questions)
+    header = (f"# Study: {len(seeds)} seeds × {len(methods)} methods, {run_cfg.train.steps} steps of batch "
+              f"{run_cfg.train.batch_size}\n\nCommand: `{command}`  \n"
+              f"Seeds {seeds}; test images {run_cfg.evaluate.common.test_images or 'all'}; VQA questions "
+              f"{run_cfg.evaluate.vqa.questions or 'all'}; lr {run_cfg.train.lr}, precision {run_cfg.train.precision}; "
+              f"encoder {cfg.extract.encoder}, LLM {cfg.prototypes.llm}.")
+    out = Path(out)
+    write_json_atomic(out / "study.json", {"command": command, "seeds": seeds, "methods": methods,
+                                           "train": section_values(run_cfg.train), "metrics": report})
+    write_text_atomic(out / "report.md", markdown(report, header))
+    plot(report, out / "intervals.png")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vlap study", description=__doc__.splitlines()[0])
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--data", default="data", type=Path, help="the pipeline's data root (its cached inputs are reused)")
+    p.add_argument("--out", default=None, type=Path, help="study folder (default: <data>/study)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: params)")
+    p.add_argument("--test-images", type=int, default=None, help="evaluated test images, 0 = all (default: params)")
+    p.add_argument("--vqa-questions", type=int, default=None, help="VQA questions, 0 = all (default: params)")
+    p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    command = " ".join(["vlap study", *argv])
+    return report_user_errors(lambda: run_study(
+        load_config(args.params), Dirs.under(args.data), args.out or args.data / "study", args.seeds, args.methods,
+        args.steps, args.test_images, args.vqa_questions, args.boot, command))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
