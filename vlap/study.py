@@ -1,6 +1,7 @@
 """`vlap study`: seeds × methods at one training budget on the same cached features, with intervals.
 
-    vlap study [--seeds 0 1 2] [--steps 200] [--test-images 0] [--vqa-questions 500] [--out data/study]
+    vlap study [--seeds 0 1 2] [--steps 200] [--test-images 0] [--vqa-questions 500] [--vqa-shots 0]
+               [--out data/study]
 
 Each seed trains every method (the seed sets the bridge's initialisation and the batch order) and
 runs every evaluation, in its own data root under `<out>/runs/seed-<s>/` whose prepared data,
@@ -9,7 +10,8 @@ features and prototypes are links to the pipeline's own: nothing is encoded agai
 and seed is scored on the same test items. The report (`<out>/report.md`, `study.json`,
 `intervals.png`) gives each headline metric as mean and 95% interval (pipeline.stats: bootstrap
 over seeds and test items) and the paired difference VLAP − each baseline with its interval.
-A finished (seed, method) is not trained again when the study is re-run with the same settings.
+A re-run keeps every bridge trained with the same training settings and every evaluation run with
+the same evaluation settings on it.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import numpy as np
 from pipeline import stats
 from pipeline.config import METHODS, Config, load_config, section_values
 from pipeline.errors import MissingInputError, report_user_errors
-from pipeline.io import sha256_json, write_json_atomic, write_text_atomic
+from pipeline.io import sha256_file, sha256_json, write_json_atomic, write_text_atomic
 from pipeline.paths import Dirs
 from pipeline.tasks.caption_metrics import cider_per_image
 from stages import evaluate_arithmetic, evaluate_caption, evaluate_retrieval, evaluate_vqa, train
@@ -37,13 +39,13 @@ BASELINES = ("limber", "contrastive")
 
 
 def study_config(cfg: Config, seed: int, steps: int | None, test_images: int | None,
-                 vqa_questions: int | None) -> Config:
+                 vqa_questions: int | None, vqa_shots: int | None = None) -> Config:
     """The run's config: the seed and the budget replaced; evaluation the same for every seed."""
     t = dataclasses.replace(cfg.train, seed=seed, **({"steps": steps, "epochs": 0.0} if steps else {}))
     common = cfg.evaluate.common if test_images is None else dataclasses.replace(cfg.evaluate.common,
                                                                                    test_images=test_images)
-    vqa = cfg.evaluate.vqa if vqa_questions is None else dataclasses.replace(cfg.evaluate.vqa,
-                                                                               questions=vqa_questions)
+    vqa = dataclasses.replace(cfg.evaluate.vqa, **{k: v for k, v in (("questions", vqa_questions),
+                                                                      ("shots", vqa_shots)) if v is not None})
     return dataclasses.replace(cfg, train=t, evaluate=dataclasses.replace(cfg.evaluate, common=common, vqa=vqa))
 
 
@@ -58,18 +60,29 @@ def run_dirs(base: Dirs, root: Path) -> Dirs:
 
 
 def train_and_evaluate(cfg: Config, dirs: Dirs, method: str, lm) -> None:
-    """One (seed, method): skipped when a previous study finished it with the same settings."""
+    """One (seed, method). A bridge trained with the same train and method settings is kept, and
+    evaluations already run with the same settings on that bridge are not run again."""
+    bridge = dirs.models / method / "bridge.pt"
+    trained = bridge.exists() and trained_with(bridge, cfg, method)
+    if not trained:
+        run_stage(train, cfg, dirs, method, lm=lm)
     marker = dirs.root / "done" / f"{method}.json"
-    fingerprint = sha256_json({"train": section_values(cfg.train), "method": section_values(getattr(cfg.methods, method)),
-                               "evaluate": {f.name: section_values(getattr(cfg.evaluate, f.name))
-                                            for f in dataclasses.fields(cfg.evaluate)}})
+    fingerprint = sha256_json({"bridge": sha256_file(bridge), "evaluate": {
+        f.name: section_values(getattr(cfg.evaluate, f.name)) for f in dataclasses.fields(cfg.evaluate)}})
     if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
-        log.info("study: %s seed %d done before, kept", method, cfg.train.seed)
+        log.info("study: %s seed %d evaluated before, kept", method, cfg.train.seed)
         return
-    run_stage(train, cfg, dirs, method, lm=lm)
     for stage in EVALUATIONS:
         run_stage(stage, cfg, dirs, method, lm=lm)
     write_json_atomic(marker, {"fingerprint": fingerprint})
+
+
+def trained_with(bridge: Path, cfg: Config, method: str) -> bool:
+    from pipeline.bridge import load_bridge
+
+    _, meta = load_bridge(bridge)
+    return (meta.get("train") == section_values(cfg.train)
+            and meta.get("method_config") == section_values(getattr(cfg.methods, method)))
 
 
 # ---------------------------------------------------------------- per-item scores
@@ -193,12 +206,12 @@ def plot(report: dict, path: Path) -> None:
 
 def run_study(cfg: Config, base: Dirs, out: Path, seeds: list[int], methods: list[str], steps: int | None = None,
               test_images: int | None = None, vqa_questions: int | None = None, n_boot: int = 2000,
-              command: str = "vlap study", lm=None) -> dict:
+              command: str = "vlap study", lm=None, vqa_shots: int | None = None) -> dict:
     if not (base.features / "index.json").exists() or not base.prototypes.exists():
         raise MissingInputError(f"{base.root}: no cached features or prototypes (run `dvc repro prototypes` first)")
     roots = []
     for seed in seeds:
-        run_cfg = study_config(cfg, seed, steps, test_images, vqa_questions)
+        run_cfg = study_config(cfg, seed, steps, test_images, vqa_questions, vqa_shots)
         dirs = run_dirs(base, Path(out) / "runs" / f"seed-{seed}")
         if lm is None:
             from pipeline.device import resolve_device
@@ -209,11 +222,12 @@ def run_study(cfg: Config, base: Dirs, out: Path, seeds: list[int], methods: lis
             train_and_evaluate(run_cfg, dirs, method, lm)
         roots.append(dirs)
     report = summarise(score_matrices(roots, methods), n_boot)
-    run_cfg = study_config(cfg, seeds[0], steps, test_images, vqa_questions)
+    run_cfg = study_config(cfg, seeds[0], steps, test_images, vqa_questions, vqa_shots)
     header = (f"# Study: {len(seeds)} seeds × {len(methods)} methods, {run_cfg.train.steps} steps of batch "
               f"{run_cfg.train.batch_size}\n\nCommand: `{command}`  \n"
               f"Seeds {seeds}; test images {run_cfg.evaluate.common.test_images or 'all'}; VQA questions "
-              f"{run_cfg.evaluate.vqa.questions or 'all'}; lr {run_cfg.train.lr}, precision {run_cfg.train.precision}; "
+              f"{run_cfg.evaluate.vqa.questions or 'all'} (shots: {run_cfg.evaluate.vqa.shots}); "
+              f"lr {run_cfg.train.lr}, precision {run_cfg.train.precision}; "
               f"encoder {cfg.extract.encoder}, LLM {cfg.prototypes.llm}.")
     out = Path(out)
     write_json_atomic(out / "study.json", {"command": command, "seeds": seeds, "methods": methods,
@@ -233,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: params)")
     p.add_argument("--test-images", type=int, default=None, help="evaluated test images, 0 = all (default: params)")
     p.add_argument("--vqa-questions", type=int, default=None, help="VQA questions, 0 = all (default: params)")
+    p.add_argument("--vqa-shots", type=int, default=None, help="n of the n-shot VQA setting, 0 = 0-shot only "
+                   "(default: params)")
     p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
@@ -240,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["vlap study", *argv])
     return report_user_errors(lambda: run_study(
         load_config(args.params), Dirs.under(args.data), args.out or args.data / "study", args.seeds, args.methods,
-        args.steps, args.test_images, args.vqa_questions, args.boot, command))
+        args.steps, args.test_images, args.vqa_questions, args.boot, command, vqa_shots=args.vqa_shots))
 
 
 if __name__ == "__main__":
