@@ -1,6 +1,6 @@
 """Benchmark: data-parallel training (torchrun, gloo on CPU) against one process, same global batch.
 
-    python bench/ddp.py [--processes 2] [--steps 10 30] [--method vlap]
+    python bench/ddp.py [--processes 2] [--steps 10 30] [--method vlap] [--precision fp32]
 
 Runs the train stage on the default run's cached inputs (data/prepared, data/features,
 data/prototypes must exist: `dvc repro prototypes`) in a temporary data root, once as
@@ -44,6 +44,7 @@ def main() -> int:
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--steps", type=int, nargs=2, default=(10, 30))
     p.add_argument("--method", default="vlap")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="train.precision (default: params)")
     args = p.parse_args()
     if not (Dirs().features / "index.json").exists():
         print("bench/ddp.py: run `dvc repro prototypes` first (needs the default's cached inputs)", file=sys.stderr)
@@ -54,6 +55,8 @@ def main() -> int:
     for steps in args.steps:
         params = tmp / f"params-{steps}.yaml"
         raw["train"] |= {"steps": steps, "checkpoint_every": steps, "device": "cpu"}
+        if args.precision:
+            raw["train"]["precision"] = args.precision
         params.write_text(yaml.safe_dump(raw))
         for processes in (1, args.processes):
             walls[steps, processes] = run(params, tmp / f"{steps}-{processes}", args.method, processes)
