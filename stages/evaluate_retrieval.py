@@ -41,9 +41,9 @@ def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
                                                          f"and features, the data has {len(inputs.image_ids)}")
     centres = None
     if cfg.evaluate.retrieval.centre:
-        train_images = data.read_manifest(dirs.prepared, "train").images
-        centres = training_centres(inputs, features_file(dirs.features, "train"), train_images,
-                                   cfg.evaluate.retrieval.centre_images, cfg.evaluate.common.batch_size)
+        centres = training_centres(inputs, features_file(dirs.features, "train"),
+                                   data.read_manifest(dirs.prepared, "train"), cfg.evaluate.retrieval.centre_images,
+                                   cfg.evaluate.common.batch_size)
     metrics, curve, per_query = evaluate_retrieval(inputs, cfg, centres)
     write_json_atomic(dirs.plots / "retrieval" / method / "recall_at_k.json", curve)
     write_json_atomic(dirs.plots / "retrieval" / method / "ranks.json", per_query)

@@ -78,9 +78,7 @@ def train_and_evaluate(cfg: Config, dirs: Dirs, method: str, lm) -> None:
 
 
 def trained_with(bridge: Path, cfg: Config, method: str) -> bool:
-    from pipeline.bridge import load_bridge
-
-    _, meta = load_bridge(bridge)
+    meta = json.loads(bridge.with_suffix(".json").read_text())  # the bridge's settings, written beside it
     return (meta.get("train") == section_values(cfg.train)
             and meta.get("method_config") == section_values(getattr(cfg.methods, method)))
 
@@ -209,15 +207,15 @@ def run_study(cfg: Config, base: Dirs, out: Path, seeds: list[int], methods: lis
               command: str = "vlap study", lm=None, vqa_shots: int | None = None) -> dict:
     if not (base.features / "index.json").exists() or not base.prototypes.exists():
         raise MissingInputError(f"{base.root}: no cached features or prototypes (run `dvc repro prototypes` first)")
+    if lm is None:  # one LLM for every training and evaluation of the study
+        from pipeline.device import resolve_device
+        from pipeline.lms import load_lm
+
+        lm = load_lm(cfg.prototypes.llm, resolve_device(cfg.train.device))
     roots = []
     for seed in seeds:
         run_cfg = study_config(cfg, seed, steps, test_images, vqa_questions, vqa_shots)
         dirs = run_dirs(base, Path(out) / "runs" / f"seed-{seed}")
-        if lm is None:
-            from pipeline.device import resolve_device
-            from pipeline.lms import load_lm
-
-            lm = load_lm(cfg.prototypes.llm, resolve_device(cfg.train.device))
         for method in methods:
             train_and_evaluate(run_cfg, dirs, method, lm)
         roots.append(dirs)

@@ -17,13 +17,18 @@ Each method is also reported with its natural scorer (`natural_*`): the one it w
 """
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.cache import FeatureCache
 from pipeline.config import Config
+from pipeline.data import Manifest
 from pipeline.ot import sinkhorn
-from pipeline.tasks.inputs import EvalInputs
+from pipeline.tasks.inputs import EvalInputs, select_test_images
 from pipeline.tasks.retrieval_metrics import rank_of_first_relevant, relevance_from_texts, retrieval_metrics
 
 NATURAL_SCORER = {"vlap": "assignment", "limber": "cosine", "contrastive": "cosine"}
@@ -82,19 +87,15 @@ def evaluate_retrieval(inputs: EvalInputs, cfg: Config,
 
 
 @torch.inference_mode()
-def training_centres(inputs: EvalInputs, features_path, train_images: list[dict], limit: int,
+def training_centres(inputs: EvalInputs, features_path: Path, manifest: Manifest, limit: int,
                      batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean z_v, mean z_t) over the first `limit` captioned training images with features and their
     captions: the centres of the `centred` scorer. Uses the evaluated bridge; nothing of the test set."""
-    from pipeline.bridge import visual_representation
-    from pipeline.cache import FeatureCache, TokenReader
-
     with FeatureCache(features_path) as cache:
-        images = [r for r in train_images if r["captions"] and r["image_id"] in cache.index][:limit]
-        rows = cache.rows([r["image_id"] for r in images])
-    reader = TokenReader(features_path)
-    z_v = torch.cat([visual_representation(inputs.bridge(torch.from_numpy(reader.read_rows(rows[i : i + batch_size]))
-                                                         .to(inputs.device, torch.float32)))
-                     for i in range(0, len(rows), batch_size)])
-    z_t = inputs.protos.text_reps([c for r in images for c in r["captions"]]).to(z_v.device)
+        ids = select_test_images(manifest, cache, limit)
+        rows = cache.rows(ids)
+    train = dataclasses.replace(inputs, image_ids=ids, rows=rows, features_path=Path(features_path), reader=None)
+    z_v = train.z_v(batch_size)
+    captions = manifest.captions_by_id
+    z_t = inputs.protos.text_reps([c for i in ids for c in captions[i]]).to(z_v.device)
     return z_v.mean(0), z_t.mean(0)
