@@ -224,3 +224,36 @@ def test_experiment_metrics_show_beside_the_baseline(repo):
     assert baseline[key]["train"]["loss"] != in_exp[key]["train"]["loss"]  # vlap retrained with lambda = 0.5
     assert in_exp["data/metrics/caption/vlap.json"]["applicable"] is True
     assert in_exp["data/metrics/train/limber/metrics.json"] == baseline["data/metrics/train/limber/metrics.json"]
+
+
+def test_ablation_queues_dvc_experiments_and_tabulates_them(repo):
+    """`vlap ablate` on two factors: three queued experiments run by DVC's queue, each re-running only
+    VLAP's stages; the table's cells are the metrics in each experiment's commit; a re-run queues nothing."""
+    work, env, _, _ = repo
+    sh(["git", "add", "-A"], work, env)
+    sh(["git", "commit", "-qm", "before the ablation", "--allow-empty"], work, env)
+    args = [sys.executable, "-m", "vlap.cli", "ablate", "--factor", "methods.vlap.ap_weight=0.5",
+            "--factor", "prototypes.prior=uniform", "--out", "ablation"]
+    sh(args, work, env, timeout=900)
+    result = json.loads((work / "ablation" / "ablation.json").read_text())
+    rows = {r["experiment"]: r for r in result["experiments"]}
+    assert set(rows) == {"abl-unchanged", "abl-ap_weight-0p5", "abl-prior-uniform"}
+    for name, row in rows.items():
+        shown = yaml.safe_load(sh(["git", "show", f"{row['commit']}:params.yaml"], work, env))
+        caption = json.loads(sh(["git", "show", f"{row['commit']}:data/metrics/caption/vlap.json"], work, env))
+        assert row["metrics"]["caption/CIDEr"] == caption["CIDEr"]
+        lock = yaml.safe_load(sh(["git", "show", f"{row['commit']}:dvc.lock"], work, env))["stages"]
+        assert lock["train@vlap"]["params"]["params.yaml"]["methods.vlap"]["ap_weight"] == (
+            shown["methods"]["vlap"]["ap_weight"])
+    assert rows["abl-ap_weight-0p5"]["resolved"] == 0.5 and rows["abl-prior-uniform"]["resolved"] == "uniform"
+    unchanged = rows["abl-unchanged"]["metrics"]["train/loss_ap"]
+    assert rows["abl-ap_weight-0p5"]["metrics"]["train/loss_ap"] != unchanged  # AP trained 5x harder
+    assert rows["abl-prior-uniform"]["metrics"]["train/loss_ap"] != unchanged  # another prior, another target
+    report = (work / "ablation" / "report.md").read_text()
+    assert "| prototypes.prior=uniform |" in report and "| methods.vlap.ap_weight=0.5 |" in report
+    assert (work / "ablation" / "caption_CIDEr.png").stat().st_size > 0
+    again = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "queued abl-" not in again.stderr, again.stderr[-2000:]
+    bad = subprocess.run(args[:4] + ["--factor", "methods.vlap.ap_weigth=1"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "ap_weigth" in bad.stderr, bad.stderr

@@ -6,6 +6,7 @@
     vlap ask IMAGE "what color is the shape?" --answers red,green,blue   # best of the given answers
     vlap search "a blue circle" [--top 5] [--split test]   # cached images ranked by cosine(z_v, z_t)
     vlap study [--seeds 0 1 2] [--steps 200]        # seeds x methods with confidence intervals (vlap/study.py)
+    vlap ablate [--factor KEY=V1,V2] [--set KEY=V]  # VLAP's settings one at a time as DVC experiments (vlap/ablate.py)
 
 Reads  --params (default params.yaml: extract.encoder, evaluate.* devices, lengths and test images),
        <data>/models/<method>/bridge.pt, and for search the test features, manifest and prototypes
@@ -196,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("study", help="seeds x methods at one budget on the cached features: mean and 95%% intervals, "
                                  "paired differences (vlap study --help)")
 
+    sub.add_parser("ablate", help="VLAP's settings one factor at a time, queued as DVC experiments: a table and "
+                                  "plots (vlap ablate --help)")
+
     def model_command(name: str, summary: str, fn) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=summary)
         c.add_argument("--method", default="vlap", choices=METHODS, help="which trained bridge (default: vlap)")
@@ -226,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         from vlap import study
 
         return study.main(argv[1:])
+    if argv[:1] == ["ablate"]:  # its own parser (vlap/ablate.py)
+        from vlap import ablate
+
+        return ablate.main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command != "run":  # `run` leaves logging to the flow (or to dvc); here stdout is the answer
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

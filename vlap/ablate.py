@@ -1,0 +1,340 @@
+"""`vlap ablate`: VLAP's settings one factor at a time around params.yaml, as queued DVC experiments.
+
+    vlap ablate [--factor methods.vlap.ap_weight=0.01,1 ...] [--set train.steps=100 ...] [--seeds 0 1]
+                [--jobs 1] [--out data/ablation]
+    vlap ablate --report            # only the table and plots, from the experiments that finished
+
+Queues one `dvc exp run --queue` per (setting, seed), plus the unchanged setting, each limited to
+VLAP's own stages (train@vlap and its four evaluations: the baselines do not depend on these
+settings), runs the queue (`dvc queue start`), waits for it, and writes `<out>/report.md` (one row
+per setting, every headline metric, the change from the unchanged setting), `ablation.json` and one
+plot per headline metric against each setting. Features are never re-encoded: the experiments
+check the cached outputs out of the DVC cache. Experiments named `abl-...` that already exist on
+this commit are kept, so a re-run only queues what is missing. Without --factor the grid is
+GRID: lambda, epsilon, Sinkhorn iterations, the prior and the prototype subset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import load_config, parse_config
+from pipeline.errors import ConfigError, UserError, report_user_errors
+from pipeline.io import write_json_atomic, write_text_atomic
+from pipeline.tasks.summary import HEADLINES, headline_values
+
+log = logging.getLogger("vlap.ablate")
+
+
+class DvcError(UserError):
+    """A dvc command the ablation runs failed, or left nothing to report."""
+
+GRID = {  # params key -> the values tried besides the one params.yaml gives
+    "methods.vlap.ap_weight": ["0.01", "1.0"],
+    "methods.vlap.epsilon": ["0.003", "0.05"],
+    "methods.vlap.sinkhorn_iters": ["1", "10"],
+    "prototypes.prior": ["uniform"],
+    "prototypes.subset": ["corpus"],
+}
+TARGETS = [f"{stage}@vlap" for stage in ("evaluate_caption", "evaluate_vqa", "evaluate_retrieval",
+                                         "evaluate_arithmetic")]
+PLOTTED = ["caption/CIDEr", "vqa/0shot_open_accuracy", "retrieval/natural_i2t_R@1", "retrieval/natural_t2i_R@1",
+           "arithmetic/color_swap_top1", "arithmetic/word_swap_top1"]
+UNCHANGED = "unchanged"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One queued experiment: `key=value` (key None: the unchanged setting) with one training seed."""
+
+    key: str | None
+    value: str | None
+    seed: int | None
+
+    @property
+    def name(self) -> str:
+        """A git-ref-safe experiment name, e.g. abl-ap_weight-0p01 or abl-unchanged-s1."""
+        base = UNCHANGED if self.key is None else f"{self.key.split('.')[-1]}-{self.value}"
+        safe = "".join(c if c.isalnum() or c in "-_" else "p" if c == "." else "_" for c in base)
+        return f"abl-{safe}" + ("" if self.seed is None else f"-s{self.seed}")
+
+    def overrides(self, sets: list[str]) -> list[str]:
+        return list(sets) + ([] if self.key is None else [f"{self.key}={self.value}"]) + (
+            [] if self.seed is None else [f"train.seed={self.seed}"])
+
+
+def parse_assignment(text: str) -> tuple[str, list[str]]:
+    key, sep, values = text.partition("=")
+    if not sep or not key or not values:
+        raise ConfigError(f"{text!r}: expected key=value[,value...], e.g. methods.vlap.ap_weight=0.01,1")
+    return key.strip(), [v.strip() for v in values.split(",") if v.strip()]
+
+
+def with_overrides(raw: dict, overrides: list[str]) -> dict:
+    """params (as loaded from YAML) with each dotted `key=value` set; the value is read as YAML."""
+    raw = json.loads(json.dumps(raw))
+    for item in overrides:
+        key, (value, *_) = parse_assignment(item)
+        node, *path = raw, *key.split(".")
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{key}: not a params key (no section {part!r})")
+            node = node[part]
+        if path[-1] not in node:
+            raise ConfigError(f"{key}: not a params key")
+        node[path[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def plan(params: Path, grid: dict[str, list[str]], sets: list[str], seeds: list[int] | None) -> list[Setting]:
+    """Every (setting, seed) to run, each checked against the config schema before anything is queued."""
+    raw = yaml.safe_load(params.read_text())
+    settings = [Setting(None, None, s) for s in (seeds or [None])]
+    settings += [Setting(k, v, s) for k, values in grid.items() for v in values for s in (seeds or [None])]
+    for setting in settings:
+        try:
+            parse_config(with_overrides(raw, setting.overrides(sets)), source=f"{params} with {setting.name}")
+        except ConfigError as err:
+            raise ConfigError(f"ablation setting {setting.name}: {err}") from None
+    return settings
+
+
+def dvc(*args: str, capture: bool = True) -> str:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=capture, text=True)
+    if proc.returncode != 0:
+        raise DvcError(f"dvc {' '.join(args)} failed: {(proc.stderr or proc.stdout or '').strip()[-2000:]}")
+    return proc.stdout or ""
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout
+
+
+def experiment_refs() -> dict[str, str]:
+    """name -> commit of every DVC experiment whose baseline is HEAD (refs/exps/<ab>/<cdef...>/<name>)."""
+    head = git("rev-parse", "HEAD").strip()
+    refs = {}
+    for line in git("for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").splitlines():
+        commit, ref = line.split(" ", 1)
+        parts = ref.split("/")
+        if len(parts) == 5 and parts[2] + parts[3] == head:
+            refs[parts[4]] = commit
+    return refs
+
+
+def queue(settings: list[Setting], sets: list[str]) -> list[Setting]:
+    """Queue each setting not already run on this commit; returns those queued."""
+    done = experiment_refs()
+    queued_names = queue_names()
+    todo = [s for s in settings if s.name not in done and s.name not in queued_names]
+    for setting in todo:
+        args = ["exp", "run", "--queue", "--name", setting.name]
+        for item in setting.overrides(sets):
+            args += ["-S", item]
+        dvc(*args, *TARGETS)
+        log.info("queued %s", setting.name)
+    return todo
+
+
+def queue_names(states: tuple[str, ...] = ("Queued", "Running")) -> set[str]:
+    """Names of the experiments `dvc queue status` lists in one of `states`."""
+    names = set()
+    for line in dvc("queue", "status").splitlines():
+        cols = line.split()
+        if len(cols) >= 3 and any(state in cols for state in states):
+            names.add(cols[1])
+    return names
+
+
+def run_queue(settings: list[Setting], jobs: int) -> list[str]:
+    """Start the queue's workers and wait until every setting has an experiment or has failed; returns
+    the names that failed."""
+    from tqdm import tqdm
+
+    dvc("queue", "start", "--jobs", str(jobs))
+    wanted = {s.name for s in settings}
+    with tqdm(total=len(wanted), desc="ablation experiments", unit="exp") as bar:
+        while True:
+            finished = wanted & set(experiment_refs())
+            failed = wanted & queue_names(("Failed",))
+            bar.n = len(finished | failed)
+            bar.refresh()
+            if not wanted & queue_names() or finished | failed == wanted:
+                return sorted(failed - finished)
+            time.sleep(10)
+
+
+def read_at(commit: str, path: str):
+    proc = subprocess.run(["git", "show", f"{commit}:{path}"], capture_output=True, text=True)
+    return None if proc.returncode else (yaml.safe_load(proc.stdout) if path.endswith(".yaml")
+                                         else json.loads(proc.stdout))
+
+
+def collect(settings: list[Setting]) -> list[dict]:
+    """One row per finished setting: its key, value, seed, the resolved value it ran with, and VLAP's
+    headline metrics read from the experiment's commit."""
+    refs, rows = experiment_refs(), []
+    for setting in settings:
+        commit = refs.get(setting.name)
+        if commit is None:
+            continue
+        cfg = parse_config(read_at(commit, "params.yaml"), source=f"params.yaml of {setting.name}")
+        metrics = {}
+        for task in HEADLINES:
+            found = read_at(commit, f"data/metrics/{task}/vlap.json")
+            if found and found.get("applicable", True):
+                metrics |= {k: v for k, v in headline_values(found, task).items() if isinstance(v, (int, float))}
+        train = read_at(commit, "data/metrics/train/vlap/metrics.json") or {}
+        metrics |= {f"train/{k}": v for k, v in train.get("train", {}).items() if k in ("loss_cap", "loss_ap")}
+        rows.append({"experiment": setting.name, "commit": commit, "key": setting.key, "value": setting.value,
+                     "seed": cfg.train.seed, "resolved": resolved(cfg, setting.key), "metrics": metrics})
+    return rows
+
+
+def resolved(cfg, key: str | None):
+    if key is None:
+        return None
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def averaged(rows: list[dict]) -> list[dict]:
+    """Rows of the same setting over seeds: the mean of each metric, and its min and max."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["key"], row["value"]), []).append(row)
+    out = []
+    for (key, value), group in groups.items():
+        names = sorted({m for r in group for m in r["metrics"]})
+        values = {m: [r["metrics"][m] for r in group if m in r["metrics"]] for m in names}
+        out.append({"key": key, "value": value, "seeds": [r["seed"] for r in group],
+                    "mean": {m: sum(v) / len(v) for m, v in values.items()},
+                    "range": {m: (min(v), max(v)) for m, v in values.items()}})
+    return out
+
+
+def markdown(table: list[dict], unchanged_values: dict[str, object], header: str) -> str:
+    base = next(r for r in table if r["key"] is None)["mean"]
+    metrics = [m for m in base]
+    lines = [header, "", "| setting | " + " | ".join(metrics) + " |", "| --- |" + " ---: |" * len(metrics)]
+    for row in table:
+        label = (f"unchanged ({', '.join(f'{k.split(chr(46))[-1]}={v}' for k, v in unchanged_values.items())})"
+                 if row["key"] is None else f"{row['key']}={row['value']}")
+        cells = []
+        for m in metrics:
+            v = row["mean"].get(m)
+            if v is None:
+                cells.append("–")
+            elif row["key"] is None:
+                cells.append(f"{v:.4g}")
+            else:
+                cells.append(f"{v:.4g} ({v - base[m]:+.3g})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    seeds = sorted({s for r in table for s in r["seeds"]})
+    lines += ["", f"Each cell: VLAP's metric (mean over training seeds {seeds}) and, in brackets, its change from "
+              "the unchanged setting. One factor changes per row; the rest is params.yaml plus the --set overrides."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: list[dict], unchanged_values: dict[str, object], out: Path) -> list[Path]:
+    """One PNG per plotted headline metric: a panel per factor, the metric against the factor's values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = next(r for r in table if r["key"] is None)
+    factors = list(dict.fromkeys(r["key"] for r in table if r["key"] is not None))
+    written = []
+    for metric in [m for m in PLOTTED if m in base["mean"]]:
+        fig, axes = plt.subplots(1, len(factors), figsize=(2.6 * len(factors), 2.6), squeeze=False, sharey=True)
+        for ax, key in zip(axes[0], factors):
+            points = [(str(unchanged_values[key]), base)] + [(r["value"], r) for r in table if r["key"] == key]
+            points.sort(key=lambda p: sort_key(p[0]))
+            xs = list(range(len(points)))
+            means = [p[1]["mean"].get(metric, float("nan")) for p in points]
+            lows = [m - p[1]["range"].get(metric, (m, m))[0] for m, p in zip(means, points)]
+            highs = [p[1]["range"].get(metric, (m, m))[1] - m for m, p in zip(means, points)]
+            ax.errorbar(xs, means, yerr=[lows, highs], marker="o", capsize=3)
+            ax.plot([xs[[p[1] is base for p in points].index(True)]], [base["mean"].get(metric)], "r*", ms=10)
+            ax.set_xticks(xs, [p[0] for p in points], fontsize=8)
+            ax.set_title(key.split(".")[-1], fontsize=9)
+        axes[0][0].set_ylabel(metric, fontsize=8)
+        fig.suptitle(f"VLAP {metric} (star: unchanged setting)", fontsize=9)
+        fig.tight_layout()
+        path = out / f"{metric.replace('/', '_').replace('@', '')}.png"
+        tmp = path.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
+def sort_key(value: str):
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def report(settings: list[Setting], params: Path, sets: list[str], out: Path) -> dict:
+    rows = collect(settings)
+    if not any(r["key"] is None for r in rows):
+        raise DvcError("the unchanged setting has no finished experiment: nothing to compare with "
+                           "(see `dvc queue status` and `dvc queue logs abl-unchanged`)")
+    cfg = parse_config(with_overrides(yaml.safe_load(params.read_text()), sets), source=str(params))
+    unchanged_values = {k: resolved(cfg, k) for k in dict.fromkeys(s.key for s in settings if s.key)}
+    table = averaged(rows)
+    header = (f"# VLAP ablation: one factor at a time\n\nBaseline commit {git('rev-parse', '--short', 'HEAD').strip()}"
+              f"; overrides for every row: {', '.join(sets) or 'none'}.")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "report.md", markdown(table, unchanged_values, header))
+    result = {"sets": sets, "unchanged": unchanged_values, "experiments": rows, "table": table}
+    write_json_atomic(out / "ablation.json", result)
+    result["plots"] = [str(p) for p in plot(table, unchanged_values, out)]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vlap ablate", description=__doc__.splitlines()[0])
+    p.add_argument("--params", default="params.yaml", type=Path)
+    p.add_argument("--factor", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a factor and the values to try (repeatable; default: the GRID in vlap/ablate.py)")
+    p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                   help="an override for every experiment, e.g. train.steps=100 (repeatable)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="train.seed values (default: params' own)")
+    p.add_argument("--jobs", type=int, default=1, help="experiments run at once (dvc queue start --jobs)")
+    p.add_argument("--out", default=Path("data/ablation"), type=Path)
+    p.add_argument("--report", action="store_true", help="only write the report from finished experiments")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return report_user_errors(lambda: ablate(args))
+
+
+def ablate(args: argparse.Namespace) -> None:
+    grid = dict(parse_assignment(f) for f in args.factor) if args.factor else GRID
+    for item in args.sets:
+        parse_assignment(item)
+    load_config(args.params)
+    settings = plan(args.params, grid, args.sets, args.seeds)
+    if not args.report:
+        queue(settings, args.sets)
+        for name in run_queue(settings, args.jobs):
+            log.error("experiment %s failed: see `dvc queue logs %s`", name, name)
+    result = report(settings, args.params, args.sets, args.out)
+    print((args.out / "report.md").read_text())
+    log.info("wrote %s, ablation.json and %d plots", args.out / "report.md", len(result["plots"]))
+
+if __name__ == "__main__":
+    sys.exit(main())
