@@ -118,21 +118,20 @@ def git(*args: str) -> str:
     return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout
 
 
-def experiment_refs() -> dict[str, str]:
-    """name -> commit of every DVC experiment whose baseline is HEAD (refs/exps/<ab>/<cdef...>/<name>)."""
-    head = git("rev-parse", "HEAD").strip()
+def experiment_refs(baseline: str) -> dict[str, str]:
+    """name -> commit of every DVC experiment run from `baseline` (refs/exps/<ab>/<cdef...>/<name>)."""
     refs = {}
     for line in git("for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").splitlines():
         commit, ref = line.split(" ", 1)
         parts = ref.split("/")
-        if len(parts) == 5 and parts[2] + parts[3] == head:
+        if len(parts) == 5 and parts[2] + parts[3] == baseline:
             refs[parts[4]] = commit
     return refs
 
 
-def queue(settings: list[Setting], sets: list[str]) -> list[Setting]:
-    """Queue each setting not already run on this commit; returns those queued."""
-    done = experiment_refs()
+def queue(settings: list[Setting], sets: list[str], baseline: str) -> list[Setting]:
+    """Queue each setting not already run from this commit; returns those queued."""
+    done = experiment_refs(baseline)
     queued_names = queue_names()
     todo = [s for s in settings if s.name not in done and s.name not in queued_names]
     for setting in todo:
@@ -154,7 +153,7 @@ def queue_names(states: tuple[str, ...] = ("Queued", "Running")) -> set[str]:
     return names
 
 
-def run_queue(settings: list[Setting], jobs: int) -> list[str]:
+def run_queue(settings: list[Setting], jobs: int, baseline: str) -> list[str]:
     """Start the queue's workers and wait until every setting has an experiment or has failed; returns
     the names that failed."""
     from tqdm import tqdm
@@ -163,7 +162,7 @@ def run_queue(settings: list[Setting], jobs: int) -> list[str]:
     wanted = {s.name for s in settings}
     with tqdm(total=len(wanted), desc="ablation experiments", unit="exp") as bar:
         while True:
-            finished = wanted & set(experiment_refs())
+            finished = wanted & set(experiment_refs(baseline))
             failed = wanted & queue_names(("Failed",))
             bar.n = len(finished | failed)
             bar.refresh()
@@ -178,10 +177,10 @@ def read_at(commit: str, path: str):
                                          else json.loads(proc.stdout))
 
 
-def collect(settings: list[Setting]) -> list[dict]:
+def collect(settings: list[Setting], baseline: str) -> list[dict]:
     """One row per finished setting: its key, value, seed, the resolved value it ran with, and VLAP's
     headline metrics read from the experiment's commit."""
-    refs, rows = experiment_refs(), []
+    refs, rows = experiment_refs(baseline), []
     for setting in settings:
         commit = refs.get(setting.name)
         if commit is None:
@@ -288,15 +287,15 @@ def sort_key(value: str):
         return (1, 0.0, value)
 
 
-def report(settings: list[Setting], params: Path, sets: list[str], out: Path) -> dict:
-    rows = collect(settings)
+def report(settings: list[Setting], params: Path, sets: list[str], out: Path, baseline: str) -> dict:
+    rows = collect(settings, baseline)
     if not any(r["key"] is None for r in rows):
         raise DvcError("the unchanged setting has no finished experiment: nothing to compare with "
                            "(see `dvc queue status` and `dvc queue logs abl-unchanged`)")
     cfg = parse_config(with_overrides(yaml.safe_load(params.read_text()), sets), source=str(params))
     unchanged_values = {k: resolved(cfg, k) for k in dict.fromkeys(s.key for s in settings if s.key)}
     table = averaged(rows)
-    header = (f"# VLAP ablation: one factor at a time\n\nBaseline commit {git('rev-parse', '--short', 'HEAD').strip()}"
+    header = (f"# VLAP ablation: one factor at a time\n\nBaseline commit {baseline[:7]}"
               f"; overrides for every row: {', '.join(sets) or 'none'}.")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "report.md", markdown(table, unchanged_values, header))
@@ -317,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="experiments run at once (dvc queue start --jobs)")
     p.add_argument("--out", default=Path("data/ablation"), type=Path)
     p.add_argument("--report", action="store_true", help="only write the report from finished experiments")
+    p.add_argument("--baseline", default="HEAD", help="with --report: the commit the experiments ran from "
+                                                      "(default: HEAD)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return report_user_errors(lambda: ablate(args))
@@ -328,11 +329,14 @@ def ablate(args: argparse.Namespace) -> None:
         parse_assignment(item)
     load_config(args.params)
     settings = plan(args.params, grid, args.sets, args.seeds)
+    if args.baseline != "HEAD" and not args.report:
+        raise ConfigError("--baseline applies to --report: experiments are queued from HEAD")
+    baseline = git("rev-parse", args.baseline).strip()  # fixed now: commits made while the queue runs do not move it
     if not args.report:
-        queue(settings, args.sets)
-        for name in run_queue(settings, args.jobs):
+        queue(settings, args.sets, baseline)
+        for name in run_queue(settings, args.jobs, baseline):
             log.error("experiment %s failed: see `dvc queue logs %s`", name, name)
-    result = report(settings, args.params, args.sets, args.out)
+    result = report(settings, args.params, args.sets, args.out, baseline)
     print((args.out / "report.md").read_text())
     log.info("wrote %s, ablation.json and %d plots", args.out / "report.md", len(result["plots"]))
 
