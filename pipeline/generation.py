@@ -3,8 +3,18 @@
 A prefix is a sequence of input embeddings (visual tokens, prompt, few-shot
 examples). Batches of prefixes of different lengths are left-padded, so every
 sequence ends at the last position and decoding continues from there.
+
+With a decoder-only LM the work a batch shares is done once: `SharedPrefix` runs
+embeddings that lead every sequence (the n-shot examples) through the LM a single
+time, and `prefill` runs a batch's own embeddings (all but the last position) once,
+so that greedy decoding and answer ranking both continue from the same KV cache.
 """
 from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +39,79 @@ def left_pad(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
     return embeds, mask
 
 
+def with_cache(model: torch.nn.Module, cache: Any) -> dict:
+    """`cache` under the KV-cache keyword the model's forward takes (`cache` in newer transformers,
+    `past_key_values` before; the old name still works but warns)."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+class SharedPrefix:
+    """Embeddings (P, D) that lead every sequence of every batch, e.g. the n-shot examples.
+
+    A decoder-only LM runs them once, here; each batch then starts from a copy of that KV cache
+    (causal attention: the prefix's keys and values do not depend on what follows). An
+    encoder-decoder LM reads its input bidirectionally, so for it the prefix is prepended to
+    every sequence instead."""
+
+    def __init__(self, lm: LanguageModel, embeds: torch.Tensor):
+        self.embeds, self.cache = embeds, None
+        if not lm.is_encoder_decoder and len(embeds):
+            with torch.inference_mode():
+                self.cache = lm.model(inputs_embeds=embeds[None], use_cache=True).past_key_values
+
+    def __len__(self) -> int:
+        return len(self.embeds)
+
+
+@dataclass
+class Prefilled:
+    """A left-padded batch (after any shared prefix) and, for a decoder-only LM, the KV cache of all
+    but its last position: `greedy_decode` and `rank_candidates` continue from it (each consumes a
+    cache, hence `cache_copy`)."""
+
+    embeds: torch.Tensor  # (B, T, D), the whole input including a shared prefix
+    mask: torch.Tensor  # (B, T)
+    cache: Any | None
+
+    def cache_copy(self) -> Any | None:
+        return copy.deepcopy(self.cache)
+
+
 @torch.inference_mode()
-def greedy_decode(lm: LanguageModel, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> list[str]:
-    """Batched greedy decoding after left-padded prefixes (B, T, D); stops at EOS."""
+def prefill(lm: LanguageModel, sequences: list[torch.Tensor], prefix: SharedPrefix | None = None) -> Prefilled:
+    """[(T_i, D)] after `prefix`: left-padded, and run through a decoder-only LM up to the last position.
+
+    With a cached prefix the batch is laid out [prefix][padding][sequence]; the mask hides the
+    padding and positions count only unmasked tokens, so every row sees exactly prefix + sequence."""
+    B = len(sequences)
+    if prefix is None or prefix.cache is None:
+        lead = [] if prefix is None or not len(prefix) else [prefix.embeds]
+        embeds, mask = left_pad([torch.cat([*lead, s]) for s in sequences])
+        cache, done = None, 0
+    else:
+        embeds, mask = left_pad(sequences)
+        embeds = torch.cat([prefix.embeds.expand(B, -1, -1), embeds], 1)
+        mask = torch.cat([mask.new_ones((B, len(prefix))), mask], 1)
+        cache, done = copy.deepcopy(prefix.cache), len(prefix)
+        cache.batch_repeat_interleave(B)
+    if lm.is_encoder_decoder or embeds.shape[1] - 1 <= done:
+        return Prefilled(embeds, mask, cache)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = lm.model.base_model(inputs_embeds=embeds[:, done:-1], attention_mask=mask[:, :-1],
+                              position_ids=positions[:, done:-1], use_cache=True, **with_cache(lm.model, cache))
+    return Prefilled(embeds, mask, out.past_key_values)
+
+
+@torch.inference_mode()
+def greedy_decode(lm: LanguageModel, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                  cache: Any | None = None) -> list[str]:
+    """Batched greedy decoding after left-padded prefixes (B, T, D); stops at EOS. `cache`: the KV
+    cache of the first positions of `embeds` (from `prefill`), which are then not run again."""
     tok = lm.tokenizer
     out = lm.model.generate(
         inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
         num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        **(with_cache(lm.model, cache) if cache is not None else {}),
     )
     if not lm.is_encoder_decoder and out.shape[1] > max_new_tokens:  # some versions echo the prompt ids
         out = out[:, -max_new_tokens:]
@@ -43,8 +119,10 @@ def greedy_decode(lm: LanguageModel, embeds: torch.Tensor, mask: torch.Tensor, m
 
 
 @torch.inference_mode()
-def rank_candidates(lm: LanguageModel, embeds: torch.Tensor, mask: torch.Tensor, candidates: list[str]) -> torch.Tensor:
-    """Log-likelihood of each candidate continuation after each prefix: (B, C).
+def rank_candidates(lm: LanguageModel, embeds: torch.Tensor, mask: torch.Tensor, candidates: list[str],
+                    cache: Any | None = None) -> torch.Tensor:
+    """Log-likelihood of each candidate continuation after each prefix: (B, C). `cache`: as in
+    `greedy_decode` (decoder-only LMs).
 
     The shared prefix runs once: its next-token distribution scores every
     candidate's first token (all of a one-token candidate); only candidates of
@@ -63,8 +141,9 @@ def rank_candidates(lm: LanguageModel, embeds: torch.Tensor, mask: torch.Tensor,
         return (logp * cand_mask.repeat(B, 1)).sum(-1).view(B, C)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) left padding -> positions start at 0
     multi = (cand_mask.sum(1) > 1).nonzero().squeeze(1)  # candidates needing more than the next token
-    prefix = lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=len(multi) > 0,
-                      logits_to_keep=1)
+    done = 0 if cache is None else cache.get_seq_length()
+    prefix = lm.model(inputs_embeds=embeds[:, done:], attention_mask=mask, position_ids=positions[:, done:],
+                      use_cache=len(multi) > 0, logits_to_keep=1, **with_cache(lm.model, cache))
     first = F.log_softmax(prefix.logits[:, -1].float(), -1)  # (B, K) next-token distribution after the prefix
     scores = first[:, ids[:, 0]]  # (B, C) log p(first token); complete for one-token candidates
     if len(multi) == 0:
@@ -75,7 +154,7 @@ def rank_candidates(lm: LanguageModel, embeds: torch.Tensor, mask: torch.Tensor,
     cand_ids, cand_m = ids[multi].repeat(B, 1), cand_mask[multi].repeat(B, 1)  # (B*M, L)
     full_mask = torch.cat([mask.repeat_interleave(M, 0), cand_m], 1)
     cand_pos = positions[:, -1:].repeat_interleave(M, 0) + 1 + torch.arange(ids.shape[1], device=ids.device)
-    out = lm.model(input_ids=cand_ids, attention_mask=full_mask, position_ids=cand_pos, past_key_values=cache)
+    out = lm.model(input_ids=cand_ids, attention_mask=full_mask, position_ids=cand_pos, **with_cache(lm.model, cache))
     rest = F.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, cand_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     scores[:, multi] += (rest * cand_m[:, 1:]).sum(-1).view(B, M)
     return scores

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
+from collections import Counter
 import sys
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from pipeline.bridge import load_bridge, save_bridge
 from pipeline.cache import FeatureCache, features_file
 from pipeline.errors import MismatchError
 from pipeline.prototypes import prototypes_file
-from pipeline.generation import greedy_decode, left_pad, rank_candidates, text_embeds
+from pipeline.generation import SharedPrefix, greedy_decode, left_pad, prefill, rank_candidates, text_embeds
 from pipeline.tasks.inputs import load_eval_inputs
 from stages import evaluate_arithmetic, evaluate_caption, evaluate_retrieval, evaluate_vqa, summarize, train
 
@@ -46,14 +48,80 @@ def trained(tiny_pipeline, smollm2, tmp_path_factory):
     return cfg, eval_dirs
 
 
+def ngrams(tokens: list[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def independent_cider_d(refs: dict[str, list[list[str]]], hyps: dict[str, list[str]], sigma: float = 6.0) -> float:
+    """CIDEr-D written out from Vedantam et al. (2015) as the COCO evaluation defines it: tf-idf
+    n-gram vectors (n = 1..4, idf from the references' document frequency), hypothesis counts
+    clipped by the reference's, a Gaussian penalty on the length difference, x10, mean over
+    references, images and n."""
+    df = Counter(g for rs in refs.values() for g in set().union(*[set(ngrams(r, n)) for r in rs for n in range(1, 5)]))
+    log_images = np.log(float(len(refs)))
+
+    def vector(tokens: list[str]) -> list[dict]:
+        return [{g: c * (log_images - np.log(max(1.0, df[g]))) for g, c in ngrams(tokens, n).items()}
+                for n in range(1, 5)]
+
+    scores = []
+    for image, rs in refs.items():
+        vh = vector(hyps[image])
+        per_ref = []
+        for r in rs:
+            vr, penalty = vector(r), np.exp(-((len(hyps[image]) - len(r)) ** 2) / (2 * sigma ** 2))
+            sims = []
+            for h_n, r_n in zip(vh, vr):
+                dot = sum(min(v, r_n.get(g, 0.0)) * r_n.get(g, 0.0) for g, v in h_n.items())
+                norms = np.sqrt(sum(v * v for v in h_n.values())) * np.sqrt(sum(v * v for v in r_n.values()))
+                sims.append(dot / norms * penalty if norms else 0.0)
+            per_ref.append(10.0 * np.mean(sims))
+        scores.append(np.mean(per_ref))
+    return float(np.mean(scores))
+
+
+def independent_bleu_1(refs: dict[str, list[list[str]]], hyps: dict[str, list[str]]) -> float:
+    """Corpus BLEU-1: clipped unigram precision times the brevity penalty (closest reference length)."""
+    matched = total = hyp_len = ref_len = 0
+    for image, rs in refs.items():
+        h = hyps[image]
+        best = Counter()
+        for r in rs:
+            best |= Counter(r)
+        matched += sum(min(c, best[w]) for w, c in Counter(h).items())
+        total += len(h)
+        hyp_len += len(h)
+        ref_len += min((abs(len(r) - len(h)), len(r)) for r in rs)[1]
+    return matched / total * (1.0 if hyp_len > ref_len else np.exp(1 - ref_len / hyp_len))
+
+
 def test_captioning_eval_on_8_images(trained, smollm2):
+    """The stage's captions are what the bridge and LM decode, and its BLEU-1 and CIDEr equal ones
+    recomputed by hand from the saved captions (tokenised as the COCO evaluation does)."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
     cfg, dirs = trained
     metrics = evaluate_caption.run(cfg, dirs, "limber", lm=smollm2)
     assert metrics["images"] == 8
     assert set(metrics) >= {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
-    assert all(0.0 <= metrics[k] <= 1.0 for k in ("BLEU-1", "METEOR", "ROUGE-L"))
     captions = json.loads((dirs.plots / "caption" / "limber" / "captions.json").read_text())
     assert len(captions) == 8 and all(v["references"] for v in captions.values())
+    tokenizer = PTBTokenizer()
+    refs = {k: [c.split() for c in v] for k, v in tokenizer.tokenize(
+        {k: [{"caption": c} for c in v["references"]] for k, v in captions.items()}).items()}
+    hyps = {k: v[0].split() for k, v in tokenizer.tokenize(
+        {k: [{"caption": v["generated"]}] for k, v in captions.items()}).items()}
+    assert metrics["CIDEr"] == pytest.approx(independent_cider_d(refs, hyps), abs=6e-5)  # saved to 4 decimals
+    assert metrics["BLEU-1"] == pytest.approx(independent_bleu_1(refs, hyps), abs=6e-5)
+    # the first image's caption, decoded alone from its cached tokens through the saved bridge
+    image_id = next(iter(captions))
+    bridge, meta = load_bridge(dirs.models / "limber" / "bridge.pt")
+    with FeatureCache(features_file(dirs.features, "test")) as cache:
+        tokens = torch.from_numpy(cache.tokens([image_id])).float()
+    with torch.inference_mode():
+        prefix = torch.cat([bridge(tokens)[0], text_embeds(smollm2, meta["prompt"])])
+    alone = greedy_decode(smollm2, *left_pad([prefix]), cfg.evaluate.caption.max_new_tokens)[0]
+    assert captions[image_id]["generated"] == alone
     page = (dirs.pages / "caption" / "limber.html").read_text()
     assert page.count("data:image/png;base64,") == 8
     saved = json.loads((dirs.metrics / "caption" / "limber.json").read_text())
@@ -61,16 +129,46 @@ def test_captioning_eval_on_8_images(trained, smollm2):
 
 
 def test_vqa_eval_zero_and_few_shot(trained, smollm2):
+    """Accuracies equal exact-match rates recomputed from answers.json (easy-VQA has one answer per
+    question), overall and per question type; the 1-shot answers, which the stage computes from a
+    shared KV-cached prefix, equal answers decoded and ranked from the whole [shot][V] question."""
     cfg, dirs = trained
     metrics = evaluate_vqa.run(cfg, dirs, "limber", lm=smollm2)
     assert metrics["questions"] == 6
-    for key in ("0shot_open_accuracy", "0shot_closed_accuracy", "1shot_open_accuracy", "1shot_closed_accuracy"):
-        assert 0.0 <= metrics[key] <= 100.0
     answers = json.loads((dirs.plots / "vqa" / "limber" / "answers.json").read_text())
+    for setting in ("0shot", "1shot"):
+        records = answers[setting]
+        assert len(records) == 6 and all(len(r["answers"]) == 1 for r in records)
+        for mode in ("open", "closed"):
+            hits = [float(r[mode].strip().lower() == r["answers"][0]) for r in records]
+            assert metrics[f"{setting}_{mode}_accuracy"] == pytest.approx(100 * np.mean(hits), abs=1e-3)
+            for qtype in {r["question_type"] for r in records}:
+                typed = [h for h, r in zip(hits, records) if r["question_type"] == qtype]
+                assert metrics[f"{setting}_{mode}_{qtype}_accuracy"] == pytest.approx(100 * np.mean(typed), abs=1e-3)
     vocab = {"yes", "no", "red", "green", "blue", "black", "gray", "teal", "brown", "yellow", "circle", "rectangle",
              "triangle"}
     assert all(r["closed"] in vocab for r in answers["0shot"])  # closed mode always answers from the set
     assert {r["question_type"] for r in answers["0shot"]} <= {"color", "shape", "yes_no"}
+    # 1-shot, independently: the shot and each query as one whole sequence, no cache anywhere
+    shots, shot_tokens = evaluate_vqa.pick_shots(dirs, 1, cfg.evaluate.common.seed)
+    bridge, _ = load_bridge(dirs.models / "limber" / "bridge.pt")
+    with torch.inference_mode():
+        shot_embeds = torch.cat([bridge(shot_tokens[0][None].float())[0], text_embeds(
+            smollm2, f" Question: {shots[0]['question']} Answer: {shots[0]['answers'][0]}\n")])
+    test_questions = {q["question_id"]: q for q in data.read_questions(dirs.prepared, "test")}
+    answer_set = sorted({r["closed"] for r in answers["1shot"]} | {"yes", "no", "circle"})
+    with FeatureCache(features_file(dirs.features, "test")) as cache:
+        for record in answers["1shot"][:3]:
+            image = test_questions[record["question_id"]]["image_id"]
+            with torch.inference_mode():
+                V = bridge(torch.from_numpy(cache.tokens([image])).float())[0]
+            whole = torch.cat([shot_embeds, V, text_embeds(smollm2, f" Question: {record['question']} Answer:")])
+            embeds, mask = left_pad([whole])
+            decoded = greedy_decode(smollm2, embeds, mask, cfg.evaluate.vqa.max_new_tokens)[0]
+            assert record["open"] == re.split(r"[\n,.]", decoded.strip(), maxsplit=1)[0].strip()
+            scores = rank_candidates(smollm2, embeds, mask, [f" {a}" for a in answer_set])[0]
+            if record["closed"] in answer_set:  # the stage ranked a superset: its choice must win here too
+                assert answer_set[int(scores.argmax())] == record["closed"]
 
 
 def independent_ranks(scores: np.ndarray, relevant: np.ndarray) -> list[int]:
@@ -156,6 +254,27 @@ def test_batched_greedy_equals_one_at_a_time(smollm2):
     batched = greedy_decode(smollm2, *left_pad(seqs), max_new_tokens=5)
     single = [greedy_decode(smollm2, *left_pad([s]), max_new_tokens=5)[0] for s in seqs]
     assert batched == single and "Paris" in batched[0]
+
+
+def test_cached_shot_prefix_and_prefill_equal_the_whole_sequences(smollm2):
+    """The n-shot prefix run once and each batch prefilled once give the answers and candidate
+    log-likelihoods of running every whole sequence [shots][query] from scratch."""
+    shots = text_embeds(smollm2, "Question: what colour is a lemon? Answer: yellow\nQuestion: what colour is "
+                                 "grass? Answer: green\n")
+    queries = [text_embeds(smollm2, p) for p in ["Question: what colour is the sky? Answer:",
+                                                  "Question: what colour is snow in winter? Answer:"]]
+    candidates = [" blue", " white", " teal"]  # " teal" is two tokens
+    prefix = SharedPrefix(smollm2, shots)
+    assert prefix.cache is not None and prefix.cache.get_seq_length() == len(shots)
+    state = prefill(smollm2, queries, prefix)
+    assert state.cache.get_seq_length() == state.embeds.shape[1] - 1  # everything but the last position
+    cached_answers = greedy_decode(smollm2, state.embeds, state.mask, 3, cache=state.cache_copy())
+    cached_scores = rank_candidates(smollm2, state.embeds, state.mask, candidates, cache=state.cache)
+    embeds, mask = left_pad([torch.cat([shots, q]) for q in queries])
+    assert cached_answers == greedy_decode(smollm2, embeds, mask, 3)
+    assert torch.allclose(cached_scores, rank_candidates(smollm2, embeds, mask, candidates), atol=1e-3)
+    assert cached_answers[0].startswith("blue") and cached_scores[0].argmax() == 0  # the sky is blue
+    assert prefix.cache.get_seq_length() == len(shots)  # batches copy the shared cache, never extend it
 
 
 def test_bridge_from_another_encoder_is_refused(trained, smollm2, tmp_path):

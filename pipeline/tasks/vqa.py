@@ -3,8 +3,10 @@
 Query prefix: [shots] [V] "Question: {q} Answer:"; each shot is a training image's
 [V] "Question: {q} Answer: {a}\\n" (a: its most common human answer). Open-ended answers are
 decoded greedily; closed-vocabulary answers rank the dataset's answer set by LLM log-likelihood,
-the shared prefix run once per query (KV cache). Accuracy is reported per question type: VQAv2's
-answer type (yes_no, number, other) where the data has one, else easy-VQA's (color, shape, yes_no).
+the query's prefix run once for both (KV cache). With a decoder-only LM the n-shot examples, the
+same for every query, run through the LM once for the whole evaluation (`SharedPrefix`). Accuracy
+is reported per question type: VQAv2's answer type (yes_no, number, other) where the data has one,
+else easy-VQA's (color, shape, yes_no).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
-from pipeline.generation import greedy_decode, left_pad, rank_candidates, text_embeds
+from pipeline.generation import SharedPrefix, greedy_decode, prefill, rank_candidates, text_embeds
 from pipeline.tasks.inputs import EvalInputs
 from pipeline.tasks.vqa_metrics import accuracy_by_type, normalize_answer, question_type, vqa_accuracy
 
@@ -38,14 +40,14 @@ def select_questions(questions: list[dict], image_ids: list[str], limit: int, se
     return pool
 
 
-def shots_prefix(lm, shot_tokens: list[torch.Tensor], shots: list[dict], bridge) -> torch.Tensor:
-    """(S, D) embeddings of the n-shot examples, each [V] Question: q Answer: a\\n."""
+def shots_prefix(lm, shot_tokens: list[torch.Tensor], shots: list[dict], bridge) -> SharedPrefix:
+    """The n-shot examples, each [V] Question: q Answer: a\\n, as the prefix every query shares."""
     parts = []
     for tokens, shot in zip(shot_tokens, shots):
         with torch.inference_mode():
             parts.append(bridge(tokens.to(lm.device, torch.float32)))
         parts.append(text_embeds(lm, query_text(shot["question"]) + f" {shot_answer(shot)}\n"))
-    return torch.cat(parts) if parts else torch.zeros((0, lm.hidden_size), device=lm.device)
+    return SharedPrefix(lm, torch.cat(parts) if parts else torch.zeros((0, lm.hidden_size), device=lm.device))
 
 
 def shot_answer(question: dict) -> str:
@@ -53,7 +55,7 @@ def shot_answer(question: dict) -> str:
     return Counter(question["answers"]).most_common(1)[0][0]
 
 
-def answer_questions(inputs: EvalInputs, questions: list[dict], shot_prefix: torch.Tensor, answer_set: list[str],
+def answer_questions(inputs: EvalInputs, questions: list[dict], shot_prefix: SharedPrefix, answer_set: list[str],
                      batch_size: int, max_new_tokens: int) -> list[dict]:
     """One record per question with the open-ended and the closed-vocabulary answer."""
     lm, row_of = inputs.lm, {i: k for k, i in enumerate(inputs.image_ids)}
@@ -62,10 +64,10 @@ def answer_questions(inputs: EvalInputs, questions: list[dict], shot_prefix: tor
     for i in tqdm(range(0, len(questions), batch_size), desc=f"vqa {inputs.method}", unit="batch"):
         batch = questions[i : i + batch_size]
         V = inputs.bridged([row_of[q["image_id"]] for q in batch])  # (b, N, D)
-        seqs = [torch.cat([shot_prefix, V[k], text_embeds(lm, query_text(q["question"]))]) for k, q in enumerate(batch)]
-        embeds, mask = left_pad(seqs)
-        open_answers = greedy_decode(lm, embeds, mask, max_new_tokens)
-        closed = rank_candidates(lm, embeds, mask, candidates).argmax(-1).tolist()
+        seqs = [torch.cat([V[k], text_embeds(lm, query_text(q["question"]))]) for k, q in enumerate(batch)]
+        state = prefill(lm, seqs, shot_prefix)
+        open_answers = greedy_decode(lm, state.embeds, state.mask, max_new_tokens, cache=state.cache_copy())
+        closed = rank_candidates(lm, state.embeds, state.mask, candidates, cache=state.cache).argmax(-1).tolist()
         for q, generated, c in zip(batch, open_answers, closed):
             records.append({
                 "question_id": q["question_id"], "question": q["question"], "answers": q["answers"],
