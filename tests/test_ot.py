@@ -5,6 +5,7 @@ import ot as pot
 import pytest
 import torch
 
+from pipeline import ot as ot_module
 from pipeline.ot import sinkhorn
 
 
@@ -63,6 +64,26 @@ def test_stable_in_float32_with_tiny_and_zero_mass(epsilon: float) -> None:
     assert torch.isfinite(res.log_plan[:, 30:]).all()
     assert (res.assignments[:, 20:30] == 0).all()  # zero-mass words receive nothing
     torch.testing.assert_close(res.assignments.sum(-1), torch.ones(64), rtol=0, atol=1e-5)
+    # the float32 plan is the float64 reference's (POT on the same problem) up to float32 rounding, which
+    # is relative and grows as 1/eps: log-kernel entries |S|/eps <= 1/eps carry an ulp of ~6e-8/eps
+    keep = torch.cat([torch.arange(20), torch.arange(30, 300)])  # POT cannot take mu_k = 0
+    ref = _pot_plan(scores.double()[:, keep], mu.double()[keep] / mu.double()[keep].sum(), epsilon, 3) * 64
+    torch.testing.assert_close(res.assignments[:, keep].double(), ref, rtol=max(1e-5, 5e-7 / epsilon), atol=1e-6)
+
+
+def test_compiled_iterations_equal_the_eager_loop() -> None:
+    """torch.compile'd iterations (what long training runs use) give the eager plan, zero-mass words
+    included, batched over two problems as the AP loss solves them."""
+    scores, mu = _problem(64, 300, seed=3, dtype=torch.float32)
+    mu[:10] = 0.0
+    mu = mu / mu.sum()
+    both = torch.stack([scores, scores.flip(0)])
+    eager = sinkhorn(both, mu, 0.01, 3)
+    compiled = sinkhorn(both, mu, 0.01, 3, compiled=True)
+    assert ot_module._COMPILED.get("fn") is not None  # it compiled (this machine has a C++ compiler)
+    torch.testing.assert_close(compiled.assignments, eager.assignments, rtol=0, atol=1e-6)
+    torch.testing.assert_close(compiled.marginal_error, eager.marginal_error, rtol=0, atol=1e-6)
+    assert (compiled.assignments[..., :10] == 0).all()
 
 
 def test_batched_equals_per_problem_loop() -> None:
