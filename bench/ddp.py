@@ -27,9 +27,7 @@ from pipeline.paths import Dirs  # noqa: E402
 
 
 def run(params: Path, root: Path, method: str, processes: int) -> float:
-    root.mkdir(parents=True)
-    for name in ("prepared", "features", "prototypes"):
-        (root / name).symlink_to(getattr(Dirs(), name).resolve(), target_is_directory=True)
+    Dirs().sharing_inputs(root)
     python = Path(sys.executable)
     cmd = ([python.parent / "torchrun", "--standalone", f"--nproc-per-node={processes}"] if processes > 1
            else [python]) + ["-m", "stages.train", "--method", method, "--params", str(params), "--data", str(root)]

@@ -65,9 +65,7 @@ def main() -> int:
     results = {}
     for device in (measured, reference):
         cfg = on_device(base, device, args.steps)
-        dirs = Dirs.under(root / f"{len(results)}-{device}")
-        dirs.root.mkdir(parents=True)
-        (dirs.root / "prepared").symlink_to(shared.prepared, target_is_directory=True)
+        dirs = shared.sharing_inputs(root / f"{len(results)}-{device}", names=("prepared",))
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t_extract = timed(lambda: extract.run(cfg, dirs))

@@ -18,6 +18,18 @@ class Dirs:
     def under(cls, root: str | Path) -> "Dirs":
         return cls(Path(root))
 
+    def sharing_inputs(self, root: str | Path, names: tuple[str, ...] = ("prepared", "features", "prototypes")
+                       ) -> "Dirs":
+        """A new data root whose `names` folders are links to this root's (never copied or re-made)
+        and whose outputs are its own: seeds of a study, benches, tests."""
+        new = Dirs.under(root)
+        new.root.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            link = getattr(new, name)
+            if not link.is_symlink():
+                link.symlink_to(getattr(self, name).resolve(), target_is_directory=True)
+        return new
+
     @property
     def prepared(self) -> Path:  # {split}.parquet, {split}_questions.parquet, report.json
         return self.root / "prepared"

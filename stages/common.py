@@ -11,6 +11,7 @@ Prefect flow runs the same `run` through `run_stage`, which holds the locks of t
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 import logging
 import os
 from dataclasses import dataclass
@@ -85,9 +86,8 @@ def run_stage(module: ModuleType, cfg: Config, dirs: Dirs, method: str | None = 
     """`module.run(cfg, dirs, method)` while holding the locks of the stage's outputs."""
     spec: StageSpec = module.STAGE
     check_method(spec, method)
-    if os.environ.get("RANK", "0") != "0":  # a torchrun process other than rank 0 writes nothing
-        return module.run(cfg, dirs, method, **kwargs)
-    with locked(dirs.root, spec.out_paths(dirs, method), holder=spec.label(method)):
+    writes = os.environ.get("RANK", "0") == "0"  # a torchrun process other than rank 0 writes nothing
+    with locked(dirs.root, spec.out_paths(dirs, method), holder=spec.label(method)) if writes else nullcontext():
         return module.run(cfg, dirs, method, **kwargs)
 
 

@@ -29,14 +29,6 @@ def easyvqa_root(easyvqa_splits):
     return data.resolve_image_root(splits["train"].image_root, Config().prepare)
 
 
-def sharing_inputs(dirs: Dirs, root) -> Dirs:
-    """A new data root whose prepared/features/prototypes are those of `dirs` (symlinked), outputs its own."""
-    root.mkdir(parents=True, exist_ok=True)
-    for name in ("prepared", "features", "prototypes"):
-        (root / name).symlink_to(getattr(dirs, name).resolve(), target_is_directory=True)
-    return Dirs.under(root)
-
-
 def small_manifest(split: data.Split, n: int) -> data.Manifest:
     return data.Manifest(split.name, split.image_root, split.images[:n])
 

@@ -15,7 +15,6 @@ from vlap import cli
 from pipeline.paths import Dirs
 from pipeline.tasks.captioning import generate_captions
 from pipeline.tasks.inputs import load_eval_inputs
-from conftest import sharing_inputs
 from stages import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +26,7 @@ def bridge_data(tiny_pipeline, smollm2, tmp_path_factory):
     """A --data folder (the tiny pipeline's caches + a limber bridge trained 5 steps) and its --params file."""
     cfg, dirs = tiny_pipeline
     root = tmp_path_factory.mktemp("cli")
-    sharing_inputs(dirs, root)
+    dirs.sharing_inputs(root)
     cfg = dataclasses.replace(
         cfg,
         train=dataclasses.replace(cfg.train, steps=5, batch_size=4, checkpoint_every=100),

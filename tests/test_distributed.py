@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import sharing_inputs
 from pipeline import data
 from pipeline.bridge import load_bridge
 from pipeline.config import load_config
@@ -56,9 +55,9 @@ def torchrun(params: Path, data_root: Path, method: str, processes: int) -> subp
 @pytest.mark.parametrize("method", ["vlap", "contrastive"])
 def test_two_gloo_processes_train_the_one_process_bridge(trained_inputs, tmp_path, method):
     params, cfg, dirs = trained_inputs
-    one = sharing_inputs(dirs, tmp_path / "one")
+    one = dirs.sharing_inputs(tmp_path / "one")
     run_stage(train, cfg, one, method)
-    two = sharing_inputs(dirs, tmp_path / "two")
+    two = dirs.sharing_inputs(tmp_path / "two")
     result = torchrun(params, two.root, method, 2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 process(es)" in result.stderr
@@ -91,6 +90,6 @@ def test_a_batch_the_processes_cannot_split_fails_in_one_line(trained_inputs, tm
     raw = yaml.safe_load(params.read_text())
     raw["train"]["batch_size"] = 7
     odd.write_text(yaml.safe_dump(raw))
-    result = torchrun(odd, sharing_inputs(dirs, tmp_path / "odd").root, "limber", 2)
+    result = torchrun(odd, dirs.sharing_inputs(tmp_path / "odd").root, "limber", 2)
     assert result.returncode != 0
     assert "train.batch_size: 7 must be a multiple of the 2 torchrun processes" in result.stderr

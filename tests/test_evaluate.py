@@ -24,7 +24,6 @@ from pipeline.generation import SharedPrefix, greedy_decode, left_pad, prefill, 
 from pipeline.tasks.inputs import load_eval_inputs
 from stages import evaluate_arithmetic, evaluate_caption, evaluate_retrieval, evaluate_vqa, summarize, train
 
-from conftest import sharing_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 def trained(tiny_pipeline, smollm2, tmp_path_factory):
     """A limber bridge trained briefly on the 64 cached training images; eval on 8 test images."""
     cfg, dirs = tiny_pipeline
-    eval_dirs = sharing_inputs(dirs, tmp_path_factory.mktemp("eval") / "data")
+    eval_dirs = dirs.sharing_inputs(tmp_path_factory.mktemp("eval") / "data")
     cfg = dataclasses.replace(
         cfg,
         train=dataclasses.replace(cfg.train, steps=15, batch_size=8, checkpoint_every=100),
@@ -280,7 +279,7 @@ def test_cached_shot_prefix_and_prefill_equal_the_whole_sequences(smollm2):
 def test_bridge_from_another_encoder_is_refused(trained, smollm2, tmp_path):
     cfg, dirs = trained
     bridge, meta = load_bridge(dirs.models / "limber" / "bridge.pt")
-    other = sharing_inputs(dirs, tmp_path / "data")
+    other = dirs.sharing_inputs(tmp_path / "data")
     save_bridge(other.models / "limber" / "bridge.pt", bridge, meta | {"encoder_weights_sha256": "0" * 64})
     with pytest.raises(MismatchError) as err:
         load_eval_inputs(cfg, "limber", other, lm=smollm2)

@@ -12,7 +12,6 @@ from pipeline.bridge import load_bridge
 from pipeline.config import Config
 from pipeline.prototypes import build_prototypes, load_prototypes, prototypes_file
 from pipeline.train import batch_indices, compute_losses, lr_factor
-from conftest import sharing_inputs
 from stages import train
 
 
@@ -68,7 +67,7 @@ def test_only_the_bridge_receives_gradients(tiny_pipeline, smollm2):
 def test_vlap_lowers_both_losses(tiny_pipeline, smollm2, tmp_path):
     cfg, dirs = tiny_pipeline
     cfg = small(cfg, steps=30, batch_size=8, lr=1e-2, warmup_steps=3, precision="bf16", checkpoint_every=100)
-    dirs = sharing_inputs(dirs, tmp_path / "data")
+    dirs = dirs.sharing_inputs(tmp_path / "data")
     result = train.run(cfg, dirs, "vlap", lm=smollm2)
     assert result["finished"] and result["steps"] == 30
     rows = json.loads((dirs.metrics / "train" / "vlap" / "metrics.json").read_text())["train"]
@@ -91,16 +90,16 @@ def test_limber_never_calls_sinkhorn(tiny_pipeline, smollm2, monkeypatch, tmp_pa
     real = pipeline.losses.sinkhorn
     monkeypatch.setattr(pipeline.losses, "sinkhorn", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = small(cfg, steps=2, batch_size=4, checkpoint_every=100)
-    train.run(cfg, sharing_inputs(dirs, tmp_path / "l"), "limber", lm=smollm2)
+    train.run(cfg, dirs.sharing_inputs(tmp_path / "l"), "limber", lm=smollm2)
     assert calls == []
-    train.run(cfg, sharing_inputs(dirs, tmp_path / "v"), "vlap", lm=smollm2)
+    train.run(cfg, dirs.sharing_inputs(tmp_path / "v"), "vlap", lm=smollm2)
     assert len(calls) == 2  # the spy works: one batched call per vlap step
 
 
 def test_resumed_run_equals_uninterrupted(tiny_pipeline, smollm2, tmp_path):
     cfg, dirs = tiny_pipeline
     cfg = small(cfg, steps=4, batch_size=4, checkpoint_every=1, warmup_steps=1)
-    full_dirs, resumed_dirs = sharing_inputs(dirs, tmp_path / "full"), sharing_inputs(dirs, tmp_path / "resumed")
+    full_dirs, resumed_dirs = dirs.sharing_inputs(tmp_path / "full"), dirs.sharing_inputs(tmp_path / "resumed")
     train.run(cfg, full_dirs, "contrastive", lm=smollm2)
     partial = train.run(cfg, resumed_dirs, "contrastive", lm=smollm2, stop_after=2)
     assert not partial["finished"] and partial["steps"] == 2

@@ -49,16 +49,6 @@ def study_config(cfg: Config, seed: int, steps: int | None, test_images: int | N
     return dataclasses.replace(cfg, train=t, evaluate=dataclasses.replace(cfg.evaluate, common=common, vqa=vqa))
 
 
-def run_dirs(base: Dirs, root: Path) -> Dirs:
-    """A data root of its own whose inputs are links to the base pipeline's (never copied or re-made)."""
-    root.mkdir(parents=True, exist_ok=True)
-    for name in ("prepared", "features", "prototypes"):
-        link, target = root / name, getattr(base, name).resolve()
-        if not link.is_symlink():
-            link.symlink_to(target, target_is_directory=True)
-    return Dirs.under(root)
-
-
 def train_and_evaluate(cfg: Config, dirs: Dirs, method: str, lm) -> None:
     """One (seed, method). A bridge trained with the same train and method settings is kept, and
     evaluations already run with the same settings on that bridge are not run again."""
@@ -215,7 +205,7 @@ def run_study(cfg: Config, base: Dirs, out: Path, seeds: list[int], methods: lis
     roots = []
     for seed in seeds:
         run_cfg = study_config(cfg, seed, steps, test_images, vqa_questions, vqa_shots)
-        dirs = run_dirs(base, Path(out) / "runs" / f"seed-{seed}")
+        dirs = base.sharing_inputs(Path(out) / "runs" / f"seed-{seed}")
         for method in methods:
             train_and_evaluate(run_cfg, dirs, method, lm)
         roots.append(dirs)
