@@ -250,7 +250,7 @@ def test_ablation_queues_dvc_experiments_and_tabulates_them(repo):
     assert rows["abl-ap_weight-0p5"]["metrics"]["train/loss_ap"] != unchanged  # AP trained 5x harder
     assert rows["abl-prior-uniform"]["metrics"]["train/loss_ap"] != unchanged  # another prior, another target
     report = (work / "ablation" / "report.md").read_text()
-    assert "| prototypes.prior=uniform |" in report and "| methods.vlap.ap_weight=0.5 |" in report
+    assert "| metric | unchanged | ap_weight=0.5 | prior=uniform |" in report and "| caption/CIDEr |" in report
     assert (work / "ablation" / "caption_CIDEr.png").stat().st_size > 0
     again = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "queued abl-" not in again.stderr, again.stderr[-2000:]

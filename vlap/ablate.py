@@ -223,25 +223,23 @@ def averaged(rows: list[dict]) -> list[dict]:
 
 
 def markdown(table: list[dict], unchanged_values: dict[str, object], header: str) -> str:
-    base = next(r for r in table if r["key"] is None)["mean"]
-    metrics = [m for m in base]
-    lines = [header, "", "| setting | " + " | ".join(metrics) + " |", "| --- |" + " ---: |" * len(metrics)]
-    for row in table:
-        label = (f"unchanged ({', '.join(f'{k.split(chr(46))[-1]}={v}' for k, v in unchanged_values.items())})"
-                 if row["key"] is None else f"{row['key']}={row['value']}")
-        cells = []
-        for m in metrics:
-            v = row["mean"].get(m)
-            if v is None:
-                cells.append("–")
-            elif row["key"] is None:
-                cells.append(f"{v:.4g}")
-            else:
-                cells.append(f"{v:.4g} ({v - base[m]:+.3g})")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    """Metrics as rows, settings as columns: the unchanged setting's value, then each other setting's
+    value with its change from it in brackets."""
+    base = next(r for r in table if r["key"] is None)
+    others = [r for r in table if r["key"] is not None]
+    labels = ["unchanged"] + [f"{r['key'].split('.')[-1]}={r['value']}" for r in others]
+    lines = [header, "", "Unchanged setting: " + ", ".join(f"`{k}={v}`" for k, v in unchanged_values.items()) + ".",
+             "", "| metric | " + " | ".join(labels) + " |", "| --- |" + " ---: |" * len(labels)]
+    for metric in base["mean"]:
+        b = base["mean"][metric]
+        cells = [f"{b:.4g}"]
+        for row in others:
+            v = row["mean"].get(metric)
+            cells.append("–" if v is None else f"{v:.4g} ({v - b:+.3g})")
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     seeds = sorted({s for r in table for s in r["seeds"]})
     lines += ["", f"Each cell: VLAP's metric (mean over training seeds {seeds}) and, in brackets, its change from "
-              "the unchanged setting. One factor changes per row; the rest is params.yaml plus the --set overrides."]
+              "the unchanged setting. One factor changes per column; the rest is params.yaml plus the overrides."]
     return "\n".join(lines) + "\n"
 
 
@@ -296,7 +294,7 @@ def report(settings: list[Setting], params: Path, sets: list[str], out: Path, ba
     unchanged_values = {k: resolved(cfg, k) for k in dict.fromkeys(s.key for s in settings if s.key)}
     table = averaged(rows)
     header = (f"# VLAP ablation: one factor at a time\n\nBaseline commit {baseline[:7]}"
-              f"; overrides for every row: {', '.join(sets) or 'none'}.")
+              f"; overrides for every experiment: {', '.join(sets) or 'none'}.")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "report.md", markdown(table, unchanged_values, header))
     result = {"sets": sets, "unchanged": unchanged_values, "experiments": rows, "table": table}
