@@ -254,7 +254,7 @@ def plot(table: list[dict], unchanged_values: dict[str, object], out: Path) -> l
     factors = list(dict.fromkeys(r["key"] for r in table if r["key"] is not None))
     written = []
     for metric in [m for m in PLOTTED if m in base["mean"]]:
-        fig, axes = plt.subplots(1, len(factors), figsize=(2.6 * len(factors), 2.6), squeeze=False, sharey=True)
+        fig, axes = plt.subplots(1, len(factors), figsize=(max(4.0, 2.6 * len(factors)), 2.6), squeeze=False, sharey=True)
         for ax, key in zip(axes[0], factors):
             points = [(str(unchanged_values[key]), base)] + [(r["value"], r) for r in table if r["key"] == key]
             points.sort(key=lambda p: sort_key(p[0]))
