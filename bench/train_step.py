@@ -1,6 +1,6 @@
 """Benchmark: one VLAP training step (fp32 and bf16) vs its FLOP floor on this machine, same run.
 
-    python bench/train_step.py [--batch-size 32] [--steps 3] [--threads T]
+    python bench/train_step.py [--profile] [--batch-size 32] [--steps 3] [--threads T]
 
 One step = pipeline.train.compute_losses (method vlap, default params.yaml) + backward + AdamW on a
 LinearBridge(1280, 576), with the real SmolLM2-135M, exactly as pipeline.train.train_bridge runs it
@@ -85,6 +85,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=3, help="timed steps per precision (after 1 warm-up)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--profile", action="store_true", help="also profile one more step of each precision: the "
+                                                          "share of its time in matmuls, and the top ops")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,6 +134,32 @@ def main() -> None:
         floor = floor_gflop / peak
         print(f"| {precision} | {seconds:.2f} | {args.batch_size / seconds:.1f} | {step_gflop[precision]:.1f} | "
               f"{peak:.1f} | {floor:.2f} | {seconds / floor:.2f} |")
+    if args.profile:
+        for precision, (bridge, optimizer, autocast, _) in runs.items():
+            profile_step(precision, lambda: train_step(cfg, lm, bridge, optimizer, protos, batches[-1], prompt_ids,
+                                                       autocast))
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_scaled_dot_product")
+
+
+def profile_step(precision: str, step) -> None:
+    """Where one step's CPU time goes: matmul kernels against everything else (casts, elementwise,
+    the OT and loss code), and the ops with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key.startswith(MATMUL_OPS) or "mkldnn" in e.key
+                 or "onednn" in e.key)
+    print(f"\n{precision} step profile: {total / 1e6:.2f} s of op self time, {100 * matmul / total:.0f}% in matmul "
+          f"kernels, {100 * (total - matmul) / total:.0f}% elsewhere; top ops by self time:\n")
+    print("| op | calls | self s | share |")
+    print("|---|---:|---:|---:|")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]:
+        print(f"| {e.key} | {e.count} | {e.self_cpu_time_total / 1e6:.3f} | {100 * e.self_cpu_time_total / total:.1f}% |")
 
 
 if __name__ == "__main__":
