@@ -57,7 +57,8 @@ class SharedPrefix:
         self.embeds, self.cache = embeds, None
         if not lm.is_encoder_decoder and len(embeds):
             with torch.inference_mode():
-                self.cache = lm.model(inputs_embeds=embeds[None], use_cache=True).past_key_values
+                # the body alone: the prefix's keys and values are what is kept, not its logits
+                self.cache = lm.model.base_model(inputs_embeds=embeds[None], use_cache=True).past_key_values
 
     def __len__(self) -> int:
         return len(self.embeds)
