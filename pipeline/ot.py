@@ -80,8 +80,17 @@ def _fused_iterations(log_K: torch.Tensor, log_b: torch.Tensor, log_a: float, n_
     u = log_K.new_zeros(log_K.shape[:-1] + (1,))
     for _ in range(n_iters):
         v = log_b - torch.logsumexp(log_K + u, dim=-2, keepdim=True)
-        u = log_a - torch.logsumexp(log_K + v, dim=-1, keepdim=True)
+        u = log_a - _row_logsumexp(log_K + v)
     return u, v
+
+
+def _row_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the K words (keepdim) with a float64 sum: the compiled kernel adds each row's
+    K terms in a few long sequential chains, whose float32 rounding (~7e-6 on the plan at K = 49,152)
+    would exceed the eager loop's (~5e-7); a float64 accumulator brings it back below."""
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # an all -inf row gives -inf, not NaN
+    return torch.exp(x - m).sum(-1, keepdim=True, dtype=torch.float64).log().to(x.dtype) + m
 
 
 _COMPILED: dict[str, object] = {}  # "fn": the compiled iterations once they ran; None where compiling failed
