@@ -137,3 +137,32 @@ def load_lm(spec: str, device: torch.device) -> LanguageModel:
     tokenizer.padding_side = "right"
     model.requires_grad_(False).eval().to(device)
     return LanguageModel(spec, model, tokenizer, digest, encdec, device)
+
+
+FP32_ATTENTION = "sdpa_fp32"
+
+
+def _sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention computed in float32 inside a bf16 autocast region."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    dtype = query.dtype
+    mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask.float()
+    with torch.autocast(query.device.type, enabled=False):
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, **kwargs)
+    return out.to(dtype), weights
+
+
+def use_fp32_attention(lm: LanguageModel) -> bool:
+    """Run the LM's attention in float32 under bf16 autocast on a CPU: there torch's bf16 SDPA
+    backward is ~3x slower than float32's (bench/train_step.py --profile: 19% of a bf16 step), so
+    the step is ~17% faster, and attention is also more exact. False (nothing changed) for models
+    whose attention is not pluggable, e.g. T5."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(FP32_ATTENTION, _sdpa_fp32)
+    try:
+        lm.model.set_attn_implementation(FP32_ATTENTION)
+    except (ValueError, AttributeError, NotImplementedError):
+        return False
+    return True

@@ -26,7 +26,7 @@ from pipeline.config import Config, TrainConfig, section_values
 from pipeline.distributed import Ranks, check_batch
 from pipeline.errors import DatasetError
 from pipeline.io import atomic_path, sha256_json
-from pipeline.lms import LanguageModel
+from pipeline.lms import LanguageModel, use_fp32_attention
 from pipeline.losses import assignment_prediction_loss, captioning_loss, info_nce_loss
 from pipeline.ot import worth_compiling
 from pipeline.paths import Dirs
@@ -198,6 +198,8 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
             log.info("train %s: resuming from step %d", method, start)
     prompt_ids, _ = lm.tokenize([tcfg.prompt])
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.precision == "bf16" else nullcontext())
+    if tcfg.precision == "bf16" and device.type == "cpu" and use_fp32_attention(lm):
+        log.info("train %s: attention in float32 under bf16 autocast (faster on CPU)", method)
     trained = bridge
     if ranks.world > 1:  # all-reduces (averages) the gradients; every rank starts from rank 0's weights
         trained = torch.nn.parallel.DistributedDataParallel(bridge, device_ids=[device] if device.type == "cuda" else None)

@@ -9,7 +9,7 @@ from PIL import Image
 from pipeline import data
 from pipeline.config import ConfigError
 from pipeline.encoders import WeightsNotFound, load_encoder
-from pipeline.lms import load_lm
+from pipeline.lms import load_lm, use_fp32_attention
 from tests.tiny_models import save_tiny_clip_vision, save_tiny_opt, save_tiny_t5, save_tiny_vit
 
 CPU = torch.device("cpu")
@@ -82,6 +82,30 @@ def test_hf_t5_from_a_folder_uses_the_encoder(tmp_path, smollm2):
     ids, mask = lm.tokenize(["a blue circle"])
     expected = lm.model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.equal(lm.text_states(ids, mask), expected)
+
+
+def test_fp32_attention_changes_nothing_outside_autocast(tmp_path, smollm2):
+    """SmolLM2's attention switches to float32 (what bf16 training on a CPU uses); without autocast its
+    logits are what plain SDPA gives; T5's attention is not pluggable and stays as it is."""
+    ids, mask = smollm2.tokenize(["a blue circle next to a red square"])
+    with torch.inference_mode():
+        before = smollm2.model(input_ids=ids, attention_mask=mask).logits
+    previous = smollm2.model.config._attn_implementation
+    try:
+        assert use_fp32_attention(smollm2)
+        with torch.inference_mode():
+            after = smollm2.model(input_ids=ids, attention_mask=mask).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                mixed = smollm2.model(input_ids=ids, attention_mask=mask).logits.float()
+    finally:
+        smollm2.model.set_attn_implementation(previous)
+    assert torch.allclose(before, after, atol=1e-5)
+    assert (mixed - before).abs().max() < 0.1 * before.abs().max()  # bf16 matmuls, same answer
+    t5 = load_lm(f"hf:{save_tiny_t5(tmp_path / 't5', smollm2.tokenizer)}", CPU)
+    use_fp32_attention(t5)  # whatever it answers, T5 still computes its own attention
+    with torch.inference_mode():
+        t5_ids, t5_mask = t5.tokenize(["a blue circle"])
+        assert torch.isfinite(t5.text_states(t5_ids, t5_mask)).all()
 
 
 @pytest.mark.parametrize("loader, spec", [(load_lm, "hf:nobody/missing-model"), (load_encoder, "hf:nobody/missing")])
