@@ -79,18 +79,18 @@ def _fused_iterations(log_K: torch.Tensor, log_b: torch.Tensor, log_a: float, n_
     """The same updates written for torch.compile, which fuses each add into its logsumexp."""
     u = log_K.new_zeros(log_K.shape[:-1] + (1,))
     for _ in range(n_iters):
-        v = log_b - torch.logsumexp(log_K + u, dim=-2, keepdim=True)
-        u = log_a - _row_logsumexp(log_K + v)
+        v = log_b - _logsumexp64(log_K + u, -2)
+        u = log_a - _logsumexp64(log_K + v, -1)
     return u, v
 
 
-def _row_logsumexp(x: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the K words (keepdim) with a float64 sum: the compiled kernel adds each row's
-    K terms in a few long sequential chains, whose float32 rounding (~7e-6 on the plan at K = 49,152)
-    would exceed the eager loop's (~5e-7); a float64 accumulator brings it back below."""
-    m = x.amax(-1, keepdim=True)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # an all -inf row gives -inf, not NaN
-    return torch.exp(x - m).sum(-1, keepdim=True, dtype=torch.float64).log().to(x.dtype) + m
+def _logsumexp64(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """logsumexp over dim (keepdim) with a float64 sum: the compiled kernel adds a row's K terms in a
+    few long sequential chains, whose float32 rounding puts the plan ~7e-6 from a float64 solve at
+    K = 49,152 (the eager loop: ~5e-7); a float64 accumulator brings it back below, at no cost here."""
+    m = x.amax(dim, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # an all -inf slice gives -inf, not NaN
+    return torch.exp(x - m).sum(dim, keepdim=True, dtype=torch.float64).log().to(x.dtype) + m
 
 
 _COMPILED: dict[str, object] = {}  # "fn": the compiled iterations once they ran; None where compiling failed

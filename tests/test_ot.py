@@ -73,7 +73,8 @@ def test_stable_in_float32_with_tiny_and_zero_mass(epsilon: float) -> None:
 
 def test_compiled_iterations_equal_the_eager_loop() -> None:
     """torch.compile'd iterations (what long training runs use) give the eager plan, zero-mass words
-    included, batched over two problems as the AP loss solves them."""
+    included, batched over two problems as the AP loss solves them: each is within float32 rounding
+    of a float64 solve, the compiled one no further from it than the eager one."""
     scores, mu = _problem(64, 300, seed=3, dtype=torch.float32)
     mu[:10] = 0.0
     mu = mu / mu.sum()
@@ -81,8 +82,12 @@ def test_compiled_iterations_equal_the_eager_loop() -> None:
     eager = sinkhorn(both, mu, 0.01, 3)
     compiled = sinkhorn(both, mu, 0.01, 3, compiled=True)
     assert ot_module._COMPILED.get("fn") is not None  # it compiled (this machine has a C++ compiler)
-    torch.testing.assert_close(compiled.assignments, eager.assignments, rtol=0, atol=1e-6)
-    torch.testing.assert_close(compiled.marginal_error, eager.marginal_error, rtol=0, atol=1e-6)
+    truth = sinkhorn(both.double(), mu.double(), 0.01, 3)
+    eager_error = (eager.assignments.double() - truth.assignments).abs().max().item()
+    compiled_error = (compiled.assignments.double() - truth.assignments).abs().max().item()
+    assert eager_error < 5e-6 and compiled_error <= max(eager_error, 1e-6), (eager_error, compiled_error)
+    torch.testing.assert_close(compiled.assignments, eager.assignments, rtol=0, atol=5e-6)
+    torch.testing.assert_close(compiled.marginal_error, eager.marginal_error, rtol=0, atol=1e-5)
     assert (compiled.assignments[..., :10] == 0).all()
 
 
