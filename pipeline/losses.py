@@ -30,21 +30,20 @@ def assignment_prediction_loss(
     n_iters: int,
     tau: float,
     ranks: Ranks = Ranks(),
-    compiled_ot: bool = False,
 ) -> APLoss:
     """Swapped assignment prediction (docs/method.md#the-objective).
 
     z_v, z_t: (b, D) L2-normalised, this rank's part of the global batch of B; prototypes: (K, D)
     L2-normalised word embeddings Ê; prior: (K,) mu. The OT problems couple the samples of a batch,
     so they are solved over the global batch (scores gathered from every rank); each rank then
-    scores its own rows. `compiled_ot`: solve them with the compiled Sinkhorn (pipeline.ot).
+    scores its own rows.
     """
     z_t, prototypes = z_t.detach(), prototypes.detach()  # frozen text reps and word prototypes
     s_v = z_v @ prototypes.T  # (b, K) S_v, this rank's rows
     S_v, S_t = ranks.gather(s_v.detach()), ranks.gather(z_t @ prototypes.T)  # (B, K) each, global
     # Both OT problems in one call; never below float32 (a half-precision OT loses tiny mu_k).
     ot_dtype = torch.promote_types(s_v.dtype, torch.float32)
-    ot = sinkhorn(torch.stack([S_v, S_t]).to(ot_dtype), prior, epsilon, n_iters, compiled=compiled_ot)
+    ot = sinkhorn(torch.stack([S_v, S_t]).to(ot_dtype), prior, epsilon, n_iters)
     q_v, q_t = ot.assignments.to(s_v.dtype).unbind(0)  # (B, K) each, rows sum to 1, targets (no grad)
     log_p_v = F.log_softmax(s_v / tau, dim=-1)  # (b, K)
     log_p_t = F.log_softmax(S_t / tau, dim=-1)  # (B, K)

@@ -28,7 +28,6 @@ from pipeline.errors import DatasetError
 from pipeline.io import atomic_path, sha256_json
 from pipeline.lms import LanguageModel, use_fp32_attention
 from pipeline.losses import assignment_prediction_loss, captioning_loss, info_nce_loss
-from pipeline.ot import worth_compiling
 from pipeline.paths import Dirs
 from pipeline.prototypes import Prototypes
 
@@ -124,7 +123,7 @@ def method_config(cfg: Config, method: str):
 
 
 def compute_losses(method: str, cfg: Config, lm: LanguageModel, bridge, protos: Prototypes, tokens, captions,
-                   prompt_ids, ranks: Ranks = Ranks(), compiled_ot: bool = False) -> dict[str, torch.Tensor]:
+                   prompt_ids, ranks: Ranks = Ranks()) -> dict[str, torch.Tensor]:
     """All loss terms of this process's part of one global batch; 'loss' is the one to minimise.
 
     Each term is this rank's share: the shares of all ranks add up to the term of the global batch
@@ -138,18 +137,16 @@ def compute_losses(method: str, cfg: Config, lm: LanguageModel, bridge, protos: 
     z_v = visual_representation(V.float())  # (b, D)
     # Cosine scores divided by tau = 0.01 need float32: bf16 keeps ~3 digits.
     with torch.autocast(V.device.type, enabled=False):
-        loss = loss + _alignment_terms(method, mcfg, protos, z_v, captions, terms, ranks, compiled_ot)
+        loss = loss + _alignment_terms(method, mcfg, protos, z_v, captions, terms, ranks)
     terms["loss"] = loss
     return terms
 
 
-def _alignment_terms(method, mcfg, protos: Prototypes, z_v, captions, terms: dict, ranks: Ranks,
-                     compiled_ot: bool = False) -> torch.Tensor:
+def _alignment_terms(method, mcfg, protos: Prototypes, z_v, captions, terms: dict, ranks: Ranks) -> torch.Tensor:
     """VLAP's L_AP or the contrastive InfoNCE (weighted), recording each term in `terms`."""
     if method == "vlap":
         ap = assignment_prediction_loss(z_v, protos.text_reps(captions), protos.prototypes, protos.prior,
-                                        epsilon=mcfg.epsilon, n_iters=mcfg.sinkhorn_iters, tau=mcfg.tau, ranks=ranks,
-                                        compiled_ot=compiled_ot)
+                                        epsilon=mcfg.epsilon, n_iters=mcfg.sinkhorn_iters, tau=mcfg.tau, ranks=ranks)
         terms.update(loss_ap=ap.total, loss_ap_visual=ap.visual_term, loss_ap_text=ap.text_term,
                      sinkhorn_marginal_error=z_v.new_tensor(ap.marginal_error / ranks.world))
         return mcfg.ap_weight * ap.total
@@ -206,9 +203,6 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
     live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None) if ranks.is_main else None
     for row in history if live else []:  # replay logged steps so the curves are whole after a resume
         _log_step(live, row)
-    mcfg = method_config(cfg, method)
-    compiled_ot = method == "vlap" and worth_compiling(2 * tcfg.batch_size * len(protos.prior), mcfg.sinkhorn_iters,
-                                                       steps - start)  # two OT problems of the global batch a step
     t0 = time.perf_counter()
     batches = StepBatches(data, tcfg.batch_size, tcfg.seed, start, steps, ranks)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=tcfg.loader_workers,
@@ -221,8 +215,7 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
         tokens = tokens.to(device=device, dtype=torch.float32, non_blocking=True)
         captions = [data.captions[i] for i in idx.tolist()]
         with autocast:
-            terms = compute_losses(method, cfg, lm, trained, protos, tokens, captions, prompt_ids[0], ranks,
-                                   compiled_ot)
+            terms = compute_losses(method, cfg, lm, trained, protos, tokens, captions, prompt_ids[0], ranks)
         optimizer.zero_grad(set_to_none=True)
         # Shares add up to the global loss, and DDP averages gradients over ranks: scale back to the sum.
         (terms["loss"] * ranks.world).backward()
