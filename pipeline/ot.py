@@ -40,29 +40,30 @@ def sinkhorn(scores: torch.Tensor, col_mass: torch.Tensor, epsilon: float, n_ite
         raise ValueError("col_mass: must be a non-negative distribution over the K words (sum 1)")
     B = scores.shape[-2]
     shape = torch.broadcast_shapes(scores.shape, mu.unsqueeze(-2).shape)  # (..., B, K)
-    log_K = (scores / epsilon).expand(shape)  # log Gibbs kernel S / eps
-    span = (log_K.amax(-1) - log_K.amin(-1)).max().item()
-    if span < SCALING_SPAN:
-        assignments = _scaling_domain(log_K, mu, n_iters).to(scores.dtype)
+    low, high = torch.aminmax(scores, dim=-1, keepdim=True)  # (..., B, 1) each, one pass
+    if ((high - low).max() / epsilon).item() < SCALING_SPAN:
+        assignments = _scaling_domain(scores.expand(shape), high.expand(shape[:-1] + (1,)), epsilon, mu, n_iters)
+        assignments = assignments.to(scores.dtype)
     else:
-        assignments = _log_domain(log_K.contiguous(), mu, n_iters)
+        assignments = _log_domain((scores / epsilon).expand(shape).contiguous(), mu, n_iters)
     return SinkhornResult(
         assignments=assignments,
         marginal_error=(assignments.sum(-2) / B - mu).abs().sum(-1),
     )
 
 
-def _scaling_domain(log_K: torch.Tensor, mu: torch.Tensor, n_iters: int) -> torch.Tensor:
-    """Assignments (..., B, K) in float64 from Q = diag(a) G diag(b), G = exp(log_K - row max).
+def _scaling_domain(scores: torch.Tensor, row_max: torch.Tensor, epsilon: float, mu: torch.Tensor, n_iters: int
+                    ) -> torch.Tensor:
+    """Assignments (..., B, K) in float64 from Q = diag(a) G diag(b), G = exp((S - row max) / eps).
 
     One exponential per entry, then per iteration one column and one row matrix-vector product:
     b = mu / (G^T a), a = (1/B) / (G b). Starting from a = exp(row max - M) is the log domain's
     u = 0 up to the global factor exp(M), which cancels in a b. Float64 because the row products
     add K terms: in float32 their rounding would move the plan by ~2e-5 at K = 49,152."""
-    B = log_K.shape[-2]
-    row_max = log_K.amax(-1, keepdim=True)  # (..., B, 1)
-    G = torch.exp(log_K.double() - row_max.double())  # (..., B, K), each row's largest entry is 1
-    a = torch.exp(row_max.double() - row_max.double().amax(-2, keepdim=True))  # (..., B, 1)
+    B = scores.shape[-2]
+    G = torch.sub(scores, row_max).div_(epsilon).double().exp_()  # (..., B, K), each row's largest entry is 1
+    log_row_max = row_max.double() / epsilon  # (..., B, 1)
+    a = torch.exp(log_row_max - log_row_max.amax(-2, keepdim=True))  # (..., B, 1)
     mu_row = mu.double().unsqueeze(-2)  # (..., 1, K); a zero-mass word gets b_k = 0
     for _ in range(n_iters):
         b = mu_row / torch.matmul(a.transpose(-1, -2), G)  # (..., 1, K) columns to mu
