@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,16 +154,28 @@ def _sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
     return out.to(dtype), weights
 
 
-def use_fp32_attention(lm: LanguageModel) -> bool:
-    """Run the LM's attention in float32 under bf16 autocast on a CPU: there torch's bf16 SDPA
-    backward is ~3x slower than float32's (bench/train_step.py --profile: 19% of a bf16 step), so
-    the step is ~17% faster, and attention is also more exact. False (nothing changed) for models
-    whose attention is not pluggable, e.g. T5."""
-    from transformers import AttentionInterface
+@contextmanager
+def fp32_attention(lm: LanguageModel):
+    """While inside, a decoder-only LM's attention runs in float32 under bf16 autocast: on a CPU,
+    torch's bf16 SDPA backward is ~3x slower than float32's (bench/train_step.py --profile: 19% of a
+    bf16 step), so a step is ~17% faster, and attention is more exact. Masks are built as for SDPA.
+    Yields whether it switched; T5 and models without pluggable attention are left as they are,
+    and the previous implementation is restored on exit (the LM object may be shared)."""
+    previous = getattr(lm.model.config, "_attn_implementation", None)
+    switched = False
+    if not lm.is_encoder_decoder and previous == "sdpa":
+        try:
+            from transformers import AttentionInterface
+            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(FP32_ATTENTION, _sdpa_fp32)
+            AttentionInterface.register(FP32_ATTENTION, _sdpa_fp32)
+            AttentionMaskInterface.register(FP32_ATTENTION, sdpa_mask)
+            lm.model.set_attn_implementation(FP32_ATTENTION)
+            switched = True
+        except (ImportError, ValueError, AttributeError, NotImplementedError):
+            switched = False
     try:
-        lm.model.set_attn_implementation(FP32_ATTENTION)
-    except (ValueError, AttributeError, NotImplementedError):
-        return False
-    return True
+        yield switched
+    finally:
+        if switched:
+            lm.model.set_attn_implementation(previous)

@@ -248,7 +248,10 @@ def test_ablation_queues_dvc_experiments_and_tabulates_them(repo):
     assert rows["abl-ap_weight-0p5"]["resolved"] == 0.5 and rows["abl-prior-uniform"]["resolved"] == "uniform"
     unchanged = rows["abl-unchanged"]["metrics"]["train/loss_ap"]
     assert rows["abl-ap_weight-0p5"]["metrics"]["train/loss_ap"] != unchanged  # AP trained 5x harder
-    assert rows["abl-prior-uniform"]["metrics"]["train/loss_ap"] != unchanged  # another prior, another target
+    locks = {name: yaml.safe_load(sh(["git", "show", f"{row['commit']}:dvc.lock"], work, env))["stages"]
+             for name, row in rows.items()}
+    assert locks["abl-prior-uniform"]["prototypes"]["params"]["params.yaml"]["prototypes"]["prior"] == "uniform"
+    assert (locks["abl-prior-uniform"]["train@vlap"]["deps"] != locks["abl-unchanged"]["train@vlap"]["deps"])  # new mu
     report = (work / "ablation" / "report.md").read_text()
     assert "| metric | unchanged | ap_weight=0.5 | prior=uniform |" in report and "| caption/CIDEr |" in report
     assert (work / "ablation" / "caption_CIDEr.png").stat().st_size > 0
