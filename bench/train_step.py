@@ -4,8 +4,7 @@
 
 One step = pipeline.train.compute_losses (method vlap, default params.yaml) + backward + AdamW on a
 LinearBridge(1280, 576), with the real SmolLM2-135M, exactly as pipeline.train.train_bridge runs it
-(bf16 = the same torch.autocast("cpu", dtype=torch.bfloat16) around compute_losses, attention in
-float32 as pipeline.lms.fp32_attention sets it). Visual tokens
+(bf16 = the same torch.autocast("cpu", dtype=torch.bfloat16) around compute_losses). Visual tokens
 are the cached train features when data/features/index.json exists, else random tokens (the output
 says which); prototypes from data/prototypes.
 
@@ -32,7 +31,7 @@ from flops import matmul_gflops  # noqa: E402
 from pipeline.paths import Dirs  # noqa: E402
 from pipeline.bridge import LinearBridge  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.lms import fp32_attention, load_lm  # noqa: E402
+from pipeline.lms import load_lm  # noqa: E402
 from pipeline.losses import captioning_loss  # noqa: E402
 from pipeline.prototypes import load_prototypes, prototypes_file  # noqa: E402
 from pipeline.train import batch_indices, compute_losses, load_train_data  # noqa: E402
@@ -96,7 +95,6 @@ def main() -> None:
     cfg = load_config()
     device = torch.device("cpu")
     lm = load_lm(cfg.prototypes.llm, device)
-    fp32_attention(lm).__enter__()  # as train_bridge does for bf16 on a CPU (a no-op for the fp32 steps)
     protos = load_prototypes(prototypes_file(Dirs().prototypes), device)
     source, batches = training_batches(cfg, protos, args.batch_size, args.steps + 1)
     prompt_ids = lm.tokenize([cfg.train.prompt])[0][0]

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,44 +137,3 @@ def load_lm(spec: str, device: torch.device) -> LanguageModel:
     tokenizer.padding_side = "right"
     model.requires_grad_(False).eval().to(device)
     return LanguageModel(spec, model, tokenizer, digest, encdec, device)
-
-
-FP32_ATTENTION = "sdpa_fp32"
-
-
-def _sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention computed in float32 inside a bf16 autocast region."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    dtype = query.dtype
-    mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask.float()
-    with torch.autocast(query.device.type, enabled=False):
-        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, **kwargs)
-    return out.to(dtype), weights
-
-
-@contextmanager
-def fp32_attention(lm: LanguageModel):
-    """While inside, a decoder-only LM's attention runs in float32 under bf16 autocast: on a CPU,
-    torch's bf16 SDPA backward is ~3x slower than float32's (bench/train_step.py --profile: 19% of a
-    bf16 step), so a step is ~17% faster, and attention is more exact. Masks are built as for SDPA.
-    Yields whether it switched; T5 and models without pluggable attention are left as they are,
-    and the previous implementation is restored on exit (the LM object may be shared)."""
-    previous = getattr(lm.model.config, "_attn_implementation", None)
-    switched = False
-    if not lm.is_encoder_decoder and previous == "sdpa":
-        try:
-            from transformers import AttentionInterface
-            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-            AttentionInterface.register(FP32_ATTENTION, _sdpa_fp32)
-            AttentionMaskInterface.register(FP32_ATTENTION, sdpa_mask)
-            lm.model.set_attn_implementation(FP32_ATTENTION)
-            switched = True
-        except (ImportError, ValueError, AttributeError, NotImplementedError):
-            switched = False
-    try:
-        yield switched
-    finally:
-        if switched:
-            lm.model.set_attn_implementation(previous)

@@ -26,7 +26,7 @@ from pipeline.config import Config, TrainConfig, section_values
 from pipeline.distributed import Ranks, check_batch
 from pipeline.errors import DatasetError
 from pipeline.io import atomic_path, sha256_json
-from pipeline.lms import LanguageModel, fp32_attention
+from pipeline.lms import LanguageModel
 from pipeline.losses import assignment_prediction_loss, captioning_loss, info_nce_loss
 from pipeline.paths import Dirs
 from pipeline.prototypes import Prototypes
@@ -207,30 +207,26 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
                                          prefetch_factor=2 if tcfg.loader_workers else None,
                                          pin_memory=device.type == "cuda")
     bar = tqdm(loader, initial=start, total=steps, desc=f"train {method}", unit="step", disable=not ranks.is_main)
-    cpu_bf16 = tcfg.precision == "bf16" and device.type == "cpu"
-    with fp32_attention(lm) if cpu_bf16 else nullcontext(False) as switched:
-        if switched:
-            log.info("train %s: attention in float32 under bf16 autocast (faster on a CPU)", method)
-        for step, idx, tokens in bar:
-            if stop_after is not None and step >= start + stop_after:
-                break
-            tokens = tokens.to(device=device, dtype=torch.float32, non_blocking=True)
-            captions = [data.captions[i] for i in idx.tolist()]
-            with autocast:
-                terms = compute_losses(method, cfg, lm, trained, protos, tokens, captions, prompt_ids[0], ranks)
-            optimizer.zero_grad(set_to_none=True)
-            # Shares add up to the global loss, and DDP averages gradients over ranks: scale back to the sum.
-            (terms["loss"] * ranks.world).backward()
-            optimizer.step()
-            row = {k: ranks.total(v).item() for k, v in terms.items()} | {"lr": schedule.get_last_lr()[0]}
-            schedule.step()
-            history.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
-            if not ranks.is_main:
-                continue
-            _log_step(live, row)
-            if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == steps:
-                _save_checkpoint(checkpoint, fingerprint, step + 1, bridge, optimizer, schedule, history)
+    for step, idx, tokens in bar:
+        if stop_after is not None and step >= start + stop_after:
+            break
+        tokens = tokens.to(device=device, dtype=torch.float32, non_blocking=True)
+        captions = [data.captions[i] for i in idx.tolist()]
+        with autocast:
+            terms = compute_losses(method, cfg, lm, trained, protos, tokens, captions, prompt_ids[0], ranks)
+        optimizer.zero_grad(set_to_none=True)
+        # Shares add up to the global loss, and DDP averages gradients over ranks: scale back to the sum.
+        (terms["loss"] * ranks.world).backward()
+        optimizer.step()
+        row = {k: ranks.total(v).item() for k, v in terms.items()} | {"lr": schedule.get_last_lr()[0]}
+        schedule.step()
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+        if not ranks.is_main:
+            continue
+        _log_step(live, row)
+        if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == steps:
+            _save_checkpoint(checkpoint, fingerprint, step + 1, bridge, optimizer, schedule, history)
     steps_done = len(history)
     if not ranks.is_main:
         return {"finished": steps_done >= steps, "steps": steps_done}

@@ -9,7 +9,7 @@ from PIL import Image
 from pipeline import data
 from pipeline.config import ConfigError
 from pipeline.encoders import WeightsNotFound, load_encoder
-from pipeline.lms import fp32_attention, load_lm
+from pipeline.lms import load_lm
 from tests.tiny_models import save_tiny_clip_vision, save_tiny_opt, save_tiny_t5, save_tiny_vit
 
 CPU = torch.device("cpu")
@@ -82,28 +82,6 @@ def test_hf_t5_from_a_folder_uses_the_encoder(tmp_path, smollm2):
     ids, mask = lm.tokenize(["a blue circle"])
     expected = lm.model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.equal(lm.text_states(ids, mask), expected)
-
-
-def test_fp32_attention_changes_nothing_outside_autocast(tmp_path, smollm2):
-    """Inside `fp32_attention` SmolLM2's attention runs in float32 (what bf16 training on a CPU uses):
-    without autocast a left-padded batch gives the logits plain SDPA gives, so padding masks are
-    built as before; on exit the LM is as it was; T5 is left alone."""
-    from pipeline.generation import left_pad, text_embeds
-
-    embeds, mask = left_pad([text_embeds(smollm2, t) for t in ["a blue circle next to a red square", "a cat"]])
-    with torch.inference_mode():
-        before = smollm2.model(inputs_embeds=embeds, attention_mask=mask).logits
-    with fp32_attention(smollm2) as switched:
-        assert switched and smollm2.model.config._attn_implementation == "sdpa_fp32"
-        with torch.inference_mode():
-            inside = smollm2.model(inputs_embeds=embeds, attention_mask=mask).logits
-    assert smollm2.model.config._attn_implementation == "sdpa"
-    real = mask.bool()
-    assert torch.allclose(before[real], inside[real], atol=1e-4)
-    t5 = load_lm(f"hf:{save_tiny_t5(tmp_path / 't5', smollm2.tokenizer)}", CPU)
-    implementation = t5.model.config._attn_implementation
-    with fp32_attention(t5) as switched:
-        assert not switched and t5.model.config._attn_implementation == implementation
 
 
 @pytest.mark.parametrize("loader, spec", [(load_lm, "hf:nobody/missing-model"), (load_encoder, "hf:nobody/missing")])
