@@ -16,6 +16,7 @@ GRID: lambda, epsilon, Sinkhorn iterations, the prior and the prototype subset.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import subprocess
@@ -80,7 +81,7 @@ def parse_assignment(text: str) -> tuple[str, list[str]]:
 
 def with_overrides(raw: dict, overrides: list[str]) -> dict:
     """params (as loaded from YAML) with each dotted `key=value` set; the value is read as YAML."""
-    raw = json.loads(json.dumps(raw))
+    raw = copy.deepcopy(raw)
     for item in overrides:
         key, (value, *_) = parse_assignment(item)
         node, *path = raw, *key.split(".")
