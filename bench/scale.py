@@ -75,7 +75,7 @@ def child(args) -> None:
     cfg = load_config()
     lm = load_lm(cfg.prototypes.llm, torch.device("cpu"))
     captions = sorted({c for s in data.load_easyvqa()[0] if s.name == "train" for r in s.images for c in r["captions"]})
-    path, _ = build_prototypes(lm, captions, captions, cfg.prototypes, Path(args.workdir) / "prototypes")
+    path, _ = build_prototypes(lm, captions, captions, cfg.prototypes, Path(args.workdir) / "prototypes", cfg.train.prompt)
     protos = load_prototypes(path)
     n = args.size
     train = TrainData(features_path=Path(args.workdir) / f"{n}.h5", rows=np.arange(n),
@@ -93,7 +93,7 @@ def child(args) -> None:
     torch.manual_seed(0)
     bridge = LinearBridge(D_VISION, lm.hidden_size)
     optimizer = torch.optim.AdamW(bridge.parameters(), lr=cfg.train.lr)
-    prompt_ids = lm.tokenize([cfg.train.prompt])[0][0]
+    prompt_ids = lm.prompt_ids(cfg.train.prompt)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.precision == "bf16" else nullcontext()
     start = None
     for step, idx, tokens in batches:

@@ -70,7 +70,7 @@ def llm_gflops(cfg, lm, batch, prompt_ids) -> tuple[float, float]:
     attention GFLOP computed analytically: torch's counter has no formula for CPU's fused SDPA kernel)."""
     tokens, captions = batch
     V = torch.randn(tokens.shape[0], N_TOKENS, lm.hidden_size, requires_grad=True)
-    caption_ids, caption_mask = lm.tokenize_captions(captions, cfg.train.max_caption_tokens)
+    caption_ids, caption_mask = lm.tokenize_captions(captions, cfg.train.max_caption_tokens, cfg.train.prompt)
     with FlopCounterMode(display=False) as counter:
         captioning_loss(lm, V, prompt_ids, caption_ids, caption_mask).backward()
     c = lm.model.config
@@ -97,7 +97,7 @@ def main() -> None:
     lm = load_lm(cfg.prototypes.llm, device)
     protos = load_prototypes(prototypes_file(Dirs().prototypes), device)
     source, batches = training_batches(cfg, protos, args.batch_size, args.steps + 1)
-    prompt_ids = lm.tokenize([cfg.train.prompt])[0][0]
+    prompt_ids = lm.prompt_ids(cfg.train.prompt)
     matmul_gflop, attention_gflop = llm_gflops(cfg, lm, batches[0], prompt_ids)
     floor_gflop = matmul_gflop + attention_gflop
 

@@ -61,11 +61,29 @@ class LanguageModel:
         batch = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=add_special_tokens)
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
-    def tokenize_captions(self, captions: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Caption targets: tokens + EOS (so generation learns to stop), truncated to
-        `max_tokens`, right-padded; ids and mask (B, C)."""
+    def prompt_ids(self, prompt: str) -> torch.Tensor:
+        """(P,) ids of the prompt as it leads a caption: trailing whitespace belongs to the caption's
+        first word ("A picture of " and "A picture of" lead the same text)."""
+        ids = self.tokenizer(caption_prompt(prompt), add_special_tokens=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def caption_token_ids(self, captions: list[str], prompt: str) -> list[list[int]]:
+        """Each caption's ids as the LLM reads it after the prompt: `prompt + " " + caption` tokenised
+        as one text, minus the prompt's own leading ids (the first word in its leading-space form)."""
+        lead = self.tokenizer(caption_prompt(prompt), add_special_tokens=False)["input_ids"]
+        texts = [caption_text(prompt, c) for c in captions]
+        rows = []
+        for text, ids in zip(texts, self.tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            if ids[: len(lead)] != lead:  # the tokenizer merged across the space: no clean split exists
+                raise ValueError(f"train.prompt {prompt!r}: its tokens are not a prefix of those of {text!r}")
+            rows.append(ids[len(lead):])
+        return rows
+
+    def tokenize_captions(self, captions: list[str], max_tokens: int, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Caption targets after `prompt` (see caption_token_ids) + EOS (so generation learns to stop),
+        truncated to `max_tokens`, right-padded; ids and mask (B, C)."""
         eos = self.tokenizer.eos_token_id
-        rows = [ids[: max_tokens - 1] + [eos] for ids in self.tokenizer(captions, add_special_tokens=False)["input_ids"]]
+        rows = [ids[: max_tokens - 1] + [eos] for ids in self.caption_token_ids(captions, prompt)]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -83,6 +101,16 @@ class LanguageModel:
     def body_states(self, inputs_embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Causal LM body on input embeddings -> last hidden states (B, T, D), no vocabulary logits."""
         return self.model.base_model(inputs_embeds=inputs_embeds, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+def caption_prompt(prompt: str) -> str:
+    """The prompt as it leads a caption, without trailing whitespace."""
+    return prompt.rstrip()
+
+
+def caption_text(prompt: str, caption: str) -> str:
+    """The one text a caption is read in: `prompt + " " + caption`."""
+    return f"{caption_prompt(prompt)} {caption.strip()}"
 
 
 def converted_gguf(gguf: Path, digest: str, cache_dir: Path = paths.LM_CACHE) -> Path:

@@ -23,16 +23,17 @@ from tqdm import tqdm
 from pipeline.errors import CacheError, DatasetError, MismatchError, MissingInputError
 from pipeline.config import PrototypesConfig
 from pipeline.io import atomic_path, sha256_json
-from pipeline.lms import LanguageModel
+from pipeline.lms import LanguageModel, caption_prompt
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the prior counts caption tokens as they follow the prompt
 
 
-def prototypes_key(lm: LanguageModel, train_captions: list[str], all_texts: list[str], cfg: PrototypesConfig) -> str:
+def prototypes_key(lm: LanguageModel, train_captions: list[str], all_texts: list[str], cfg: PrototypesConfig,
+                   prompt: str) -> str:
     settings = {k: getattr(cfg, k) for k in ("subset", "prior", "temperature", "smoothing")}
     return sha256_json({"format": FORMAT_VERSION, "llm_weights": lm.weights_sha256, "train_captions": train_captions,
-                        "texts": all_texts, "settings": settings})
+                        "texts": all_texts, "settings": settings, "prompt": caption_prompt(prompt)})
 
 
 def special_ids(lm: LanguageModel) -> list[int]:
@@ -42,10 +43,11 @@ def special_ids(lm: LanguageModel) -> list[int]:
     return sorted(i for i in ids if i < lm.vocab_size)
 
 
-def document_frequency(lm: LanguageModel, captions: list[str]) -> np.ndarray:
-    """(vocab,) number of training captions containing each token id."""
+def document_frequency(lm: LanguageModel, captions: list[str], prompt: str) -> np.ndarray:
+    """(vocab,) number of training captions containing each token id, in the token forms training
+    feeds: each caption tokenised after the prompt (its first word in the leading-space form)."""
     df = np.zeros(lm.vocab_size, dtype=np.float64)
-    for ids in lm.tokenizer(captions, add_special_tokens=False)["input_ids"]:
+    for ids in lm.caption_token_ids(captions, prompt):
         df[np.unique(np.asarray(ids, dtype=np.int64))] += 1
     return df
 
@@ -91,15 +93,15 @@ class Prototypes:
 
 
 def build_prototypes(lm: LanguageModel, train_captions: list[str], all_texts: list[str], cfg: PrototypesConfig,
-                     out_dir: Path) -> tuple[Path, bool]:
+                     out_dir: Path, prompt: str) -> tuple[Path, bool]:
     """Write (or reuse) the prototypes file; returns (path, hit)."""
     all_texts = sorted(set(all_texts))
-    key = prototypes_key(lm, train_captions, all_texts, cfg)
+    key = prototypes_key(lm, train_captions, all_texts, cfg, prompt)
     path = Path(out_dir) / f"{key}.h5"
     if path.exists():
         log.info("prototypes: cache hit %s (nothing computed)", path.name)
         return path, True
-    df = document_frequency(lm, train_captions)
+    df = document_frequency(lm, train_captions, prompt)
     zeroed = special_ids(lm)
     if cfg.subset == "corpus":
         token_ids = np.array(sorted(set(np.flatnonzero(df)) - set(zeroed)), dtype=np.int64)

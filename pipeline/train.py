@@ -130,7 +130,7 @@ def compute_losses(method: str, cfg: Config, lm: LanguageModel, bridge, protos: 
     (in one process, the term itself)."""
     mcfg = method_config(cfg, method)
     V = bridge(tokens)  # (b, N, D)
-    caption_ids, caption_mask = lm.tokenize_captions(captions, cfg.train.max_caption_tokens)
+    caption_ids, caption_mask = lm.tokenize_captions(captions, cfg.train.max_caption_tokens, cfg.train.prompt)
     tokens_in_batch = ranks.total(caption_mask.sum())  # the mean is over the global batch's caption tokens
     terms = {"loss_cap": captioning_loss(lm, V, prompt_ids, caption_ids, caption_mask, "sum") / tokens_in_batch}
     loss = mcfg.caption_weight * terms["loss_cap"]
@@ -193,7 +193,7 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
             schedule.load_state_dict(state["schedule"])
             start, history = state["step"], state["history"]
             log.info("train %s: resuming from step %d", method, start)
-    prompt_ids, _ = lm.tokenize([tcfg.prompt])
+    prompt_ids = lm.prompt_ids(tcfg.prompt)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.precision == "bf16" else nullcontext())
     trained = bridge
     if ranks.world > 1:  # all-reduces (averages) the gradients; every rank starts from rank 0's weights
@@ -213,7 +213,7 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
         tokens = tokens.to(device=device, dtype=torch.float32, non_blocking=True)
         captions = [data.captions[i] for i in idx.tolist()]
         with autocast:
-            terms = compute_losses(method, cfg, lm, trained, protos, tokens, captions, prompt_ids[0], ranks)
+            terms = compute_losses(method, cfg, lm, trained, protos, tokens, captions, prompt_ids, ranks)
         optimizer.zero_grad(set_to_none=True)
         # Shares add up to the global loss, and DDP averages gradients over ranks: scale back to the sum.
         (terms["loss"] * ranks.world).backward()

@@ -1,6 +1,6 @@
 """Prototypes stage: frozen LLM -> normalised word embeddings, word prior mu, caption reps z_t.
 
-Reads  data/prepared/{split}.parquet (captions) and params `prototypes.*`.
+Reads  data/prepared/{split}.parquet (captions) and params `prototypes.*`, `train.prompt`.
 Writes data/prototypes/<key>.h5 and data/prototypes/index.json (-> that file).
 
     python -m stages.prototypes
@@ -21,7 +21,7 @@ from stages.common import Out, StageSpec, stage_main
 
 STAGE = StageSpec(
     name="prototypes", description=__doc__.splitlines()[0],
-    params=("prototypes",),
+    params=("prototypes", "train.prompt"),  # the prompt: the prior counts caption tokens as they follow it
     deps=("prepared",),
     outs=(Out("prototypes", persist=True),),  # persist: the files of other LLMs / prior settings stay
 )
@@ -36,7 +36,7 @@ def run(cfg: Config, dirs: Dirs, method: None = None, *, lm=None) -> dict:
     train_captions = [c for row in train[0].images for c in row["captions"]]
     all_texts = [c for m in manifests for row in m.images for c in row["captions"]]
     lm = lm or load_lm(cfg.prototypes.llm, resolve_device(cfg.prototypes.device))
-    path, hit = build_prototypes(lm, train_captions, all_texts, cfg.prototypes, dirs.prototypes)
+    path, hit = build_prototypes(lm, train_captions, all_texts, cfg.prototypes, dirs.prototypes, cfg.train.prompt)
     index = {"file": path.name, "key": path.stem}
     write_json_atomic(dirs.prototypes / "index.json", index)
     return index | {"cache_hit": hit}

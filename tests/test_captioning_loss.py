@@ -24,11 +24,11 @@ def reference_causal_loss(lm, V, prompt_ids, caption_ids, caption_mask):
 def test_smollm2_caption_positions_only_equals_full_loss(smollm2):
     torch.manual_seed(0)
     V = (0.1 * torch.randn(2, 5, 576)).requires_grad_()
-    prompt_ids, _ = smollm2.tokenize(["A picture of"])
-    caption_ids, caption_mask = smollm2.tokenize_captions(["a blue circle", "a red shape that is long"], 16)
+    prompt_ids = smollm2.prompt_ids("A picture of")
+    caption_ids, caption_mask = smollm2.tokenize_captions(["a blue circle", "a red shape that is long"], 16, "A picture of")
     assert caption_ids[0, caption_mask[0].sum() - 1] == smollm2.tokenizer.eos_token_id  # EOS appended
-    ours = captioning_loss(smollm2, V, prompt_ids[0], caption_ids, caption_mask)
-    ref = reference_causal_loss(smollm2, V, prompt_ids[0], caption_ids, caption_mask)
+    ours = captioning_loss(smollm2, V, prompt_ids, caption_ids, caption_mask)
+    ref = reference_causal_loss(smollm2, V, prompt_ids, caption_ids, caption_mask)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-4)
     ours.backward()
     assert V.grad.abs().sum() > 0
@@ -39,11 +39,11 @@ def test_tiny_hf_models_train_the_prefix(tmp_path, smollm2, kind):
     save = save_tiny_opt if kind == "opt" else save_tiny_t5
     lm = load_lm(f"hf:{save(tmp_path / kind, smollm2.tokenizer)}", CPU)
     V = torch.randn(2, 3, lm.hidden_size, requires_grad=True)
-    prompt_ids, _ = lm.tokenize(["A picture of"])
-    caption_ids, caption_mask = lm.tokenize_captions(["a blue circle", "a triangle"], 8)
-    loss = captioning_loss(lm, V, prompt_ids[0], caption_ids, caption_mask)
+    prompt_ids = lm.prompt_ids("A picture of")
+    caption_ids, caption_mask = lm.tokenize_captions(["a blue circle", "a triangle"], 8, "A picture of")
+    loss = captioning_loss(lm, V, prompt_ids, caption_ids, caption_mask)
     if kind == "opt":
-        ref = reference_causal_loss(lm, V, prompt_ids[0], caption_ids, caption_mask)
+        ref = reference_causal_loss(lm, V, prompt_ids, caption_ids, caption_mask)
         assert loss.item() == pytest.approx(ref.item(), rel=1e-4)
     assert torch.isfinite(loss)
     loss.backward()
@@ -54,17 +54,17 @@ def test_t5_caption_is_the_decoder_target_and_text_states_come_from_the_encoder(
     lm = load_lm(f"hf:{save_tiny_t5(tmp_path / 't5', smollm2.tokenizer)}", CPU)
     torch.manual_seed(0)
     V = torch.randn(2, 3, lm.hidden_size)
-    prompt_ids, _ = lm.tokenize(["A picture of"])
-    caption_ids, caption_mask = lm.tokenize_captions(["a blue circle", "a triangle"], 8)
+    prompt_ids = lm.prompt_ids("A picture of")
+    caption_ids, caption_mask = lm.tokenize_captions(["a blue circle", "a triangle"], 8, "A picture of")
     # Built by hand: [V ; prompt] into the encoder; the decoder reads <start> + caption[:-1] and predicts caption.
-    prefix = torch.cat([V, lm.embed(prompt_ids[0]).expand(2, -1, -1)], 1)
+    prefix = torch.cat([V, lm.embed(prompt_ids).expand(2, -1, -1)], 1)
     start = torch.full((2, 1), lm.model.config.decoder_start_token_id)
     decoder_ids = torch.cat([start, caption_ids[:, :-1]], 1)
     logits = lm.model(inputs_embeds=prefix, decoder_input_ids=decoder_ids).logits
     keep = caption_mask.bool()
     ref = torch.nn.functional.cross_entropy(logits[keep], caption_ids[keep])
-    assert captioning_loss(lm, V, prompt_ids[0], caption_ids, caption_mask).item() == pytest.approx(ref.item(), rel=1e-5)
-    summed = captioning_loss(lm, V, prompt_ids[0], caption_ids, caption_mask, reduction="sum")
+    assert captioning_loss(lm, V, prompt_ids, caption_ids, caption_mask).item() == pytest.approx(ref.item(), rel=1e-5)
+    summed = captioning_loss(lm, V, prompt_ids, caption_ids, caption_mask, reduction="sum")
     assert summed.item() == pytest.approx(ref.item() * keep.sum().item(), rel=1e-5)
 
     ids, mask = lm.tokenize(["a blue circle"])

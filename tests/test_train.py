@@ -28,16 +28,20 @@ def test_prototypes_cache(tiny_pipeline, smollm2):
     assert protos.prior[smollm2.tokenizer.eos_token_id] == 0  # special ids carry no mass
     blue = smollm2.tokenizer(" blue", add_special_tokens=False)["input_ids"][0]
     assert protos.prior[blue] > 100 * protos.prior.median()  # a caption word outweighs an unseen one
+    # the prior counts the first word as it follows the prompt (" a"), not its no-space form ("a")
+    spaced_a, bare_a = (smollm2.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (" a", "a"))
+    assert protos.prior[spaced_a] > 100 * protos.prior[bare_a]
     assert torch.allclose(protos.z_t.norm(dim=-1), torch.ones(len(protos.text_index)), atol=1e-5)
     # a second build with the same inputs is a hit
     train_caps = ["a blue rectangle"]
     path, hit = build_prototypes(smollm2, train_caps, train_caps, dataclasses.replace(cfg.prototypes, subset="corpus"),
-                                 dirs.prototypes / "other")
+                                 dirs.prototypes / "other", cfg.train.prompt)
     again, hit2 = build_prototypes(smollm2, train_caps, train_caps,
-                                   dataclasses.replace(cfg.prototypes, subset="corpus"), dirs.prototypes / "other")
+                                   dataclasses.replace(cfg.prototypes, subset="corpus"), dirs.prototypes / "other",
+                                   cfg.train.prompt)
     assert not hit and hit2 and again == path
     corpus = load_prototypes(path)
-    assert corpus.prototypes.shape[0] == len(smollm2.tokenizer("a blue rectangle", add_special_tokens=False)["input_ids"])
+    assert corpus.prototypes.shape[0] == len(smollm2.caption_token_ids(train_caps, cfg.train.prompt)[0]) == 3
 
 
 def test_schedule_and_batches_are_pure():
@@ -53,10 +57,10 @@ def test_only_the_bridge_receives_gradients(tiny_pipeline, smollm2):
     data = train.load_train_data(cfg, dirs)
     protos = load_prototypes(prototypes_file(dirs.prototypes))
     bridge = torch.nn.Linear(1280, 576)
-    prompt_ids, _ = smollm2.tokenize([cfg.train.prompt])
+    prompt_ids = smollm2.prompt_ids(cfg.train.prompt)
     tokens = data.tokens(torch.arange(4)).float()
     terms = compute_losses("vlap", cfg, smollm2, bridge, protos, tokens, data.captions[:4],
-                           prompt_ids[0])
+                           prompt_ids)
     terms["loss"].backward()
     assert bridge.weight.grad is not None and bridge.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in smollm2.model.parameters())
@@ -144,9 +148,9 @@ def test_prototype_cache_key_follows_llm_captions_and_prior_and_switching_back_h
     from pipeline.lms import load_lm
     from pipeline.prototypes import prototypes_key
 
-    caps = ["a blue circle", "a red triangle"]
+    caps, P = ["a blue circle", "a red triangle"], "A picture of"
     base = dataclasses.replace(Config().prototypes, subset="corpus")
-    key = prototypes_key(smollm2, caps, caps, base)
+    key = prototypes_key(smollm2, caps, caps, base, P)
     changed = {
         "prior": dataclasses.replace(base, prior="uniform"),
         "temperature": dataclasses.replace(base, temperature=0.5),
@@ -154,13 +158,15 @@ def test_prototype_cache_key_follows_llm_captions_and_prior_and_switching_back_h
         "subset": dataclasses.replace(base, subset="vocab"),
     }
     for name, other in changed.items():
-        assert prototypes_key(smollm2, caps, caps, other) != key, name
-    assert prototypes_key(smollm2, caps, caps, dataclasses.replace(base, batch_size=7, device="cpu")) == key
-    assert prototypes_key(smollm2, caps + ["a gray shape"], caps, base) != key  # training captions
-    assert prototypes_key(smollm2, caps, caps + ["a gray shape"], base) != key  # texts needing z_t
+        assert prototypes_key(smollm2, caps, caps, other, P) != key, name
+    assert prototypes_key(smollm2, caps, caps, dataclasses.replace(base, batch_size=7, device="cpu"), P) == key
+    assert prototypes_key(smollm2, caps + ["a gray shape"], caps, base, P) != key  # training captions
+    assert prototypes_key(smollm2, caps, caps + ["a gray shape"], base, P) != key  # texts needing z_t
     opt = load_lm(f"hf:{save_tiny_opt(tmp_path / 'opt', smollm2.tokenizer)}", torch.device("cpu"))
-    assert prototypes_key(opt, caps, caps, base) != key  # another LLM
-    first, hit = build_prototypes(smollm2, caps, caps, base, tmp_path / "protos")
-    second, _ = build_prototypes(smollm2, caps, caps, changed["temperature"], tmp_path / "protos")
-    back, hit_back = build_prototypes(smollm2, caps, caps, base, tmp_path / "protos")
+    assert prototypes_key(opt, caps, caps, base, P) != key  # another LLM
+    assert prototypes_key(smollm2, caps, caps, base, "A photo of") != key  # the prompt the prior counts after
+    assert prototypes_key(smollm2, caps, caps, base, P + " ") == key  # trailing space: the same text
+    first, hit = build_prototypes(smollm2, caps, caps, base, tmp_path / "protos", P)
+    second, _ = build_prototypes(smollm2, caps, caps, changed["temperature"], tmp_path / "protos", P)
+    back, hit_back = build_prototypes(smollm2, caps, caps, base, tmp_path / "protos", P)
     assert not hit and second != first and hit_back and back == first

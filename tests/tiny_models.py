@@ -63,3 +63,36 @@ def save_tiny_beit(folder: Path) -> Path:
     BeitModel(config, add_pooling_layer=False).save_pretrained(folder)
     BeitImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+TOKENIZER_CORPUS = [f"A picture of a {c} {s}. Question: what color is the {s}? Answer: {c}"
+                    for c in ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+                    for s in ("circle", "rectangle", "triangle", "shape")]
+
+
+def tiny_t5_tokenizer():
+    """A T5-style tokenizer (SentencePiece unigram with the ▁ word-start marker), trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import T5TokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(TOKENIZER_CORPUS, trainers.UnigramTrainer(
+        vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0)
+
+
+def tiny_opt_tokenizer():
+    """An OPT-style tokenizer (GPT-2 byte-level BPE, </s> as BOS and EOS), trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2TokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TOKENIZER_CORPUS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return GPT2TokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                             unk_token="</s>")

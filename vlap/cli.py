@@ -148,7 +148,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
                 failed += 1
         if batch:
             V = visual_prefixes([image for _, image in batch], encoder, bridge, cfg.extract.dtype)
-            captions = decode_captions(lm, V, text_embeds(lm, meta["prompt"]), cfg.evaluate.caption.max_new_tokens)
+            captions = decode_captions(lm, V, lm.embed(lm.prompt_ids(meta["prompt"])), cfg.evaluate.caption.max_new_tokens)
             for (path, _), text in zip(batch, captions):
                 print(f"{path}\t{' '.join(text.split())}", flush=True)  # one line, whatever was decoded
     return 2 if failed else 0

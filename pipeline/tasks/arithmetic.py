@@ -71,7 +71,7 @@ def evaluate_arithmetic(inputs: EvalInputs, cfg: Config) -> tuple[dict, list[dic
     (metrics, example rows, per-query hits {kind: [{"query", "a", "b", "retrieved", "hit"}]})."""
     acfg, lm = cfg.evaluate.arithmetic, inputs.lm
     z_v = inputs.z_v(cfg.evaluate.common.batch_size)  # (n, D)
-    prompt = text_embeds(lm, inputs.meta["prompt"])
+    prompt = lm.embed(lm.prompt_ids(inputs.meta["prompt"]))
     metrics, examples, per_query = {}, [], {}
 
     def run_swaps(kind: str, queries: list[tuple[int, str, str]], is_hit) -> None:

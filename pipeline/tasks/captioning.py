@@ -5,7 +5,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import Config
-from pipeline.generation import greedy_decode, text_embeds
+from pipeline.generation import greedy_decode
 from pipeline.tasks.caption_metrics import caption_scores
 from pipeline.tasks.inputs import EvalInputs
 
@@ -20,7 +20,7 @@ def decode_captions(lm, V: torch.Tensor, prompt_embeds: torch.Tensor, max_new_to
 
 def generate_captions(inputs: EvalInputs, prompt: str, batch_size: int, max_new_tokens: int) -> dict[str, str]:
     """image id -> generated caption, batched."""
-    prompt_embeds = text_embeds(inputs.lm, prompt)  # (P, D)
+    prompt_embeds = inputs.lm.embed(inputs.lm.prompt_ids(prompt))  # (P, D), as training led the captions
     out: dict[str, str] = {}
     n = len(inputs.image_ids)
     for i in tqdm(range(0, n, batch_size), desc=f"caption {inputs.method}", unit="batch"):
