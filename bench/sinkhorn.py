@@ -49,7 +49,7 @@ def ours(scores: torch.Tensor, mu: torch.Tensor, n_iters: int) -> torch.Tensor:
 
 
 def ours_log_domain(scores: torch.Tensor, mu: torch.Tensor, n_iters: int) -> torch.Tensor:
-    return _log_domain((scores / EPSILON).contiguous(), mu, n_iters)
+    return _log_domain((scores / EPSILON).contiguous(), mu, n_iters)[0]
 
 
 def read_bandwidth(n_bytes: int = 1 << 29) -> float:

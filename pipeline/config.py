@@ -29,6 +29,10 @@ def _non_negative():
     return {"check": (lambda v: v >= 0, "a value >= 0")}
 
 
+def _optional_positive():
+    return {"check": (lambda v: v is None or v > 0, "a number > 0, or null")}
+
+
 def _unit_interval():
     return {"check": (lambda v: 0 <= v <= 1, "a value in [0, 1]")}
 
@@ -46,6 +50,10 @@ class PrepareConfig:
     test_folder: str = ""  # test_source's image root
     test_annotations: str = ""  # test_source's annotations (as `annotations` for that source)
     test_questions: str = ""  # test_source vqav2: its questions JSON
+    # The zero-shot split (easy-VQA): colour-shape combinations kept out of training, e.g. ["blue circle"].
+    heldout: tuple[str, ...] = ()
+    # Training images carved out as the validation split (by image hash), which tuning scores on.
+    validation_fraction: float = field(default=0.0, metadata=_unit_interval())
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class VlapMethodConfig:
+    lr: float | None = field(default=None, metadata=_optional_positive())  # null: train.lr (tuning sets it)
     caption_weight: float = field(default=1.0, metadata=_non_negative())
     ap_weight: float = field(default=0.1, metadata=_non_negative())  # lambda
     epsilon: float = field(default=0.01, metadata=_positive())  # Sinkhorn entropy weight
@@ -100,14 +109,17 @@ class VlapMethodConfig:
 
 @dataclass(frozen=True)
 class LimberMethodConfig:
+    lr: float | None = field(default=None, metadata=_optional_positive())  # null: train.lr (tuning sets it)
     caption_weight: float = field(default=1.0, metadata=_positive())
 
 
 @dataclass(frozen=True)
 class ContrastiveMethodConfig:
+    lr: float | None = field(default=None, metadata=_optional_positive())  # null: train.lr (tuning sets it)
     caption_weight: float = field(default=1.0, metadata=_non_negative())
     nce_weight: float = field(default=0.1, metadata=_non_negative())
-    temperature: float = field(default=0.07, metadata=_positive())
+    temperature: float = field(default=0.07, metadata=_positive())  # the initial one when learned
+    learn_temperature: bool = True  # CLIP's learnable logit scale (init 1 / temperature, at most 100)
 
 
 @dataclass(frozen=True)
@@ -141,11 +153,11 @@ class VqaEvalConfig:
 
 @dataclass(frozen=True)
 class RetrievalEvalConfig:
-    assignment_scorer: bool = True  # also rank by similarity of Sinkhorn assignment distributions
-    epsilon: float = field(default=0.01, metadata=_positive())  # that scorer's Sinkhorn settings
+    epsilon: float = field(default=0.01, metadata=_positive())  # the assignment scorer's Sinkhorn settings
     sinkhorn_iters: int = field(default=3, metadata=_positive(int))
-    centre: bool = True  # also rank by cosine after subtracting training means of z_v and z_t
-    centre_images: int = field(default=1000, metadata=_positive(int))  # training images those means use
+    # Training images (and their captions) that the centring means and the assignment scorer's OT
+    # potentials are fitted on: nothing of the test set enters a query's score.
+    fit_images: int = field(default=1000, metadata=_positive(int))
 
 
 @dataclass(frozen=True)
@@ -320,6 +332,11 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
         return float(value)
+    if origin is tuple:  # tuple[T, ...]: a YAML list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
+        (inner, _) = typing.get_args(hint)
+        return tuple(_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value))
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{source}: {key}: expected a string, got {value!r}")

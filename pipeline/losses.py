@@ -1,6 +1,7 @@
 """Training losses: VLAP's assignment prediction loss, the InfoNCE baseline, and captioning."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,17 +59,36 @@ def assignment_prediction_loss(
     )
 
 
+class LogitScale(torch.nn.Module):
+    """CLIP's logit scale: exp(log_scale), initialised at 1 / temperature; learnable or fixed. As CLIP
+    trains it, the parameter is clamped after every optimiser step so that the scale stays <= 100."""
+
+    MAX_SCALE = 100.0
+
+    def __init__(self, temperature: float, learnable: bool = True):
+        super().__init__()
+        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learnable)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.exp()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.log_scale.clamp_(max=math.log(self.MAX_SCALE))
+
+
 def info_nce_loss(
-    z_v: torch.Tensor, z_t: torch.Tensor, temperature: float, text_ids: torch.Tensor | None = None,
+    z_v: torch.Tensor, z_t: torch.Tensor, logit_scale: torch.Tensor | float, text_ids: torch.Tensor | None = None,
     ranks: Ranks = Ranks(),
 ) -> torch.Tensor:
-    """Symmetric (CLIP-style) InfoNCE over the global batch; z_v, z_t: (b, D) L2-normalised, this rank's rows.
+    """Symmetric (CLIP-style) InfoNCE over the global batch; z_v, z_t: (b, D) L2-normalised, this rank's rows;
+    logits are cosines times `logit_scale` (1 / temperature).
 
     Every rank computes the whole loss over the gathered batch and returns an equal share of it; the
     gather hands each rank the gradient of its own rows.
     """
     z_v, z_t = ranks.gather_with_grad(z_v), ranks.gather(z_t)  # (B, D) each
-    logits = z_v @ z_t.T / temperature  # (B, B) image i vs text j
+    logits = z_v @ z_t.T * logit_scale  # (B, B) image i vs text j
     B = logits.shape[0]
     # Samples sharing a caption (equal text_ids) are positives of each other, with a uniform target over them.
     if text_ids is None:

@@ -21,6 +21,9 @@ SCALING_SPAN = 700.0
 class SinkhornResult:
     assignments: torch.Tensor  # (..., B, K) = plan Q * B: each row sums to 1; 0 where mu_k = 0
     marginal_error: torch.Tensor  # (...,) L1 distance of Q's column sums from mu (rows are exact)
+    # (..., K) the column potential over eps, log b (up to a constant): each row's assignment is
+    # softmax(S_row / eps + log_b), so a new sample can be assigned with the columns held fixed.
+    log_b: torch.Tensor
 
 
 @torch.no_grad()
@@ -42,18 +45,28 @@ def sinkhorn(scores: torch.Tensor, col_mass: torch.Tensor, epsilon: float, n_ite
     shape = torch.broadcast_shapes(scores.shape, mu.unsqueeze(-2).shape)  # (..., B, K)
     low, high = torch.aminmax(scores, dim=-1, keepdim=True)  # (..., B, 1) each, one pass
     if ((high - low).max() / epsilon).item() < SCALING_SPAN:
-        assignments = _scaling_domain(scores.expand(shape), high.expand(shape[:-1] + (1,)), epsilon, mu, n_iters)
+        assignments, log_b = _scaling_domain(scores.expand(shape), high.expand(shape[:-1] + (1,)), epsilon, mu,
+                                             n_iters)
         assignments = assignments.to(scores.dtype)
     else:
-        assignments = _log_domain((scores / epsilon).expand(shape).contiguous(), mu, n_iters)
+        assignments, log_b = _log_domain((scores / epsilon).expand(shape).contiguous(), mu, n_iters)
     return SinkhornResult(
         assignments=assignments,
         marginal_error=(assignments.sum(-2) / B - mu).abs().sum(-1),
+        log_b=log_b.squeeze(-2).to(scores.dtype),
     )
 
 
+@torch.no_grad()
+def assign_with_columns(scores: torch.Tensor, log_b: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Assignments (..., n, K) of new samples against columns fixed by an earlier solve (`log_b`):
+    softmax(S / eps + log_b) row by row, Sinkhorn's last row update. Each row depends on its own
+    scores only, so a sample's assignment does not depend on which other samples are present."""
+    return torch.softmax(scores.float() / epsilon + log_b.float(), dim=-1)
+
+
 def _scaling_domain(scores: torch.Tensor, row_max: torch.Tensor, epsilon: float, mu: torch.Tensor, n_iters: int
-                    ) -> torch.Tensor:
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Assignments (..., B, K) in float64 from Q = diag(a) G diag(b), G = exp((S - row max) / eps).
 
     One exponential per entry, then per iteration one column and one row matrix-vector product:
@@ -68,10 +81,10 @@ def _scaling_domain(scores: torch.Tensor, row_max: torch.Tensor, epsilon: float,
     for _ in range(n_iters):
         b = mu_row / torch.matmul(a.transpose(-1, -2), G)  # (..., 1, K) columns to mu
         a = (1.0 / B) / torch.matmul(G, b.transpose(-1, -2))  # (..., B, 1) rows to 1/B
-    return G.mul_(a).mul_(b * B)  # each row rescaled from 1/B to 1
+    return G.mul_(a).mul_(b * B), b.log()  # each row rescaled from 1/B to 1
 
 
-def _log_domain(log_K: torch.Tensor, mu: torch.Tensor, n_iters: int) -> torch.Tensor:
+def _log_domain(log_K: torch.Tensor, mu: torch.Tensor, n_iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Assignments (..., B, K) by log-domain updates, for kernels beyond float64's range."""
     B = log_K.shape[-2]
     log_a = -math.log(B)  # row constraint: every sample b carries mass 1/B
@@ -83,7 +96,7 @@ def _log_domain(log_K: torch.Tensor, mu: torch.Tensor, n_iters: int) -> torch.Te
         v = log_b - _logsumexp_(torch.add(log_K, u, out=scratch), dim=-2)  # (..., 1, K) columns to mu
         u = log_a - _logsumexp_(torch.add(log_K, v, out=scratch), dim=-1)  # (..., B, 1) rows to 1/B
     # (log_K + v) + u: the same rounded sum as the last row update, so rows stay exact in float32.
-    return torch.add(log_K, v, out=scratch).add_(u).sub_(log_a).exp_()
+    return torch.add(log_K, v, out=scratch).add_(u).sub_(log_a).exp_(), v
 
 
 def _logsumexp_(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from pipeline.distributed import Ranks, check_batch
 from pipeline.errors import DatasetError
 from pipeline.io import atomic_path, sha256_json
 from pipeline.lms import LanguageModel
-from pipeline.losses import assignment_prediction_loss, captioning_loss, info_nce_loss
+from pipeline.losses import LogitScale, assignment_prediction_loss, captioning_loss, info_nce_loss
 from pipeline.paths import Dirs
 from pipeline.prototypes import Prototypes
 
@@ -122,8 +122,13 @@ def method_config(cfg: Config, method: str):
     return getattr(cfg.methods, method)
 
 
+def method_lr(cfg: Config, method: str) -> float:
+    """The method's own learning rate (methods.<m>.lr, from tuning), else train.lr."""
+    return method_config(cfg, method).lr or cfg.train.lr
+
+
 def compute_losses(method: str, cfg: Config, lm: LanguageModel, bridge, protos: Prototypes, tokens, captions,
-                   prompt_ids, ranks: Ranks = Ranks()) -> dict[str, torch.Tensor]:
+                   prompt_ids, ranks: Ranks = Ranks(), logit_scale: LogitScale | None = None) -> dict[str, torch.Tensor]:
     """All loss terms of this process's part of one global batch; 'loss' is the one to minimise.
 
     Each term is this rank's share: the shares of all ranks add up to the term of the global batch
@@ -137,12 +142,13 @@ def compute_losses(method: str, cfg: Config, lm: LanguageModel, bridge, protos: 
     z_v = visual_representation(V.float())  # (b, D)
     # Cosine scores divided by tau = 0.01 need float32: bf16 keeps ~3 digits.
     with torch.autocast(V.device.type, enabled=False):
-        loss = loss + _alignment_terms(method, mcfg, protos, z_v, captions, terms, ranks)
+        loss = loss + _alignment_terms(method, mcfg, protos, z_v, captions, terms, ranks, logit_scale)
     terms["loss"] = loss
     return terms
 
 
-def _alignment_terms(method, mcfg, protos: Prototypes, z_v, captions, terms: dict, ranks: Ranks) -> torch.Tensor:
+def _alignment_terms(method, mcfg, protos: Prototypes, z_v, captions, terms: dict, ranks: Ranks,
+                     logit_scale: LogitScale | None) -> torch.Tensor:
     """VLAP's L_AP or the contrastive InfoNCE (weighted), recording each term in `terms`."""
     if method == "vlap":
         ap = assignment_prediction_loss(z_v, protos.text_reps(captions), protos.prototypes, protos.prior,
@@ -152,7 +158,9 @@ def _alignment_terms(method, mcfg, protos: Prototypes, z_v, captions, terms: dic
         return mcfg.ap_weight * ap.total
     if method == "contrastive":
         text_ids = torch.tensor([protos.text_index[c] for c in captions])
-        terms["loss_nce"] = info_nce_loss(z_v, protos.text_reps(captions), mcfg.temperature, text_ids, ranks)
+        scale = logit_scale() if logit_scale is not None else 1.0 / mcfg.temperature
+        terms["loss_nce"] = info_nce_loss(z_v, protos.text_reps(captions), scale, text_ids, ranks)
+        terms["logit_scale"] = torch.as_tensor(scale, dtype=z_v.dtype).detach() / ranks.world  # a share, like every term
         return mcfg.nce_weight * terms["loss_nce"]
     return z_v.new_zeros(())  # limber: captioning only
 
@@ -182,13 +190,21 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG state
         torch.manual_seed(tcfg.seed)
         bridge = build_bridge("linear", data.d_vision, lm.hidden_size).to(device)
-    optimizer = torch.optim.AdamW(bridge.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    mcfg = method_config(cfg, method)
+    # contrastive: CLIP's logit scale, trained with the bridge (no weight decay on it, as in CLIP)
+    scale = LogitScale(mcfg.temperature, mcfg.learn_temperature).to(device) if method == "contrastive" else None
+    groups = [{"params": list(bridge.parameters())}]
+    if scale is not None and mcfg.learn_temperature:
+        groups.append({"params": [scale.log_scale], "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=method_lr(cfg, method), weight_decay=tcfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
     start, history = 0, []
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         if state["fingerprint"] == fingerprint:
             bridge.load_state_dict(state["bridge"])
+            if scale is not None:
+                scale.load_state_dict(state["logit_scale"])
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
             start, history = state["step"], state["history"]
@@ -213,11 +229,13 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
         tokens = tokens.to(device=device, dtype=torch.float32, non_blocking=True)
         captions = [data.captions[i] for i in idx.tolist()]
         with autocast:
-            terms = compute_losses(method, cfg, lm, trained, protos, tokens, captions, prompt_ids, ranks)
+            terms = compute_losses(method, cfg, lm, trained, protos, tokens, captions, prompt_ids, ranks, scale)
         optimizer.zero_grad(set_to_none=True)
         # Shares add up to the global loss, and DDP averages gradients over ranks: scale back to the sum.
         (terms["loss"] * ranks.world).backward()
         optimizer.step()
+        if scale is not None:
+            scale.clamp_()
         row = {k: ranks.total(v).item() for k, v in terms.items()} | {"lr": schedule.get_last_lr()[0]}
         schedule.step()
         history.append(row)
@@ -226,7 +244,7 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
             continue
         _log_step(live, row)
         if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == steps:
-            _save_checkpoint(checkpoint, fingerprint, step + 1, bridge, optimizer, schedule, history)
+            _save_checkpoint(checkpoint, fingerprint, step + 1, bridge, optimizer, schedule, history, scale)
     steps_done = len(history)
     if not ranks.is_main:
         return {"finished": steps_done >= steps, "steps": steps_done}
@@ -250,8 +268,9 @@ def _log_step(live, row: dict) -> None:
     live.next_step()
 
 
-def _save_checkpoint(path: Path, fingerprint, step, bridge, optimizer, schedule, history) -> None:
+def _save_checkpoint(path: Path, fingerprint, step, bridge, optimizer, schedule, history, scale=None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save({"fingerprint": fingerprint, "step": step, "bridge": bridge.state_dict(),
-                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "history": history}, tmp)
+                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "history": history,
+                    "logit_scale": scale.state_dict() if scale is not None else None}, tmp)

@@ -47,6 +47,7 @@ class StageSpec:
     deps: tuple[str, ...]  # data it reads
     outs: tuple[Out, ...]
     per_method: bool = False  # one stage per method (dvc foreach over METHODS)
+    files: tuple[str, ...] = ()  # repo-relative files it reads besides code (a committed study), deps like code
     description: str = ""
 
     def label(self, method: str | None) -> str:

@@ -16,7 +16,7 @@ from pipeline import data
 from pipeline.config import Config
 from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
-from pipeline.tasks.caption_metrics import cider_by_domain, write_examples_html
+from pipeline.tasks.caption_metrics import chance_scores, cider_by_domain, write_examples_html
 from pipeline.tasks.captioning import evaluate_captioning
 from pipeline.tasks.inputs import load_eval_inputs
 from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, NO_TEST_CAPTIONS, Out, StageSpec, stage_main,
@@ -37,6 +37,7 @@ def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
         return write_not_applicable(STAGE, dirs, method, NO_TEST_CAPTIONS)
     inputs = load_eval_inputs(cfg, method, dirs, lm=lm)
     metrics, generated = evaluate_captioning(inputs, cfg)
+    metrics |= chance_scores(inputs.captions, data.read_manifest(dirs.prepared, "train"), cfg.evaluate.common.seed)
     domains = {i: a["domain"] for i, a in inputs.attributes.items() if "domain" in a}
     if domains:
         metrics |= cider_by_domain(inputs.captions, generated, domains)

@@ -2,8 +2,11 @@
 
 Reads  data/models/<method>/bridge.pt, the test features, data/prototypes (z_t, prior), params
        `evaluate.common`, `evaluate.retrieval`.
-Writes data/metrics/retrieval/<method>.json, data/plots/retrieval/<method>/recall_at_k.json (R@1..10 curve of
-       the natural scorer), ranks.json (every query's rank under every scorer);
+       Every scorer (cosine, assignment, centred) for every method; the assignment and centred scorers are
+       fitted on training images and captions only, so a query's score never depends on the other test items.
+Writes data/metrics/retrieval/<method>.json (with chance levels, and per domain where the test images
+       have one: zero-shot seen/unseen), data/plots/retrieval/<method>/recall_at_k.json (R@1..10 curves of
+       every scorer), ranks.json (every query's rank under every scorer);
        "not applicable" on a test split without reference captions (VQAv2).
 
     python -m stages.evaluate_retrieval --method vlap
@@ -18,7 +21,7 @@ from pipeline.config import Config
 from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
 from pipeline.tasks.inputs import load_eval_inputs
-from pipeline.tasks.retrieval import evaluate_retrieval, training_centres
+from pipeline.tasks.retrieval import evaluate_retrieval, fit_on_training
 from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, NO_TEST_CAPTIONS, Out, StageSpec, stage_main,
                            write_metrics, write_not_applicable)
 
@@ -39,12 +42,9 @@ def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
     if len(inputs.image_ids) < 2:
         return write_not_applicable(STAGE, dirs, method, f"retrieval needs at least 2 test images with captions "
                                                          f"and features, the data has {len(inputs.image_ids)}")
-    centres = None
-    if cfg.evaluate.retrieval.centre:
-        centres = training_centres(inputs, features_file(dirs.features, "train"),
-                                   data.read_manifest(dirs.prepared, "train"), cfg.evaluate.retrieval.centre_images,
-                                   cfg.evaluate.common.batch_size)
-    metrics, curve, per_query = evaluate_retrieval(inputs, cfg, centres)
+    fit = fit_on_training(inputs, features_file(dirs.features, "train"), data.read_manifest(dirs.prepared, "train"),
+                          cfg.evaluate.retrieval, cfg.evaluate.common.batch_size)
+    metrics, curve, per_query = evaluate_retrieval(inputs, cfg, fit)
     write_json_atomic(dirs.plots / "retrieval" / method / "recall_at_k.json", curve)
     write_json_atomic(dirs.plots / "retrieval" / method / "ranks.json", per_query)
     return write_metrics(dirs, "retrieval", method, metrics)

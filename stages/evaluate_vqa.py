@@ -20,7 +20,8 @@ from pipeline.config import Config
 from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
 from pipeline.tasks.inputs import load_eval_inputs
-from pipeline.tasks.vqa import answer_questions, answer_vocabulary, select_questions, shots_prefix, summarise
+from pipeline.tasks.vqa import (answer_questions, answer_vocabulary, chance_accuracy, select_questions, shots_prefix,
+                                summarise)
 from stages.common import EVALUATION_DEPS, Out, StageSpec, stage_main, write_metrics, write_not_applicable
 
 STAGE = StageSpec(
@@ -54,7 +55,7 @@ def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
         return write_not_applicable(STAGE, dirs, method, "no test question is about an evaluated test image")
     train_questions = data.read_questions(dirs.prepared, "train") if data.has_questions(dirs.prepared, "train") else []
     answer_set = answer_vocabulary(test_questions + train_questions, vcfg.closed_answers)
-    metrics, records = {"questions": len(questions)}, {}
+    metrics, records = {"questions": len(questions), "chance_accuracy": chance_accuracy(questions, answer_set)}, {}
     for n in sorted({0, vcfg.shots if train_questions else 0}):
         shots, shot_tokens = pick_shots(dirs, n, common.seed)
         prefix = shots_prefix(inputs.lm, shot_tokens, shots, inputs.bridge)

@@ -2,6 +2,8 @@
 
 Reads  params `prepare.*` and the source data (easy-VQA package, a folder, a Karpathy split file, tar shards,
        CC3M, NoCaps, VQAv2; prepare.test_source: a second source for the test split; docs/datasets.md).
+       `prepare.heldout` keeps colour-shape combinations out of training (the zero-shot split: test images
+       get the domain seen/unseen); `prepare.validation_fraction` carves the val split out of train.
 Writes data/prepared/{split}.parquet, {split}_questions.parquet, report.json (counts).
 
     python -m stages.prepare
@@ -29,7 +31,7 @@ log = logging.getLogger("stages.prepare")
 
 def run(cfg: Config, dirs: Dirs, method: None = None, *, lm=None) -> dict:
     """Write one manifest per split; return the counts report."""
-    splits, report = data.load_source(cfg.prepare)
+    splits, report = data.prepare_splits(cfg.prepare)
     for split in splits:
         data.write_split(dirs.prepared, split)
     write_json_atomic(dirs.prepared / "report.json", report)

@@ -1,6 +1,6 @@
 """Summary stage: every method x every task's headline metric in one table and one bar plot.
 
-Reads  data/metrics/<task>/<method>.json for all tasks and methods.
+Reads  data/metrics/<task>/<method>.json for all tasks and methods, and the committed study's verdicts.
 Writes data/metrics/summary.md, data/metrics/summary.json, data/plots/summary.png.
        A task the data has no inputs for shows "n/a" with its reason.
 
@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from pipeline.config import METHODS, Config
 from pipeline.io import write_json_atomic, write_text_atomic
 from pipeline.paths import Dirs
-from pipeline.tasks.summary import HEADLINES, bar_plot, collect, markdown_table
+from pipeline.tasks.summary import HEADLINES, bar_plot, collect, markdown_table, study_verdicts
 from stages.common import Out, StageSpec, stage_main
 
+STUDY = "results/study-easyvqa/study.json"  # the committed study: which differences are real
 STAGE = StageSpec(
     name="summarize", description=__doc__.splitlines()[0],
     params=(),
     deps=tuple(f"metrics/{task}" for task in HEADLINES),
+    files=(STUDY,),
     outs=(Out("metrics/summary.md", cache=False), Out("metrics/summary.json", cache=False),
           Out("plots/summary.png", kind="plots", cache=False)),
 )
@@ -28,11 +31,18 @@ log = logging.getLogger("stages.summarize")
 
 
 def run(cfg: Config, dirs: Dirs, method: None = None, *, lm=None) -> dict:
-    table, reasons = collect(dirs.metrics, list(METHODS))
-    text = "# VLAP vs baselines (headline metrics; higher is better)\n\n" + markdown_table(table, reasons)
+    table, reasons, chance = collect(dirs.metrics, list(METHODS))
+    verdicts = study_verdicts(Path(STUDY))
+    text = ("# VLAP vs baselines (headline metrics; higher is better)\n\n"
+            "Retrieval rows compare every method under the same scorer. Rows ending in _seen / _unseen are the "
+            "zero-shot split: test images whose colour-shape combination training did / did not show. "
+            "`chance`: a random caption, answer or ranking. " + (f"The last column: the differences the committed "
+            f"study ({STUDY}: several seeds, 95% intervals) found real; a one-seed run can order the others "
+            "either way.\n\n" if verdicts else "\n\n") + markdown_table(table, reasons, chance, verdicts))
     write_text_atomic(dirs.metrics / "summary.md", text)
-    write_json_atomic(dirs.metrics / "summary.json", {"table": table, "not_applicable": reasons})
-    bar_plot(table, dirs.plots / "summary.png")
+    write_json_atomic(dirs.metrics / "summary.json", {"table": table, "not_applicable": reasons, "chance": chance,
+                                                      "study_real_differences": verdicts})
+    bar_plot(table, dirs.plots / "summary.png", chance)
     log.info("\n%s", text)
     return {"table": table, "not_applicable": reasons}
 

@@ -1,6 +1,7 @@
 """Assignment prediction loss and InfoNCE."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -64,11 +65,11 @@ def test_sgd_on_z_v_reduces_visual_term() -> None:
 
 def test_info_nce_alignment_beats_random() -> None:
     z_v, z_t, _, _ = _inputs(3)
-    aligned = info_nce_loss(z_v, z_v.clone(), temperature=0.1)
-    random = info_nce_loss(z_v, z_t, temperature=0.1)
+    aligned = info_nce_loss(z_v, z_v.clone(), logit_scale=10.0)
+    random = info_nce_loss(z_v, z_t, logit_scale=10.0)
     assert aligned < random
     # no duplicates: text_ids = arange is plain InfoNCE
-    torch.testing.assert_close(info_nce_loss(z_v, z_t, 0.1, text_ids=torch.arange(B)), random)
+    torch.testing.assert_close(info_nce_loss(z_v, z_t, 10.0, text_ids=torch.arange(B)), random)
 
 
 def test_info_nce_multi_positive_hand_computed() -> None:
@@ -77,7 +78,7 @@ def test_info_nce_multi_positive_hand_computed() -> None:
     z_t = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]], dtype=torch.float64)
     text_ids = torch.tensor([7, 7, 3])
     T = 0.5
-    got = info_nce_loss(z_v, z_t, T, text_ids=text_ids)
+    got = info_nce_loss(z_v, z_t, 1 / T, text_ids=text_ids)
 
     sim = [[sum(a * b for a, b in zip(v, t)) / T for t in z_t.tolist()] for v in z_v.tolist()]
     pos = [[1.0 if text_ids[i] == text_ids[j] else 0.0 for j in range(3)] for i in range(3)]
@@ -94,7 +95,7 @@ def test_info_nce_multi_positive_hand_computed() -> None:
     expected = 0.5 * (ce(sim) + ce(sim_t))
     assert math.isfinite(got.item())
     assert abs(got.item() - expected) < 1e-12
-    assert abs(info_nce_loss(z_v, z_t, T).item() - got.item()) > 1e-3  # single-positive differs
+    assert abs(info_nce_loss(z_v, z_t, 1 / T).item() - got.item()) > 1e-3  # single-positive differs
 
 
 def test_info_nce_identical_duplicate_captions() -> None:
@@ -105,9 +106,9 @@ def test_info_nce_identical_duplicate_captions() -> None:
     """
     z_v = F.normalize(torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5)), dim=-1)
     z_t = F.normalize(torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]], dtype=torch.float64), dim=-1)
-    multi = info_nce_loss(z_v, z_t, 0.2, text_ids=torch.tensor([0, 0, 1, 2]))
+    multi = info_nce_loss(z_v, z_t, 5.0, text_ids=torch.tensor([0, 0, 1, 2]))
     assert torch.isfinite(multi)
-    torch.testing.assert_close(multi, info_nce_loss(z_v, z_t, 0.2))
+    torch.testing.assert_close(multi, info_nce_loss(z_v, z_t, 5.0))
 
 
 def test_info_nce_equals_a_loop_over_queries() -> None:
@@ -119,4 +120,24 @@ def test_info_nce_equals_a_loop_over_queries() -> None:
     i2t = [-(z_v[i] @ z_t[i] / t - torch.logsumexp(z_v[i] @ z_t.T / t, 0)) for i in range(5)]
     t2i = [-(z_t[j] @ z_v[j] / t - torch.logsumexp(z_t[j] @ z_v.T / t, 0)) for j in range(5)]
     expected = 0.5 * (torch.stack(i2t).mean() + torch.stack(t2i).mean())
-    torch.testing.assert_close(info_nce_loss(z_v, z_t, t), expected)
+    torch.testing.assert_close(info_nce_loss(z_v, z_t, 1 / t), expected)
+
+
+def test_logit_scale_starts_at_one_over_temperature_learns_and_is_clamped_at_100() -> None:
+    """CLIP's learnable logit scale: init 1/0.07; when aligned pairs are separable, raising the scale lowers
+    InfoNCE, so the optimiser raises it; the clamp keeps it at most 100."""
+    from pipeline.losses import LogitScale
+
+    scale = LogitScale(0.07)
+    assert scale().item() == pytest.approx(1 / 0.07)
+    z = F.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    opt = torch.optim.SGD(scale.parameters(), lr=100.0)
+    info_nce_loss(z, z, scale()).backward()
+    opt.step()
+    assert scale().item() > 1 / 0.07  # aligned pairs: a sharper softmax lowers the loss
+    with torch.no_grad():
+        scale.log_scale.fill_(10.0)
+    scale.clamp_()
+    assert scale().item() == pytest.approx(100.0)
+    fixed = LogitScale(0.07, learnable=False)
+    assert not fixed.log_scale.requires_grad

@@ -79,9 +79,9 @@ def test_scaling_and_log_domains_give_the_same_plan(epsilon: float) -> None:
     mu = mu / mu.sum()
     both = torch.stack([scores, scores.flip(0)])
     log_K = both / epsilon
-    truth = ot_module._log_domain(log_K.double(), mu.double(), 3)
-    scaling = ot_module._scaling_domain(both, both.amax(-1, keepdim=True), epsilon, mu, 3).float()
-    log_domain = ot_module._log_domain(log_K, mu, 3)
+    truth = ot_module._log_domain(log_K.double(), mu.double(), 3)[0]
+    scaling = ot_module._scaling_domain(both, both.amax(-1, keepdim=True), epsilon, mu, 3)[0].float()
+    log_domain = ot_module._log_domain(log_K, mu, 3)[0]
     for plan in (scaling, log_domain):
         torch.testing.assert_close(plan.double(), truth, rtol=1e-5, atol=1e-6)
         assert (plan[..., :10] == 0).all()
@@ -119,3 +119,23 @@ def test_rejects_bad_input() -> None:
         sinkhorn(scores, mu * 2, 0.1, 3)
     with pytest.raises(ValueError, match="epsilon"):
         sinkhorn(scores, mu, 0.0, 3)
+
+
+def test_fixed_columns_reproduce_the_solve_and_assign_each_row_on_its_own():
+    """assign_with_columns with the solve's own log_b gives back its assignments (Sinkhorn's last step
+    is that row update), in both domains; a row's assignment does not depend on the other rows."""
+    from pipeline.ot import assign_with_columns
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.nn.functional.normalize(torch.randn(12, 40, generator=g), dim=-1) @ \
+        torch.nn.functional.normalize(torch.randn(40, 40, generator=g), dim=-1).T
+    mu = torch.softmax(torch.randn(40, generator=g), 0)
+    mu[0] = 0.0
+    mu = mu / mu.sum()
+    for eps in (0.05, 0.001):  # the scaling domain, then the log domain (span / eps > 700)
+        solved = sinkhorn(scores, mu, eps, 5)
+        again = assign_with_columns(scores, solved.log_b, eps)
+        torch.testing.assert_close(again, solved.assignments.float(), atol=1e-5, rtol=1e-4)
+        assert (again[:, 0] == 0).all()  # a zero-mass word stays empty
+        alone = assign_with_columns(scores[3:4], solved.log_b, eps)
+        torch.testing.assert_close(alone[0], again[3])

@@ -82,3 +82,37 @@ def test_query_without_relevant_candidate_is_an_error():
 def test_nan_scores_are_an_error():
     with pytest.raises(ValueError, match="NaN"):
         rank_of_first_relevant(np.array([[np.nan, 0.0]]), np.array([[True, False]]))
+
+
+def test_every_scorer_is_inductive():
+    """A query's scores do not change when other test items leave the gallery (the transductive
+    variant, one Sinkhorn over the test set, failed this)."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.prototypes import Prototypes
+    from pipeline.tasks.retrieval import TrainingFit, fit_columns, scorer_similarities
+
+    g = torch.Generator().manual_seed(0)
+    E = F.normalize(torch.randn(50, 8, generator=g), dim=-1)
+    protos = Prototypes(path=None, key="", prototypes=E, token_ids=torch.arange(50), prior=torch.full((50,), 0.02),
+                        text_index={}, z_t=E[:0], attrs={})
+    train_v, train_t = (F.normalize(torch.randn(30, 8, generator=g), dim=-1) for _ in range(2))
+    fit = TrainingFit(train_v.mean(0), train_t.mean(0), fit_columns(train_v, protos, 0.05, 3),
+                      fit_columns(train_t, protos, 0.05, 3), 0.05)
+    z_v, z_t = (F.normalize(torch.randn(n, 8, generator=g), dim=-1) for n in (10, 6))
+    full = scorer_similarities(z_v, z_t, protos, fit)
+    part = scorer_similarities(z_v[:4], z_t[2:5], protos, fit)
+    assert set(full) == {"cosine", "assignment", "centred"}
+    for scorer in full:
+        torch.testing.assert_close(part[scorer], full[scorer][:4, 2:5])
+
+
+def test_chance_recall_counts_draws_without_replacement():
+    from pipeline.tasks.retrieval_metrics import chance_recall
+
+    relevant = np.zeros((2, 10), dtype=bool)
+    relevant[0, 0] = True  # 1 relevant of 10
+    relevant[1, :2] = True  # 2 relevant of 10
+    assert chance_recall(relevant, 1) == pytest.approx(100 * (0.1 + 0.2) / 2)
+    assert chance_recall(relevant, 5) == pytest.approx(100 * (0.5 + (1 - (8 * 7 * 6 * 5 * 4) / (10 * 9 * 8 * 7 * 6))) / 2)

@@ -58,7 +58,7 @@ def test_per_item_scores_average_to_the_stage_metrics(study):
     for method in ("vlap", "contrastive"):
         items = per_item_scores(dirs, method)
         for task, key in (("caption", "CIDEr"), ("vqa", "0shot_open_accuracy"), ("vqa", "1shot_closed_accuracy"),
-                          ("retrieval", "natural_i2t_R@1"), ("retrieval", "natural_t2i_R@5"),
+                          ("retrieval", "assignment_i2t_R@1"), ("retrieval", "cosine_t2i_R@1"),
                           ("arithmetic", "color_swap_top1")):
             saved = json.loads((dirs.metrics / task / f"{method}.json").read_text())
             assert np.mean(list(items[f"{task}/{key}"].values())) == pytest.approx(saved[key], abs=1e-3), (method, key)
@@ -66,7 +66,7 @@ def test_per_item_scores_average_to_the_stage_metrics(study):
 
 def test_report_has_intervals_and_paired_differences(study):
     _, _, out, report, _ = study
-    assert {"caption/CIDEr", "vqa/0shot_open_accuracy", "retrieval/natural_i2t_R@1",
+    assert {"caption/CIDEr", "vqa/0shot_open_accuracy", "retrieval/assignment_i2t_R@1", "retrieval/cosine_t2i_R@1",
             "arithmetic/color_swap_top1"} <= report.keys()
     for metric, entry in report.items():
         for m, i in entry["methods"].items():
@@ -75,8 +75,10 @@ def test_report_has_intervals_and_paired_differences(study):
         for base, d in entry["vlap_minus"].items():
             assert d["mean"] == pytest.approx(entry["methods"]["vlap"]["mean"] - entry["methods"][base]["mean"])
             assert d["excludes_zero"] == (d["low"] > 0 or d["high"] < 0)
+            assert 0 <= d["seeds_agreeing"] <= d["seeds"] == 2
     text = (out / "report.md").read_text()
     assert "| caption/CIDEr | 10 |" in text and "vlap − limber" in text and "vlap − contrastive" in text
+    assert "| chance |" in text
     assert (out / "intervals.png").stat().st_size > 1000
     assert json.loads((out / "study.json").read_text())["seeds"] == [0, 1]
 

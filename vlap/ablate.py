@@ -43,11 +43,12 @@ GRID = {  # params key -> the values tried besides the one params.yaml gives
     "methods.vlap.epsilon": ["0.003", "0.05"],
     "methods.vlap.sinkhorn_iters": ["1", "10"],
     "prototypes.prior": ["uniform"],
+    "prototypes.temperature": ["0.5", "1.0"],  # mu ∝ df^T; T = 1 is the paper's plain reading
     "prototypes.subset": ["corpus"],
 }
 TARGETS = [f"{stage}@vlap" for stage in ("evaluate_caption", "evaluate_vqa", "evaluate_retrieval",
                                          "evaluate_arithmetic")]
-PLOTTED = ["caption/CIDEr", "vqa/0shot_open_accuracy", "retrieval/natural_i2t_R@1", "retrieval/natural_t2i_R@1",
+PLOTTED = ["caption/CIDEr", "vqa/0shot_open_accuracy", "retrieval/assignment_i2t_R@1", "retrieval/assignment_t2i_R@1",
            "arithmetic/color_swap_top1", "arithmetic/word_swap_top1"]
 UNCHANGED = "unchanged"
 
@@ -191,7 +192,7 @@ def collect(settings: list[Setting], baseline: str) -> list[dict]:
         for task in HEADLINES:
             found = read_at(commit, f"data/metrics/{task}/vlap.json")
             if found and found.get("applicable", True):
-                metrics |= {k: v for k, v in headline_values(found, task).items() if isinstance(v, (int, float))}
+                metrics |= {k: v for k, v in headline_values(found, task)[0].items() if isinstance(v, (int, float))}
         train = read_at(commit, "data/metrics/train/vlap/metrics.json") or {}
         metrics |= {f"train/{k}": v for k, v in train.get("train", {}).items() if k in ("loss_cap", "loss_ap")}
         rows.append({"experiment": setting.name, "commit": commit, "key": setting.key, "value": setting.value,

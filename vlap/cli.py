@@ -4,8 +4,9 @@
     vlap caption IMAGE... [--folder DIR]            # greedy captions, in batches: "path<TAB>caption" per image
     vlap ask IMAGE "what shape is in the image?"    # open-ended answer
     vlap ask IMAGE "what color is the shape?" --answers red,green,blue   # best of the given answers
-    vlap search "a blue circle" [--top 5] [--split test]   # cached images ranked by cosine(z_v, z_t)
+    vlap search "a blue circle" [--top 5] [--split test] [--scorer auto]   # ranked by the method's best scorer
     vlap study [--seeds 0 1 2] [--steps 200]        # seeds x methods with confidence intervals (vlap/study.py)
+    vlap tune [--apply]                             # each method's lr and weight on the validation split (vlap/tune.py)
     vlap ablate [--factor KEY=V1,V2] [--set KEY=V]  # VLAP's settings one at a time as DVC experiments (vlap/ablate.py)
 
 Reads  --params (default params.yaml: extract.encoder, evaluate.* devices, lengths and test images),
@@ -16,6 +17,8 @@ Bad input (unreadable image, missing bridge, unknown method) -> one line on stde
 from __future__ import annotations
 
 import argparse
+import logging
+import json
 import logging
 import subprocess
 import sys
@@ -35,11 +38,14 @@ from pipeline.lms import LanguageModel, load_lm
 from pipeline.paths import Dirs
 from pipeline.prototypes import caption_representations
 from pipeline.tasks.captioning import decode_captions
+from pipeline.cache import features_file
 from pipeline.tasks.inputs import load_eval_inputs
+from pipeline.tasks.retrieval import SCORERS, fit_on_training, scorer_similarities
 from pipeline.tasks.vqa import first_answer, query_text
 from pipeline.errors import USER_ERRORS, ConfigError, DatasetError, MismatchError
 
 
+log = logging.getLogger("vlap")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -86,19 +92,37 @@ def answer(lm: LanguageModel, V: torch.Tensor, question: str, answers: list[str]
     return first_answer(greedy_decode(lm, embeds, mask, max_new_tokens)[0])
 
 
-def search(cfg: Config, method: str, dirs: Dirs, text: str, top: int, split: str = "test"
+def best_scorer(dirs: Dirs, method: str) -> str:
+    """The method's best inductive scorer: the highest mean of image->text and text->image R@1 in its
+    retrieval evaluation (data/metrics/retrieval/<method>.json); cosine when there is none."""
+    path = dirs.metrics / "retrieval" / f"{method}.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    scored = {s: metrics[f"{s}_i2t_R@1"] + metrics[f"{s}_t2i_R@1"] for s in SCORERS
+              if f"{s}_i2t_R@1" in metrics and f"{s}_t2i_R@1" in metrics}
+    return max(scored, key=scored.get) if scored else "cosine"
+
+
+def search(cfg: Config, method: str, dirs: Dirs, text: str, top: int, split: str = "test", scorer: str = "auto"
            ) -> list[tuple[str, float, Path]]:
-    """(image id, cosine, path) of the `top` cached `split` images closest to `text`, best first.
+    """(image id, score, path) of the `top` cached `split` images closest to `text`, best first, under
+    `scorer` (auto: the method's best, see best_scorer).
 
     Streams the split's tokens in blocks and keeps a running top-k: memory is bounded by the block."""
+    scorer = best_scorer(dirs, method) if scorer == "auto" else scorer
     inputs = load_eval_inputs(cfg, method, dirs, need_lm=False, split=split, every_image=True)
     lm = load_lm(inputs.meta["llm"], inputs.device)
-    z_t = torch.from_numpy(caption_representations(lm, [text], batch_size=1)).to(inputs.device)[0]  # (D,)
+    z_t = torch.from_numpy(caption_representations(lm, [text], batch_size=1)).to(inputs.device)  # (1, D)
+    fit = None
+    if scorer != "cosine":  # fitted on training images and captions: a score never depends on the gallery
+        fit = fit_on_training(inputs, features_file(dirs.features, "train"), data.read_manifest(dirs.prepared, "train"),
+                              cfg.evaluate.retrieval, cfg.evaluate.common.batch_size)
+    log.info("search: ranking by the %s scorer", scorer)
     block = cfg.evaluate.common.batch_size
     best_scores, best_rows = torch.empty(0, device=inputs.device), torch.empty(0, dtype=torch.long)
     with torch.inference_mode():
         for start in range(0, len(inputs.image_ids), block):
-            scores = visual_representation(inputs.bridged(slice(start, start + block))) @ z_t  # both L2-normalised
+            z_v = visual_representation(inputs.bridged(slice(start, start + block)))  # (b, D)
+            scores = scorer_similarities(z_v, z_t, inputs.protos, fit, (scorer,))[scorer][:, 0]  # (b,)
             best_scores = torch.cat([best_scores, scores])
             best_rows = torch.cat([best_rows, torch.arange(start, start + len(scores))])
             keep = best_scores.topk(min(top, len(best_scores))).indices
@@ -164,7 +188,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     for rank, (image_id, score, path) in enumerate(
-            search(load_config(args.params), args.method, Dirs.under(args.data), args.text, args.top, args.split),
+            search(load_config(args.params), args.method, Dirs.under(args.data), args.text, args.top, args.split,
+                   args.scorer),
             start=1):
         print(f"{rank}\t{image_id}\t{score:.4f}\t{path}")
     return 0
@@ -197,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("study", help="seeds x methods at one budget on the cached features: mean and 95%% intervals, "
                                  "paired differences (vlap study --help)")
 
+    sub.add_parser("tune", help="every method's lr and alignment weight on the validation split, the same grid "
+                                "for each (vlap tune --help)")
+
     sub.add_parser("ablate", help="VLAP's settings one factor at a time, queued as DVC experiments: a table and "
                                   "plots (vlap ablate --help)")
 
@@ -221,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     search_cmd.add_argument("text")
     search_cmd.add_argument("--top", type=positive_int, default=5, help="how many images to list (default: 5)")
     search_cmd.add_argument("--split", default="test", help="which cached split to search (default: test)")
+    search_cmd.add_argument("--scorer", default="auto", choices=("auto",) + SCORERS,
+                            help="how to rank (default auto: the method's best scorer in its retrieval evaluation)")
     return p
 
 
@@ -230,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         from vlap import study
 
         return study.main(argv[1:])
+    if argv[:1] == ["tune"]:  # its own parser (vlap/tune.py)
+        from vlap import tune
+
+        return tune.main(argv[1:])
     if argv[:1] == ["ablate"]:  # its own parser (vlap/ablate.py)
         from vlap import ablate
 

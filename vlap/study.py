@@ -24,12 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import stats
+from pipeline import data, stats
 from pipeline.config import METHODS, Config, load_config, section_values
 from pipeline.errors import MissingInputError, report_user_errors
 from pipeline.io import sha256_file, sha256_json, write_json_atomic, write_text_atomic
 from pipeline.paths import Dirs
 from pipeline.tasks.caption_metrics import cider_per_image
+from pipeline.tasks.summary import HEADLINES, headline_values
+from pipeline.train import method_lr
 from stages import evaluate_arithmetic, evaluate_caption, evaluate_retrieval, evaluate_vqa, train
 from stages.common import run_stage
 
@@ -75,32 +77,52 @@ def trained_with(bridge: Path, cfg: Config, method: str) -> bool:
 
 # ---------------------------------------------------------------- per-item scores
 def per_item_scores(dirs: Dirs, method: str) -> dict[str, dict[str, float]]:
-    """metric -> {test item: score} for the headline metrics whose per-item scores the stages saved."""
+    """metric -> {test item: score} for the headline metrics whose per-item scores the stages saved, and
+    `<metric>_<domain>` over the items of each domain (zero-shot seen / unseen, NoCaps' domains)."""
     out: dict[str, dict[str, float]] = {}
+    domains: dict[str, dict[str, str]] = {}  # metric -> {item: domain}
     plots = dirs.plots
     captions = read_applicable(plots / "caption" / method / "captions.json")
     if captions:
         refs = {i: r["references"] for i, r in captions.items()}
         out["caption/CIDEr"] = cider_per_image(refs, {i: r["generated"] for i, r in captions.items()})
+        test = data.read_manifest(dirs.prepared, "test").images
+        by_id = {r["image_id"]: json.loads(r["attributes"] or "{}").get("domain") for r in test}
+        domains["caption/CIDEr"] = {i: by_id[i] for i in captions if by_id.get(i)}
     answers = read_applicable(plots / "vqa" / method / "answers.json")
     for setting, records in (answers or {}).items():
         for mode in ("open", "closed"):
-            out[f"vqa/{setting}_{mode}_accuracy"] = {r["question_id"]: 100.0 * r[f"{mode}_accuracy"] for r in records}
+            key = f"vqa/{setting}_{mode}_accuracy"
+            out[key] = {r["question_id"]: 100.0 * r[f"{mode}_accuracy"] for r in records}
+            domains[key] = {r["question_id"]: r["domain"] for r in records if r.get("domain")}
     ranks = read_applicable(plots / "retrieval" / method / "ranks.json")
     if ranks:
-        natural = json.loads((dirs.metrics / "retrieval" / f"{method}.json").read_text())["natural_scorer"]
         for direction, keys in (("i2t", ranks["image_ids"]), ("t2i", ranks["texts"])):
-            for k in (1, 5):
-                out[f"retrieval/natural_{direction}_R@{k}"] = {
-                    key: 100.0 * (r <= k) for key, r in zip(keys, ranks["ranks"][natural][direction])}
-        for scorer in ("cosine", "centred"):  # the same scorer for every method, beside the natural one
-            if scorer in ranks["ranks"]:
-                out[f"retrieval/{scorer}_i2t_R@1"] = {
-                    key: 100.0 * (r <= 1) for key, r in zip(ranks["image_ids"], ranks["ranks"][scorer]["i2t"])}
+            item_domain = dict(zip(keys, ranks.get("domains", {}).get(direction, [None] * len(keys))))
+            for scorer, by_dir in ranks["ranks"].items():
+                key = f"retrieval/{scorer}_{direction}_R@1"
+                out[key] = {k: 100.0 * (r <= 1) for k, r in zip(keys, by_dir[direction])}
+                domains[key] = {k: d for k, d in item_domain.items() if d}
     queries = read_applicable(plots / "arithmetic" / method / "queries.json")
     for kind, rows in (queries or {}).items():
-        out[f"arithmetic/{kind}_swap_top1"] = {f"{q['query']}:{q['a']}>{q['b']}": 100.0 * q["hit"] for q in rows}
+        key = f"arithmetic/{kind}_swap_top1"
+        out[key] = {f"{q['query']}:{q['a']}>{q['b']}": 100.0 * q["hit"] for q in rows}
+        domains[key] = {f"{q['query']}:{q['a']}>{q['b']}": q["domain"] for q in rows if q.get("domain")}
+    for key, item_domain in domains.items():
+        for domain in sorted(set(item_domain.values())):
+            out[f"{key}_{domain}"] = {k: v for k, v in out[key].items() if item_domain.get(k) == domain}
     return out
+
+
+def chance_levels(dirs: Dirs, method: str) -> dict[str, float]:
+    """task/metric -> chance level, from one run's metrics files (the same test items for every run)."""
+    chance = {}
+    for task in HEADLINES:
+        path = dirs.metrics / task / f"{method}.json"
+        metrics = json.loads(path.read_text()) if path.exists() else {}
+        if metrics.get("applicable", True):
+            chance |= headline_values(metrics, task)[1]
+    return chance
 
 
 def read_applicable(path: Path):
@@ -133,29 +155,38 @@ def summarise(matrices: dict[str, dict[str, np.ndarray]], n_boot: int) -> dict:
             entry["vlap_minus"] = {}
             for base in (b for b in BASELINES if b in by_method):
                 diff = stats.paired_difference(by_method["vlap"], by_method[base], n_boot=n_boot)
-                entry["vlap_minus"][base] = diff.as_dict() | {"excludes_zero": diff.excludes_zero}
+                per_seed = by_method["vlap"].mean(1) - by_method[base].mean(1)  # (seeds,)
+                agree = int((np.sign(per_seed) == np.sign(diff.mean)).sum()) if diff.mean else 0
+                entry["vlap_minus"][base] = diff.as_dict() | {"excludes_zero": diff.excludes_zero,
+                                                              "seeds_agreeing": agree, "seeds": len(per_seed)}
         report[metric] = entry
     return report
 
 
-def markdown(report: dict, header: str) -> str:
+def markdown(report: dict, header: str, chance: dict[str, float] | None = None) -> str:
     methods = list(next(iter(report.values()))["methods"]) if report else []
     bases = [b for b in BASELINES if any(b in e.get("vlap_minus", {}) for e in report.values())]
     lines = [header, "",
              "Each cell: mean [95% interval], bootstrap over seeds and test items (pipeline/stats.py). "
-             "A difference marked **real** has an interval that excludes zero.", "",
-             "| metric | items | " + " | ".join(methods) + " | " + " | ".join(f"vlap − {b}" for b in bases) + " |",
-             "| --- | ---: |" + " ---: |" * (len(methods) + len(bases))]
+             "A difference marked **real** has an interval that excludes zero; (s/S) counts the seeds whose own "
+             "difference has the same sign. `chance`: a random caption, answer, ranking or retrieved image. "
+             "Rows ending in _seen / _unseen: test items whose colour-shape combination training did / did not "
+             "show (the zero-shot split).", "",
+             "| metric | items | " + " | ".join(methods) + " | chance | " + " | ".join(f"vlap − {b}" for b in bases)
+             + " |",
+             "| --- | ---: |" + " ---: |" * (len(methods) + 1 + len(bases))]
+    chance = chance or {}
 
     def fmt(i: dict, sign: bool = False) -> str:
         return f"{i['mean']:{'+' if sign else ''}.2f} [{i['low']:.2f}, {i['high']:.2f}]"
 
     for metric, e in report.items():
-        cells = [fmt(e["methods"][m]) for m in methods]
+        cells = [fmt(e["methods"][m]) for m in methods] + [f"{chance[metric]:.2f}" if metric in chance else "–"]
         diffs = []
         for b in bases:
             d = e.get("vlap_minus", {}).get(b)
-            diffs.append("–" if d is None else fmt(d, True) + (" **real**" if d["excludes_zero"] else " noise"))
+            diffs.append("–" if d is None else fmt(d, True) + (" **real**" if d["excludes_zero"] else " noise")
+                         + f" ({d['seeds_agreeing']}/{d['seeds']})")
         lines.append(f"| {metric} | {e['items']} | " + " | ".join(cells + diffs) + " |")
     lines += ["", "Per seed (mean over items):", "", "| metric | method | " + "per-seed means |", "| --- | --- | --- |"]
     for metric, e in report.items():
@@ -164,7 +195,7 @@ def markdown(report: dict, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(report: dict, path: Path, chance: dict[str, float] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,6 +212,9 @@ def plot(report: dict, path: Path) -> None:
         err = [[by_method[m]["mean"] - by_method[m]["low"] for m in names],
                [by_method[m]["high"] - by_method[m]["mean"] for m in names]]
         ax.bar(names, means, yerr=err, capsize=4, color=["C0", "C1", "C2"][: len(names)])
+        if chance and metric in chance:
+            ax.axhline(chance[metric], color="k", linestyle="--", linewidth=1, label="chance")
+            ax.legend(fontsize=6)
         ax.set_title(metric, fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(metrics):]:
@@ -215,13 +249,15 @@ def run_study(cfg: Config, base: Dirs, out: Path, seeds: list[int], methods: lis
               f"{run_cfg.train.batch_size}\n\nCommand: `{command}`  \n"
               f"Seeds {seeds}; test images {run_cfg.evaluate.common.test_images or 'all'}; VQA questions "
               f"{run_cfg.evaluate.vqa.questions or 'all'} (shots: {run_cfg.evaluate.vqa.shots}); "
-              f"lr {run_cfg.train.lr}, precision {run_cfg.train.precision}; "
+              f"lr {', '.join(f'{m} {method_lr(run_cfg, m):g}' for m in methods)}, "
+              f"precision {run_cfg.train.precision}; "
               f"encoder {cfg.extract.encoder}, LLM {cfg.prototypes.llm}.")
     out = Path(out)
     write_json_atomic(out / "study.json", {"command": command, "seeds": seeds, "methods": methods,
                                            "train": section_values(run_cfg.train), "metrics": report})
-    write_text_atomic(out / "report.md", markdown(report, header))
-    plot(report, out / "intervals.png")
+    chance = chance_levels(roots[0], methods[0])
+    write_text_atomic(out / "report.md", markdown(report, header, chance))
+    plot(report, out / "intervals.png", chance)
     return report
 
 

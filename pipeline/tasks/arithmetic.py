@@ -74,7 +74,7 @@ def evaluate_arithmetic(inputs: EvalInputs, cfg: Config) -> tuple[dict, list[dic
     prompt = lm.embed(lm.prompt_ids(inputs.meta["prompt"]))
     metrics, examples, per_query = {}, [], {}
 
-    def run_swaps(kind: str, queries: list[tuple[int, str, str]], is_hit) -> None:
+    def run_swaps(kind: str, queries: list[tuple[int, str, str]], is_hit, target_domains: list[str | None]) -> None:
         rows = np.array([k for k, _, _ in queries])
         e_a = torch.stack([word_embedding(lm, a) for _, a, _ in queries])  # (Q, D)
         e_b = torch.stack([word_embedding(lm, b) for _, _, b in queries])
@@ -82,9 +82,16 @@ def evaluate_arithmetic(inputs: EvalInputs, cfg: Config) -> tuple[dict, list[dic
         hits = nearest_neighbours(shifted.cpu().numpy(), z_v.cpu().numpy(), exclude=rows)
         hit = [bool(is_hit(q, int(h))) for q, h in enumerate(hits)]
         metrics[f"{kind}_swap_top1"] = 100.0 * sum(hit) / len(queries)
+        # chance: a uniformly random other image, i.e. the share of the gallery that would be a hit
+        n = len(inputs.image_ids)
+        metrics[f"chance_{kind}_swap_top1"] = 100.0 * float(np.mean(
+            [sum(is_hit(q, j) for j in range(n) if j != k) / max(1, n - 1) for q, (k, _, _) in enumerate(queries)]))
         per_query[kind] = [{"query": inputs.image_ids[k], "a": a, "b": b, "retrieved": inputs.image_ids[int(h)],
-                            "hit": ok} for (k, a, b), h, ok in zip(queries, hits, hit)]
+                            "hit": ok, "domain": d} for (k, a, b), h, ok, d in zip(queries, hits, hit, target_domains)]
         metrics[f"{kind}_swap_queries"] = len(queries)
+        for domain in sorted({d for d in target_domains if d}):  # zero-shot: is the swap's target combination seen?
+            chosen = [ok for ok, d in zip(hit, target_domains) if d == domain]
+            metrics[f"{kind}_swap_top1_{domain}"] = 100.0 * sum(chosen) / len(chosen)
         # captions decoded from the shifted prefix, for a few examples
         shown = queries[: acfg.examples]
         if shown:
@@ -99,17 +106,23 @@ def evaluate_arithmetic(inputs: EvalInputs, cfg: Config) -> tuple[dict, list[dic
                     "references": [f"retrieved: {inputs.captions[inputs.image_ids[hit]][0]}"],
                 })
 
-    attrs = [inputs.attributes[i] for i in inputs.image_ids]
+    attrs = [{k: v for k, v in inputs.attributes[i].items() if k in SWAPS} for i in inputs.image_ids]
+    domain_of = {(a["color"], a["shape"]): inputs.attributes[i]["domain"] for i, a in zip(inputs.image_ids, attrs)
+                 if "domain" in inputs.attributes[i]}  # colour-shape combination -> seen / unseen
     for changed in SWAPS:
         queries = swap_queries(inputs, changed, acfg.queries)
         if queries:
             targets = [dict(attrs[k], **{changed: b}) for k, _, b in queries]
             run_swaps(changed, queries,
-                      lambda q, h, targets=targets, changed=changed: swap_accuracy([attrs[h]], [targets[q]], changed))
+                      lambda q, h, targets=targets, changed=changed: swap_accuracy([attrs[h]], [targets[q]], changed),
+                      [domain_of.get((t["color"], t["shape"])) for t in targets])
     word_queries = word_swap_queries(inputs, acfg.queries)
     if word_queries:
         def caption_hit(q: int, h: int) -> bool:
             return word_queries[q][3] in {caption_words(c) for c in inputs.captions[inputs.image_ids[h]]}
 
-        run_swaps("word", [(k, a, b) for k, a, b, _ in word_queries], caption_hit)
+        domain_of_text = {caption_words(c): inputs.attributes[i].get("domain")
+                          for i in inputs.image_ids for c in inputs.captions[i]}
+        run_swaps("word", [(k, a, b) for k, a, b, _ in word_queries], caption_hit,
+                  [domain_of_text.get(target) for _, _, _, target in word_queries])
     return metrics, examples, per_query

@@ -144,3 +144,20 @@ def cider_per_image(references: dict[str, list[str]], predictions: dict[str, str
     res = tokenizer.tokenize({k: [{"caption": predictions[k]}] for k in references})
     _, scores = Cider().compute_score(gts, res)
     return {k: float(v) for k, v in zip(gts, scores)}
+
+
+def chance_scores(references: dict[str, list[str]], train_manifest, seed: int) -> dict[str, float]:
+    """`chance_CIDEr`, `chance_BLEU-1`: each test image given a training caption drawn at random (seeded),
+    the level a bridge that ignores the image would reach by sampling the caption distribution."""
+    import random
+
+    pool = [c for r in train_manifest.images for c in r["captions"]]
+    if not pool:
+        return {}
+    rng = random.Random(seed)
+    drawn = {k: rng.choice(pool) for k in sorted(references)}
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({k: [{"caption": c} for c in refs] for k, refs in references.items()})
+    res = tokenizer.tokenize({k: [{"caption": drawn[k]}] for k in references})
+    bleu, _ = Bleu(1).compute_score(gts, res, verbose=0)
+    return {"chance_CIDEr": float(Cider().compute_score(gts, res)[0]), "chance_BLEU-1": float(bleu[0])}

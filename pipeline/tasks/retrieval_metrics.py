@@ -70,3 +70,24 @@ def retrieval_metrics(similarity: np.ndarray, relevant: np.ndarray) -> dict[str,
             raise ValueError(f"{prefix}: {e}") from e
         out.update(_direction_metrics(prefix, ranks))
     return out
+
+
+def chance_recall(relevant: np.ndarray, k: int) -> float:
+    """Expected R@k (%) of a uniformly random ranking: the mean over queries (rows) of
+    P(one of r relevant among n candidates lands in the top k) = 1 - C(n - r, k) / C(n, k)."""
+    relevant = np.asarray(relevant, dtype=bool)
+    n = relevant.shape[1]
+    misses = []
+    for r in relevant.sum(axis=1):
+        p_miss = 1.0
+        for i in range(min(k, n)):  # the first k draws all irrelevant
+            p_miss *= max(0.0, (n - r - i) / (n - i))
+        misses.append(p_miss)
+    return 100.0 * float(1.0 - np.mean(misses))
+
+
+def chance_metrics(relevant: np.ndarray) -> dict[str, float]:
+    """`chance_i2t_R@k`, `chance_t2i_R@k`: what a random ranking scores, to print beside the methods."""
+    relevant = np.asarray(relevant, dtype=bool)
+    return {f"chance_{prefix}_R@{k}": chance_recall(rel, k)
+            for prefix, rel in (("i2t", relevant), ("t2i", relevant.T)) for k in _RECALL_AT}

@@ -1,4 +1,10 @@
-"""One table of every method x every task's headline metrics, and a bar plot."""
+"""One table of every method x every task's headline metrics, with chance levels, and a bar plot.
+
+Retrieval rows compare every method under one scorer at a time (cosine, assignment, centred). Where
+the test images have domains (the zero-shot split's seen / unseen, NoCaps' in / near / out), each
+headline metric that has a per-domain value gets one row per domain. With a committed study
+(results/), each row says which of its VLAP-vs-baseline differences the study found real.
+"""
 from __future__ import annotations
 
 import json
@@ -7,33 +13,51 @@ from pathlib import Path
 HEADLINES = {  # task -> metric keys shown in the comparison (numbers are all "higher is better")
     "caption": ["CIDEr", "METEOR", "BLEU-1"],
     "vqa": ["0shot_open_accuracy", "0shot_closed_accuracy", "nshot_open_accuracy", "nshot_closed_accuracy"],
-    # natural_*: the scorer the method was trained for (natural_scorer names it); the others for comparison
-    "retrieval": ["natural_scorer", "natural_i2t_R@1", "natural_t2i_R@1", "natural_i2t_R@5", "cosine_i2t_R@1",
-                  "assignment_i2t_R@1", "centred_i2t_R@1"],
+    "retrieval": [f"{scorer}_{d}_R@1" for scorer in ("cosine", "assignment", "centred") for d in ("i2t", "t2i")],
     "arithmetic": ["color_swap_top1", "shape_swap_top1", "word_swap_top1"],
 }
+DOMAINS = ("seen", "unseen", "in", "near", "out")  # per-domain suffixes a metrics file may carry
 
 
-def headline_values(metrics: dict, task: str) -> dict[str, float | None]:
-    """The task's headline metrics; 'nshot' resolves to the n-shot setting present in the file."""
+def chance_key(task: str, metric: str) -> str | None:
+    """The metrics file's key for the chance level of a headline metric (none per domain)."""
+    if task == "caption":
+        return f"chance_{metric}" if metric in ("CIDEr", "BLEU-1") else None
+    if task == "vqa":
+        return "chance_accuracy"
+    if task == "retrieval":
+        return "chance_" + metric.split("_", 1)[1]  # the same for every scorer
+    return f"chance_{metric}"
+
+
+def headline_values(metrics: dict, task: str) -> tuple[dict[str, float | None], dict[str, float]]:
+    """(the task's headline metrics and their per-domain values, the chance level of each); 'nshot'
+    resolves to the n-shot setting present in the file."""
     nshot = next((k.split("_")[0] for k in metrics if k.endswith("shot_open_accuracy") and not k.startswith("0shot")),
                  None)
-    out = {}
+    out, chance = {}, {}
     for key in HEADLINES[task]:
         real = key.replace("nshot", nshot) if key.startswith("nshot") and nshot else key
         out[f"{task}/{real}"] = metrics.get(real)
-    return out
+        if chance_key(task, real) in metrics:
+            chance[f"{task}/{real}"] = metrics[chance_key(task, real)]
+        for domain in DOMAINS:
+            # captioning's per-domain CIDEr is CIDEr_<domain>; every other metric is <metric>_<domain>
+            if f"{real}_{domain}" in metrics:
+                out[f"{task}/{real}_{domain}"] = metrics[f"{real}_{domain}"]
+    return out, chance
 
 
 NOT_APPLICABLE = "n/a"
 
 
-def collect(metrics_dir: Path, methods: list[str]) -> tuple[dict[str, dict[str, float | str | None]], dict[str, str]]:
-    """(method -> {task/metric: value or "n/a"}, task -> why it is not applicable).
+def collect(metrics_dir: Path, methods: list[str]
+            ) -> tuple[dict[str, dict[str, float | str | None]], dict[str, str], dict[str, float]]:
+    """(method -> {task/metric: value or "n/a"}, task -> why it is not applicable, task/metric -> chance).
 
     A missing file gives no entries for that task; a task the data lacks inputs for gives one
     "n/a" cell per method and its reason."""
-    table, reasons = {}, {}
+    table, reasons, chance = {}, {}, {}
     for method in methods:
         row = {}
         for task in HEADLINES:
@@ -42,38 +66,62 @@ def collect(metrics_dir: Path, methods: list[str]) -> tuple[dict[str, dict[str, 
                 continue
             metrics = json.loads(path.read_text())
             if metrics.get("applicable", True):
-                row |= headline_values(metrics, task)
+                values, levels = headline_values(metrics, task)
+                row |= values
+                chance |= levels
             else:
                 row[task] = NOT_APPLICABLE
                 reasons[task] = metrics.get("reason", "")
         table[method] = row
-    return table, reasons
+    return table, reasons, chance
+
+
+def study_verdicts(study_json: Path) -> dict[str, str]:
+    """task/metric -> the committed study's real differences ("vlap > limber; vlap < contrastive"),
+    or "none" where every interval holds zero. Empty without a study."""
+    if not Path(study_json).exists():
+        return {}
+    out = {}
+    for metric, entry in json.loads(Path(study_json).read_text())["metrics"].items():
+        real = [f"vlap {'>' if d['mean'] > 0 else '<'} {base}" for base, d in entry.get("vlap_minus", {}).items()
+                if d["excludes_zero"]]
+        out[metric] = "; ".join(real) or "none"
+    return out
 
 
 def cell(value: float | str | None, fmt: str) -> str:
     return "–" if value is None else value if isinstance(value, str) else fmt.format(value)
 
 
-def markdown_table(table: dict[str, dict[str, float | str | None]], reasons: dict[str, str] | None = None) -> str:
+def markdown_table(table: dict[str, dict[str, float | str | None]], reasons: dict[str, str] | None = None,
+                   chance: dict[str, float] | None = None, verdicts: dict[str, str] | None = None) -> str:
+    chance, verdicts = chance or {}, verdicts or {}
     columns = sorted({c for row in table.values() for c in row}, key=lambda c: (list(HEADLINES).index(c.split("/")[0]),
                                                                                    c))
-    lines = ["| metric | " + " | ".join(table) + " |", "| --- |" + " ---: |" * len(table)]
+    study = " study: real differences |" if verdicts else ""
+    lines = ["| metric | " + " | ".join(table) + " | chance |" + study,
+             "| --- |" + " ---: |" * (len(table) + 1) + (" --- |" if verdicts else "")]
     for col in columns:
-        cells = [table[m].get(col) for m in table]
+        cells = [table[m].get(col) for m in table] + [chance.get(col)]
         fmt = "{:.3f}" if col.startswith("caption/") else "{:.1f}"  # COCO scores vs percentages
-        lines.append(f"| {col} | " + " | ".join(cell(v, fmt) for v in cells) + " |")
+        verdict = f" {verdicts.get(col, 'not in study')} |" if verdicts else ""
+        lines.append(f"| {col} | " + " | ".join(cell(v, fmt) for v in cells) + " |" + verdict)
     notes = [f"* {task}: n/a, {why}" for task, why in sorted((reasons or {}).items())]
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
-def bar_plot(table: dict[str, dict[str, float | str | None]], path: Path) -> None:
+def bar_plot(table: dict[str, dict[str, float | str | None]], path: Path, chance: dict[str, float] | None = None
+             ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipeline.io import atomic_path
+
+    chance = chance or {}
     tasks = list(HEADLINES)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.5))
     for ax, task in zip(axes, tasks):
         cols = sorted({c for row in table.values() for c, v in row.items()
                        if c.startswith(task + "/") and not isinstance(v, str)})
@@ -84,13 +132,16 @@ def bar_plot(table: dict[str, dict[str, float | str | None]], path: Path) -> Non
         width = 0.8 / max(1, len(table))
         for k, (method, row) in enumerate(table.items()):
             ax.bar([i + k * width for i in range(len(cols))], [row.get(c) or 0.0 for c in cols], width, label=method)
+        chance_cols = [i for i, c in enumerate(cols) if c in chance]
+        for i in chance_cols:  # chance as a black line across each group
+            ax.hlines(chance[cols[i]], i - width / 2, i + 0.8 - width / 2, colors="k", linewidth=1.5,
+                      label="chance" if i == chance_cols[0] else None)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cols))])
-        ax.set_xticklabels([c.split("/", 1)[1] for c in cols], rotation=30, ha="right", fontsize=8)
+        ax.set_xticklabels([c.split("/", 1)[1] for c in cols], rotation=40, ha="right", fontsize=7)
         ax.set_title(task)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(path)

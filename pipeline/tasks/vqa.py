@@ -5,7 +5,8 @@ Query prefix: [shots] [V] "Question: {q} Answer:"; each shot is a training image
 decoded greedily; closed-vocabulary answers rank the dataset's answer set by LLM log-likelihood,
 the query's prefix run once for both (KV cache). With a decoder-only LM the n-shot examples, the
 same for every query, run through the LM once for the whole evaluation (`SharedPrefix`). Accuracy
-is reported per question type: VQAv2's answer type (yes_no, number, other) where the data has one,
+is reported per image domain where the test images have one (zero-shot: seen / unseen) and per
+question type: VQAv2's answer type (yes_no, number, other) where the data has one,
 else easy-VQA's (color, shape, yes_no).
 """
 from __future__ import annotations
@@ -71,7 +72,7 @@ def answer_questions(inputs: EvalInputs, questions: list[dict], shot_prefix: Sha
         for q, generated, c in zip(batch, open_answers, closed):
             records.append({
                 "question_id": q["question_id"], "question": q["question"], "answers": q["answers"],
-                "question_type": question_type(q),
+                "question_type": question_type(q), "domain": inputs.attributes[q["image_id"]].get("domain"),
                 "open": first_answer(generated), "closed": answer_set[c],
                 "open_accuracy": vqa_accuracy(first_answer(generated), q["answers"]),
                 "closed_accuracy": vqa_accuracy(answer_set[c], q["answers"]),
@@ -86,7 +87,16 @@ def summarise(records: list[dict], tag: str) -> dict[str, float]:
         rows = [{"question_type": r["question_type"], "accuracy": r[f"{mode}_accuracy"]} for r in records]
         out[f"{tag}_{mode}_accuracy"] = 100.0 * sum(r["accuracy"] for r in rows) / max(1, len(rows))
         out |= {f"{tag}_{mode}_{qtype}_accuracy": 100.0 * acc for qtype, acc in accuracy_by_type(rows).items()}
+        for domain in sorted({r["domain"] for r in records if r.get("domain")}):  # zero-shot: seen / unseen
+            chosen = [r[f"{mode}_accuracy"] for r in records if r.get("domain") == domain]
+            out[f"{tag}_{mode}_accuracy_{domain}"] = 100.0 * sum(chosen) / len(chosen)
     return out
+
+
+def chance_accuracy(questions: list[dict], answer_set: list[str]) -> float:
+    """VQA accuracy (%) of an answer drawn uniformly from the closed answer set."""
+    per_question = [sum(vqa_accuracy(a, q["answers"]) for a in answer_set) / len(answer_set) for q in questions]
+    return 100.0 * sum(per_question) / max(1, len(per_question))
 
 
 def answer_vocabulary(questions: list[dict], limit: int = 0) -> list[str]:

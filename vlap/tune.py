@@ -1,0 +1,186 @@
+"""`vlap tune`: every method at its best, with the same budget, chosen on the validation split.
+
+    vlap tune [--methods vlap limber contrastive] [--lr 3e-3 1e-2] [--weight 0.1 1.0] [--val-images 200]
+              [--apply] [--out data/tune]
+
+Every method gets the same grid: the learning rate, times its alignment weight (λ =
+`methods.vlap.ap_weight`, `methods.contrastive.nce_weight`; limber has none), at the training budget
+params.yaml gives (steps, batch, precision, seed). Each setting trains on the train split and is
+scored on the validation split (`prepare.validation_fraction`, carved out of train; never the test
+split): greedy captions (METEOR, CIDEr) and retrieval (R@1 both ways under every inductive scorer).
+The validation score is the mean of METEOR × 100 and the mean R@1 of the method's best scorer, so a
+method is tuned for both what it shares with the others (captioning) and what it aligns for
+(retrieval). Writes `<out>/report.md` and `tune.json`; `--apply` writes each method's chosen settings
+into params.yaml (`methods.<m>.lr` and its weight), where `dvc repro`, the study and the ablation read
+them. Runs share the pipeline's cached features and prototypes (`dvc repro prototypes` first); a
+re-run keeps every setting it finished.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline import data
+from pipeline.cache import features_file
+from pipeline.config import METHODS, Config, load_config
+from pipeline.errors import ConfigError, MissingInputError, report_user_errors
+from pipeline.io import write_json_atomic, write_text_atomic
+from pipeline.paths import Dirs
+from pipeline.tasks.captioning import evaluate_captioning
+from pipeline.tasks.inputs import load_eval_inputs
+from pipeline.tasks.retrieval import SCORERS, evaluate_retrieval, fit_on_training
+from stages import train
+from stages.common import run_stage
+
+log = logging.getLogger("vlap.tune")
+WEIGHT_KEY = {"vlap": "ap_weight", "contrastive": "nce_weight"}  # each method's alignment weight; limber: none
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    method: str
+    lr: float
+    weight: float | None  # None: the method has no alignment weight
+
+    @property
+    def name(self) -> str:
+        return f"lr{self.lr:g}" + ("" if self.weight is None else f"-w{self.weight:g}")
+
+    def config(self, cfg: Config) -> Config:
+        changes = {"lr": self.lr} | ({} if self.weight is None else {WEIGHT_KEY[self.method]: self.weight})
+        method_cfg = dataclasses.replace(getattr(cfg.methods, self.method), **changes)
+        return dataclasses.replace(cfg, methods=dataclasses.replace(cfg.methods, **{self.method: method_cfg}))
+
+
+def grid(methods: list[str], lrs: list[float], weights: list[float]) -> list[Setting]:
+    return [Setting(m, lr, w) for m in methods for lr in lrs for w in ([None] if m not in WEIGHT_KEY else weights)]
+
+
+def validation_score(scores: dict) -> float:
+    """½ (METEOR × 100 + the mean of both directions' R@1 under the method's best scorer)."""
+    recall = max((scores[f"{s}_i2t_R@1"] + scores[f"{s}_t2i_R@1"]) / 2 for s in SCORERS if f"{s}_i2t_R@1" in scores)
+    return 0.5 * (100.0 * scores["METEOR"] + recall)
+
+
+def evaluate_on_validation(cfg: Config, dirs: Dirs, method: str, lm, val_images: int) -> dict:
+    eval_cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(
+        cfg.evaluate, common=dataclasses.replace(cfg.evaluate.common, test_images=val_images)))
+    inputs = load_eval_inputs(eval_cfg, method, dirs, lm=lm, split="val")
+    caption, _ = evaluate_captioning(inputs, eval_cfg)
+    fit = fit_on_training(inputs, features_file(dirs.features, "train"), data.read_manifest(dirs.prepared, "train"),
+                          eval_cfg.evaluate.retrieval, eval_cfg.evaluate.common.batch_size)
+    retrieval, _, _ = evaluate_retrieval(inputs, eval_cfg, fit)
+    bridge_meta = json.loads((dirs.models / method / "bridge.json").read_text())
+    final = {k: v for k, v in bridge_meta["final"].items() if k.startswith(("loss", "logit_scale"))}
+    scores = {k: caption[k] for k in ("CIDEr", "METEOR", "BLEU-1")} | {
+        k: v for k, v in retrieval.items() if k.endswith(("i2t_R@1", "t2i_R@1")) and k.count("_") == 2}
+    return scores | {"final": final, "score": validation_score(scores)}
+
+
+def run_tune(cfg: Config, base: Dirs, out: Path, methods: list[str], lrs: list[float], weights: list[float],
+             val_images: int, lm=None) -> dict:
+    if not (base.features / "index.json").exists() or not base.prototypes.exists():
+        raise MissingInputError(f"{base.root}: no cached features or prototypes (run `dvc repro prototypes` first)")
+    if "val" not in data.manifest_splits(base.prepared):
+        raise ConfigError("params.yaml: prepare.validation_fraction: 0 leaves no validation split to tune on")
+    if lm is None:
+        from pipeline.device import resolve_device
+        from pipeline.lms import load_lm
+
+        lm = load_lm(cfg.prototypes.llm, resolve_device(cfg.train.device))
+    results_path = Path(out) / "tune.json"
+    done = json.loads(results_path.read_text())["runs"] if results_path.exists() else {}
+    for setting in grid(methods, lrs, weights):
+        key = f"{setting.method}/{setting.name}"
+        run_cfg = setting.config(cfg)
+        fingerprint = {"train": dataclasses.asdict(run_cfg.train),
+                       "method": dataclasses.asdict(getattr(run_cfg.methods, setting.method)), "val_images": val_images}
+        if done.get(key, {}).get("fingerprint") == fingerprint:
+            log.info("tune: %s done before, kept", key)
+            continue
+        dirs = base.sharing_inputs(Path(out) / "runs" / setting.method / setting.name)
+        run_stage(train, run_cfg, dirs, setting.method, lm=lm)
+        done[key] = {"method": setting.method, "lr": setting.lr, "weight": setting.weight,
+                     "fingerprint": fingerprint} | evaluate_on_validation(run_cfg, dirs, setting.method, lm, val_images)
+        write_json_atomic(results_path, {"runs": done})  # after every setting: an interrupted tune resumes
+        log.info("tune: %s validation score %.2f", key, done[key]["score"])
+    chosen = {m: max((r for r in done.values() if r["method"] == m), key=lambda r: r["score"]) for m in methods}
+    report = {"runs": done, "chosen": {m: {"lr": r["lr"], "weight": r["weight"], "score": r["score"]}
+                                       for m, r in chosen.items()},
+              "grid": {"lr": lrs, "weight": weights}, "val_images": val_images}
+    write_json_atomic(results_path, report)
+    write_text_atomic(Path(out) / "report.md", markdown(report, cfg))
+    return report
+
+
+def markdown(report: dict, cfg: Config) -> str:
+    t = cfg.train
+    cols = ["CIDEr", "METEOR"] + [f"{s}_{d}_R@1" for s in SCORERS for d in ("i2t", "t2i")]
+    lines = [f"# Tuning on the validation split ({report['val_images'] or 'all'} images)", "",
+             f"Grid: lr {report['grid']['lr']} × alignment weight {report['grid']['weight']} (λ for vlap, "
+             f"nce_weight for contrastive; limber has none); {t.steps} steps of batch {t.batch_size}, {t.precision}, "
+             f"seed {t.seed}. Score: ½ (METEOR × 100 + mean R@1 of the best scorer). **Bold**: chosen.", "",
+             "| method | lr | weight | score | " + " | ".join(cols) + " | final losses |",
+             "| --- | ---: | ---: | ---: |" + " ---: |" * len(cols) + " --- |"]
+    for key, r in sorted(report["runs"].items()):
+        c = report["chosen"][r["method"]]
+        bold = "**" if (r["lr"], r["weight"]) == (c["lr"], c["weight"]) else ""
+        final = ", ".join(f"{k} {v:.3f}" for k, v in r["final"].items())
+        weight = "–" if r["weight"] is None else f"{r['weight']:g}"
+        lines.append(f"| {bold}{r['method']}{bold} | {r['lr']:g} | {weight} | "
+                     f"{r['score']:.2f} | " + " | ".join(f"{r[k]:.3f}" if k in ("CIDEr", "METEOR") else f"{r[k]:.1f}"
+                                                    for k in cols) + f" | {final} |")
+    return "\n".join(lines) + "\n"
+
+
+def apply_to_params(report: dict, params: Path) -> None:
+    """Write each chosen lr and weight into params.yaml, keeping its comments (ruamel round trip)."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    doc = yaml.load(params.read_text())
+    for method, c in report["chosen"].items():
+        section = doc["methods"][method]
+        section["lr"] = c["lr"]
+        if c["weight"] is not None:
+            section[WEIGHT_KEY[method]] = c["weight"]
+    tmp = params.with_name(f".{params.name}.tmp")
+    with tmp.open("w") as f:
+        yaml.dump(doc, f)
+    load_config(tmp)  # what was written must validate before it replaces params.yaml
+    tmp.replace(params)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vlap tune", description=__doc__.splitlines()[0])
+    p.add_argument("--params", default="params.yaml", type=Path)
+    p.add_argument("--data", default="data", type=Path, help="the pipeline's data root (its cached inputs are reused)")
+    p.add_argument("--out", default=None, type=Path, help="tuning folder (default: <data>/tune)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--lr", type=float, nargs="+", default=[3e-3, 1e-2])
+    p.add_argument("--weight", type=float, nargs="+", default=[0.1, 1.0], help="alignment weights (λ, nce_weight)")
+    p.add_argument("--val-images", type=int, default=200, help="validation images scored, 0 = all")
+    p.add_argument("--apply", action="store_true", help="write the chosen settings into --params")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    def go() -> None:
+        report = run_tune(load_config(args.params), Dirs.under(args.data), args.out or args.data / "tune",
+                          args.methods, args.lr, args.weight, args.val_images)
+        for method, c in report["chosen"].items():
+            print(f"{method}: lr {c['lr']:g}" + ("" if c["weight"] is None else f", {WEIGHT_KEY[method]} {c['weight']:g}")
+                  + f" (validation score {c['score']:.2f})")
+        if args.apply:
+            apply_to_params(report, args.params)
+            print(f"written to {args.params}")
+
+    return report_user_errors(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
