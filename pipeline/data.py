@@ -596,7 +596,8 @@ def prepare_splits(cfg: PrepareConfig) -> tuple[list[Split], dict]:
         report["zero_shot"] = hold_out_combinations(splits, cfg.heldout)
     if cfg.validation_fraction:
         splits = carve_validation(splits, cfg.validation_fraction)
-    report["splits"] = {s.name: {"images": len(s.images), "questions": len(s.questions)} for s in splits}
+    if cfg.heldout or cfg.validation_fraction:
+        report["splits"] = {s.name: {"images": len(s.images), "questions": len(s.questions)} for s in splits}
     return splits, report
 
 

@@ -119,6 +119,12 @@ def test_search_prints_ranked_test_images(bridge_data, capsys):
     code, out, err = vlap(capsys, "search", "a blue circle", "--top", 2, "--split", "train", "--method", "limber",
                           "--params", params, "--data", root)
     assert code == 0 and len(out.splitlines()) == 2, err
+    # the assignment scorer, fitted on training images: Bhattacharyya coefficients in [0, 1], best first
+    code, out, err = vlap(capsys, "search", "a blue circle", "--top", 4, "--scorer", "assignment", "--method",
+                          "limber", "--params", params, "--data", root)
+    assert code == 0, err
+    scores = [float(line.split("\t")[2]) for line in out.splitlines()]
+    assert len(scores) == 4 and scores == sorted(scores, reverse=True) and all(0.0 <= s <= 1.0 + 1e-6 for s in scores)
 
 
 def test_bad_method_and_missing_bridge_are_one_line(bridge_data, test_image, tmp_path, capsys):

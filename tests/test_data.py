@@ -183,3 +183,48 @@ def test_webdataset_shards_as_img2dataset_writes_them(tmp_path, lite0):
     direct = lite0.encode([Image.open(io.BytesIO(png_bytes(images["000000003"], "JPEG"))).convert("RGB")])
     assert np.abs(from_tar - direct.numpy()).max() < 2e-3  # the member, decoded in place, as the file would be
     assert not list(tmp_path.rglob("*.jpg"))  # nothing unpacked
+
+
+def test_zero_shot_split_holds_combinations_out_of_training_and_labels_test(easyvqa_splits):
+    import copy
+
+    splits = copy.deepcopy(list(easyvqa_splits[0].values()))
+    report = data.hold_out_combinations(splits, ("blue circle", "red triangle"))
+    by_name = {s.name: s for s in splits}
+    train_attrs = [json.loads(r["attributes"]) for r in by_name["train"].images]
+    # no training image shows (or, with an attribute unknown, may show) a held-out combination
+    assert not any(data.may_be_heldout(a, {("blue", "circle"), ("red", "triangle")}) for a in train_attrs)
+    assert all("blue circle" not in c and "red triangle" not in c for r in by_name["train"].images for c in r["captions"])
+    kept = {r["image_id"] for r in by_name["train"].images}
+    assert {q["image_id"] for q in by_name["train"].questions} <= kept
+    # every colour and every shape is still seen in training, fully labelled
+    both = [a for a in train_attrs if {"color", "shape"} <= a.keys()]
+    assert {a["color"] for a in both} == set(data.EASYVQA_COLORS) and {a["shape"] for a in both} == set(data.EASYVQA_SHAPES)
+    test = [json.loads(r["attributes"]) for r in by_name["test"].images]
+    unseen = [a for a in test if a.get("domain") == "unseen"]
+    assert unseen and all((a["color"], a["shape"]) in {("blue", "circle"), ("red", "triangle")} for a in unseen)
+    assert report["test_domains"]["unseen"] == len(unseen) and report["train_images_removed"] == 4000 - len(kept)
+
+
+def test_zero_shot_split_refuses_unknown_or_total_hold_outs(easyvqa_splits):
+    import copy
+
+    from pipeline.errors import ConfigError
+
+    splits = copy.deepcopy(list(easyvqa_splits[0].values()))
+    with pytest.raises(ConfigError, match=r"prepare.heldout\[0\]: expected '<colour> <shape>'"):
+        data.hold_out_combinations(splits, ("purple circle",))
+    with pytest.raises(ConfigError, match="every combination of the colour 'blue'"):
+        data.hold_out_combinations(splits, ("blue circle", "blue rectangle", "blue triangle"))
+
+
+def test_validation_split_is_carved_out_of_train_by_content(easyvqa_splits):
+    import copy
+
+    splits = data.carve_validation(copy.deepcopy(list(easyvqa_splits[0].values())), 0.1)
+    by_name = {s.name: s for s in splits}
+    train, val = ({r["image_id"] for r in by_name[n].images} for n in ("train", "val"))
+    assert not train & val and len(train | val) == 4000 and 300 < len(val) < 500
+    assert {q["image_id"] for q in by_name["val"].questions} <= val
+    again = data.carve_validation(copy.deepcopy(list(easyvqa_splits[0].values())), 0.1)
+    assert {r["image_id"] for r in next(s for s in again if s.name == "val").images} == val  # stable

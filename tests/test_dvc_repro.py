@@ -96,12 +96,12 @@ def make_repo(root: Path, tokenizer, source: str) -> tuple[Path, dict, str, int]
     clip, opt = save_tiny_clip_vision(root / "models" / "clip"), save_tiny_opt(root / "models" / "opt", tokenizer)
     work = root / "repo"
     work.mkdir()
-    for name in ("pipeline", "stages", "vlap"):
+    for name in ("pipeline", "stages", "vlap", "results"):
         shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, work / name)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["prepare"] |= prepare
+    params["prepare"] |= {"heldout": [], "validation_fraction": 0.0} | prepare  # the zero-shot split is easy-VQA's
     params["extract"] |= {"encoder": f"hf:{clip}", "batch_size": 16}
     params["prototypes"] |= {"llm": f"hf:{opt}"}
     params["train"] |= {"steps": 3, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 3}
@@ -138,7 +138,7 @@ def check_every_task(work: Path, n_images: int, out: str) -> dict:
     assert metrics["arithmetic"]["applicable"] is True and metrics["arithmetic"]["word_swap_queries"] > 0
     summary = (work / "data" / "metrics" / "summary.md").read_text()
     vqa_row = next(line for line in summary.splitlines() if line.startswith("| vqa |"))
-    assert vqa_row == "| vqa | n/a | n/a | n/a |"
+    assert vqa_row.startswith("| vqa | n/a | n/a | n/a |")
     assert "| caption/CIDEr |" in summary and "| retrieval/cosine_i2t_R@1 |" in summary
     return metrics
 

@@ -1,0 +1,73 @@
+"""`vlap tune`: the same grid for every method, scored on the validation split, chosen settings applied."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from graph_runner import cut_easyvqa
+from pipeline import data
+from pipeline.config import load_config, parse_config
+from pipeline.paths import Dirs
+from stages import extract, prepare, prototypes
+from stages.common import run_stage
+from tiny_models import save_tiny_clip_vision, save_tiny_opt
+from vlap.tune import apply_to_params, grid, run_tune
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, smollm2):
+    root = tmp_path_factory.mktemp("tune")
+    clip, opt = save_tiny_clip_vision(root / "clip"), save_tiny_opt(root / "opt", smollm2.tokenizer)
+    cfg = parse_config({
+        "prepare": {"validation_fraction": 0.1},
+        "extract": {"encoder": f"hf:{clip}", "batch_size": 16},
+        "prototypes": {"llm": f"hf:{opt}"},
+        "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "loader_workers": 0},
+        "evaluate": {"common": {"batch_size": 4}, "caption": {"max_new_tokens": 3}},
+    })
+    base = Dirs.under(root / "data")
+    run_stage(prepare, cfg, base)
+    cut_easyvqa(base, (24, 4))
+    val = data.read_manifest(base.prepared, "val")
+    data.write_split(base.prepared, data.Split("val", val.image_root, val.images[:6]))
+    run_stage(extract, cfg, base)
+    run_stage(prototypes, cfg, base)
+    report = run_tune(cfg, base, root / "tune", ["vlap", "limber", "contrastive"], [1e-3, 1e-2], [0.5], val_images=6)
+    return cfg, root, report
+
+
+def test_every_method_gets_the_same_grid_and_the_best_validation_score_is_chosen(tuned):
+    _, root, report = tuned
+    assert len(report["runs"]) == 2 + 2 + 2  # lr x weight; limber has no weight
+    assert grid(["limber", "vlap"], [1e-3], [0.5, 1.0]) == [grid(["limber"], [1e-3], [])[0], *grid(["vlap"], [1e-3],
+                                                                                                  [0.5, 1.0])]
+    for method, chosen in report["chosen"].items():
+        scores = [r["score"] for r in report["runs"].values() if r["method"] == method]
+        assert chosen["score"] == max(scores)
+    for r in report["runs"].values():
+        assert r["score"] == pytest.approx(0.5 * (100 * r["METEOR"] + max(
+            (r[f"{s}_i2t_R@1"] + r[f"{s}_t2i_R@1"]) / 2 for s in ("cosine", "assignment", "centred"))))
+    contrastive = [r for r in report["runs"].values() if r["method"] == "contrastive"]
+    assert all("logit_scale" in r["final"] for r in contrastive)
+    assert "| **vlap** |" in (root / "tune" / "report.md").read_text()
+    # validation only: the bridges were scored on val images, never on test
+    assert json.loads((root / "tune" / "tune.json").read_text())["val_images"] == 6
+
+
+def test_a_rerun_keeps_finished_settings_and_apply_writes_params(tuned, tmp_path):
+    cfg, root, report = tuned
+    bridge = next((root / "tune" / "runs" / "vlap").glob("*/models/vlap/bridge.pt"))
+    mtime = bridge.stat().st_mtime_ns
+    again = run_tune(cfg, Dirs.under(root / "data"), root / "tune", ["vlap", "limber", "contrastive"], [1e-3, 1e-2],
+                     [0.5], val_images=6)
+    assert bridge.stat().st_mtime_ns == mtime and again["chosen"] == report["chosen"]
+    params = tmp_path / "params.yaml"
+    params.write_text("# kept comment\nmethods:\n  vlap:\n    lr: ~  # tuned\n    ap_weight: 0.1\n"
+                      "  limber:\n    lr: ~\n  contrastive:\n    nce_weight: 0.1\n")
+    apply_to_params(report, params)
+    written = load_config(params)
+    assert written.methods.vlap.lr == report["chosen"]["vlap"]["lr"]
+    assert written.methods.vlap.ap_weight == report["chosen"]["vlap"]["weight"]
+    assert written.methods.contrastive.nce_weight == report["chosen"]["contrastive"]["weight"]
+    assert "# kept comment" in params.read_text()
