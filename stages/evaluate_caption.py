@@ -24,7 +24,7 @@ from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, NO_TEST_CAPTIONS,
 
 STAGE = StageSpec(
     name="evaluate_caption", description=__doc__.splitlines()[0], per_method=True,
-    params=EVALUATION_PARAMS + ("evaluate.caption",),
+    params=EVALUATION_PARAMS + ("evaluate.caption", "evaluate.common.seed"),  # seed: the chance-level captions
     deps=EVALUATION_DEPS,
     outs=(Out("metrics/caption/{method}.json", kind="metrics", cache=False),
           Out("plots/caption/{method}/captions.json", cache=False),

@@ -128,8 +128,11 @@ def test_prior_is_normalised_document_frequency_with_specials_zeroed(tiny_pipeli
 
     captions = [c for r in data.read_manifest(dirs.prepared, "train").images for c in r["captions"]]
     df = {}
-    for caption in captions:  # document frequency: in how many captions each token id occurs
-        for token in set(smollm2.tokenizer.encode(caption, add_special_tokens=False)):
+    prompt = smollm2.tokenizer.encode(cfg.train.prompt, add_special_tokens=False)
+    for caption in captions:  # document frequency of the caption's tokens as they follow the prompt
+        joined = smollm2.tokenizer.encode(f"{cfg.train.prompt} {caption}", add_special_tokens=False)
+        assert joined[: len(prompt)] == prompt
+        for token in set(joined[len(prompt):]):
             df[token] = df.get(token, 0) + 1
     K = protos.prototypes.shape[0]
     mu = torch.zeros(K, dtype=torch.float64)

@@ -42,6 +42,9 @@ def test_every_method_gets_the_same_grid_and_the_best_validation_score_is_chosen
     assert len(report["runs"]) == 2 + 2 + 2  # lr x weight; limber has no weight
     assert grid(["limber", "vlap"], [1e-3], [0.5, 1.0]) == [grid(["limber"], [1e-3], [])[0], *grid(["vlap"], [1e-3],
                                                                                                   [0.5, 1.0])]
+    # contrastive may also vary the initial temperature of its logit scale; the others never do
+    assert [s.name for s in grid(["vlap", "contrastive"], [1e-3], [0.5], [0.07, 0.01])] == [
+        "lr0.001-w0.5", "lr0.001-w0.5-t0.07", "lr0.001-w0.5-t0.01"]
     for method, chosen in report["chosen"].items():
         scores = [r["score"] for r in report["runs"].values() if r["method"] == method]
         assert chosen["score"] == max(scores)

@@ -1,10 +1,11 @@
 """`vlap tune`: every method at its best, with the same budget, chosen on the validation split.
 
-    vlap tune [--methods vlap limber contrastive] [--lr 3e-3 1e-2] [--weight 0.1 1.0] [--val-images 200]
-              [--apply] [--out data/tune]
+    vlap tune [--methods vlap limber contrastive] [--lr 3e-3 1e-2] [--weight 0.1 1.0] [--temperature 0.07 0.01]
+              [--val-images 200] [--apply] [--out data/tune]
 
 Every method gets the same grid: the learning rate, times its alignment weight (λ =
-`methods.vlap.ap_weight`, `methods.contrastive.nce_weight`; limber has none), at the training budget
+`methods.vlap.ap_weight`, `methods.contrastive.nce_weight`; limber has none; `--temperature` also varies the initial
+temperature of contrastive's learnable logit scale), at the training budget
 params.yaml gives (steps, batch, precision, seed). Each setting trains on the train split and is
 scored on the validation split (`prepare.validation_fraction`, carved out of train; never the test
 split): greedy captions (METEOR, CIDEr) and retrieval (R@1 both ways under every inductive scorer).
@@ -45,19 +46,26 @@ class Setting:
     method: str
     lr: float
     weight: float | None  # None: the method has no alignment weight
+    temperature: float | None = None  # contrastive: the initial temperature of its learnable logit scale
 
     @property
     def name(self) -> str:
-        return f"lr{self.lr:g}" + ("" if self.weight is None else f"-w{self.weight:g}")
+        return (f"lr{self.lr:g}" + ("" if self.weight is None else f"-w{self.weight:g}")
+                + ("" if self.temperature is None else f"-t{self.temperature:g}"))
 
     def config(self, cfg: Config) -> Config:
-        changes = {"lr": self.lr} | ({} if self.weight is None else {WEIGHT_KEY[self.method]: self.weight})
+        changes = ({"lr": self.lr} | ({} if self.weight is None else {WEIGHT_KEY[self.method]: self.weight})
+                   | ({} if self.temperature is None else {"temperature": self.temperature}))
         method_cfg = dataclasses.replace(getattr(cfg.methods, self.method), **changes)
         return dataclasses.replace(cfg, methods=dataclasses.replace(cfg.methods, **{self.method: method_cfg}))
 
 
-def grid(methods: list[str], lrs: list[float], weights: list[float]) -> list[Setting]:
-    return [Setting(m, lr, w) for m in methods for lr in lrs for w in ([None] if m not in WEIGHT_KEY else weights)]
+def grid(methods: list[str], lrs: list[float], weights: list[float], temperatures: list[float] | None = None
+         ) -> list[Setting]:
+    """lr x alignment weight for every method; contrastive also x the initial temperature of its logit scale
+    (CLIP's 1/0.07 moves little in a short run, and the captions' z_t are nearly parallel)."""
+    return [Setting(m, lr, w, t) for m in methods for lr in lrs for w in ([None] if m not in WEIGHT_KEY else weights)
+            for t in (temperatures or [None] if m == "contrastive" else [None])]
 
 
 def validation_score(scores: dict) -> float:
@@ -82,7 +90,7 @@ def evaluate_on_validation(cfg: Config, dirs: Dirs, method: str, lm, val_images:
 
 
 def run_tune(cfg: Config, base: Dirs, out: Path, methods: list[str], lrs: list[float], weights: list[float],
-             val_images: int, lm=None) -> dict:
+             val_images: int, lm=None, temperatures: list[float] | None = None) -> dict:
     if not (base.features / "index.json").exists() or not base.prototypes.exists():
         raise MissingInputError(f"{base.root}: no cached features or prototypes (run `dvc repro prototypes` first)")
     if "val" not in data.manifest_splits(base.prepared):
@@ -94,7 +102,7 @@ def run_tune(cfg: Config, base: Dirs, out: Path, methods: list[str], lrs: list[f
         lm = load_lm(cfg.prototypes.llm, resolve_device(cfg.train.device))
     results_path = Path(out) / "tune.json"
     done = json.loads(results_path.read_text())["runs"] if results_path.exists() else {}
-    for setting in grid(methods, lrs, weights):
+    for setting in grid(methods, lrs, weights, temperatures):
         key = f"{setting.method}/{setting.name}"
         run_cfg = setting.config(cfg)
         fingerprint = {"train": dataclasses.asdict(run_cfg.train),
@@ -105,13 +113,14 @@ def run_tune(cfg: Config, base: Dirs, out: Path, methods: list[str], lrs: list[f
         dirs = base.sharing_inputs(Path(out) / "runs" / setting.method / setting.name)
         run_stage(train, run_cfg, dirs, setting.method, lm=lm)
         done[key] = {"method": setting.method, "lr": setting.lr, "weight": setting.weight,
+                     "temperature": setting.temperature,
                      "fingerprint": fingerprint} | evaluate_on_validation(run_cfg, dirs, setting.method, lm, val_images)
         write_json_atomic(results_path, {"runs": done})  # after every setting: an interrupted tune resumes
         log.info("tune: %s validation score %.2f", key, done[key]["score"])
     chosen = {m: max((r for r in done.values() if r["method"] == m), key=lambda r: r["score"]) for m in methods}
-    report = {"runs": done, "chosen": {m: {"lr": r["lr"], "weight": r["weight"], "score": r["score"]}
-                                       for m, r in chosen.items()},
-              "grid": {"lr": lrs, "weight": weights}, "val_images": val_images}
+    report = {"runs": done, "chosen": {m: {"lr": r["lr"], "weight": r["weight"], "temperature": r.get("temperature"),
+                                           "score": r["score"]} for m, r in chosen.items()},
+              "grid": {"lr": lrs, "weight": weights, "temperature": temperatures}, "val_images": val_images}
     write_json_atomic(results_path, report)
     write_text_atomic(Path(out) / "report.md", markdown(report, cfg))
     return report
@@ -128,9 +137,11 @@ def markdown(report: dict, cfg: Config) -> str:
              "| --- | ---: | ---: | ---: |" + " ---: |" * len(cols) + " --- |"]
     for key, r in sorted(report["runs"].items()):
         c = report["chosen"][r["method"]]
-        bold = "**" if (r["lr"], r["weight"]) == (c["lr"], c["weight"]) else ""
+        bold = "**" if (r["lr"], r["weight"], r.get("temperature")) == (c["lr"], c["weight"], c["temperature"]) else ""
         final = ", ".join(f"{k} {v:.3f}" for k, v in r["final"].items())
         weight = "–" if r["weight"] is None else f"{r['weight']:g}"
+        if r.get("temperature") is not None:
+            weight += f", T0 {r['temperature']:g}"
         lines.append(f"| {bold}{r['method']}{bold} | {r['lr']:g} | {weight} | "
                      f"{r['score']:.2f} | " + " | ".join(f"{r[k]:.3f}" if k in ("CIDEr", "METEOR") else f"{r[k]:.1f}"
                                                     for k in cols) + f" | {final} |")
@@ -149,6 +160,8 @@ def apply_to_params(report: dict, params: Path) -> None:
         section["lr"] = c["lr"]
         if c["weight"] is not None:
             section[WEIGHT_KEY[method]] = c["weight"]
+        if c.get("temperature") is not None:
+            section["temperature"] = c["temperature"]
     tmp = params.with_name(f".{params.name}.tmp")
     with tmp.open("w") as f:
         yaml.dump(doc, f)
@@ -164,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--lr", type=float, nargs="+", default=[3e-3, 1e-2])
     p.add_argument("--weight", type=float, nargs="+", default=[0.1, 1.0], help="alignment weights (λ, nce_weight)")
+    p.add_argument("--temperature", type=float, nargs="+", default=None,
+                   help="contrastive: initial temperatures of its learnable logit scale (default: params.yaml's)")
     p.add_argument("--val-images", type=int, default=200, help="validation images scored, 0 = all")
     p.add_argument("--apply", action="store_true", help="write the chosen settings into --params")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -171,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> None:
         report = run_tune(load_config(args.params), Dirs.under(args.data), args.out or args.data / "tune",
-                          args.methods, args.lr, args.weight, args.val_images)
+                          args.methods, args.lr, args.weight, args.val_images, temperatures=args.temperature)
         for method, c in report["chosen"].items():
             print(f"{method}: lr {c['lr']:g}" + ("" if c["weight"] is None else f", {WEIGHT_KEY[method]} {c['weight']:g}")
                   + f" (validation score {c['score']:.2f})")
