@@ -70,7 +70,7 @@ class LanguageModel:
     def caption_token_ids(self, captions: list[str], prompt: str) -> list[list[int]]:
         """Each caption's ids as the LLM reads it after the prompt: `prompt + " " + caption` tokenised
         as one text, minus the prompt's own leading ids (the first word in its leading-space form)."""
-        lead = self.tokenizer(caption_prompt(prompt), add_special_tokens=False)["input_ids"]
+        lead = self.prompt_ids(prompt).tolist()
         texts = [caption_text(prompt, c) for c in captions]
         rows = []
         for text, ids in zip(texts, self.tokenizer(texts, add_special_tokens=False)["input_ids"]):

@@ -85,7 +85,7 @@ def evaluate_on_validation(cfg: Config, dirs: Dirs, method: str, lm, val_images:
     bridge_meta = json.loads((dirs.models / method / "bridge.json").read_text())
     final = {k: v for k, v in bridge_meta["final"].items() if k.startswith(("loss", "logit_scale"))}
     scores = {k: caption[k] for k in ("CIDEr", "METEOR", "BLEU-1")} | {
-        k: v for k, v in retrieval.items() if k.endswith(("i2t_R@1", "t2i_R@1")) and k.count("_") == 2}
+        f"{s}_{d}_R@1": retrieval[f"{s}_{d}_R@1"] for s in SCORERS for d in ("i2t", "t2i")}
     return scores | {"final": final, "score": validation_score(scores)}
 
 

@@ -108,22 +108,19 @@ def evaluate_retrieval(inputs: EvalInputs, cfg: Config, fit: TrainingFit | None)
         sim = similarity.float().cpu().numpy()
         metrics |= {f"{scorer}_{k}": v for k, v in retrieval_metrics(sim, relevant).items()}
         ranks[scorer] = {"i2t": rank_of_first_relevant(sim, relevant), "t2i": rank_of_first_relevant(sim.T, relevant.T)}
-    metrics |= domain_recalls(inputs, texts, ranks)
-    metrics |= {"images": len(inputs.image_ids), "distinct_texts": len(texts)}
     by_text = text_domains(inputs, texts)
-    per_query = {"image_ids": inputs.image_ids, "texts": texts,
-                 "domains": {"i2t": [inputs.attributes[i].get("domain") for i in inputs.image_ids],
-                             "t2i": [by_text.get(t) for t in texts]},
+    query_domains = {"i2t": [inputs.attributes[i].get("domain") for i in inputs.image_ids],
+                     "t2i": [by_text.get(t) for t in texts]}  # images by their own domain, texts by their images'
+    metrics |= domain_recalls(query_domains, ranks)
+    metrics |= {"images": len(inputs.image_ids), "distinct_texts": len(texts)}
+    per_query = {"image_ids": inputs.image_ids, "texts": texts, "domains": query_domains,
                  "ranks": {s: {d: r.tolist() for d, r in by_dir.items()} for s, by_dir in ranks.items()}}
     return metrics, recall_curve(ranks), per_query
 
 
-def domain_recalls(inputs: EvalInputs, texts: list[str], ranks: dict) -> dict[str, float]:
-    """`<scorer>_<dir>_R@1_<domain>`: R@1 over the queries of each domain (images by their own domain,
-    texts by their images'), ranked against the whole gallery."""
-    image_domain = [inputs.attributes[i].get("domain") for i in inputs.image_ids]
-    by_text = text_domains(inputs, texts)
-    query_domain = {"i2t": image_domain, "t2i": [by_text.get(t) for t in texts]}
+def domain_recalls(query_domain: dict[str, list[str | None]], ranks: dict) -> dict[str, float]:
+    """`<scorer>_<dir>_R@1_<domain>`: R@1 over the queries of each domain (direction -> each query's
+    domain or None), ranked against the whole gallery."""
     out = {}
     for scorer, by_dir in ranks.items():
         for d, r in by_dir.items():
