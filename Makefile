@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test bench clean-env
+.PHONY: setup run test clean-env
 
 setup: $(STAMP)
 

@@ -131,7 +131,11 @@ def converted_gguf(gguf: Path, digest: str, cache_dir: Path = paths.LM_CACHE) ->
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process (a test, the flow, dvc repro) finished the same conversion first
+            if not (folder / "model.safetensors").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

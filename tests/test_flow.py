@@ -110,6 +110,22 @@ def test_code_edit_changes_the_key(tmp_path, monkeypatch):
     assert flow.task_key(summarize, None, Config(), dirs) != key
 
 
+def test_prepare_key_hashes_every_file_a_prepare_key_names(tmp_path):
+    """A changed questions file, or any file of the test source, is a new prepare key."""
+    prepare, dirs = node("prepare"), Dirs.under(tmp_path / "data")
+    files = {k: tmp_path / f"{k}.json" for k in ("annotations", "questions", "test_annotations", "test_questions")}
+    for f in files.values():
+        f.write_text("{}")
+    (tmp_path / "images").mkdir()
+    cfg = Config(prepare=PrepareConfig(source="vqav2", folder=str(tmp_path / "images"), test_source="vqav2",
+                                       test_folder=str(tmp_path / "images"), **{k: str(f) for k, f in files.items()}))
+    key = flow.task_key(prepare, None, cfg, dirs)
+    for name, f in files.items():
+        f.write_text('{"changed": "%s"}' % name)
+        assert flow.task_key(prepare, None, cfg, dirs) != key, name
+        key = flow.task_key(prepare, None, cfg, dirs)
+
+
 def test_prepare_task_runs_once_then_is_a_cache_hit(prefect_server, tmp_path):
     cfg = folder_dataset(tmp_path / "images")
     params = tmp_path / "params.yaml"

@@ -32,6 +32,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -83,14 +84,16 @@ def param_value(cfg: Config, key: str) -> Any:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
+SOURCE_PATH_KEYS = ("annotations", "questions", "test_folder", "test_annotations", "test_questions")
+
+
 def source_digest(cfg: Config) -> dict:
-    """What the prepare stage reads outside data/: the dataset itself."""
+    """What the prepare stage reads outside data/: the dataset itself, and every file or folder a
+    prepare key names (the test source's too)."""
     p = cfg.prepare
     root = package_dir("easy_vqa") / "data" if p.source == "easyvqa" else Path(p.folder)
-    out = {"source": tree_digest(root)}
-    if p.annotations:
-        out["annotations"] = tree_digest(Path(p.annotations))
-    return out
+    return {"source": tree_digest(root)} | {key: tree_digest(Path(getattr(p, key)))
+                                            for key in SOURCE_PATH_KEYS if getattr(p, key)}
 
 
 def task_key(node: Node, method: str | None, cfg: Config, dirs: Dirs) -> str:
@@ -184,6 +187,35 @@ def vlap_pipeline(params: str = "params.yaml", data: str = "data") -> dict:
     return {label: f.result() for label, f in futures.items()}
 
 
+def wait_until_recorded(flow_run_id, expected: int, timeout_s: float = 30.0) -> None:
+    """Block until the API holds every task run of the flow run in a final state. Task-run states reach the
+    server as events a background service writes; a process that exits first stops its temporary server
+    mid-write (a logged traceback, a run missing from the history)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if len(runs) >= expected and all(r.state is not None and r.state.is_final() for r in runs):
+                return
+            time.sleep(0.2)
+    logging.getLogger("vlap.flow").warning("the Prefect API has not recorded every task run after %.0f s",
+                                           timeout_s)
+
+
+def run_flow(params: str, data: str, dask: bool) -> dict:
+    """The flow, returning once its result is known and its history is recorded; a failed run raises."""
+    runnable = vlap_pipeline.with_options(task_runner=dask_runner()) if dask else vlap_pipeline
+    state = runnable(params=params, data=data, return_state=True)
+    if not state.is_completed():
+        return state.result()  # raises the first failure; runs it left unstarted never reach a final state
+    expected = sum(len(node.instances()) for node in graph())
+    wait_until_recorded(state.state_details.flow_run_id, expected)
+    return state.result()
+
+
 def dask_runner() -> TaskRunner:
     """prefect-dask's runner on a local Dask cluster; imported only when asked for."""
     try:
@@ -215,8 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.deploy:
             serve_deployment(args.params, args.data)
         else:
-            (vlap_pipeline.with_options(task_runner=dask_runner()) if args.dask else vlap_pipeline)(
-                params=args.params, data=args.data)
+            run_flow(args.params, args.data, args.dask)
 
     return report_user_errors(body)
 
