@@ -42,7 +42,7 @@ def main() -> int:
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--steps", type=int, nargs=2, default=(10, 30))
     p.add_argument("--method", default="vlap")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="train.precision (default: params)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None, help="train.precision (default: params)")
     args = p.parse_args()
     if not (Dirs().features / "index.json").exists():
         print("bench/ddp.py: run `dvc repro prototypes` first (needs the default's cached inputs)", file=sys.stderr)

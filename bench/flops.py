@@ -37,10 +37,15 @@ def main() -> None:
     args = p.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{args.size}x{args.size} @ {args.size}x{args.size}, median of {args.repeats}\n")
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    print(f"bf16 native on this CPU (what train.precision: auto checks): {'yes' if native else 'no'}\n")
     print("| dtype | GFLOP/s |")
     print("|---|---:|")
+    rates = {}
     for dtype in (torch.float32, torch.bfloat16):
-        print(f"| {str(dtype).removeprefix('torch.')} | {matmul_gflops(dtype, args.size, args.repeats):.1f} |", flush=True)
+        rates[dtype] = matmul_gflops(dtype, args.size, args.repeats)
+        print(f"| {str(dtype).removeprefix('torch.')} | {rates[dtype]:.1f} |", flush=True)
+    print(f"\nbfloat16 / float32 rate: {rates[torch.bfloat16] / rates[torch.float32]:.3f}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import torch  # noqa: E402
 from pipeline import data  # noqa: E402
 from pipeline.cache import FORMAT_VERSION  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.device import resolve_precision  # noqa: E402
 
 N_TOKENS, D_VISION, BLOCK = 49, 1280, 1000
 
@@ -94,7 +95,8 @@ def child(args) -> None:
     bridge = LinearBridge(D_VISION, lm.hidden_size)
     optimizer = torch.optim.AdamW(bridge.parameters(), lr=cfg.train.lr)
     prompt_ids = lm.prompt_ids(cfg.train.prompt)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.precision == "bf16" else nullcontext()
+    precision = resolve_precision(cfg.train.precision, torch.device("cpu"))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     start = None
     for step, idx, tokens in batches:
         if step == 1:

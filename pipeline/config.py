@@ -81,16 +81,16 @@ class PrototypesConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     max_samples: int = field(default=0, metadata=_non_negative())  # training images used; 0 = all
-    steps: int = field(default=60, metadata=_positive(int))  # used when epochs is 0
+    steps: int = field(default=40, metadata=_positive(int))  # used when epochs is 0
     epochs: float = field(default=0.0, metadata=_non_negative())  # > 0: the run's length in passes over the data
-    batch_size: int = field(default=16, metadata=_positive(int))  # the global batch (all torchrun ranks together)
+    batch_size: int = field(default=8, metadata=_positive(int))  # the global batch (all torchrun ranks together)
     lr: float = field(default=1e-2, metadata=_positive())
     weight_decay: float = field(default=0.01, metadata=_non_negative())
     warmup_steps: int = field(default=5, metadata=_non_negative())  # used when epochs is 0
     warmup_epochs: float = field(default=0.0, metadata=_non_negative())  # used when epochs > 0
     prompt: str = "A picture of"
     max_caption_tokens: int = field(default=16, metadata=_positive(int))
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
     checkpoint_every: int = field(default=10, metadata=_positive(int))
     loader_workers: int = field(default=1, metadata=_non_negative())  # processes reading batches from the cache
@@ -118,7 +118,7 @@ class ContrastiveMethodConfig:
     lr: float | None = field(default=None, metadata=_optional_positive())  # null: train.lr (tuning sets it)
     caption_weight: float = field(default=1.0, metadata=_non_negative())
     nce_weight: float = field(default=0.1, metadata=_non_negative())
-    temperature: float = field(default=0.07, metadata=_positive())  # the initial one when learned
+    temperature: float = field(default=0.01, metadata=_positive())  # the initial one when learned (CLIP: 0.07)
     learn_temperature: bool = True  # CLIP's learnable logit scale (init 1 / temperature, at most 100)
 
 

@@ -23,6 +23,7 @@ from pipeline import data as datasets
 from pipeline.bridge import build_bridge, save_bridge, visual_representation
 from pipeline.cache import FeatureCache, TokenReader, features_file
 from pipeline.config import Config, TrainConfig, section_values
+from pipeline.device import resolve_precision
 from pipeline.distributed import Ranks, check_batch
 from pipeline.errors import DatasetError
 from pipeline.io import atomic_path, sha256_json
@@ -186,7 +187,8 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
     tcfg, device = cfg.train, lm.device
     steps, warmup = run_length(tcfg, len(data.rows))
     check_batch(tcfg.batch_size, len(data.rows), ranks)
-    fingerprint = run_fingerprint(method, cfg, data, protos, lm)
+    precision = resolve_precision(tcfg.precision, device)
+    fingerprint = sha256_json([run_fingerprint(method, cfg, data, protos, lm), precision])
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG state
         torch.manual_seed(tcfg.seed)
         bridge = build_bridge("linear", data.d_vision, lm.hidden_size).to(device)
@@ -210,7 +212,9 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
             start, history = state["step"], state["history"]
             log.info("train %s: resuming from step %d", method, start)
     prompt_ids = lm.prompt_ids(tcfg.prompt)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.precision == "bf16" else nullcontext())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    if ranks.is_main:
+        log.info("train %s: %s on %s (train.precision: %s)", method, precision, device, tcfg.precision)
     trained = bridge
     if ranks.world > 1:  # all-reduces (averages) the gradients; every rank starts from rank 0's weights
         trained = torch.nn.parallel.DistributedDataParallel(bridge, device_ids=[device] if device.type == "cuda" else None)
@@ -255,6 +259,7 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
             "llm": cfg.prototypes.llm, "encoder": data.encoder, "prompt": tcfg.prompt,
             "features_key": data.features_key,
             "encoder_weights_sha256": data.encoder_weights_sha256, "prototypes_key": protos.key, "train": section_values(tcfg),
+            "precision": precision,
             "method_config": section_values(method_config(cfg, method)), "samples": len(data.captions),
             "steps": steps, "warmup_steps": warmup, "processes": ranks.world, "final": history[-1]}
     save_bridge(out_dir / "bridge.pt", bridge.cpu(), meta)

@@ -10,6 +10,7 @@ import torch
 import pipeline.losses
 from pipeline.bridge import load_bridge
 from pipeline.config import Config
+from pipeline.device import resolve_precision
 from pipeline.prototypes import build_prototypes, load_prototypes, prototypes_file
 from pipeline.train import batch_indices, compute_losses, lr_factor
 from stages import train
@@ -70,7 +71,7 @@ def test_only_the_bridge_receives_gradients(tiny_pipeline, smollm2):
 
 def test_vlap_lowers_both_losses(tiny_pipeline, smollm2, tmp_path):
     cfg, dirs = tiny_pipeline
-    cfg = small(cfg, steps=30, batch_size=8, lr=1e-2, warmup_steps=3, precision="bf16", checkpoint_every=100)
+    cfg = small(cfg, steps=30, batch_size=8, lr=1e-2, warmup_steps=3, checkpoint_every=100)
     dirs = dirs.sharing_inputs(tmp_path / "data")
     result = train.run(cfg, dirs, "vlap", lm=smollm2)
     assert result["finished"] and result["steps"] == 30
@@ -86,6 +87,22 @@ def test_vlap_lowers_both_losses(tiny_pipeline, smollm2, tmp_path):
     assert rows["loss_cap"] == pytest.approx(cap[-1])
     bridge, meta = load_bridge(dirs.models / "vlap" / "bridge.pt")
     assert meta["method"] == "vlap" and meta["samples"] == 64 and meta["d_model"] == 576
+
+
+def test_precision_auto_is_bf16_only_where_it_is_native_and_bf16_trains(tiny_pipeline, smollm2, tmp_path):
+    """`auto` follows the hardware (an AVX2-only CPU emulates bf16 ~40x slower than fp32); an explicit bf16
+    runs autocast on any CPU, is recorded in the bridge and gives a finite captioning loss."""
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    cfg, dirs = tiny_pipeline
+    cfg = small(cfg, steps=2, batch_size=2, lr=1e-2, warmup_steps=1, precision="bf16", checkpoint_every=100,
+                loader_workers=0)
+    dirs = dirs.sharing_inputs(tmp_path / "data")
+    assert train.run(cfg, dirs, "limber", lm=smollm2)["finished"]
+    _, meta = load_bridge(dirs.models / "limber" / "bridge.pt")
+    assert meta["precision"] == "bf16" and meta["train"]["precision"] == "bf16"
+    assert torch.isfinite(torch.tensor(meta["final"]["loss_cap"]))
 
 
 def test_limber_never_calls_sinkhorn(tiny_pipeline, smollm2, monkeypatch, tmp_path):
