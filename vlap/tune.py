@@ -154,6 +154,8 @@ def apply_to_params(report: dict, params: Path) -> None:
 
     yaml = YAML()
     yaml.preserve_quotes = True
+    # nulls stay written as `~`, as params.yaml writes them (ruamel's default is an empty value)
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "~"))
     doc = yaml.load(params.read_text())
     for method, c in report["chosen"].items():
         section = doc["methods"][method]
