@@ -209,11 +209,9 @@ def run_flow(params: str, data: str, dask: bool) -> dict:
     """The flow, returning once its result is known and its history is recorded; a failed run raises."""
     runnable = vlap_pipeline.with_options(task_runner=dask_runner()) if dask else vlap_pipeline
     state = runnable(params=params, data=data, return_state=True)
-    if not state.is_completed():
-        return state.result()  # raises the first failure; runs it left unstarted never reach a final state
-    expected = sum(len(node.instances()) for node in graph())
-    wait_until_recorded(state.state_details.flow_run_id, expected)
-    return state.result()
+    if state.is_completed():  # a failed run's unstarted tasks never reach a final state: nothing to wait for
+        wait_until_recorded(state.state_details.flow_run_id, sum(len(node.instances()) for node in graph()))
+    return state.result()  # raises the first failure
 
 
 def dask_runner() -> TaskRunner:
