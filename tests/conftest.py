@@ -6,6 +6,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from pipeline.runtime import pin_cpu_kernels  # noqa: E402
+
+pin_cpu_kernels()  # as every stage process does, before the first tensor operation
+
 import pytest
 import torch
 

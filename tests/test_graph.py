@@ -4,6 +4,7 @@ byte-reproducible (run twice in two folders, every out hashed)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,14 @@ def test_stages_read_declared_params_write_declared_outs_and_reproduce(tiny_mode
         for method in node.instances():
             for a, b in zip(node.spec.out_paths(first, method), node.spec.out_paths(second, method)):
                 assert tree_digest(a) == tree_digest(b), f"{node.spec.label(method)}: {a.name} differs between runs"
+
+
+def test_a_stage_process_computes_with_the_pinned_cpu_kernels():
+    """Every stage process pins torch's CPU kernels to AVX2 (where the CPU has it) before it computes, so an
+    AVX-512 machine trains the same bytes as an AVX2 one."""
+    probe = "import stages.train, torch; print(torch.backends.cpu.get_cpu_capability())"
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True,
+                         env=env).stdout.strip()
+    has_avx2 = "avx2" in Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else False
+    assert out == "AVX2" if has_avx2 else out
