@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test clean-env
+.PHONY: setup run test bench clean-env
 
 setup: $(STAMP)
 
@@ -25,6 +25,17 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The hot paths, each timed against its named reference in the same run (record in bench/RESULTS.md).
+# The train-step, captioning, VQA and retrieval benches read the default run's outputs: `make run` first.
+bench: setup
+	$(PY) bench/sinkhorn.py
+	$(PY) bench/extract.py
+	$(PY) bench/train_step.py
+	$(PY) bench/generate.py
+	$(PY) bench/vqa_prefix.py
+	$(PY) bench/retrieval_scorers.py
+	$(PY) bench/weights_hash.py
 
 clean-env:
 	rm -rf $(VENV)

@@ -62,7 +62,7 @@ def main() -> int:
     (lo, hi), per_step = args.steps, {}
     for processes in (1, args.processes):
         per_step[processes] = (walls[hi, processes] - walls[lo, processes]) / (hi - lo)
-    one, many = (load_bridge(tmp / f"{hi}-{n}" / "models" / args.method / "bridge.pt")[0].proj.weight
+    one, many = (load_bridge(tmp / f"{hi}-{n}" / "models" / args.method)[0].proj.weight
                  for n in (1, args.processes))
     print(f"per step: 1 process {per_step[1]:.3f} s, {args.processes} processes {per_step[args.processes]:.3f} s, "
           f"ratio {per_step[1] / per_step[args.processes]:.2f}x (>1: data-parallel is faster)")

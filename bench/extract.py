@@ -1,4 +1,4 @@
-"""Benchmark: the extract path (pipeline.cache.extract_split) vs a one-image-at-a-time loop, same run.
+"""Benchmark: the extract path (pipeline.extraction.extract_split) vs a one-image-at-a-time loop, same run.
 
     python bench/extract.py [--images 1000] [--batch-size 64] [--chunks 4] [--threads T]
 
@@ -27,9 +27,12 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from flops import matmul_gflops  # noqa: E402
-from pipeline.cache import FeatureCache, extract_split  # noqa: E402
+from pipeline.extraction import extract_split  # noqa: E402
+from pipeline.features import FeatureCache  # noqa: E402
 from pipeline.config import PrepareConfig  # noqa: E402
-from pipeline.data import Manifest, load_easyvqa, load_image, resolve_image_root  # noqa: E402
+from pipeline.images import load_image  # noqa: E402
+from pipeline.manifest import Manifest, resolve_image_root  # noqa: E402
+from pipeline.sources import easyvqa  # noqa: E402
 from pipeline.encoders import LITE_SIZE, load_encoder  # noqa: E402
 
 CHECKED = 8  # images whose tokens are compared between the two paths
@@ -53,10 +56,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
 
-    train = next(s for s in load_easyvqa()[0] if s.name == "train")
+    train = next(s for s in easyvqa.load()[0] if s.name == "train")
     manifest = Manifest("train", train.image_root, train.images[: args.images])
     root = resolve_image_root(train.image_root, PrepareConfig())
-    paths = [root / r["image_path"] for r in manifest.images]
+    paths = [root / r.image_path for r in manifest.images]
     n = len(paths)
     encoder = load_encoder("efficientnet-lite0", torch.device("cpu"))
     gflop_img = encoder_gflops_per_image(encoder)
@@ -77,7 +80,7 @@ def main() -> None:
             seconds["extract"] += time.perf_counter() - start
             if cached is None:
                 with FeatureCache(result.path) as cache:
-                    first = [r["image_id"] for r in chunk.images[:CHECKED]]
+                    first = [r.image_id for r in chunk.images[:CHECKED]]
                     cached = torch.from_numpy(cache.tokens(first)).float()
     rows = [("naive: load_image + encode([img]) per image", n, seconds["naive"]),
             (f"extract_split, batch {args.batch_size} (+ HDF5 cache)", n, seconds["extract"])]

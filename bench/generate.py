@@ -3,7 +3,7 @@
     python bench/generate.py [--captions 64] [--batch-size 32] [--max-new-tokens 12]
 
 Prefixes are [bridge(tokens) ; prompt] for the first N cached easy-VQA test images, with the trained
-vlap bridge (data/models/vlap/bridge.pt) when it exists, else a seeded random linear bridge (said in
+vlap bridge (data/models/vlap/) when it exists, else a seeded random linear bridge (said in
 the output). The batched path is pipeline.generation.greedy_decode on batches of --batch-size (what
 the caption evaluation runs); the reference calls transformers' `generate` once per image. Both
 decode greedily with the real SmolLM2; the bench asserts they produce the same captions.
@@ -18,7 +18,7 @@ import common  # noqa: F401  (offline, repo root, allocator)
 import torch  # noqa: E402
 
 from pipeline.bridge import LinearBridge, load_bridge  # noqa: E402
-from pipeline.cache import FeatureCache, features_file  # noqa: E402
+from pipeline.features import FeatureCache, features_file  # noqa: E402
 from pipeline.generation import greedy_decode, text_embeds  # noqa: E402
 from pipeline.lms import load_lm  # noqa: E402
 from pipeline.paths import Dirs  # noqa: E402
@@ -34,8 +34,8 @@ def main() -> None:
     lm = load_lm("smollm2-135m", torch.device("cpu"))
     with FeatureCache(features_file(dirs.features, "test")) as cache:
         tokens = torch.from_numpy(cache.tokens(cache.ids[: args.captions])).float()  # (n, 49, 1280)
-    bridge_path = dirs.models / "vlap" / "bridge.pt"
-    if bridge_path.exists():
+    bridge_path = dirs.models / "vlap"
+    if (bridge_path / "model.safetensors").exists():
         bridge, meta = load_bridge(bridge_path)
         prompt, which = meta["prompt"], "trained vlap bridge"
     else:

@@ -20,8 +20,8 @@ import common  # noqa: F401  (offline, repo root, allocator)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import data  # noqa: E402
-from pipeline.cache import FeatureCache, features_file  # noqa: E402
+from pipeline.manifest import Split, read_manifest, write_split  # noqa: E402
+from pipeline.features import FeatureCache, features_file  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.paths import Dirs  # noqa: E402
 from stages import extract, prepare, prototypes, train  # noqa: E402
@@ -60,8 +60,8 @@ def main() -> int:
     shared = Dirs.under(root / "shared")
     prepare.run(base, shared)
     for split, n in (("train", args.images), ("test", args.images // 4)):
-        m = data.read_manifest(shared.prepared, split)
-        data.write_split(shared.prepared, data.Split(split, m.image_root, m.images[:n]))
+        m = read_manifest(shared.prepared, split)
+        write_split(shared.prepared, Split(split, m.image_root, m.images[:n]))
     results = {}
     for device in (measured, reference):
         cfg = on_device(base, device, args.steps)

@@ -15,7 +15,7 @@ warm-up, batches a pure function of (seed, step). Loaders:
   into one tensor first, batches indexed from it. Skipped where it would not fit in RAM.
 Reported: peak RSS of the training process and of its loader worker (getrusage), samples/s.
 
-Extraction: the first --images easy-VQA train images through pipeline.cache.extract_split, inline
+Extraction: the first --images easy-VQA train images through pipeline.extraction.extract_split, inline
 and with a distributed.LocalCluster of 2 worker processes (each with the inline run's torch thread
 count, which keeps the file byte-identical), and once more with 1 torch thread per worker (no
 oversubscription of the cores, but other CPU kernels); same shard size; files compared byte for byte.
@@ -37,8 +37,9 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import data  # noqa: E402
-from pipeline.cache import FORMAT_VERSION  # noqa: E402
+from pipeline.manifest import Manifest, resolve_image_root  # noqa: E402
+from pipeline.sources import easyvqa  # noqa: E402
+from pipeline.extraction import FORMAT_VERSION  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.device import resolve_precision  # noqa: E402
 
@@ -75,7 +76,7 @@ def child(args) -> None:
 
     cfg = load_config()
     lm = load_lm(cfg.prototypes.llm, torch.device("cpu"))
-    captions = sorted({c for s in data.load_easyvqa()[0] if s.name == "train" for r in s.images for c in r["captions"]})
+    captions = sorted({c for s in easyvqa.load()[0] if s.name == "train" for r in s.images for c in r.captions})
     path, _ = build_prototypes(lm, captions, captions, cfg.prototypes, Path(args.workdir) / "prototypes", cfg.train.prompt)
     protos = load_prototypes(path)
     n = args.size
@@ -152,14 +153,14 @@ def extraction(args) -> None:
     import filecmp
     import tempfile
 
-    from pipeline.cache import ShardCluster, extract_split
+    from pipeline.extraction import ShardCluster, extract_split
     from pipeline.config import PrepareConfig
     from pipeline.encoders import load_encoder
 
-    splits, _ = data.load_easyvqa()
+    splits, _ = easyvqa.load()
     train = next(s for s in splits if s.name == "train")
-    manifest = data.Manifest("train", train.image_root, train.images[: args.images])
-    root = data.resolve_image_root(manifest.image_root, PrepareConfig())
+    manifest = Manifest("train", train.image_root, train.images[: args.images])
+    root = resolve_image_root(manifest.image_root, PrepareConfig())
     encoder = load_encoder("efficientnet-lite0", torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()

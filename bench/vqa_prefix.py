@@ -4,7 +4,7 @@ whole, same model, same questions, same run.
     python bench/vqa_prefix.py [--questions 64] [--shots 1] [--batch-size 32]
 
 Questions, shots and the answer set are the VQA stage's (evaluate.common.seed, easy-VQA test questions
-on the first cached test images), bridged by the trained vlap bridge (data/models/vlap/bridge.pt; run
+on the first cached test images), bridged by the trained vlap bridge (data/models/vlap/; run
 `dvc repro train@vlap` first). Ours is pipeline.tasks.vqa.answer_questions: the shots run through
 SmolLM2 once (`SharedPrefix`), and each batch's [V] question is prefilled once for both the open
 answer (greedy decoding) and the closed one (candidate ranking). The reference runs [shots][V]
@@ -19,7 +19,7 @@ import time
 import common  # noqa: F401  (offline, repo root, allocator)
 import torch  # noqa: E402
 
-from pipeline import data  # noqa: E402
+from pipeline.manifest import read_questions  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.generation import greedy_decode, left_pad, rank_candidates, text_embeds  # noqa: E402
 from pipeline.paths import Dirs  # noqa: E402
@@ -51,10 +51,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args()
     cfg, dirs = load_config(), Dirs()
-    test_questions = data.read_questions(dirs.prepared, "test")
+    test_questions = read_questions(dirs.prepared, "test")
     inputs = load_eval_inputs(cfg, "vlap", dirs, only={q["image_id"] for q in test_questions})
     questions = select_questions(test_questions, inputs.image_ids, args.questions, cfg.evaluate.common.seed)
-    answer_set = answer_vocabulary(test_questions + data.read_questions(dirs.prepared, "train"))
+    answer_set = answer_vocabulary(test_questions + read_questions(dirs.prepared, "train"))
     shots, shot_tokens = pick_shots(dirs, args.shots, cfg.evaluate.common.seed)
     max_new = cfg.evaluate.vqa.max_new_tokens
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, smollm2-135m, trained vlap bridge, "

@@ -1,7 +1,12 @@
-"""The only trained part: a linear map from vision tokens to LLM input embeddings."""
+"""The only trained part: a linear map from vision tokens to LLM input embeddings, and its files.
+
+A trained bridge is a folder, as Hugging Face models are: ``model.safetensors`` (the weights, no
+code, loadable anywhere) and ``config.json`` (the bridge's kind and shape, the encoder and LLM it
+was trained between, the prompt, the method and its settings, the shape and storage dtype of the
+features it reads). pipeline.api.Bridge wraps it with the models it needs to caption or answer.
+"""
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -13,6 +18,7 @@ from pipeline.errors import CacheError, MissingInputError
 from pipeline.io import atomic_path
 
 BRIDGES = ("linear",)
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
 class LinearBridge(nn.Module):
@@ -37,26 +43,42 @@ def visual_representation(V: torch.Tensor) -> torch.Tensor:
     return F.normalize(V.mean(1), dim=-1)
 
 
-def save_bridge(path: str | Path, bridge: nn.Module, meta: dict) -> None:
-    """bridge.pt (weights + the config needed to rebuild it) and a readable bridge.json beside it."""
-    path = Path(path)
-    buffer = io.BytesIO()  # saved to a file, torch names the archive after it: a temp name would vary
-    torch.save({"state_dict": bridge.state_dict(), "meta": meta}, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
-    with atomic_path(path.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+def save_bridge(folder: str | Path, bridge: nn.Module, config: dict) -> None:
+    """folder/model.safetensors and folder/config.json, each written atomically."""
+    from safetensors.torch import save
+
+    folder = Path(folder)
+    state = {k: v.detach().cpu().contiguous() for k, v in bridge.state_dict().items()}
+    data = save(state, metadata={"format": "pt"})  # bytes: the same state gives the same file
+    with atomic_path(folder / WEIGHTS) as tmp:
+        tmp.write_bytes(data)
+    with atomic_path(folder / CONFIG) as tmp:
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def load_bridge(path: str | Path, device: torch.device = torch.device("cpu")) -> tuple[nn.Module, dict]:
-    path = Path(path)
+def read_bridge_config(folder: str | Path) -> dict:
+    path = Path(folder) / CONFIG
     if not path.exists():
         raise MissingInputError(f"{path}: trained bridge not found (run the train stage first)")
     try:
-        saved = torch.load(path, map_location=device, weights_only=True)
-        meta = saved["meta"]
-        bridge = build_bridge(meta["bridge"], meta["d_vision"], meta["d_model"])
-        bridge.load_state_dict(saved["state_dict"])
-    except (RuntimeError, KeyError, EOFError, ValueError) as err:
-        raise CacheError(f"{path}: not a readable bridge checkpoint ({type(err).__name__}: {err})") from None
-    return bridge.to(device).eval(), meta
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise CacheError(f"{path}: not a readable bridge config ({err})") from None
+
+
+def load_bridge(folder: str | Path, device: torch.device = torch.device("cpu")) -> tuple[nn.Module, dict]:
+    """The bridge of a folder written by save_bridge, in eval mode on `device`, and its config."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights = folder / WEIGHTS
+    if not weights.exists():
+        raise MissingInputError(f"{weights}: trained bridge not found (run the train stage first)")
+    config = read_bridge_config(folder)
+    try:
+        bridge = build_bridge(config["bridge"], config["d_vision"], config["d_model"])
+        bridge.load_state_dict(load_file(weights))
+    except (SafetensorError, RuntimeError, KeyError, ValueError, OSError) as err:
+        raise CacheError(f"{weights}: not a readable bridge ({type(err).__name__}: {err})") from None
+    return bridge.to(device).eval(), config

@@ -224,7 +224,25 @@ def load_config(path: str | Path = PARAMS_FILE) -> Config:
         raise ConfigError(f"{path}: file not found") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    check_resolved(raw, str(path))
     return parse_config(raw, source=str(path))
+
+
+def check_resolved(raw: Any, source: str) -> None:
+    """A params file holds the value of every key (dvc.lock then records what ran): no preset name to
+    resolve later and no null where a preset would fill in."""
+    if not isinstance(raw, dict):
+        return  # parse_config names the problem
+    if "preset" in raw:
+        raise ConfigError(f"{source}: preset: a params file holds values, not a preset name; "
+                          f"`vlap preset {raw['preset']}` writes that preset's values, then remove this key")
+    for key in PRESET_KEYS:
+        node = raw
+        *sections, name = key.split(".")
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name in node and node[name] is None:
+            raise ConfigError(f"{source}: {key}: null; give a value (`vlap preset NAME` writes a preset's values)")
 
 
 def parse_config(raw: Any, source: str = "params") -> Config:
@@ -260,17 +278,13 @@ def _merged(base: dict, over: dict) -> dict:
 
 
 def _check_schedule(given: dict, preset: str, source: str) -> None:
-    """Steps and epochs are two ways to size a run: one of them, never both."""
+    """Steps and epochs are two ways to size a run: epochs > 0 sizes it in epochs (and the steps keys,
+    which params.yaml still holds, are not used); a warm-up in epochs needs a run sized in epochs."""
     train = given.get("train") if isinstance(given.get("train"), dict) else {}
-    preset_train = PRESETS[preset].get("train", {})
-    epochs = train.get("epochs", preset_train.get("epochs", 0.0))
-    by = f" (preset {preset})" if "epochs" not in train and epochs else ""
+    epochs = train.get("epochs", PRESETS[preset].get("train", {}).get("epochs", 0.0))
     if isinstance(epochs, (int, float)) and epochs > 0:
-        for key in ("steps", "warmup_steps"):
-            if key in train:
-                raise ConfigError(f"{source}: train.{key}: not used when train.epochs is {epochs:g}{by}; "
-                                  f"set train.epochs: 0 to size the run in steps")
-    elif train.get("warmup_epochs"):
+        return
+    if train.get("warmup_epochs"):
         raise ConfigError(f"{source}: train.warmup_epochs: needs train.epochs > 0 (the run is sized in steps)")
 
 

@@ -10,8 +10,6 @@ Specs:
 from __future__ import annotations
 
 import json
-import functools
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,11 +19,8 @@ import torch
 from PIL import Image
 
 from pipeline.errors import ConfigError
-from pipeline.io import sha256_file, sha256_json
-
-
-class WeightsNotFound(ConfigError):
-    """Model weights are not on this machine; one line says which and where."""
+from pipeline.digests import file_digest
+from pipeline.weights import WeightsNotFound, resolve_hf_folder, serialised_load, weights_hash
 
 
 @dataclass
@@ -44,20 +39,6 @@ class VisionEncoder:
         if self.device.type == "cuda":  # a pinned copy lets the transfer overlap the previous batch's work
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         return self.forward_tokens(pixels).float()  # (B, N, d_v)
-
-
-_LOAD_LOCK = threading.Lock()
-
-
-def serialised_load(fn):
-    """transformers' from_pretrained is not safe in two threads at once (a Prefect thread pool)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with _LOAD_LOCK:
-            return fn(*args, **kwargs)
-
-    return wrapper
 
 
 @serialised_load
@@ -106,34 +87,13 @@ def _efficientnet_lite0() -> VisionEncoder:
         model=model,
         preprocess=_lite_preprocess,
         forward_tokens=forward_tokens,
-        weights_sha256=sha256_file(weights),
+        weights_sha256=file_digest(weights),
         preprocessing={"resize": [LITE_SIZE, LITE_SIZE], "resample": "bilinear", "mean": LITE_MEAN, "std": LITE_STD,
                        "layer": "head (last feature map)"},
     )
 
 
 # ---------------------------------------------------------------- transformers vision models
-def resolve_hf_folder(spec: str, role: str) -> Path:
-    """Local folder for ``hf:<id or folder>``; never downloads (offline by default)."""
-    name = spec.removeprefix("hf:")
-    if Path(name).is_dir():
-        return Path(name)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:
-        raise WeightsNotFound(
-            f"{role} {spec}: weights not found on this machine (offline); put the model in a local folder and use hf:<folder>"
-        ) from None
-
-
-def weights_hash(folder: Path) -> str:
-    """Hash of the weight and config files of a transformers model folder."""
-    files = sorted(p for p in folder.iterdir() if p.suffix in {".safetensors", ".bin", ".json", ".gguf", ".model"})
-    return sha256_json({p.name: sha256_file(p) for p in files})
-
-
 def _hf_vision(spec: str) -> VisionEncoder:
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionModel
 

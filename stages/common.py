@@ -48,6 +48,7 @@ class StageSpec:
     outs: tuple[Out, ...]
     per_method: bool = False  # one stage per method (dvc foreach over METHODS)
     files: tuple[str, ...] = ()  # repo-relative files it reads besides code (a committed study), deps like code
+    always_changed: bool = False  # runs every time (it looks at data DVC cannot list: the source's files)
     description: str = ""
 
     def label(self, method: str | None) -> str:
@@ -68,7 +69,7 @@ class StageSpec:
 
 # What every evaluation of a trained bridge reads: its bridge, the manifests, the cached features and
 # prototypes; the evaluate.common fields every evaluation uses, and the image root of example pages.
-EVALUATION_DEPS = ("models/{method}/bridge.pt", "prepared", "features", "prototypes")
+EVALUATION_DEPS = ("models/{method}/model.safetensors", "models/{method}/config.json", "prepared", "features", "prototypes")
 EVALUATION_PARAMS = ("evaluate.common.test_images", "evaluate.common.batch_size", "evaluate.common.device",
                      "prepare.folder", "prepare.test_folder")
 # Why captioning, retrieval and arithmetic skip a test split without reference captions.

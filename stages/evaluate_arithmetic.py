@@ -1,6 +1,6 @@
 """Visual semantic arithmetic of one trained bridge: swap one caption word, retrieve, decode.
 
-Reads  data/models/<method>/bridge.pt, the test features and attributes, the LLM's word embeddings,
+Reads  the bridge data/models/<method>/, the test features and attributes, the LLM's word embeddings,
        params `evaluate.common`, `evaluate.arithmetic`, `evaluate.caption.max_new_tokens` (decoding).
 Writes data/metrics/arithmetic/<method>.json, data/plots/arithmetic/<method>/queries.json (every query and
        whether it hit), data/pages/arithmetic/<method>.html (examples);
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline import data
+from pipeline.manifest import has_captions
 from pipeline.config import Config
 from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
@@ -33,7 +33,7 @@ STAGE = StageSpec(
 
 
 def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
-    if not data.has_captions(dirs.prepared, "test"):
+    if not has_captions(dirs.prepared, "test"):
         return write_not_applicable(STAGE, dirs, method, NO_TEST_CAPTIONS)
     inputs = load_eval_inputs(cfg, method, dirs, lm=lm)
     metrics, examples, per_query = evaluate_arithmetic(inputs, cfg)

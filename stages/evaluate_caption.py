@@ -1,6 +1,6 @@
 """Captioning evaluation of one trained bridge: greedy captions of the test images, COCO metrics.
 
-Reads  data/models/<method>/bridge.pt, the test features, data/prototypes, params `evaluate.common`, `evaluate.caption`.
+Reads  the bridge data/models/<method>/, the test features, data/prototypes, params `evaluate.common`, `evaluate.caption`.
 Writes data/metrics/caption/<method>.json, data/plots/caption/<method>/captions.json (every generated
        caption) and data/pages/caption/<method>.html (examples). Test images with a domain (NoCaps)
        add CIDEr per domain (CIDEr_in, CIDEr_near, CIDEr_out, CIDEr_overall). A test split without
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline import data
+from pipeline.manifest import has_captions, read_manifest
 from pipeline.config import Config
 from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
@@ -33,11 +33,11 @@ STAGE = StageSpec(
 
 
 def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
-    if not data.has_captions(dirs.prepared, "test"):
+    if not has_captions(dirs.prepared, "test"):
         return write_not_applicable(STAGE, dirs, method, NO_TEST_CAPTIONS)
     inputs = load_eval_inputs(cfg, method, dirs, lm=lm)
     metrics, generated = evaluate_captioning(inputs, cfg)
-    metrics |= chance_scores(inputs.captions, data.read_manifest(dirs.prepared, "train"), cfg.evaluate.common.seed)
+    metrics |= chance_scores(inputs.captions, read_manifest(dirs.prepared, "train"), cfg.evaluate.common.seed)
     domains = {i: a["domain"] for i, a in inputs.attributes.items() if "domain" in a}
     if domains:
         metrics |= cider_by_domain(inputs.captions, generated, domains)

@@ -1,6 +1,6 @@
 """Retrieval evaluation of one trained bridge: image->text and text->image over the test images.
 
-Reads  data/models/<method>/bridge.pt, the test features, data/prototypes (z_t, prior), params
+Reads  the bridge data/models/<method>/, the test features, data/prototypes (z_t, prior), params
        `evaluate.common`, `evaluate.retrieval`.
        Every scorer (cosine, assignment, centred) for every method; the assignment and centred scorers are
        fitted on training images and captions only, so a query's score never depends on the other test items.
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import sys
 
-from pipeline import data
-from pipeline.cache import features_file
+from pipeline.manifest import has_captions, read_manifest
+from pipeline.features import features_file
 from pipeline.config import Config
 from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
@@ -36,13 +36,13 @@ STAGE = StageSpec(
 
 
 def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
-    if not data.has_captions(dirs.prepared, "test"):
+    if not has_captions(dirs.prepared, "test"):
         return write_not_applicable(STAGE, dirs, method, NO_TEST_CAPTIONS)
     inputs = load_eval_inputs(cfg, method, dirs, need_lm=False)  # z_v and z_t need no LLM
     if len(inputs.image_ids) < 2:
         return write_not_applicable(STAGE, dirs, method, f"retrieval needs at least 2 test images with captions "
                                                          f"and features, the data has {len(inputs.image_ids)}")
-    fit = fit_on_training(inputs, features_file(dirs.features, "train"), data.read_manifest(dirs.prepared, "train"),
+    fit = fit_on_training(inputs, features_file(dirs.features, "train"), read_manifest(dirs.prepared, "train"),
                           cfg.evaluate.retrieval, cfg.evaluate.common.batch_size)
     metrics, curve, per_query = evaluate_retrieval(inputs, cfg, fit)
     write_json_atomic(dirs.plots / "retrieval" / method / "recall_at_k.json", curve)

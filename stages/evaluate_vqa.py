@@ -1,6 +1,6 @@
 """VQA evaluation of one trained bridge on the test questions: open/closed, 0-shot and n-shot.
 
-Reads  data/models/<method>/bridge.pt, the test (and, for shots, train) features, the questions
+Reads  the bridge data/models/<method>/, the test (and, for shots, train) features, the questions
        tables, params `evaluate.common`, `evaluate.vqa`.
 Writes data/metrics/vqa/<method>.json, data/plots/vqa/<method>/answers.json (every answer).
        Data without a questions table gives a metrics file that says "not applicable".
@@ -14,8 +14,8 @@ import sys
 
 import torch
 
-from pipeline import data
-from pipeline.cache import FeatureCache, features_file
+from pipeline.manifest import has_questions, read_questions
+from pipeline.features import FeatureCache, features_file
 from pipeline.config import Config
 from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
@@ -38,22 +38,22 @@ def pick_shots(dirs: Dirs, n: int, seed: int) -> tuple[list[dict], list[torch.Te
     if n == 0:
         return [], []
     with FeatureCache(features_file(dirs.features, "train")) as cache:
-        pool = [q for q in data.read_questions(dirs.prepared, "train") if q["image_id"] in cache.index]
+        pool = [q for q in read_questions(dirs.prepared, "train") if q["image_id"] in cache.index]
         shots = random.Random(seed).sample(pool, min(n, len(pool)))
         return shots, [torch.from_numpy(cache.tokens([q["image_id"]])[0]) for q in shots]
 
 
 def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
     vcfg, common = cfg.evaluate.vqa, cfg.evaluate.common
-    if not data.has_questions(dirs.prepared, "test"):
+    if not has_questions(dirs.prepared, "test"):
         return write_not_applicable(STAGE, dirs, method, "the prepared data has no test questions "
                                                          "(VQA needs a source with questions, e.g. easy-VQA)")
-    test_questions = data.read_questions(dirs.prepared, "test")
+    test_questions = read_questions(dirs.prepared, "test")
     inputs = load_eval_inputs(cfg, method, dirs, lm=lm, only={q["image_id"] for q in test_questions})
     questions = select_questions(test_questions, inputs.image_ids, vcfg.questions, common.seed)
     if not questions:
         return write_not_applicable(STAGE, dirs, method, "no test question is about an evaluated test image")
-    train_questions = data.read_questions(dirs.prepared, "train") if data.has_questions(dirs.prepared, "train") else []
+    train_questions = read_questions(dirs.prepared, "train") if has_questions(dirs.prepared, "train") else []
     answer_set = answer_vocabulary(test_questions + train_questions, vcfg.closed_answers)
     metrics, records = {"questions": len(questions), "chance_accuracy": chance_accuracy(questions, answer_set)}, {}
     for n in sorted({0, vcfg.shots if train_questions else 0}):

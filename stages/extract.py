@@ -13,8 +13,8 @@ import contextlib
 import logging
 import sys
 
-from pipeline import data
-from pipeline.cache import ShardCluster, extract_split
+from pipeline.manifest import manifest_splits, read_manifest, resolve_image_root
+from pipeline.extraction import ShardCluster, extract_split
 from pipeline.config import Config
 from pipeline.device import resolve_device
 from pipeline.encoders import load_encoder
@@ -36,7 +36,7 @@ log = logging.getLogger("stages.extract")
 
 def run(cfg: Config, dirs: Dirs, method: None = None, *, lm=None) -> dict:
     """Encode all splits; return the report {split: {...}}."""
-    splits = data.manifest_splits(dirs.prepared)
+    splits = manifest_splits(dirs.prepared)
     if not splits:
         raise MissingInputError(f"{dirs.prepared}: no manifests found (run the prepare stage first)")
     xcfg = cfg.extract
@@ -47,8 +47,8 @@ def run(cfg: Config, dirs: Dirs, method: None = None, *, lm=None) -> dict:
                    if xcfg.workers or xcfg.scheduler else None)
         results = {}
         for split in splits:
-            manifest = data.read_manifest(dirs.prepared, split)
-            root = data.resolve_image_root(manifest.image_root, cfg.prepare)
+            manifest = read_manifest(dirs.prepared, split)
+            root = resolve_image_root(manifest.image_root, cfg.prepare)
             results[split] = extract_split(manifest, root, encoder, dirs.features, xcfg.dtype, xcfg.batch_size,
                                            block_size=xcfg.shard_size, cluster=cluster)
     for split, result in results.items():

@@ -21,14 +21,14 @@ from types import ModuleType
 
 import yaml
 
-from pipeline.config import METHODS, PRESET_KEYS
+from pipeline.config import METHODS
 from stages.common import StageSpec
 
 ROOT = Path(__file__).resolve().parents[1]  # holds pipeline/ and stages/
 PACKAGES = ("pipeline", "stages")
 DATA = "data"  # dvc.yaml's data root
 # In DAG order: a stage's inputs are written by stages before it.
-MODULES = ("prepare", "extract", "prototypes", "train",
+MODULES = ("sources", "prepare", "extract", "prototypes", "train",
            "evaluate_caption", "evaluate_vqa", "evaluate_retrieval", "evaluate_arithmetic", "summarize")
 # Plots drawn from several stages' outputs in one figure.
 PLOTS = [{f"retrieval_recall_at_k_{scorer}": {  # one figure per scorer: the methods under the same scorer
@@ -111,10 +111,10 @@ def dvc_stage(node: Node) -> dict:
     stage = {"cmd": f"python -m {node.module.__name__}" + (" --method ${item}" if pm else ""),
              "deps": list(node.code) + [dvc_path(d, pm) for d in spec.deps]}
     params = [p.replace("{method}", "${item}") for p in spec.params]
-    if any(reads_preset(spec.param_keys(m)) for m in node.instances()):
-        params.insert(0, "preset")  # the values of the preset keys params.yaml leaves null
     if params:
         stage["params"] = params
+    if spec.always_changed:
+        stage["always_changed"] = True
     for kind in ("outs", "metrics", "plots"):
         entries = []
         for out in (o for o in spec.outs if o.kind == kind):
@@ -125,11 +125,6 @@ def dvc_stage(node: Node) -> dict:
         if entries:
             stage[kind] = entries
     return {"foreach": list(METHODS), "do": stage} if pm else stage
-
-
-def reads_preset(keys: list[str]) -> bool:
-    """Whether any of these params keys (sections or fields) holds a key a preset sets."""
-    return any(k == p or p.startswith(k + ".") for k in keys for p in PRESET_KEYS)
 
 
 def dvc_yaml_text(nodes: list[Node] | None = None) -> str:

@@ -14,7 +14,8 @@ import json
 import logging
 import sys
 
-from pipeline import data
+from pipeline.manifest import write_split
+from pipeline.sources import prepare_splits
 from pipeline.config import Config
 from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
@@ -23,7 +24,7 @@ from stages.common import Out, StageSpec, stage_main
 STAGE = StageSpec(
     name="prepare", description=__doc__.splitlines()[0],
     params=("prepare",),
-    deps=(),
+    deps=("sources.json",),  # the digest of the source's files: an edited image or annotation re-runs prepare
     outs=(Out("prepared"),),
 )
 log = logging.getLogger("stages.prepare")
@@ -31,9 +32,9 @@ log = logging.getLogger("stages.prepare")
 
 def run(cfg: Config, dirs: Dirs, method: None = None, *, lm=None) -> dict:
     """Write one manifest per split; return the counts report."""
-    splits, report = data.prepare_splits(cfg.prepare)
+    splits, report = prepare_splits(cfg.prepare)
     for split in splits:
-        data.write_split(dirs.prepared, split)
+        write_split(dirs.prepared, split)
     write_json_atomic(dirs.prepared / "report.json", report)
     for name, counts in report.items():
         log.info("prepare %s: %s", name, json.dumps(counts))

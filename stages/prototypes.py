@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline import data
+from pipeline.manifest import manifest_splits, read_manifest
 from pipeline.config import Config
 from pipeline.device import resolve_device
 from pipeline.errors import MissingInputError
@@ -29,12 +29,12 @@ STAGE = StageSpec(
 
 def run(cfg: Config, dirs: Dirs, method: None = None, *, lm=None) -> dict:
     """Build (or reuse) the prototypes file; `lm` may be passed in to reuse a loaded model."""
-    manifests = [data.read_manifest(dirs.prepared, split) for split in data.manifest_splits(dirs.prepared)]
+    manifests = [read_manifest(dirs.prepared, split) for split in manifest_splits(dirs.prepared)]
     train = [m for m in manifests if m.split == "train"]
     if not train:
         raise MissingInputError(f"{dirs.prepared}: no train manifest (run the prepare stage first)")
-    train_captions = [c for row in train[0].images for c in row["captions"]]
-    all_texts = [c for m in manifests for row in m.images for c in row["captions"]]
+    train_captions = [c for row in train[0].images for c in row.captions]
+    all_texts = [c for m in manifests for row in m.images for c in row.captions]
     lm = lm or load_lm(cfg.prototypes.llm, resolve_device(cfg.prototypes.device))
     path, hit = build_prototypes(lm, train_captions, all_texts, cfg.prototypes, dirs.prototypes, cfg.train.prompt)
     index = {"file": path.name, "key": path.stem}

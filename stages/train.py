@@ -2,7 +2,7 @@
 
 Reads  data/features (train split), data/prototypes, data/prepared/train.parquet,
        params `train.*`, `methods.<method>.*` (and the LLM named by `prototypes.llm`).
-Writes data/models/<method>/bridge.pt + bridge.json, dvclive curves in data/metrics/train/<method>;
+Writes the bridge data/models/<method>/ (model.safetensors + config.json), dvclive curves in data/metrics/train/<method>;
        an interrupted run resumes from data/models/checkpoints/<method>.pt.
 
     python -m stages.train --method vlap
@@ -26,7 +26,7 @@ STAGE = StageSpec(
     name="train", description=__doc__.splitlines()[0], per_method=True,
     params=("train", "prototypes.llm", "methods.{method}"),
     deps=("prepared", "features", "prototypes"),
-    outs=(Out("models/{method}/bridge.pt"), Out("models/{method}/bridge.json"),
+    outs=(Out("models/{method}/model.safetensors"), Out("models/{method}/config.json"),
           Out("metrics/train/{method}/metrics.json", kind="metrics", cache=False),
           Out("metrics/train/{method}/plots/metrics", kind="plots", cache=False, x="step")),
 )

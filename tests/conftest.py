@@ -13,7 +13,8 @@ pin_cpu_kernels()  # as every stage process does, before the first tensor operat
 import pytest
 import torch
 
-from pipeline import data
+from pipeline.manifest import Manifest, Split, resolve_image_root, write_split
+from pipeline.sources import easyvqa
 from pipeline.config import Config
 from pipeline.paths import Dirs
 from pipeline.runtime import keep_freed_memory
@@ -23,18 +24,18 @@ keep_freed_memory()  # as the stages do: much faster batched CPU inference
 
 @pytest.fixture(scope="session")
 def easyvqa_splits():
-    splits, report = data.load_easyvqa()
+    splits, report = easyvqa.load()
     return {s.name: s for s in splits}, report
 
 
 @pytest.fixture(scope="session")
 def easyvqa_root(easyvqa_splits):
     splits, _ = easyvqa_splits
-    return data.resolve_image_root(splits["train"].image_root, Config().prepare)
+    return resolve_image_root(splits["train"].image_root, Config().prepare)
 
 
-def small_manifest(split: data.Split, n: int) -> data.Manifest:
-    return data.Manifest(split.name, split.image_root, split.images[:n])
+def small_manifest(split: Split, n: int) -> Manifest:
+    return Manifest(split.name, split.image_root, split.images[:n])
 
 
 @pytest.fixture(scope="session")
@@ -60,9 +61,9 @@ def tiny_pipeline(tmp_path_factory, easyvqa_splits, smollm2):
     dirs = Dirs.under(tmp_path_factory.mktemp("pipeline"))
     for name, n in (("train", 64), ("test", 32)):
         split = splits[name]
-        ids = {r["image_id"] for r in split.images[:n]}
+        ids = {r.image_id for r in split.images[:n]}
         questions = [q for q in split.questions if q["image_id"] in ids]
-        data.write_split(dirs.prepared, data.Split(name, split.image_root, split.images[:n], questions))
+        write_split(dirs.prepared, Split(name, split.image_root, split.images[:n], questions))
     cfg = Config()
     extract.run(cfg, dirs)
     prototypes.run(cfg, dirs, lm=smollm2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pipeline import data
+from pipeline.manifest import Split, read_manifest, read_questions, write_split
 from pipeline.config import Config
 from pipeline.paths import Dirs
 from stages import graph
@@ -52,9 +52,9 @@ def run_graph(cfg: Config, dirs: Dirs, record: bool, sizes: tuple[int, int] = (4
 
 def cut_easyvqa(dirs: Dirs, sizes: tuple[int, int]) -> None:
     for split, n in zip(("train", "test"), sizes):
-        manifest = data.read_manifest(dirs.prepared, split)
-        keep = {r["image_id"] for r in manifest.images[:n]}
-        questions = [q for q in data.read_questions(dirs.prepared, split) if q["image_id"] in keep]
-        data.write_split(dirs.prepared, data.Split(split, manifest.image_root, manifest.images[:n], questions))
+        manifest = read_manifest(dirs.prepared, split)
+        keep = {r.image_id for r in manifest.images[:n]}
+        questions = [q for q in read_questions(dirs.prepared, split) if q["image_id"] in keep]
+        write_split(dirs.prepared, Split(split, manifest.image_root, manifest.images[:n], questions))
 
 

@@ -11,6 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
+from pipeline.api import Bridge
 from vlap import cli
 from pipeline.paths import Dirs
 from pipeline.tasks.captioning import generate_captions
@@ -60,7 +61,8 @@ def test_image_prefix_matches_the_cached_tokens(bridge_data, test_image, lite0, 
     cfg, _, root = bridge_data
     image_id, path, _ = test_image
     inputs = load_eval_inputs(cfg, "limber", Dirs.under(root), lm=smollm2)
-    V = cli.visual_prefixes([cli.read_image(path)], lite0, inputs.bridge, cfg.extract.dtype)[0]  # (N, D)
+    bridge = Bridge(inputs.bridge, inputs.meta, inputs.device, encoder=lite0, lm=smollm2)
+    V = bridge.prefixes([cli.read_image(path)])[0]  # (N, D)
     assert torch.allclose(V, inputs.bridged([0])[0], atol=1e-2)
 
 
@@ -133,7 +135,7 @@ def test_bad_method_and_missing_bridge_are_one_line(bridge_data, test_image, tmp
     code, _, err = vlap(capsys, "caption", path, "--method", "vlap", "--params", params, "--data", tmp_path)
     assert code == 2
     assert err.splitlines() == [
-        f"error: {tmp_path}/models/vlap/bridge.pt: trained bridge not found (run the train stage first)"]
+        f"error: {tmp_path}/models/vlap/model.safetensors: trained bridge not found (run the train stage first)"]
     with pytest.raises(SystemExit) as exit_:
         cli.main(["caption", str(path), "--method", "clip", "--data", str(root)])
     assert exit_.value.code == 2 and len(capsys.readouterr().err.splitlines()) == 1

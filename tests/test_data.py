@@ -8,7 +8,13 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline import data
+from pipeline.errors import DatasetError
+from pipeline.images import load_image
+from pipeline.manifest import read_manifest, read_questions, resolve_image_root
+from pipeline.paths import package_dir
+from pipeline.sources import folder as folder_source, karpathy
+from pipeline.sources.easyvqa import COLORS, SHAPES, attributes_of, caption_of
+from pipeline.sources.splits import carve_validation, hold_out_combinations, may_be_heldout
 from pipeline.config import Config, PrepareConfig, parse_config
 from pipeline.paths import Dirs
 from shard_writer import png_bytes
@@ -24,17 +30,17 @@ def test_easyvqa_captions_derived_from_questions(easyvqa_splits):
     assert 0.88 < report["train"]["both"] / 4000 < 0.91
     assert sum(report["train"][k] for k in ("both", "color_only", "shape_only", "neither", "no_questions")) == 4000
     first = train.images[0]
-    assert first["captions"] == ["a blue rectangle"]  # image 0: "what is the blue shape?" -> rectangle
-    full = {c for r in train.images for c in r["captions"] if len(c.split()) == 3 and not c.endswith("shape")}
+    assert first.captions == ["a blue rectangle"]  # image 0: "what is the blue shape?" -> rectangle
+    full = {c for r in train.images for c in r.captions if len(c.split()) == 3 and not c.endswith("shape")}
     assert len(full) == 24  # 8 colours x 3 shapes
 
 
 def test_attributes_from_yes_no_questions():
     qs = [("is there not a red shape?", "no"), ("does the image contain a circle?", "no"),
           ("is no rectangle present?", "yes")]
-    assert data.easyvqa_attributes(qs) == {"color": "red", "shape": "triangle"}
-    assert data.easyvqa_caption({"color": "red"}) == "a red shape"
-    assert data.easyvqa_caption({"shape": "circle"}) == "a circle"
+    assert attributes_of(qs) == {"color": "red", "shape": "triangle"}
+    assert caption_of({"color": "red"}) == "a red shape"
+    assert caption_of({"shape": "circle"}) == "a circle"
 
 
 def test_manifests_are_byte_identical_and_portable(tmp_path):
@@ -44,10 +50,10 @@ def test_manifests_are_byte_identical_and_portable(tmp_path):
     for name in ("train.parquet", "test.parquet", "train_questions.parquet"):
         assert (tmp_path / "a" / "prepared" / name).read_bytes() == (tmp_path / "b" / "prepared" / name).read_bytes()
     raw = (tmp_path / "a" / "prepared" / "train.parquet").read_bytes()
-    assert str(data.package_dir("easy_vqa")).encode() not in raw  # no machine path inside
-    manifest = data.read_manifest(tmp_path / "a" / "prepared", "test")
+    assert str(package_dir("easy_vqa")).encode() not in raw  # no machine path inside
+    manifest = read_manifest(tmp_path / "a" / "prepared", "test")
     assert manifest.image_root == "package:easy_vqa" and len(manifest.images) == 1000
-    questions = data.read_questions(tmp_path / "a" / "prepared", "test")
+    questions = read_questions(tmp_path / "a" / "prepared", "test")
     assert len(questions) == 9673 and questions[0]["answers"] and questions[0]["image_id"] in manifest.captions_by_id
 
 
@@ -71,13 +77,13 @@ def test_folder_source_round_trips_csv(tmp_path, easyvqa_root):
     cfg = parse_config({"prepare": {"source": "folder", "folder": str(folder)}})
     report = prepare.run(cfg, Dirs.under(tmp_path))
     assert report == {"test": {"images": 1, "captions": 1}, "train": {"images": 2, "captions": 3}}
-    train = data.read_manifest(tmp_path / "prepared", "train")
+    train = read_manifest(tmp_path / "prepared", "train")
     assert train.image_root == "params:prepare.folder"
     assert train.captions_by_id == {"imgs/0.png": ["a blue rectangle", "a rectangle, blue"],
                                     "imgs/1.png": ["a blue triangle"]}
     assert str(tmp_path).encode() not in (tmp_path / "prepared" / "train.parquet").read_bytes()
-    root = data.resolve_image_root(train.image_root, cfg.prepare)
-    assert data.load_image(root / train.images[0]["image_path"]).size == (64, 64)
+    root = resolve_image_root(train.image_root, cfg.prepare)
+    assert load_image(root / train.images[0].image_path).size == (64, 64)
 
 
 def test_folder_source_json_without_split_is_split_by_hash(tmp_path, easyvqa_root):
@@ -85,9 +91,9 @@ def test_folder_source_json_without_split_is_split_by_hash(tmp_path, easyvqa_roo
     rows = [{"image": f"imgs/{i}.png", "caption": f"caption {i}"} for i in range(5)]
     (folder / "captions.json").write_text(json.dumps(rows))
     cfg = PrepareConfig(source="folder", folder=str(folder), test_fraction=0.5)
-    splits, _ = data.load_folder(cfg)
-    again, _ = data.load_folder(cfg)
-    assert [[r["image_id"] for r in s.images] for s in splits] == [[r["image_id"] for r in s.images] for s in again]
+    splits, _ = folder_source.load(cfg)
+    again, _ = folder_source.load(cfg)
+    assert [[r.image_id for r in s.images] for s in splits] == [[r.image_id for r in s.images] for s in again]
     assert sum(len(s.images) for s in splits) == 5
 
 
@@ -102,17 +108,17 @@ def test_folder_source_json_without_split_is_split_by_hash(tmp_path, easyvqa_roo
 def test_folder_source_bad_csv_is_one_line(tmp_path, easyvqa_root, content, message):
     folder = _image_folder(tmp_path, easyvqa_root, n=1)
     (folder / "captions.csv").write_text(content)
-    with pytest.raises(data.DatasetError) as err:
-        data.load_folder(PrepareConfig(source="folder", folder=str(folder)))
+    with pytest.raises(DatasetError) as err:
+        folder_source.load(PrepareConfig(source="folder", folder=str(folder)))
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_unreadable_manifest_is_reported(tmp_path):
     (tmp_path / "train.parquet").write_bytes(b"not parquet")
-    with pytest.raises(data.DatasetError, match="unreadable Parquet manifest"):
-        data.read_manifest(tmp_path, "train")
-    with pytest.raises(data.DatasetError, match="run the prepare stage first"):
-        data.read_manifest(tmp_path, "test")
+    with pytest.raises(DatasetError, match="unreadable Parquet manifest"):
+        read_manifest(tmp_path, "train")
+    with pytest.raises(DatasetError, match="run the prepare stage first"):
+        read_manifest(tmp_path, "test")
 
 
 def test_karpathy_split_json(tmp_path, easyvqa_root):
@@ -131,12 +137,12 @@ def test_karpathy_split_json(tmp_path, easyvqa_root):
     report = prepare.run(cfg, Dirs.under(tmp_path))
     assert report == {"test": {"images": 1, "captions": 5}, "train": {"images": 2, "captions": 10},
                       "val": {"images": 1, "captions": 5}}
-    train = data.read_manifest(tmp_path / "prepared", "train")
-    assert train.images[1]["image_path"] == "val2014/COCO_val2014_000000000001.png"
-    assert train.images[0]["captions"][0] == "caption 0.0"
+    train = read_manifest(tmp_path / "prepared", "train")
+    assert train.images[1].image_path == "val2014/COCO_val2014_000000000001.png"
+    assert train.images[0].captions[0] == "caption 0.0"
     ann.write_text(json.dumps({"images": [{"filename": "x.png"}]}))
-    with pytest.raises(data.DatasetError, match="not a Karpathy split file"):
-        data.load_karpathy(cfg.prepare)
+    with pytest.raises(DatasetError, match="not a Karpathy split file"):
+        karpathy.load(cfg.prepare)
 
 
 def test_webdataset_shards_as_img2dataset_writes_them(tmp_path, lite0):
@@ -145,7 +151,8 @@ def test_webdataset_shards_as_img2dataset_writes_them(tmp_path, lite0):
     the damage and lists the rest."""
     from PIL import Image
 
-    from pipeline.cache import FeatureCache, extract_split
+    from pipeline.extraction import extract_split
+    from pipeline.features import FeatureCache
     from shard_writer import truncate, write_shard
 
     colours = ["red", "green", "blue", "gray", "teal", "brown"]
@@ -163,17 +170,17 @@ def test_webdataset_shards_as_img2dataset_writes_them(tmp_path, lite0):
     cfg = Config(prepare=PrepareConfig(source="webdataset", folder=str(shards), shards="{00000..00002}.tar",
                                        test_fraction=0.0))
     report = prepare.run(cfg, Dirs.under(tmp_path))
-    train = data.read_manifest(tmp_path / "prepared", "train")
-    by_id = {r["image_id"]: r for r in train.images}
+    train = read_manifest(tmp_path / "prepared", "train")
+    by_id = {r.image_id: r for r in train.images}
     assert train.image_root == "params:prepare.folder"
-    assert by_id["00000.tar/000000000"]["image_path"] == "00000.tar/000000000.jpg"
-    assert by_id["00000.tar/000000000"]["captions"] == ["a red square"]  # from .txt
-    assert by_id["00000.tar/000000001"]["captions"] == ["a green square"]  # from .json
+    assert by_id["00000.tar/000000000"].image_path == "00000.tar/000000000.jpg"
+    assert by_id["00000.tar/000000000"].captions == ["a red square"]  # from .txt
+    assert by_id["00000.tar/000000001"].captions == ["a green square"]  # from .json
     assert str(tmp_path).encode() not in (tmp_path / "prepared" / "train.parquet").read_bytes()
     assert len(train.images) == 10  # shard 2 is cut inside its third image: its first two samples only
     assert report["skipped"]["count"] >= 1 and any("00002.tar" in s["image_id"] for s in report["skipped"]["items"])
 
-    root = data.resolve_image_root(train.image_root, cfg.prepare)
+    root = resolve_image_root(train.image_root, cfg.prepare)
     result = extract_split(train, root, lite0, tmp_path / "features", batch_size=4, block_size=4)
     assert [f["image_id"] for f in result.failed] == ["00001.tar/000010002"]  # the corrupt member
     assert result.failed[0]["reason"].startswith("unreadable image 00001.tar/000010002.jpg")
@@ -189,18 +196,18 @@ def test_zero_shot_split_holds_combinations_out_of_training_and_labels_test(easy
     import copy
 
     splits = copy.deepcopy(list(easyvqa_splits[0].values()))
-    report = data.hold_out_combinations(splits, ("blue circle", "red triangle"))
+    report = hold_out_combinations(splits, ("blue circle", "red triangle"))
     by_name = {s.name: s for s in splits}
-    train_attrs = [json.loads(r["attributes"]) for r in by_name["train"].images]
+    train_attrs = [json.loads(r.attributes) for r in by_name["train"].images]
     # no training image shows (or, with an attribute unknown, may show) a held-out combination
-    assert not any(data.may_be_heldout(a, {("blue", "circle"), ("red", "triangle")}) for a in train_attrs)
-    assert all("blue circle" not in c and "red triangle" not in c for r in by_name["train"].images for c in r["captions"])
-    kept = {r["image_id"] for r in by_name["train"].images}
+    assert not any(may_be_heldout(a, {("blue", "circle"), ("red", "triangle")}) for a in train_attrs)
+    assert all("blue circle" not in c and "red triangle" not in c for r in by_name["train"].images for c in r.captions)
+    kept = {r.image_id for r in by_name["train"].images}
     assert {q["image_id"] for q in by_name["train"].questions} <= kept
     # every colour and every shape is still seen in training, fully labelled
     both = [a for a in train_attrs if {"color", "shape"} <= a.keys()]
-    assert {a["color"] for a in both} == set(data.EASYVQA_COLORS) and {a["shape"] for a in both} == set(data.EASYVQA_SHAPES)
-    test = [json.loads(r["attributes"]) for r in by_name["test"].images]
+    assert {a["color"] for a in both} == set(COLORS) and {a["shape"] for a in both} == set(SHAPES)
+    test = [json.loads(r.attributes) for r in by_name["test"].images]
     unseen = [a for a in test if a.get("domain") == "unseen"]
     assert unseen and all((a["color"], a["shape"]) in {("blue", "circle"), ("red", "triangle")} for a in unseen)
     assert report["test_domains"]["unseen"] == len(unseen) and report["train_images_removed"] == 4000 - len(kept)
@@ -213,18 +220,18 @@ def test_zero_shot_split_refuses_unknown_or_total_hold_outs(easyvqa_splits):
 
     splits = copy.deepcopy(list(easyvqa_splits[0].values()))
     with pytest.raises(ConfigError, match=r"prepare.heldout\[0\]: expected '<colour> <shape>'"):
-        data.hold_out_combinations(splits, ("purple circle",))
+        hold_out_combinations(splits, ("purple circle",))
     with pytest.raises(ConfigError, match="every combination of the colour 'blue'"):
-        data.hold_out_combinations(splits, ("blue circle", "blue rectangle", "blue triangle"))
+        hold_out_combinations(splits, ("blue circle", "blue rectangle", "blue triangle"))
 
 
 def test_validation_split_is_carved_out_of_train_by_content(easyvqa_splits):
     import copy
 
-    splits = data.carve_validation(copy.deepcopy(list(easyvqa_splits[0].values())), 0.1)
+    splits = carve_validation(copy.deepcopy(list(easyvqa_splits[0].values())), 0.1)
     by_name = {s.name: s for s in splits}
-    train, val = ({r["image_id"] for r in by_name[n].images} for n in ("train", "val"))
+    train, val = ({r.image_id for r in by_name[n].images} for n in ("train", "val"))
     assert not train & val and len(train | val) == 4000 and 300 < len(val) < 500
     assert {q["image_id"] for q in by_name["val"].questions} <= val
-    again = data.carve_validation(copy.deepcopy(list(easyvqa_splits[0].values())), 0.1)
-    assert {r["image_id"] for r in next(s for s in again if s.name == "val").images} == val  # stable
+    again = carve_validation(copy.deepcopy(list(easyvqa_splits[0].values())), 0.1)
+    assert {r.image_id for r in next(s for s in again if s.name == "val").images} == val  # stable

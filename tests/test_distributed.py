@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import data
+from pipeline.manifest import Split, read_manifest, write_split
 from pipeline.bridge import load_bridge
 from pipeline.config import load_config
 from pipeline.paths import Dirs
@@ -37,8 +37,8 @@ def trained_inputs(tmp_path_factory, smollm2):
     cfg, dirs = load_config(params), Dirs.under(root / "data")
     run_stage(prepare, cfg, dirs)
     for split, n in (("train", 32), ("test", 8)):
-        manifest = data.read_manifest(dirs.prepared, split)
-        data.write_split(dirs.prepared, data.Split(split, manifest.image_root, manifest.images[:n]))
+        manifest = read_manifest(dirs.prepared, split)
+        write_split(dirs.prepared, Split(split, manifest.image_root, manifest.images[:n]))
     run_stage(extract, cfg, dirs)
     run_stage(prototypes, cfg, dirs)
     return params, cfg, dirs
@@ -62,7 +62,7 @@ def test_two_gloo_processes_train_the_one_process_bridge(trained_inputs, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 process(es)" in result.stderr
 
-    (w1, meta1), (w2, meta2) = load_bridge(one.models / method / "bridge.pt"), load_bridge(two.models / method / "bridge.pt")
+    (w1, meta1), (w2, meta2) = load_bridge(one.models / method), load_bridge(two.models / method)
     assert meta2["processes"] == 2 and meta1["processes"] == 1
     moved = (w1.proj.weight - load_bridge_init(cfg, meta1)).abs().max()
     assert moved > 1e-3  # training changed the weights, so equal weights below mean equal training

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from pipeline import data
+from pipeline.manifest import read_manifest
 from stages import graph
 from shard_writer import write_shard
 from tiny_models import save_tiny_clip_vision, save_tiny_opt
@@ -164,9 +164,9 @@ def shard_repo(tmp_path_factory, smollm2):
 def test_every_stage_runs_on_webdataset_shards(shard_repo):
     work, env, out, n_images, root = shard_repo
     check_every_task(work, n_images, out)
-    manifest = data.read_manifest(work / "data" / "prepared", "train")
+    manifest = read_manifest(work / "data" / "prepared", "train")
     assert manifest.image_root == "params:prepare.folder"
-    assert {r["image_path"].split("/")[0] for r in manifest.images} == {"00000.tar", "00001.tar", "00002.tar"}
+    assert {r.image_path.split("/")[0] for r in manifest.images} == {"00000.tar", "00001.tar", "00002.tar"}
     assert not list((root / "shards").glob("*.jpg"))  # read from inside the tars
 
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import data
+from pipeline.manifest import Split, read_manifest, read_questions, write_split
 from pipeline.bridge import load_bridge, save_bridge
-from pipeline.cache import FeatureCache, features_file
+from pipeline.features import FeatureCache, features_file
 from pipeline.errors import MismatchError
 from pipeline.prototypes import prototypes_file
 from pipeline.generation import SharedPrefix, greedy_decode, left_pad, prefill, rank_candidates, text_embeds
@@ -114,7 +114,7 @@ def test_captioning_eval_on_8_images(trained, smollm2):
     assert metrics["BLEU-1"] == pytest.approx(independent_bleu_1(refs, hyps), abs=6e-5)
     # the first image's caption, decoded alone from its cached tokens through the saved bridge
     image_id = next(iter(captions))
-    bridge, meta = load_bridge(dirs.models / "limber" / "bridge.pt")
+    bridge, meta = load_bridge(dirs.models / "limber")
     with FeatureCache(features_file(dirs.features, "test")) as cache:
         tokens = torch.from_numpy(cache.tokens([image_id])).float()
     with torch.inference_mode():
@@ -150,11 +150,11 @@ def test_vqa_eval_zero_and_few_shot(trained, smollm2):
     assert {r["question_type"] for r in answers["0shot"]} <= {"color", "shape", "yes_no"}
     # 1-shot, independently: the shot and each query as one whole sequence, no cache anywhere
     shots, shot_tokens = evaluate_vqa.pick_shots(dirs, 1, cfg.evaluate.common.seed)
-    bridge, _ = load_bridge(dirs.models / "limber" / "bridge.pt")
+    bridge, _ = load_bridge(dirs.models / "limber")
     with torch.inference_mode():
         shot_embeds = torch.cat([bridge(shot_tokens[0][None].float())[0], text_embeds(
             smollm2, f" Question: {shots[0]['question']} Answer: {shots[0]['answers'][0]}\n")])
-    test_questions = {q["question_id"]: q for q in data.read_questions(dirs.prepared, "test")}
+    test_questions = {q["question_id"]: q for q in read_questions(dirs.prepared, "test")}
     answer_set = sorted({r["closed"] for r in answers["1shot"]} | {"yes", "no", "circle"})
     with FeatureCache(features_file(dirs.features, "test")) as cache:
         for record in answers["1shot"][:3]:
@@ -185,7 +185,7 @@ def test_retrieval_stage_equals_an_independent_calculation(trained, smollm2):
     saved = json.loads((dirs.plots / "retrieval" / "limber" / "ranks.json").read_text())
     ids, texts = saved["image_ids"], saved["texts"]
     # Independently: the bridge on the cached tokens, z_t from the prototypes file, the relevance by caption text.
-    bridge, _ = load_bridge(dirs.models / "limber" / "bridge.pt")
+    bridge, _ = load_bridge(dirs.models / "limber")
     with FeatureCache(features_file(dirs.features, "test")) as cache:
         tokens = torch.from_numpy(cache.tokens(ids)).float()
     with torch.inference_mode():
@@ -193,7 +193,7 @@ def test_retrieval_stage_equals_an_independent_calculation(trained, smollm2):
     with h5py.File(prototypes_file(dirs.prototypes), "r") as f:
         all_texts = [t.decode() for t in f["texts"][:]]
         z_t = f["z_t"][:][[all_texts.index(t) for t in texts]].astype(np.float64)
-    captions = {r["image_id"]: r["captions"] for r in data.read_manifest(dirs.prepared, "test").images}
+    captions = {r.image_id: r.captions for r in read_manifest(dirs.prepared, "test").images}
     assert texts == list(dict.fromkeys(c for i in ids for c in captions[i]))  # distinct texts, no tied copies
     assert len(ids) == 8 and metrics["distinct_texts"] == len(texts) == len(set(texts))
     relevant = np.array([[t in captions[i] for t in texts] for i in ids])
@@ -281,9 +281,9 @@ def test_cached_shot_prefix_and_prefill_equal_the_whole_sequences(smollm2):
 
 def test_bridge_from_another_encoder_is_refused(trained, smollm2, tmp_path):
     cfg, dirs = trained
-    bridge, meta = load_bridge(dirs.models / "limber" / "bridge.pt")
+    bridge, meta = load_bridge(dirs.models / "limber")
     other = dirs.sharing_inputs(tmp_path / "data")
-    save_bridge(other.models / "limber" / "bridge.pt", bridge, meta | {"encoder_weights_sha256": "0" * 64})
+    save_bridge(other.models / "limber", bridge, meta | {"encoder_weights_sha256": "0" * 64})
     with pytest.raises(MismatchError) as err:
         load_eval_inputs(cfg, "limber", other, lm=smollm2)
     assert "another encoder" in str(err.value) and "\n" not in str(err.value)
@@ -294,10 +294,10 @@ def test_missing_bridge_fails_in_one_line(tmp_path):
     params.write_text("evaluate:\n  common:\n    test_images: 4\n")
     row = {"image_id": "1", "image_path": "1.png", "image_sha256": "0" * 64, "captions": ["a red circle"],
            "attributes": "{}"}
-    data.write_split(tmp_path / "prepared", data.Split("test", "package:easy_vqa", [row]))
+    write_split(tmp_path / "prepared", Split("test", "package:easy_vqa", [row]))
     proc = subprocess.run(
         [sys.executable, "-m", "stages.evaluate_caption", "--method", "vlap", "--params", str(params),
          "--data", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: {tmp_path}/models/vlap/bridge.pt: trained bridge not found (run the train stage first)"]
+        f"error: {tmp_path}/models/vlap/model.safetensors: trained bridge not found (run the train stage first)"]

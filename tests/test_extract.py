@@ -1,6 +1,7 @@
 """Feature cache on 32 real easy-VQA images through the real EfficientNet-Lite0."""
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 import logging
 import shutil
@@ -9,8 +10,10 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import data
-from pipeline.cache import FeatureCache, cache_key, extract_split
+from pipeline.images import load_image
+from pipeline.manifest import Manifest
+from pipeline.extraction import cache_key, extract_split
+from pipeline.features import FeatureCache
 from pipeline.errors import CacheError
 from tests.conftest import small_manifest
 
@@ -28,11 +31,11 @@ def extracted(manifest32, easyvqa_root, lite0, tmp_path_factory):
 
 def test_cached_tokens_equal_direct_forward(extracted, manifest32, easyvqa_root, lite0):
     result, _ = extracted
-    images = [data.load_image(easyvqa_root / r["image_path"]) for r in manifest32.images]
+    images = [load_image(easyvqa_root / r.image_path) for r in manifest32.images]
     direct = lite0.encode(images).numpy()  # (32, 49, 1280)
     assert direct.shape == (32, 49, 1280)
     with FeatureCache(result.path) as cache:
-        assert cache.ids == [r["image_id"] for r in manifest32.images]
+        assert cache.ids == [r.image_id for r in manifest32.images]
         cached = cache.tokens().astype(np.float32)
         assert cache.attrs["cache_key"] == result.key
         assert cache.attrs["encoder"] == "efficientnet-lite0"
@@ -46,7 +49,7 @@ def test_cached_tokens_equal_direct_forward(extracted, manifest32, easyvqa_root,
 
 def test_second_run_is_a_hit(extracted, manifest32, easyvqa_root, lite0, caplog):
     result, out = extracted
-    caplog.set_level(logging.INFO, logger="pipeline.cache")
+    caplog.set_level(logging.INFO, logger="pipeline.extraction")
     before = result.path.stat().st_mtime_ns
     again = extract_split(manifest32, easyvqa_root, lite0, out, batch_size=16, block_size=8)
     assert again.hit and again.n_encoded == 0 and again.path == result.path
@@ -69,18 +72,18 @@ def test_corrupt_and_missing_images_are_skipped(manifest32, easyvqa_root, lite0,
     root = tmp_path / "images"
     rows = []
     for row in manifest32.images[:6]:
-        dst = root / row["image_path"]
+        dst = root / row.image_path
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(easyvqa_root / row["image_path"], dst)
-        rows.append(dict(row))
-    (root / rows[1]["image_path"]).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 10)  # corrupt PNG
-    (root / rows[4]["image_path"]).unlink()  # missing file
-    manifest = data.Manifest("train", manifest32.image_root, rows)
+        shutil.copy(easyvqa_root / row.image_path, dst)
+        rows.append(row)
+    (root / rows[1].image_path).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 10)  # corrupt PNG
+    (root / rows[4].image_path).unlink()  # missing file
+    manifest = Manifest("train", manifest32.image_root, rows)
     result = extract_split(manifest, root, lite0, tmp_path / "features", batch_size=4, block_size=4)
     reasons = {f["image_id"]: f["reason"] for f in result.failed}
-    assert set(reasons) == {rows[1]["image_id"], rows[4]["image_id"]}
-    assert reasons[rows[4]["image_id"]].startswith("missing file")
-    assert reasons[rows[1]["image_id"]].startswith("unreadable image")
+    assert set(reasons) == {rows[1].image_id, rows[4].image_id}
+    assert reasons[rows[4].image_id].startswith("missing file")
+    assert reasons[rows[1].image_id].startswith("unreadable image")
     with FeatureCache(result.path) as cache:
         assert len(cache.ids) == 4 and cache.tokens().shape == (4, 49, 1280)
         assert {f["image_id"] for f in cache.failed} == set(reasons)
@@ -88,7 +91,7 @@ def test_corrupt_and_missing_images_are_skipped(manifest32, easyvqa_root, lite0,
 
 def test_key_ignores_batch_size_but_not_content(manifest32, lite0):
     base = cache_key(manifest32, lite0, "float16")
-    changed = data.Manifest("train", manifest32.image_root, [dict(manifest32.images[0], image_sha256="0" * 64)]
+    changed = Manifest("train", manifest32.image_root, [dataclasses.replace(manifest32.images[0], image_sha256="0" * 64)]
                             + manifest32.images[1:])
     assert cache_key(changed, lite0, "float16") != base
     assert cache_key(manifest32, lite0, "float32") != base
@@ -134,11 +137,11 @@ def test_corrupt_chunk_is_caught_on_read_in_one_line(extracted, tmp_path):
 
 
 def test_two_dask_workers_give_the_inline_file_byte_for_byte(manifest32, easyvqa_root, lite0, tmp_path):
-    from pipeline.cache import ShardCluster
+    from pipeline.extraction import ShardCluster
 
-    manifest = data.Manifest("train", manifest32.image_root, manifest32.images[:32] * 2)  # 64 images, 8 shards
-    manifest = data.Manifest("train", manifest.image_root,
-                             [dict(r, image_id=f"{r['image_id']}-{k}") for k, r in enumerate(manifest.images)])
+    manifest = Manifest("train", manifest32.image_root, manifest32.images[:32] * 2)  # 64 images, 8 shards
+    manifest = Manifest("train", manifest.image_root,
+                             [dataclasses.replace(r, image_id=f"{r.image_id}-{k}") for k, r in enumerate(manifest.images)])
     inline = extract_split(manifest, easyvqa_root, lite0, tmp_path / "inline", batch_size=8, block_size=8)
     with ShardCluster(workers=2) as cluster:
         sharded = extract_split(manifest, easyvqa_root, lite0, tmp_path / "dask", batch_size=8, block_size=8,

@@ -18,7 +18,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from pipeline.config import METHODS, Config, PrepareConfig
 from pipeline.paths import Dirs
-from stages import graph
+from stages import graph, sources
 from vlap import flow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,14 +84,14 @@ def test_key_hashes_data_deps_by_content(tmp_path):
     cfg, ev = Config(), node("evaluate_caption")
     a, b = Dirs.under(tmp_path / "a"), Dirs.under(tmp_path / "b")
     for dirs in (a, b):
-        for path in (dirs.models / "vlap" / "bridge.pt", dirs.features / "index.json", dirs.prepared / "t.parquet"):
+        for path in (dirs.models / "vlap" / "model.safetensors", dirs.features / "index.json", dirs.prepared / "t.parquet"):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"v1")
     key = flow.task_key(ev, "vlap", cfg, a)
     assert flow.task_key(ev, "vlap", cfg, b) == key  # same bytes elsewhere: same key
-    (b.models / "vlap" / "bridge.pt").write_bytes(b"retrained")
+    (b.models / "vlap" / "model.safetensors").write_bytes(b"retrained")
     assert flow.task_key(ev, "vlap", cfg, b) != key
-    (b.models / "vlap" / "bridge.pt").write_bytes(b"v1")
+    (b.models / "vlap" / "model.safetensors").write_bytes(b"v1")
     (b.metrics / "vqa").mkdir(parents=True)
     (b.metrics / "vqa" / "vlap.json").write_text("{}")  # not a dep of captioning
     assert flow.task_key(ev, "vlap", cfg, b) == key
@@ -110,8 +110,9 @@ def test_code_edit_changes_the_key(tmp_path, monkeypatch):
     assert flow.task_key(summarize, None, Config(), dirs) != key
 
 
-def test_prepare_key_hashes_every_file_a_prepare_key_names(tmp_path):
-    """A changed questions file, or any file of the test source, is a new prepare key."""
+def test_prepare_key_follows_every_file_a_prepare_key_names(tmp_path):
+    """A changed questions file, any file of the test source, or an image changes sources.json (the sources
+    stage, which runs every time), and with it prepare's key."""
     prepare, dirs = node("prepare"), Dirs.under(tmp_path / "data")
     files = {k: tmp_path / f"{k}.json" for k in ("annotations", "questions", "test_annotations", "test_questions")}
     for f in files.values():
@@ -119,11 +120,19 @@ def test_prepare_key_hashes_every_file_a_prepare_key_names(tmp_path):
     (tmp_path / "images").mkdir()
     cfg = Config(prepare=PrepareConfig(source="vqav2", folder=str(tmp_path / "images"), test_source="vqav2",
                                        test_folder=str(tmp_path / "images"), **{k: str(f) for k, f in files.items()}))
+    (tmp_path / "images" / "a.png").write_bytes(b"v1")
+    sources.run(cfg, dirs)
     key = flow.task_key(prepare, None, cfg, dirs)
+    sources.run(cfg, dirs)
+    assert flow.task_key(prepare, None, cfg, dirs) == key  # the same data: the same key
     for name, f in files.items():
         f.write_text('{"changed": "%s"}' % name)
+        sources.run(cfg, dirs)
         assert flow.task_key(prepare, None, cfg, dirs) != key, name
         key = flow.task_key(prepare, None, cfg, dirs)
+    (tmp_path / "images" / "a.png").write_bytes(b"v2")
+    sources.run(cfg, dirs)
+    assert flow.task_key(prepare, None, cfg, dirs) != key
 
 
 def test_prepare_task_runs_once_then_is_a_cache_hit(prefect_server, tmp_path):
@@ -133,6 +142,8 @@ def test_prepare_task_runs_once_then_is_a_cache_hit(prefect_server, tmp_path):
     dirs, prepare = Dirs.under(tmp_path / "data"), node("prepare")
 
     def run_prepare():
+        assert flow.stage_task(node("sources"), None, cfg, dirs)("sources", str(params), str(dirs.root), None,
+                                                                 return_state=True).name == "Completed"  # always
         return flow.stage_task(prepare, None, cfg, dirs)("prepare", str(params), str(dirs.root), None,
                                                          return_state=True)
 

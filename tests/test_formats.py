@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline import data
+from pipeline.errors import ConfigError, DatasetError
+from pipeline.images import load_image
+from pipeline.io import sha256_file
+from pipeline.manifest import has_captions, has_questions, manifest_splits, read_manifest, read_questions, resolve_image_root
+from pipeline.sources import cc3m, load_source, nocaps, vqav2
+from pipeline.sources.common import split_by_content
 from pipeline.config import Config, PrepareConfig, parse_config
 from pipeline.paths import Dirs
 from stages import evaluate_arithmetic, evaluate_caption, evaluate_retrieval, prepare
@@ -26,7 +31,7 @@ def draw(path: Path, k: int) -> Path:
 
 
 def one_line_error(call, *fragments: str) -> str:
-    with pytest.raises(data.DatasetError) as err:
+    with pytest.raises(DatasetError) as err:
         call()
     message = str(err.value)
     assert "\n" not in message and all(f in message for f in fragments), message
@@ -66,14 +71,14 @@ def test_cc3m_matches_downloads_to_tsv_rows_by_url(tmp_path):
     assert report["train"] == {"images": 3, "captions": 4}
     assert report["missing"] == {"count": 2, "first_lines": [4, 7]}  # dead link, failed download
     assert report["downloads_not_in_tsv"] == 1
-    train = data.read_manifest(tmp_path / "prepared", "train")
-    assert train.image_root == "params:prepare.folder" and data.manifest_splits(tmp_path / "prepared") == ["train"]
+    train = read_manifest(tmp_path / "prepared", "train")
+    assert train.image_root == "params:prepare.folder" and manifest_splits(tmp_path / "prepared") == ["train"]
     assert train.captions_by_id == {"00000/000000001.jpg": ["a dog on a beach", "another dog caption"],
                                     "00001/000010000.jpg": ["a red car"], "00000/000000000.jpg": ["a cat asleep"]}
-    assert [r["image_path"] for r in train.images] == [r["image_id"] for r in train.images]
+    assert [r.image_path for r in train.images] == [r.image_id for r in train.images]
     assert str(tmp_path).encode() not in (tmp_path / "prepared" / "train.parquet").read_bytes()
 
-    everything_test, _ = data.load_cc3m(PrepareConfig(source="cc3m", folder=str(folder), annotations=str(tsv),
+    everything_test, _ = cc3m.load(PrepareConfig(source="cc3m", folder=str(folder), annotations=str(tsv),
                                                       test_fraction=1.0))
     assert [s.name for s in everything_test] == ["test"] and len(everything_test[0].images) == 3
 
@@ -82,17 +87,17 @@ def test_cc3m_malformed_files_name_the_file_and_field(tmp_path):
     folder, tsv = write_cc3m(tmp_path)
     cfg = PrepareConfig(source="cc3m", folder=str(folder), annotations=str(tsv))
     tsv.write_text("a dog\thttp://x/dog.jpg\nno url here\n")
-    one_line_error(lambda: data.load_cc3m(cfg), str(tsv), "line 2", "2 tab-separated fields (caption, url)")
+    one_line_error(lambda: cc3m.load(cfg), str(tsv), "line 2", "2 tab-separated fields (caption, url)")
     tsv.write_text("a dog\thttp://x/dog.jpg\textra\n")
-    one_line_error(lambda: data.load_cc3m(cfg), str(tsv), "line 1", "got 3")
+    one_line_error(lambda: cc3m.load(cfg), str(tsv), "line 1", "got 3")
     tsv.unlink()
-    one_line_error(lambda: data.load_cc3m(cfg), str(tsv), "file not found", "prepare.annotations")
+    one_line_error(lambda: cc3m.load(cfg), str(tsv), "file not found", "prepare.annotations")
     write_cc3m(tmp_path)
     sidecar = folder / "00000" / "000000001.json"
     sidecar.write_text(json.dumps({"key": "000000001", "status": "success"}))
-    one_line_error(lambda: data.load_cc3m(cfg), str(sidecar), "missing field 'url'")
+    one_line_error(lambda: cc3m.load(cfg), str(sidecar), "missing field 'url'")
     sidecar.write_text("{not json")
-    one_line_error(lambda: data.load_cc3m(cfg), str(sidecar), "not valid JSON")
+    one_line_error(lambda: cc3m.load(cfg), str(sidecar), "not valid JSON")
 
 
 # ---------------------------------------------------------------- NoCaps
@@ -121,15 +126,15 @@ def write_nocaps(tmp_path: Path, domains: tuple[str, ...] = NOCAPS_DOMAINS) -> t
 
 def test_nocaps_is_all_test_with_domains(tmp_path):
     folder, path = write_nocaps(tmp_path)
-    splits, report = data.load_nocaps(PrepareConfig(source="nocaps", folder=str(folder), annotations=str(path)))
+    splits, report = nocaps.load(PrepareConfig(source="nocaps", folder=str(folder), annotations=str(path)))
     assert [s.name for s in splits] == ["test"]
     assert report["test"] == {"images": 4, "captions": 8,
                               "domains": {"in-domain": 1, "near-domain": 2, "out-domain": 1}}
     rows = splits[0].images
-    assert [r["image_id"] for r in rows] == ["0", "1", "2", "3"]
-    assert rows[2]["image_path"] == f"{2:016x}.jpg" and rows[2]["captions"] == ["image 2 caption 0.",
+    assert [r.image_id for r in rows] == ["0", "1", "2", "3"]
+    assert rows[2].image_path == f"{2:016x}.jpg" and rows[2].captions == ["image 2 caption 0.",
                                                                                 "image 2 caption 1."]
-    assert [json.loads(r["attributes"]) for r in rows] == [{"domain": d} for d in NOCAPS_DOMAINS]
+    assert [json.loads(r.attributes) for r in rows] == [{"domain": d} for d in NOCAPS_DOMAINS]
 
 
 def test_nocaps_malformed_files_name_the_file_and_field(tmp_path):
@@ -138,17 +143,17 @@ def test_nocaps_malformed_files_name_the_file_and_field(tmp_path):
     doc = json.loads(path.read_text())
     del doc["images"][1]["domain"]
     path.write_text(json.dumps(doc))
-    one_line_error(lambda: data.load_nocaps(cfg), str(path), "images[1]", "'domain'")
+    one_line_error(lambda: nocaps.load(cfg), str(path), "images[1]", "'domain'")
     doc = nocaps_doc(["in-domain"] * 4)
     doc["annotations"][3]["caption"] = None
     path.write_text(json.dumps(doc))
-    one_line_error(lambda: data.load_nocaps(cfg), str(path), "annotations[3].caption", "expected str")
+    one_line_error(lambda: nocaps.load(cfg), str(path), "annotations[3].caption", "expected str")
     path.write_text(json.dumps({"annotations": []}))
-    one_line_error(lambda: data.load_nocaps(cfg), str(path), "missing field 'images'")
+    one_line_error(lambda: nocaps.load(cfg), str(path), "missing field 'images'")
     path.write_text(json.dumps(nocaps_doc(["in-domain"] * 5)))  # image 4 was never drawn
-    one_line_error(lambda: data.load_nocaps(cfg), str(path), "images[4].file_name", "not found under prepare.folder")
+    one_line_error(lambda: nocaps.load(cfg), str(path), "images[4].file_name", "not found under prepare.folder")
     path.unlink()
-    one_line_error(lambda: data.load_nocaps(cfg), str(path), "file not found")
+    one_line_error(lambda: nocaps.load(cfg), str(path), "file not found")
 
 
 # ---------------------------------------------------------------- VQAv2
@@ -189,19 +194,19 @@ def test_vqav2_questions_with_ten_answers_and_types(tmp_path):
     report = prepare.run(cfg, Dirs.under(tmp_path))
     assert report["test"] == {"images": 2, "captions": 0, "questions": 3,
                               "answer_types": {"number": 1, "other": 1, "yes/no": 1}}
-    test = data.read_manifest(tmp_path / "prepared", "test")
-    assert [(r["image_id"], r["image_path"], r["captions"]) for r in test.images] == [
+    test = read_manifest(tmp_path / "prepared", "test")
+    assert [(r.image_id, r.image_path, r.captions) for r in test.images] == [
         ("42", "val2014/COCO_val2014_000000000042.jpg", []), ("7", "val2014/COCO_val2014_000000000007.jpg", [])]
-    questions = {q["question_id"]: q for q in data.read_questions(tmp_path / "prepared", "test")}
+    questions = {q["question_id"]: q for q in read_questions(tmp_path / "prepared", "test")}
     assert questions["4201"] == {"question_id": "4201", "image_id": "42", "question": "How many dogs are there?",
                                  "answers": ANSWERS[4201][2], "question_type": "how many", "answer_type": "number"}
     assert all(len(q["answers"]) == 10 for q in questions.values())
-    assert not data.has_captions(tmp_path / "prepared", "test") and data.has_questions(tmp_path / "prepared", "test")
+    assert not has_captions(tmp_path / "prepared", "test") and has_questions(tmp_path / "prepared", "test")
 
     flat = tmp_path / "flat"
-    splits, _ = data.load_vqav2(vqav2_config(*write_vqav2(flat, "train2014", in_subfolder=False)))
+    splits, _ = vqav2.load(vqav2_config(*write_vqav2(flat, "train2014", in_subfolder=False)))
     assert [s.name for s in splits] == ["train"]  # a train* subtype is training data
-    assert splits[0].images[0]["image_path"] == "COCO_train2014_000000000042.jpg"  # images straight in the folder
+    assert splits[0].images[0].image_path == "COCO_train2014_000000000042.jpg"  # images straight in the folder
 
 
 def test_vqav2_malformed_files_name_the_file_and_field(tmp_path):
@@ -210,25 +215,25 @@ def test_vqav2_malformed_files_name_the_file_and_field(tmp_path):
     annotations = json.loads(a_path.read_text())
     del annotations["annotations"][1]["answer_type"]
     a_path.write_text(json.dumps(annotations))
-    one_line_error(lambda: data.load_vqav2(cfg), str(a_path), "annotations[1]", "'answer_type'")
+    one_line_error(lambda: vqav2.load(cfg), str(a_path), "annotations[1]", "'answer_type'")
     del annotations["annotations"][1]
     a_path.write_text(json.dumps(annotations))
-    one_line_error(lambda: data.load_vqav2(cfg), str(a_path), "no annotation for question_id 4201")
+    one_line_error(lambda: vqav2.load(cfg), str(a_path), "no annotation for question_id 4201")
     write_vqav2(tmp_path)
     questions = json.loads(q_path.read_text())
     questions["questions"][2]["image_id"] = "7"
     q_path.write_text(json.dumps(questions))
-    one_line_error(lambda: data.load_vqav2(cfg), str(q_path), "questions[2].image_id", "expected int")
+    one_line_error(lambda: vqav2.load(cfg), str(q_path), "questions[2].image_id", "expected int")
     questions["questions"][2]["image_id"] = 99
     q_path.write_text(json.dumps(questions))
-    one_line_error(lambda: data.load_vqav2(cfg), str(q_path), "COCO_val2014_000000000099.jpg not found")
+    one_line_error(lambda: vqav2.load(cfg), str(q_path), "COCO_val2014_000000000099.jpg not found")
     del questions["data_subtype"]
     q_path.write_text(json.dumps(questions))
-    one_line_error(lambda: data.load_vqav2(cfg), str(q_path), "missing field 'data_subtype'")
+    one_line_error(lambda: vqav2.load(cfg), str(q_path), "missing field 'data_subtype'")
     q_path.write_text("[1, 2")
-    one_line_error(lambda: data.load_vqav2(cfg), str(q_path), "not valid JSON")
-    with pytest.raises(data.ConfigError, match="prepare.questions"):
-        data.load_vqav2(PrepareConfig(source="vqav2", folder=str(folder), annotations=str(a_path)))
+    one_line_error(lambda: vqav2.load(cfg), str(q_path), "not valid JSON")
+    with pytest.raises(ConfigError, match="prepare.questions"):
+        vqav2.load(PrepareConfig(source="vqav2", folder=str(folder), annotations=str(a_path)))
 
 
 # ---------------------------------------------------------------- a training source and a test source
@@ -244,33 +249,33 @@ def test_test_source_replaces_the_training_sources_test_split(tmp_path):
     params = {"source": "folder", "folder": str(train_folder), "test_fraction": 0.5, "test_source": "nocaps",
               "test_folder": str(nocaps_folder), "test_annotations": str(nocaps_json)}
     cfg = parse_config({"prepare": params})
-    assert {data.split_by_content(data.sha256_file(train_folder / f"{k}.png"), 0.5) for k in range(6)} == {
+    assert {split_by_content(sha256_file(train_folder / f"{k}.png"), 0.5) for k in range(6)} == {
         "train", "test"}  # without test_source some of these would be test images
     report = prepare.run(cfg, Dirs.under(tmp_path))
     assert report["train"] == {"images": 6, "captions": 6}
     assert report["test"]["images"] == 4 and report["test_source"] == {"source": "nocaps"}
     prepared = tmp_path / "prepared"
-    assert data.manifest_splits(prepared) == ["test", "train"]
-    test, train = data.read_manifest(prepared, "test"), data.read_manifest(prepared, "train")
+    assert manifest_splits(prepared) == ["test", "train"]
+    test, train = read_manifest(prepared, "test"), read_manifest(prepared, "train")
     assert train.image_root == "params:prepare.folder" and test.image_root == "params:prepare.test_folder"
-    assert json.loads(test.images[0]["attributes"]) == {"domain": "in-domain"}
-    assert data.resolve_image_root(test.image_root, cfg.prepare) == nocaps_folder
-    assert data.load_image(nocaps_folder / test.images[0]["image_path"]).size == (16, 16)
+    assert json.loads(test.images[0].attributes) == {"domain": "in-domain"}
+    assert resolve_image_root(test.image_root, cfg.prepare) == nocaps_folder
+    assert load_image(nocaps_folder / test.images[0].image_path).size == (16, 16)
     assert str(tmp_path).encode() not in (prepared / "test.parquet").read_bytes()
 
     # VQAv2 as the test source; its messages name the test_* keys the user set
     folder, q_path, a_path = write_vqav2(tmp_path)
     cfg = parse_config({"prepare": params | {"test_source": "vqav2", "test_folder": str(folder),
                                              "test_annotations": str(a_path), "test_questions": str(q_path)}})
-    splits, report = data.load_source(cfg.prepare)
+    splits, report = load_source(cfg.prepare)
     assert [(s.name, s.image_root, len(s.questions)) for s in splits] == [
         ("test", "params:prepare.test_folder", 3), ("train", "params:prepare.folder", 0)]
-    with pytest.raises(data.ConfigError, match="prepare.test_questions"):
-        data.load_source(PrepareConfig(source="folder", folder=str(train_folder), test_source="vqav2",
+    with pytest.raises(ConfigError, match="prepare.test_questions"):
+        load_source(PrepareConfig(source="folder", folder=str(train_folder), test_source="vqav2",
                                        test_folder=str(folder), test_annotations=str(a_path)))
     train_only = write_vqav2(tmp_path / "train_only", "train2014")
-    with pytest.raises(data.DatasetError, match="prepare.test_source vqav2: its files give no test split"):
-        data.load_source(PrepareConfig(source="folder", folder=str(train_folder), test_source="vqav2",
+    with pytest.raises(DatasetError, match="prepare.test_source vqav2: its files give no test split"):
+        load_source(PrepareConfig(source="folder", folder=str(train_folder), test_source="vqav2",
                                        test_folder=str(train_only[0]), test_questions=str(train_only[1]),
                                        test_annotations=str(train_only[2])))
 

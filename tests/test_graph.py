@@ -16,7 +16,7 @@ from pipeline.paths import Dirs
 from stages import graph
 from graph_runner import run_graph
 from tiny_models import save_tiny_clip_vision, save_tiny_opt
-from vlap.flow import tree_digest
+from pipeline.digests import tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
 # Fields only some sources read (easy-VQA reads none of them).

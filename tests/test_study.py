@@ -48,7 +48,7 @@ def test_nothing_is_encoded_again_and_seeds_train_different_bridges(study):
         for name in ("features", "prototypes", "prepared"):
             link = out / "runs" / f"seed-{seed}" / name
             assert link.is_symlink() and link.resolve() == getattr(base, name).resolve()
-    w0, w1 = (load_bridge(out / "runs" / f"seed-{s}" / "models" / "vlap" / "bridge.pt")[0].proj.weight for s in (0, 1))
+    w0, w1 = (load_bridge(out / "runs" / f"seed-{s}" / "models" / "vlap")[0].proj.weight for s in (0, 1))
     assert not torch.equal(w0, w1)
 
 
@@ -85,7 +85,7 @@ def test_report_has_intervals_and_paired_differences(study):
 
 def test_a_rerun_keeps_finished_runs(study):
     cfg, base, out, report, _ = study
-    bridge = out / "runs" / "seed-0" / "models" / "limber" / "bridge.pt"
+    bridge = out / "runs" / "seed-0" / "models" / "limber" / "model.safetensors"
     mtime = bridge.stat().st_mtime_ns
     again = run_study(cfg, base, out, seeds=[0, 1], methods=["vlap", "limber", "contrastive"], steps=3,
                       test_images=10, vqa_questions=6, n_boot=200)

@@ -85,7 +85,7 @@ def test_vlap_lowers_both_losses(tiny_pipeline, smollm2, tmp_path):
     assert last < first - 1.0, (first, last)
     assert sum(ap[-5:]) / 5 < sum(ap[:5]) / 5, ap
     assert rows["loss_cap"] == pytest.approx(cap[-1])
-    bridge, meta = load_bridge(dirs.models / "vlap" / "bridge.pt")
+    bridge, meta = load_bridge(dirs.models / "vlap")
     assert meta["method"] == "vlap" and meta["samples"] == 64 and meta["d_model"] == 576
 
 
@@ -100,7 +100,7 @@ def test_precision_auto_is_fp32_on_every_cpu_and_bf16_trains(tiny_pipeline, smol
                 loader_workers=0)
     dirs = dirs.sharing_inputs(tmp_path / "data")
     assert train.run(cfg, dirs, "limber", lm=smollm2)["finished"]
-    _, meta = load_bridge(dirs.models / "limber" / "bridge.pt")
+    _, meta = load_bridge(dirs.models / "limber")
     assert meta["precision"] == "bf16" and meta["train"]["precision"] == "bf16"
     assert torch.isfinite(torch.tensor(meta["final"]["loss_cap"]))
 
@@ -127,13 +127,13 @@ def test_resumed_run_equals_uninterrupted(tiny_pipeline, smollm2, tmp_path):
     assert (resumed_dirs.models / "checkpoints" / "contrastive.pt").exists()
     done = train.run(cfg, resumed_dirs, "contrastive", lm=smollm2)
     assert done["finished"] and done["steps"] == 4
-    full, _ = load_bridge(full_dirs.models / "contrastive" / "bridge.pt")
-    resumed, _ = load_bridge(resumed_dirs.models / "contrastive" / "bridge.pt")
+    full, _ = load_bridge(full_dirs.models / "contrastive")
+    resumed, _ = load_bridge(resumed_dirs.models / "contrastive")
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
     # the saved files are byte-identical too (reproducible outputs)
-    assert (full_dirs.models / "contrastive" / "bridge.pt").read_bytes() == \
-        (resumed_dirs.models / "contrastive" / "bridge.pt").read_bytes()
+    assert (full_dirs.models / "contrastive" / "model.safetensors").read_bytes() == \
+        (resumed_dirs.models / "contrastive" / "model.safetensors").read_bytes()
     tsv = resumed_dirs.metrics / "train" / "contrastive" / "plots" / "metrics" / "train" / "loss_nce.tsv"
     assert len(tsv.read_text().strip().splitlines()) == 1 + 4  # header + every step once
 
@@ -141,9 +141,9 @@ def test_resumed_run_equals_uninterrupted(tiny_pipeline, smollm2, tmp_path):
 def test_prior_is_normalised_document_frequency_with_specials_zeroed(tiny_pipeline, smollm2):
     cfg, dirs = tiny_pipeline
     protos = load_prototypes(prototypes_file(dirs.prototypes))
-    from pipeline import data
+    from pipeline.manifest import read_manifest
 
-    captions = [c for r in data.read_manifest(dirs.prepared, "train").images for c in r["captions"]]
+    captions = [c for r in read_manifest(dirs.prepared, "train").images for c in r.captions]
     df = {}
     prompt = smollm2.tokenizer.encode(cfg.train.prompt, add_special_tokens=False)
     for caption in captions:  # document frequency of the caption's tokens as they follow the prompt

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from graph_runner import cut_easyvqa
-from pipeline import data
+from pipeline.manifest import Split, read_manifest, write_split
 from pipeline.config import load_config, parse_config
 from pipeline.paths import Dirs
 from stages import extract, prepare, prototypes
@@ -29,8 +29,8 @@ def tuned(tmp_path_factory, smollm2):
     base = Dirs.under(root / "data")
     run_stage(prepare, cfg, base)
     cut_easyvqa(base, (24, 4))
-    val = data.read_manifest(base.prepared, "val")
-    data.write_split(base.prepared, data.Split("val", val.image_root, val.images[:6]))
+    val = read_manifest(base.prepared, "val")
+    write_split(base.prepared, Split("val", val.image_root, val.images[:6]))
     run_stage(extract, cfg, base)
     run_stage(prototypes, cfg, base)
     report = run_tune(cfg, base, root / "tune", ["vlap", "limber", "contrastive"], [1e-3, 1e-2], [0.5], val_images=6)
@@ -60,7 +60,7 @@ def test_every_method_gets_the_same_grid_and_the_best_validation_score_is_chosen
 
 def test_a_rerun_keeps_finished_settings_and_apply_writes_params(tuned, tmp_path):
     cfg, root, report = tuned
-    bridge = next((root / "tune" / "runs" / "vlap").glob("*/models/vlap/bridge.pt"))
+    bridge = next((root / "tune" / "runs" / "vlap").glob("*/models/vlap/model.safetensors"))
     mtime = bridge.stat().st_mtime_ns
     again = run_tune(cfg, Dirs.under(root / "data"), root / "tune", ["vlap", "limber", "contrastive"], [1e-3, 1e-2],
                      [0.5], val_images=6)

@@ -8,16 +8,17 @@
     vlap study [--seeds 0 1 2] [--steps 200]        # seeds x methods with confidence intervals (vlap/study.py)
     vlap tune [--apply]                             # each method's lr and weight on the validation split (vlap/tune.py)
     vlap ablate [--factor KEY=V1,V2] [--set KEY=V]  # VLAP's settings one at a time as DVC experiments (vlap/ablate.py)
+    vlap preset NAME                                # write a preset's values into params.yaml (vlap/params_file.py)
+    vlap config                                     # print every param as resolved
 
 Reads  --params (default params.yaml: extract.encoder, evaluate.* devices, lengths and test images),
-       <data>/models/<method>/bridge.pt, and for search the test features, manifest and prototypes
+       the bridge <data>/models/<method>/, and for search the test features, manifest and prototypes
        under --data (default data). Writes nothing (study: its folder); prints the answer on stdout.
 Bad input (unreadable image, missing bridge, unknown method) -> one line on stderr, exit code 2.
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import json
 import logging
 import subprocess
@@ -28,21 +29,19 @@ from typing import NoReturn
 import torch
 from PIL import Image
 
-from pipeline import data
-from pipeline.bridge import load_bridge, visual_representation
+from pipeline.images import load_image
+from pipeline.manifest import read_manifest
+from pipeline.api import Bridge
+from pipeline.bridge import visual_representation
 from pipeline.config import METHODS, Config, load_config
 from pipeline.device import resolve_device
-from pipeline.encoders import VisionEncoder, load_encoder
-from pipeline.generation import greedy_decode, left_pad, rank_candidates, text_embeds
-from pipeline.lms import LanguageModel, load_lm
+from pipeline.lms import load_lm
 from pipeline.paths import Dirs
 from pipeline.prototypes import caption_representations
-from pipeline.tasks.captioning import decode_captions
-from pipeline.cache import features_file
+from pipeline.features import features_file
 from pipeline.tasks.inputs import load_eval_inputs
 from pipeline.tasks.retrieval import SCORERS, fit_on_training, scorer_similarities
-from pipeline.tasks.vqa import first_answer, query_text
-from pipeline.errors import USER_ERRORS, ConfigError, DatasetError, MismatchError
+from pipeline.errors import USER_ERRORS, ConfigError, DatasetError
 
 
 log = logging.getLogger("vlap")
@@ -59,37 +58,15 @@ class OneLineParser(argparse.ArgumentParser):
 def read_image(path: Path) -> Image.Image:
     """The image as RGB, or a one-line DatasetError naming the file."""
     try:
-        return data.load_image(path)
+        return load_image(path)
     except (OSError, ValueError) as err:  # PIL raises both; FileNotFoundError is an OSError too
         raise DatasetError(f"{path}: not a readable image ({getattr(err, 'strerror', None) or err})") from None
 
 
-def load_models(cfg: Config, method: str, data_dir: Path) -> tuple[torch.nn.Module, dict, VisionEncoder, LanguageModel]:
-    """The method's bridge (+ its saved config), the encoder of params and the LLM the bridge feeds."""
-    device = resolve_device(cfg.evaluate.common.device)
-    bridge, meta = load_bridge(Dirs.under(data_dir).models / method / "bridge.pt", device)
-    encoder = load_encoder(cfg.extract.encoder, device)
-    if encoder.weights_sha256 != meta.get("encoder_weights_sha256"):
-        raise MismatchError(f"extract.encoder {cfg.extract.encoder} is not the encoder the {method} bridge was trained "
-                         f"on ({meta.get('encoder')})")
-    return bridge, meta, encoder, load_lm(meta["llm"], device)
-
-
-@torch.inference_mode()
-def visual_prefixes(images: list[Image.Image], encoder: VisionEncoder, bridge: torch.nn.Module, dtype: str
-                    ) -> torch.Tensor:
-    """V (B, N, D): the images' tokens, rounded to the cache's storage dtype as in training, through the bridge."""
-    tokens = encoder.encode(images).to(getattr(torch, dtype)).float()  # (B, N, d_v)
-    return bridge(tokens)
-
-
-def answer(lm: LanguageModel, V: torch.Tensor, question: str, answers: list[str] | None, max_new_tokens: int) -> str:
-    """[V] " Question: q Answer:" as in pipeline/tasks/vqa.py: the most likely of `answers`, else decoded."""
-    embeds, mask = left_pad([torch.cat([V, text_embeds(lm, query_text(question))])])  # (1, T, D)
-    if answers:
-        scores = rank_candidates(lm, embeds, mask, [f" {a}" for a in answers])  # (1, C) log-likelihoods
-        return answers[int(scores[0].argmax())]
-    return first_answer(greedy_decode(lm, embeds, mask, max_new_tokens)[0])
+def load_bridge_for(cfg: Config, method: str, data_dir: Path) -> Bridge:
+    """The method's trained bridge, with the encoder of params (its weights must be the bridge's)."""
+    folder = Dirs.under(data_dir).models / method
+    return Bridge.load(folder, resolve_device(cfg.evaluate.common.device), encoder=cfg.extract.encoder)
 
 
 def best_scorer(dirs: Dirs, method: str) -> str:
@@ -114,7 +91,7 @@ def search(cfg: Config, method: str, dirs: Dirs, text: str, top: int, split: str
     z_t = torch.from_numpy(caption_representations(lm, [text], batch_size=1)).to(inputs.device)  # (1, D)
     fit = None
     if scorer != "cosine":  # fitted on training images and captions: a score never depends on the gallery
-        fit = fit_on_training(inputs, features_file(dirs.features, "train"), data.read_manifest(dirs.prepared, "train"),
+        fit = fit_on_training(inputs, features_file(dirs.features, "train"), read_manifest(dirs.prepared, "train"),
                               cfg.evaluate.retrieval, cfg.evaluate.common.batch_size)
     log.info("search: ranking by the %s scorer", scorer)
     block = cfg.evaluate.common.batch_size
@@ -160,7 +137,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     cfg, paths = load_config(args.params), image_files(args.images, args.folder)
     if len(paths) == 1:
         read_image(paths[0])  # a lone bad image fails before the models load
-    bridge, meta, encoder, lm = load_models(cfg, args.method, args.data)
+    bridge = load_bridge_for(cfg, args.method, args.data)
     batch_size, failed = args.batch_size or cfg.evaluate.common.batch_size, 0
     for start in range(0, len(paths), batch_size):
         batch = []
@@ -171,8 +148,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
                 print(f"error: {err}", file=sys.stderr)
                 failed += 1
         if batch:
-            V = visual_prefixes([image for _, image in batch], encoder, bridge, cfg.extract.dtype)
-            captions = decode_captions(lm, V, lm.embed(lm.prompt_ids(meta["prompt"])), cfg.evaluate.caption.max_new_tokens)
+            captions = bridge.caption([image for _, image in batch], cfg.evaluate.caption.max_new_tokens)
             for (path, _), text in zip(batch, captions):
                 print(f"{path}\t{' '.join(text.split())}", flush=True)  # one line, whatever was decoded
     return 2 if failed else 0
@@ -180,9 +156,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     cfg, image = load_config(args.params), read_image(args.image)
-    bridge, _, encoder, lm = load_models(cfg, args.method, args.data)
-    V = visual_prefixes([image], encoder, bridge, cfg.extract.dtype)[0]
-    print(answer(lm, V, args.question, args.answers, cfg.evaluate.vqa.max_new_tokens))
+    bridge = load_bridge_for(cfg, args.method, args.data)
+    print(bridge.ask(image, args.question, args.answers, cfg.evaluate.vqa.max_new_tokens))
     return 0
 
 
@@ -224,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("tune", help="every method's lr and alignment weight on the validation split, the same grid "
                                 "for each (vlap tune --help)")
+
+    sub.add_parser("preset", help="write a preset's values (the paper's settings) into params.yaml "
+                                  "(vlap preset --help)")
+    sub.add_parser("config", help="print every param as params.yaml resolves it")
 
     sub.add_parser("ablate", help="VLAP's settings one factor at a time, queued as DVC experiments: a table and "
                                   "plots (vlap ablate --help)")
@@ -268,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         from vlap import ablate
 
         return ablate.main(argv[1:])
+    if argv[:1] in (["preset"], ["config"]):  # vlap/params_file.py
+        from vlap import params_file
+
+        return (params_file.preset_main if argv[0] == "preset" else params_file.config_main)(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command != "run":  # `run` leaves logging to the flow (or to dvc); here stdout is the answer
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -8,7 +8,8 @@ through `stages.common.run_stage` (which holds the outputs' locks, so a flow run
 `dvc repro` never write one output together). Under `dvc repro` DVC decides what is stale;
 here each task's cache key hashes what DVC hashes for that stage: the values of its declared
 params, the content of its data deps and of its code deps (the files its imports reach). The
-prepare task also hashes its source data, which params name and dvc.yaml cannot list.
+sources task, like its `always_changed` DVC stage, runs every time: it digests the source data
+into sources.json, which prepare's key hashes like any data dep.
 Prefect's own defaults would not do: the default policy includes the flow run id, and INPUTS
 hashes a path by its string, not its content. Results (small dicts) persist under
 <data>/.prefect-results; a task whose outputs are missing, or changed since its last flow run,
@@ -40,9 +41,9 @@ from prefect import Task, flow, get_run_logger, task  # noqa: E402
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.data import package_dir  # noqa: E402
+from pipeline.digests import file_digest, tree_digest  # noqa: E402
 from pipeline.errors import ConfigError, report_user_errors  # noqa: E402
-from pipeline.io import sha256_file, sha256_json, write_json_atomic  # noqa: E402
+from pipeline.io import sha256_json, write_json_atomic  # noqa: E402
 from pipeline.paths import Dirs  # noqa: E402
 from pipeline.runtime import keep_freed_memory  # noqa: E402
 from stages.common import run_stage  # noqa: E402
@@ -53,29 +54,7 @@ from stages.graph import ROOT, Node, graph  # noqa: E402
 MAX_WORKERS = 1
 
 
-# ---------------------------------------------------------------- content digests
-_digests: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: a file is hashed once per process
-
-
-def file_digest(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _digests:
-        _digests[key] = sha256_file(path)
-    return _digests[key]
-
-
-def tree_digest(path: Path) -> str:
-    """A file's hash, a folder's hash over (relative name, hash) of its files, or "missing"."""
-    path = Path(path)
-    if path.is_file():
-        return file_digest(path)
-    if not path.is_dir():
-        return "missing"  # the stage itself then reports what is missing
-    return sha256_json({p.relative_to(path).as_posix(): file_digest(p) for p in sorted(path.rglob("*"))
-                        if p.is_file() and "__pycache__" not in p.parts})
-
-
+# ---------------------------------------------------------------- task keys
 def param_value(cfg: Config, key: str) -> Any:
     """The value of a dotted params key (a whole section as a dict)."""
     value: Any = cfg
@@ -84,26 +63,12 @@ def param_value(cfg: Config, key: str) -> Any:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
-SOURCE_PATH_KEYS = ("annotations", "questions", "test_folder", "test_annotations", "test_questions")
-
-
-def source_digest(cfg: Config) -> dict:
-    """What the prepare stage reads outside data/: the dataset itself, and every file or folder a
-    prepare key names (the test source's too)."""
-    p = cfg.prepare
-    root = package_dir("easy_vqa") / "data" if p.source == "easyvqa" else Path(p.folder)
-    return {"source": tree_digest(root)} | {key: tree_digest(Path(getattr(p, key)))
-                                            for key in SOURCE_PATH_KEYS if getattr(p, key)}
-
-
 def task_key(node: Node, method: str | None, cfg: Config, dirs: Dirs) -> str:
     """Hash of what DVC hashes for this stage: declared params, data deps, code deps."""
     spec = node.spec
     inputs = {"params": {k: param_value(cfg, k) for k in spec.param_keys(method)},
               "deps": {str(p.relative_to(dirs.root)): tree_digest(p) for p in spec.dep_paths(dirs, method)},
               "code": {f: file_digest(ROOT / f) for f in node.code}}
-    if spec.name == "prepare":
-        inputs["source"] = source_digest(cfg)
     return sha256_json({"stage": spec.label(method), **inputs})
 
 
@@ -153,7 +118,7 @@ STAGE_TASK: Task = task(run_stage_task, persist_result=True, cache_result_in_mem
 def stage_task(node: Node, method: str | None, cfg: Config, dirs: Dirs) -> Task:
     """The task of one stage run: keyed on its inputs (evaluated when it starts, after its upstream),
     results kept under <data>/.prefect-results, forced to re-run when an output is missing or was changed."""
-    stale = outputs_stale(node, method, dirs)
+    stale = node.spec.always_changed or outputs_stale(node, method, dirs)
     return STAGE_TASK.with_options(
         name=node.spec.name, task_run_name=node.spec.label(method), result_storage=dirs.root / ".prefect-results",
         cache_key_fn=lambda _ctx, _params: task_key(node, method, cfg, dirs), refresh_cache=True if stale else None)

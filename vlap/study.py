@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import data, stats
+from pipeline.bridge import WEIGHTS, read_bridge_config
 from pipeline.config import METHODS, Config, load_config, section_values
 from pipeline.errors import MissingInputError, report_user_errors
 from pipeline.io import sha256_file, sha256_json, write_json_atomic, write_text_atomic
@@ -54,12 +55,12 @@ def study_config(cfg: Config, seed: int, steps: int | None, test_images: int | N
 def train_and_evaluate(cfg: Config, dirs: Dirs, method: str, lm) -> None:
     """One (seed, method). A bridge trained with the same train and method settings is kept, and
     evaluations already run with the same settings on that bridge are not run again."""
-    bridge = dirs.models / method / "bridge.pt"
-    trained = bridge.exists() and trained_with(bridge, cfg, method)
+    bridge = dirs.models / method
+    trained = (bridge / WEIGHTS).exists() and trained_with(bridge, cfg, method)
     if not trained:
         run_stage(train, cfg, dirs, method, lm=lm)
     marker = dirs.root / "done" / f"{method}.json"
-    fingerprint = sha256_json({"bridge": sha256_file(bridge), "evaluate": {
+    fingerprint = sha256_json({"bridge": sha256_file(bridge / WEIGHTS), "evaluate": {
         f.name: section_values(getattr(cfg.evaluate, f.name)) for f in dataclasses.fields(cfg.evaluate)}})
     if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
         log.info("study: %s seed %d evaluated before, kept", method, cfg.train.seed)
@@ -70,7 +71,7 @@ def train_and_evaluate(cfg: Config, dirs: Dirs, method: str, lm) -> None:
 
 
 def trained_with(bridge: Path, cfg: Config, method: str) -> bool:
-    meta = json.loads(bridge.with_suffix(".json").read_text())  # the bridge's settings, written beside it
+    meta = read_bridge_config(bridge)  # the settings it was trained with
     return (meta.get("train") == section_values(cfg.train)
             and meta.get("method_config") == section_values(getattr(cfg.methods, method)))
 
@@ -87,7 +88,7 @@ def per_item_scores(dirs: Dirs, method: str) -> dict[str, dict[str, float]]:
         refs = {i: r["references"] for i, r in captions.items()}
         out["caption/CIDEr"] = cider_per_image(refs, {i: r["generated"] for i, r in captions.items()})
         test = data.read_manifest(dirs.prepared, "test").images
-        by_id = {r["image_id"]: json.loads(r["attributes"] or "{}").get("domain") for r in test}
+        by_id = {r.image_id: r.labels.get("domain") for r in test}
         domains["caption/CIDEr"] = {i: by_id[i] for i in captions if by_id.get(i)}
     answers = read_applicable(plots / "vqa" / method / "answers.json")
     for setting, records in (answers or {}).items():

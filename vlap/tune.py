@@ -25,8 +25,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline import data
-from pipeline.cache import features_file
+from pipeline.manifest import manifest_splits, read_manifest
+from pipeline.features import features_file
 from pipeline.config import METHODS, Config, load_config
 from pipeline.errors import ConfigError, MissingInputError, report_user_errors
 from pipeline.io import write_json_atomic, write_text_atomic
@@ -79,10 +79,10 @@ def evaluate_on_validation(cfg: Config, dirs: Dirs, method: str, lm, val_images:
         cfg.evaluate, common=dataclasses.replace(cfg.evaluate.common, test_images=val_images)))
     inputs = load_eval_inputs(eval_cfg, method, dirs, lm=lm, split="val")
     caption, _ = evaluate_captioning(inputs, eval_cfg)
-    fit = fit_on_training(inputs, features_file(dirs.features, "train"), data.read_manifest(dirs.prepared, "train"),
+    fit = fit_on_training(inputs, features_file(dirs.features, "train"), read_manifest(dirs.prepared, "train"),
                           eval_cfg.evaluate.retrieval, eval_cfg.evaluate.common.batch_size)
     retrieval, _, _ = evaluate_retrieval(inputs, eval_cfg, fit)
-    bridge_meta = json.loads((dirs.models / method / "bridge.json").read_text())
+    bridge_meta = json.loads((dirs.models / method / "config.json").read_text())
     final = {k: v for k, v in bridge_meta["final"].items() if k.startswith(("loss", "logit_scale"))}
     scores = {k: caption[k] for k in ("CIDEr", "METEOR", "BLEU-1")} | {
         f"{s}_{d}_R@1": retrieval[f"{s}_{d}_R@1"] for s in SCORERS for d in ("i2t", "t2i")}
@@ -93,7 +93,7 @@ def run_tune(cfg: Config, base: Dirs, out: Path, methods: list[str], lrs: list[f
              val_images: int, lm=None, temperatures: list[float] | None = None) -> dict:
     if not (base.features / "index.json").exists() or not base.prototypes.exists():
         raise MissingInputError(f"{base.root}: no cached features or prototypes (run `dvc repro prototypes` first)")
-    if "val" not in data.manifest_splits(base.prepared):
+    if "val" not in manifest_splits(base.prepared):
         raise ConfigError("params.yaml: prepare.validation_fraction: 0 leaves no validation split to tune on")
     if lm is None:
         from pipeline.device import resolve_device

@@ -22,7 +22,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from pipeline.data import read_image_bytes
+from pipeline.images import read_image_bytes
 
 
 def caption_scores(
@@ -151,7 +151,7 @@ def chance_scores(references: dict[str, list[str]], train_manifest, seed: int) -
     the level a bridge that ignores the image would reach by sampling the caption distribution."""
     import random
 
-    pool = [c for r in train_manifest.images for c in r["captions"]]
+    pool = [c for r in train_manifest.images for c in r.captions]
     if not pool:
         return {}
     rng = random.Random(seed)

@@ -5,16 +5,15 @@ bridge was trained on, and the prototypes from the LLM it feeds.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline import data
+from pipeline.manifest import Manifest, read_manifest, resolve_image_root
 from pipeline.bridge import load_bridge, visual_representation
-from pipeline.cache import FeatureCache, TokenReader, features_file
+from pipeline.features import FeatureCache, TokenReader, features_file
 from pipeline.errors import DatasetError, MismatchError
 from pipeline.config import Config
 from pipeline.device import resolve_device
@@ -57,13 +56,13 @@ class EvalInputs:
                           for i in range(0, len(self.image_ids), batch_size)])
 
 
-def select_test_images(manifest: data.Manifest, cache: FeatureCache, limit: int, need_captions: bool = True,
+def select_test_images(manifest: Manifest, cache: FeatureCache, limit: int, need_captions: bool = True,
                        only: set[str] | None = None) -> list[str]:
     """The first `limit` (0: all) images with features, and with captions unless told otherwise,
     among `only` when given."""
-    ids = [r["image_id"] for r in manifest.images
-           if (r["captions"] or not need_captions) and (only is None or r["image_id"] in only)
-           and r["image_id"] in cache.index]
+    ids = [r.image_id for r in manifest.images
+           if (r.captions or not need_captions) and (only is None or r.image_id in only)
+           and r.image_id in cache.index]
     return ids[:limit] if limit else ids
 
 
@@ -75,8 +74,8 @@ def load_eval_inputs(cfg: Config, method: str, dirs: Dirs, lm: LanguageModel | N
     images that have questions, VQAv2's have no captions); with `every_image` all its images with
     features (search)."""
     device = resolve_device(cfg.evaluate.common.device)
-    bridge, meta = load_bridge(Path(dirs.models) / method / "bridge.pt", device)
-    manifest = data.read_manifest(dirs.prepared, split)
+    bridge, meta = load_bridge(Path(dirs.models) / method, device)
+    manifest = read_manifest(dirs.prepared, split)
     with FeatureCache(features_file(dirs.features, split)) as cache:
         if cache.attrs.get("encoder_weights_sha256") != meta.get("encoder_weights_sha256"):
             raise MismatchError(f"{cache.path}: {split} features come from another encoder than the {method} bridge "
@@ -97,11 +96,11 @@ def load_eval_inputs(cfg: Config, method: str, dirs: Dirs, lm: LanguageModel | N
     protos = load_prototypes(prototypes_file(dirs.prototypes), device)
     if lm is not None:
         check_prototypes_match(protos, lm)
-    root = data.resolve_image_root(manifest.image_root, cfg.prepare)
-    by_id = {r["image_id"]: r for r in manifest.images}
+    root = resolve_image_root(manifest.image_root, cfg.prepare)
+    by_id = {r.image_id: r for r in manifest.images}
     return EvalInputs(
         method=method, bridge=bridge, meta=meta, lm=lm, protos=protos, image_ids=ids, features_path=cache.path, rows=rows,
-        captions={i: by_id[i]["captions"] for i in ids},
-        attributes={i: json.loads(by_id[i]["attributes"] or "{}") for i in ids},
-        image_paths={i: root / by_id[i]["image_path"] for i in ids}, device=device,
+        captions={i: by_id[i].captions for i in ids},
+        attributes={i: by_id[i].labels for i in ids},
+        image_paths={i: root / by_id[i].image_path for i in ids}, device=device,
     )

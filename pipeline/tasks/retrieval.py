@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache import FeatureCache
+from pipeline.features import FeatureCache
 from pipeline.config import Config, RetrievalEvalConfig
-from pipeline.data import Manifest
+from pipeline.manifest import Manifest
 from pipeline.ot import assign_with_columns, sinkhorn
 from pipeline.prototypes import Prototypes
 from pipeline.tasks.inputs import EvalInputs, select_test_images

@@ -1,21 +1,24 @@
-"""webdataset tar shards as img2dataset writes them: listing samples, reading members in place.
+"""webdataset tar shards as img2dataset writes them.
 
 A shard is `NNNNN.tar` holding, per sample, `{key}.jpg|png|webp` and `{key}.txt` and/or
 `{key}.json` (a caption field); shard lists are brace patterns (`{00000..00127}.tar`) relative
 to `prepare.folder`. Manifests name an image as `<shard>/<member>` (`00003.tar/000301.jpg`):
-no absolute path, and extraction reads the member straight from the tar, never unpacking.
-A truncated shard keeps the samples before the damage and lists the rest as skipped; a corrupt
-member fails to decode at extraction and is listed like any unreadable image.
+no absolute path, and extraction reads the member straight from the tar (pipeline.images),
+never unpacking. A truncated shard keeps the samples before the damage and lists the rest as
+skipped; a corrupt member fails to decode at extraction and is listed like any unreadable image.
+Split by image hash (prepare.test_fraction), as a folder without a split column.
 """
 from __future__ import annotations
 
 import json
-import tarfile
-from functools import lru_cache
 from pathlib import Path
 
+from pipeline.config import PrepareConfig
 from pipeline.errors import DatasetError
 from pipeline.io import sha256_bytes
+from pipeline.manifest import ImageRow, Split
+from pipeline.sources.common import (TRAIN_ROLE, Role, existing_folder, require_keys, split_by_content,
+                                     split_counts)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_FIELDS = ("caption", "text", "txt")  # json fields img2dataset and its users write
@@ -76,38 +79,16 @@ def list_samples(folder: Path, pattern: str) -> tuple[list[dict], list[dict]]:
     return samples, skipped
 
 
-# ---------------------------------------------------------------- reading a member in place
-def split_member_path(path: Path) -> tuple[Path, str] | None:
-    """`.../00003.tar/000301.jpg` -> (the shard, the member name); None for a plain file path."""
-    parts = Path(path).parts
-    for i in range(len(parts) - 1, 0, -1):
-        if parts[i - 1].endswith(".tar"):
-            return Path(*parts[:i]), "/".join(parts[i:])
-    return None
-
-
-@lru_cache(maxsize=8)
-def _members(shard: Path) -> tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]:
-    """An open shard and its member index; a truncated shard indexes the members before the damage."""
-    tar = tarfile.open(shard, mode="r:")
-    index = {}
-    try:
-        for info in tar:
-            index[info.name] = info
-    except (tarfile.TarError, OSError):
-        pass
-    return tar, index
-
-
-def read_member(shard: Path, member: str) -> bytes:
-    """The bytes of one member; FileNotFoundError when the shard or the member is not there."""
-    if not shard.is_file():
-        raise FileNotFoundError(f"shard {shard} not found")
-    tar, index = _members(shard)
-    info = index.get(member)
-    if info is None:
-        raise FileNotFoundError(f"{member} not in {shard.name} (or past its damaged end)")
-    data = tar.extractfile(info).read()
-    if len(data) != info.size:
-        raise OSError(f"{member} in {shard.name} is truncated ({len(data)} of {info.size} bytes)")
-    return data
+def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict]:
+    """Tar shards under prepare.folder named by the brace pattern prepare.shards. Damaged shards are
+    listed, not fatal."""
+    require_keys(cfg, role, "webdataset", "folder", "shards")
+    folder = existing_folder(cfg, role)
+    samples, skipped = list_samples(folder, cfg.shards)
+    by_split: dict[str, list[ImageRow]] = {}
+    for s in samples:
+        by_split.setdefault(split_by_content(s["sha256"], cfg.test_fraction), []).append(
+            ImageRow(f"{s['shard']}/{s['key']}", f"{s['shard']}/{s['member']}", s["sha256"],
+                     [s["caption"]] if s["caption"] else []))
+    splits = [Split(name, role.root, images) for name, images in sorted(by_split.items())]
+    return splits, split_counts(splits) | {"skipped": {"count": len(skipped), "items": skipped}}

@@ -1,19 +1,13 @@
-"""Content-keyed HDF5 cache of frozen vision tokens.
+"""Feature extraction: frozen vision tokens of every image of a split, written to the feature store.
 
-A cache file ``<key>.h5`` holds, for one split, ``tokens`` (n x N x d_v,
-float16 by default, one chunk per sample, each with a Fletcher-32 checksum so a
-corrupted chunk fails on read instead of being trained on), ``image_ids`` and the images that
-could not be read (``failed_ids``, ``failed_reasons``). The key hashes only what
-determines the content: the images' content hashes (in order), the encoder's
-family, weights hash and preprocessing, the storage dtype and the format
-version -- never a training or evaluation setting.
-
-Extraction is resumable: images are encoded in shards of ``shard_size``, each shard saved
-atomically under ``<key>.parts/``; an interrupted run skips finished shards. Shards are
-encoded inline, or on a Dask cluster (a LocalCluster of N worker processes, or an existing
-scheduler: several GPU machines), each a task that is retried on failure. The final file is
-assembled from the shards in one deterministic pass (no timestamps), so a resumed or a
-distributed run ends byte-identical to an uninterrupted inline one.
+The file's key hashes only what determines its content: the images' content hashes (in order), the
+encoder's family, weights hash and preprocessing, the storage dtype and the format version -- never
+a training or evaluation setting. Extraction is resumable: images are encoded in shards of
+``shard_size``, each shard saved atomically under ``<key>.parts/``; an interrupted run skips finished
+shards. Shards are encoded inline, or on a Dask cluster (a LocalCluster of N worker processes, or an
+existing scheduler: several GPU machines), each a task that is retried on failure. The final file is
+assembled from the shards in one deterministic pass (no timestamps), so a resumed or a distributed
+run ends byte-identical to an uninterrupted inline one. The read side is pipeline.features.
 """
 from __future__ import annotations
 
@@ -30,10 +24,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.data import Manifest, load_image
 from pipeline.encoders import VisionEncoder, load_encoder
-from pipeline.errors import CacheError, MissingInputError
+from pipeline.errors import CacheError
+from pipeline.features import FeatureCache
+from pipeline.images import load_image
 from pipeline.io import atomic_path, sha256_json
+from pipeline.manifest import ImageRow, Manifest
 from pipeline.runtime import keep_freed_memory
 
 log = logging.getLogger(__name__)
@@ -47,7 +43,7 @@ def cache_key(manifest: Manifest, encoder: VisionEncoder, dtype: str) -> str:
     return sha256_json(
         {
             "format": FORMAT_VERSION,
-            "images": [[r["image_id"], r["image_sha256"]] for r in manifest.images],
+            "images": [[r.image_id, r.image_sha256] for r in manifest.images],
             "encoder": {"weights_sha256": encoder.weights_sha256, "preprocessing": encoder.preprocessing},
             "dtype": dtype,
         }
@@ -124,16 +120,16 @@ def _encode_block(rows, image_root, encoder, dtype, batch_size, out: Path, bar) 
     for i in range(0, len(rows), batch_size):
         images, ids = [], []
         for row in rows[i : i + batch_size]:
-            path = image_root / row["image_path"]
+            path = image_root / row.image_path
             try:
                 images.append(load_image(path))
-                ids.append(row["image_id"])
+                ids.append(row.image_id)
             except FileNotFoundError:
-                failed_ids.append(row["image_id"])
-                reasons.append(f"missing file: {row['image_path']}")
+                failed_ids.append(row.image_id)
+                reasons.append(f"missing file: {row.image_path}")
             except Exception as err:  # PIL raises many types for a corrupt file
-                failed_ids.append(row["image_id"])
-                reasons.append(f"unreadable image {row['image_path']}: {type(err).__name__}: {err}")
+                failed_ids.append(row.image_id)
+                reasons.append(f"unreadable image {row.image_path}: {type(err).__name__}: {err}")
         if images:
             tokens.append(encoder.encode(images).cpu().numpy().astype(dtype))  # (b, N, d_v)
             ok_ids.extend(ids)
@@ -205,7 +201,7 @@ def _worker_encoder(spec: str, device: str) -> VisionEncoder:
     return load_encoder(spec, torch.device(device))
 
 
-def encode_shard(spec: str, device: str, rows: list[dict], image_root: str, dtype: str, batch_size: int,
+def encode_shard(spec: str, device: str, rows: list[ImageRow], image_root: str, dtype: str, batch_size: int,
                  out: str, threads: int) -> int:
     """A Dask task: encode one shard into its part file (the encoder is loaded once per worker process)."""
     keep_freed_memory()
@@ -256,109 +252,3 @@ def _library_versions() -> dict[str, str]:
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "h5py": h5py.__version__,
             "numpy": np.__version__, "pillow": PIL.__version__}
-
-
-def features_file(features_dir: Path, split: str) -> Path:
-    """The cache file the extract stage recorded for `split` in index.json."""
-    index = Path(features_dir) / "index.json"
-    if not index.exists():
-        raise MissingInputError(f"{index}: not found (run the extract stage first)")
-    entry = json.loads(index.read_text()).get(split)
-    if entry is None:
-        raise MissingInputError(f"{index}: no features for split {split!r}")
-    return Path(features_dir) / entry["file"]
-
-
-def read_token_rows(file: h5py.File, path: Path, rows: np.ndarray) -> np.ndarray:
-    """(len(rows), N, d_v) tokens of the given rows, in that order (repeats allowed), reading only those.
-
-    Dense requests are one contiguous read of their span (far faster than h5py's point
-    selection); sparse ones (a random training batch of a large split) read one chunk per
-    distinct row, so memory stays bounded by the request, never by the split. A chunk whose
-    Fletcher-32 checksum fails stops with one line naming the file and the sample.
-    """
-    data = file["tokens"]
-    rows = np.asarray(rows, dtype=np.int64)
-    distinct, inverse = np.unique(rows, return_inverse=True)
-    if len(distinct) == 0:
-        return np.empty((0,) + data.shape[1:], data.dtype)
-    try:
-        if distinct[-1] - distinct[0] + 1 <= 2 * len(distinct):
-            block = data[distinct[0] : distinct[-1] + 1][distinct - distinct[0]]
-        else:
-            block = np.stack([data[r] for r in distinct])
-    except OSError as err:  # checksum mismatch or an unreadable chunk
-        bad = next((int(r) for r in distinct if not _readable(data, int(r))), int(distinct[0]))
-        sample = file["image_ids"][bad].decode()
-        raise CacheError(f"{path}: sample {sample!r} (row {bad}) is corrupt ({err}); delete the file and re-run "
-                         f"the extract stage") from None
-    return block[inverse.reshape(-1)]
-
-
-def _readable(data: h5py.Dataset, row: int) -> bool:
-    try:
-        data[row]
-        return True
-    except OSError:
-        return False
-
-
-class TokenReader:
-    """Reads token rows of one cache file, kept open, without loading its list of ids."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        try:
-            self.file = h5py.File(self.path, "r")
-        except OSError as err:
-            raise CacheError(f"{self.path}: not a readable feature cache ({err})") from None
-
-    def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        return read_token_rows(self.file, self.path, rows)
-
-
-class FeatureCache:
-    """Read side of a cache file: ids, tokens by id, provenance attributes."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise MissingInputError(f"{self.path}: feature cache not found (run the extract stage first)")
-        try:
-            self.file = h5py.File(self.path, "r")
-            self.ids = [s.decode() for s in self.file["image_ids"][:]]
-        except (OSError, KeyError) as err:
-            raise CacheError(f"{self.path}: not a readable feature cache ({err})") from None
-        self.index = {image_id: i for i, image_id in enumerate(self.ids)}
-
-    @property
-    def attrs(self) -> dict:
-        return dict(self.file.attrs)
-
-    @property
-    def failed(self) -> list[dict]:
-        return [
-            {"image_id": i.decode(), "reason": r.decode()}
-            for i, r in zip(self.file["failed_ids"][:], self.file["failed_reasons"][:])
-        ]
-
-    def rows(self, image_ids: list[str]) -> np.ndarray:
-        """The cache row of each id (int64)."""
-        return np.array([self.index[i] for i in image_ids], dtype=np.int64)
-
-    def tokens(self, image_ids: list[str] | None = None) -> np.ndarray:
-        """(n, N, d_v) in the stored dtype, in the order of `image_ids` (repeats allowed; all when None)."""
-        return self.read_rows(np.arange(len(self.ids)) if image_ids is None else self.rows(image_ids))
-
-    def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """(len(rows), N, d_v) in the given order (repeats allowed); see `read_token_rows`."""
-        return read_token_rows(self.file, self.path, rows)
-
-    def close(self) -> None:
-        self.file.close()
-
-    def __enter__(self) -> "FeatureCache":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -1,0 +1,91 @@
+"""A trained bridge as a Python object: load it, caption images, answer questions.
+
+    from pipeline.api import Bridge
+    bridge = Bridge.load("data/models/vlap")             # model.safetensors + config.json
+    bridge.caption([Image.open("cat.png")])              # ["a cat on a sofa"]
+    bridge.ask(Image.open("cat.png"), "what color is the cat?", answers=["black", "white"])
+
+The bridge folder names the LLM and the encoder it was trained between; both are loaded on first use
+(pass `encoder=` for an `hf:` encoder, whose location the folder does not record). The `vlap caption`
+and `vlap ask` commands are this class.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from pipeline.bridge import load_bridge
+from pipeline.device import resolve_device
+from pipeline.encoders import VisionEncoder, load_encoder
+from pipeline.errors import ConfigError, MismatchError
+from pipeline.generation import greedy_decode, left_pad, rank_candidates, text_embeds
+from pipeline.lms import LanguageModel, load_lm
+from pipeline.tasks.captioning import decode_captions
+from pipeline.tasks.vqa import first_answer, query_text
+
+
+class Bridge:
+    """A trained bridge (torch module + config.json) and, loaded when first needed, its encoder and LLM."""
+
+    def __init__(self, module: torch.nn.Module, config: dict, device: torch.device,
+                 encoder: str | VisionEncoder | None = None, lm: LanguageModel | None = None):
+        """`encoder`: a spec to load (default: the config's) or a loaded encoder; `lm`: a loaded LLM
+        (default: the config's, loaded on first use)."""
+        self.module, self.config, self.device = module, config, device
+        self.encoder_spec = encoder.spec if isinstance(encoder, VisionEncoder) else encoder or config["encoder"]
+        self._encoder = self._checked(encoder) if isinstance(encoder, VisionEncoder) else None
+        self._lm = lm
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | torch.device = "auto", encoder: str | None = None) -> "Bridge":
+        device = resolve_device(device) if isinstance(device, str) else device
+        module, config = load_bridge(folder, device)
+        return cls(module, config, device, encoder)
+
+    @property
+    def method(self) -> str:
+        return self.config["method"]
+
+    @property
+    def encoder(self) -> VisionEncoder:
+        if self._encoder is None:
+            if self.encoder_spec == "hf":
+                raise ConfigError("the bridge's encoder is a transformers model whose location config.json does not "
+                                  "record: give encoder='hf:<hub id or folder>' (the CLI: extract.encoder)")
+            self._encoder = self._checked(load_encoder(self.encoder_spec, self.device))
+        return self._encoder
+
+    def _checked(self, encoder: VisionEncoder) -> VisionEncoder:
+        if encoder.weights_sha256 != self.config.get("encoder_weights_sha256"):
+            raise MismatchError(f"encoder {encoder.spec} is not the encoder the {self.method} bridge was "
+                                f"trained on ({self.config.get('encoder')})")
+        return encoder
+
+    @property
+    def lm(self) -> LanguageModel:
+        if self._lm is None:
+            self._lm = load_lm(self.config["llm"], self.device)
+        return self._lm
+
+    @torch.inference_mode()
+    def prefixes(self, images: list[Image.Image]) -> torch.Tensor:
+        """V (B, N, D): the images' tokens, rounded to the feature store's dtype as in training, bridged."""
+        dtype = getattr(torch, self.config.get("feature_dtype", "float16"))
+        return self.module(self.encoder.encode(images).to(dtype).float())
+
+    def caption(self, images: list[Image.Image], max_new_tokens: int = 12) -> list[str]:
+        """Greedy captions after [V ; prompt], one per image (one batch: split large lists yourself)."""
+        prompt = self.lm.embed(self.lm.prompt_ids(self.config["prompt"]))
+        return decode_captions(self.lm, self.prefixes(images), prompt, max_new_tokens)
+
+    def ask(self, image: Image.Image, question: str, answers: list[str] | None = None,
+            max_new_tokens: int = 4) -> str:
+        """[V] " Question: q Answer:" as the VQA evaluation asks: the most likely of `answers`, else decoded."""
+        V = self.prefixes([image])[0]
+        embeds, mask = left_pad([torch.cat([V, text_embeds(self.lm, query_text(question))])])  # (1, T, D)
+        if answers:
+            scores = rank_candidates(self.lm, embeds, mask, [f" {a}" for a in answers])  # (1, C) log-likelihoods
+            return answers[int(scores[0].argmax())]
+        return first_answer(greedy_decode(self.lm, embeds, mask, max_new_tokens)[0])

@@ -1,0 +1,61 @@
+"""Reading and decoding an image named by a manifest: a file, or a member of a tar shard
+(`<shard>.tar/<member>`, read in place, never unpacked)."""
+from __future__ import annotations
+
+import io
+import tarfile
+from functools import lru_cache
+from pathlib import Path
+
+from PIL import Image
+
+
+def split_member_path(path: Path) -> tuple[Path, str] | None:
+    """`.../00003.tar/000301.jpg` -> (the shard, the member name); None for a plain file path."""
+    parts = Path(path).parts
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i - 1].endswith(".tar"):
+            return Path(*parts[:i]), "/".join(parts[i:])
+    return None
+
+
+@lru_cache(maxsize=8)
+def _members(shard: Path) -> tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]:
+    """An open shard and its member index; a truncated shard indexes the members before the damage."""
+    tar = tarfile.open(shard, mode="r:")
+    index = {}
+    try:
+        for info in tar:
+            index[info.name] = info
+    except (tarfile.TarError, OSError):
+        pass
+    return tar, index
+
+
+def read_member(shard: Path, member: str) -> bytes:
+    """The bytes of one member; FileNotFoundError when the shard or the member is not there."""
+    if not shard.is_file():
+        raise FileNotFoundError(f"shard {shard} not found")
+    tar, index = _members(shard)
+    info = index.get(member)
+    if info is None:
+        raise FileNotFoundError(f"{member} not in {shard.name} (or past its damaged end)")
+    data = tar.extractfile(info).read()
+    if len(data) != info.size:
+        raise OSError(f"{member} in {shard.name} is truncated ({len(data)} of {info.size} bytes)")
+    return data
+
+
+def read_image_bytes(path: Path) -> bytes:
+    """The stored bytes of an image: a file, or a member of a tar shard."""
+    member = split_member_path(path)
+    return read_member(*member) if member else Path(path).read_bytes()
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode an image to RGB; raises FileNotFoundError when it is not there, OSError/ValueError with
+    the reason if unreadable."""
+    member = split_member_path(path)
+    with Image.open(io.BytesIO(read_member(*member)) if member else path) as img:
+        img.load()
+        return img.convert("RGB")

@@ -1,0 +1,42 @@
+"""NoCaps: a COCO-style captions JSON; test data only, each image with its domain."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from pipeline.config import PrepareConfig
+from pipeline.errors import DatasetError
+from pipeline.manifest import Split, image_row
+from pipeline.sources.common import (TRAIN_ROLE, Role, existing_folder, field_of, read_json, require_keys,
+                                     split_counts)
+
+def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict]:
+    """NoCaps (nocaps_val_4500_captions.json): {"images": [{"id", "file_name", "domain"}],
+    "annotations": [{"image_id", "caption"}]}; images under prepare.folder by file_name. Everything is
+    test data; each image keeps its domain (in-/near-/out-domain) in its attributes for per-domain
+    CIDEr. The test set's image-info file has no "annotations": its images get no captions."""
+    require_keys(cfg, role, "nocaps", "folder", "annotations")
+    root, path = existing_folder(cfg, role), Path(cfg.annotations)
+    doc = read_json(path, role.key("annotations"))
+    images = {}
+    for i, entry in enumerate(field_of(doc, "images", path, "top level", list)):
+        where = f"images[{i}]"
+        image_id = str(field_of(entry, "id", path, where, (int, str)))
+        name = field_of(entry, "file_name", path, where, str)
+        domain = field_of(entry, "domain", path, where, str)
+        if Path(name).is_absolute() or ".." in Path(name).parts or not (root / name).is_file():
+            raise DatasetError(f"{path}: {where}.file_name: image {name} not found under {role.key('folder')} {root}")
+        images[image_id] = image_row(root, name, image_id, [], {"domain": domain})
+    annotations = field_of(doc, "annotations", path, "top level", list) if "annotations" in doc else []
+    for i, ann in enumerate(annotations):
+        where = f"annotations[{i}]"
+        image_id = str(field_of(ann, "image_id", path, where, (int, str)))
+        caption = field_of(ann, "caption", path, where, str)
+        if image_id not in images:
+            raise DatasetError(f"{path}: {where}.image_id: {image_id} is not an image of the file")
+        images[image_id].captions.append(caption.strip())
+    split = Split("test", role.root, list(images.values()))
+    report = split_counts([split])
+    report["test"]["domains"] = dict(sorted(Counter(r.labels["domain"]
+                                                    for r in split.images).items()))
+    return [split], report

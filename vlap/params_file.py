@@ -1,0 +1,93 @@
+"""Writing values into params.yaml while keeping its comments and layout, and the `vlap preset` and
+`vlap config` commands.
+
+    vlap preset clip-vitb32_opt-1.3b   # write the preset's values into params.yaml
+    vlap config                        # print every param as it is resolved
+
+params.yaml holds a value for every key a stage reads: DVC records in dvc.lock exactly what ran,
+and `dvc params diff` / `dvc exp show` show it. A preset is a set of values, written in once.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import yaml as pyyaml
+
+from pipeline.config import PRESET_KEYS, PRESETS, Config, load_config, parse_config
+from pipeline.errors import report_user_errors
+
+
+def update_params(params: Path, values: dict[str, object]) -> None:
+    """Set dotted keys (`train.lr`) in params.yaml, keeping its comments (ruamel round trip); the new
+    file must validate before it replaces the old one."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.width = 120
+    # nulls stay written as `~`, as params.yaml writes them (ruamel's default is an empty value)
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "~"))
+    doc = yaml.load(params.read_text())
+    for key, value in values.items():
+        *sections, name = key.split(".")
+        node = doc
+        for section in sections:
+            node = node[section]
+        node[name] = value
+    tmp = params.with_name(f".{params.name}.tmp")
+    try:
+        with tmp.open("w") as f:
+            yaml.dump(doc, f)
+        load_config(tmp)  # what was written must validate before it replaces params.yaml
+        tmp.replace(params)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def preset_values(name: str) -> dict[str, object]:
+    """Every key a preset sets, with the preset's value (the defaults' where the preset leaves it)."""
+    cfg = parse_config({"preset": name})
+    return {key: resolved(cfg, key) for key in PRESET_KEYS}
+
+
+def resolved(cfg: Config, key: str) -> object:
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return list(node) if isinstance(node, tuple) else node
+
+
+def as_dict(section) -> object:
+    if dataclasses.is_dataclass(section):
+        return {f.name: as_dict(getattr(section, f.name)) for f in dataclasses.fields(section)}
+    return list(section) if isinstance(section, tuple) else section
+
+
+def preset_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vlap preset", description="write a preset's values into params.yaml")
+    p.add_argument("name", choices=list(PRESETS))
+    p.add_argument("--params", default="params.yaml", type=Path)
+    args = p.parse_args(argv)
+
+    def apply() -> int:
+        values = preset_values(args.name)
+        update_params(args.params, values)
+        for key, value in values.items():
+            print(f"{key}: {value!r}")
+        return 0
+
+    return report_user_errors(apply)
+
+
+def config_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vlap config", description="print every param as params.yaml resolves it")
+    p.add_argument("--params", default="params.yaml", type=Path)
+    args = p.parse_args(argv)
+
+    def show() -> int:
+        print(pyyaml.safe_dump(as_dict(load_config(args.params)), sort_keys=False, width=120), end="")
+        return 0
+
+    return report_user_errors(show)
