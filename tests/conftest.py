@@ -34,6 +34,16 @@ def easyvqa_root(easyvqa_splits):
     return resolve_image_root(splits["train"].image_root, Config().prepare)
 
 
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A temporary local Prefect server and SQLite database for the session (offline)."""
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # tasks run outside a flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):  # slow to start on a loaded machine
+        yield
+
+
 def small_manifest(split: Split, n: int) -> Manifest:
     return Manifest(split.name, split.image_root, split.images[:n])
 

@@ -14,7 +14,6 @@ import pytest
 import yaml
 from PIL import Image
 from prefect import flow as prefect_flow
-from prefect.testing.utilities import prefect_test_harness
 
 from pipeline.config import METHODS, Config, PrepareConfig
 from pipeline.paths import Dirs
@@ -22,13 +21,6 @@ from stages import graph, sources
 from vlap import flow
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def prefect_server():
-    """A temporary local Prefect server and SQLite database for the session (offline)."""
-    with prefect_test_harness(server_startup_timeout=180):  # slow to start on a loaded machine
-        yield
 
 
 def node(name: str) -> graph.Node:
