@@ -28,7 +28,8 @@ from pipeline.distributed import Ranks, check_batch
 from pipeline.errors import CacheError, DatasetError
 from pipeline.io import atomic_path, sha256_json
 from pipeline.lms import LanguageModel
-from pipeline.losses import LogitScale, assignment_prediction_loss, captioning_loss, info_nce_loss
+from pipeline.losses import LogitScale, captioning_loss
+from pipeline.methods import REGISTRY
 from pipeline.paths import Dirs
 from pipeline.prototypes import Prototypes
 
@@ -146,27 +147,9 @@ def compute_losses(method: str, cfg: Config, lm: LanguageModel, bridge, protos: 
     z_v = visual_representation(V.float())  # (b, D)
     # Cosine scores divided by tau = 0.01 need float32: bf16 keeps ~3 digits.
     with torch.autocast(V.device.type, enabled=False):
-        loss = loss + _alignment_terms(method, mcfg, protos, z_v, captions, terms, ranks, logit_scale)
+        loss = loss + REGISTRY[method].alignment(mcfg, protos, z_v, captions, terms, ranks, logit_scale)
     terms["loss"] = loss
     return terms
-
-
-def _alignment_terms(method, mcfg, protos: Prototypes, z_v, captions, terms: dict, ranks: Ranks,
-                     logit_scale: LogitScale | None) -> torch.Tensor:
-    """VLAP's L_AP or the contrastive InfoNCE (weighted), recording each term in `terms`."""
-    if method == "vlap":
-        ap = assignment_prediction_loss(z_v, protos.text_reps(captions), protos.prototypes, protos.prior,
-                                        epsilon=mcfg.epsilon, n_iters=mcfg.sinkhorn_iters, tau=mcfg.tau, ranks=ranks)
-        terms.update(loss_ap=ap.total, loss_ap_visual=ap.visual_term, loss_ap_text=ap.text_term,
-                     sinkhorn_marginal_error=z_v.new_tensor(ap.marginal_error / ranks.world))
-        return mcfg.ap_weight * ap.total
-    if method == "contrastive":
-        text_ids = torch.tensor([protos.text_index[c] for c in captions])
-        scale = logit_scale() if logit_scale is not None else 1.0 / mcfg.temperature
-        terms["loss_nce"] = info_nce_loss(z_v, protos.text_reps(captions), scale, text_ids, ranks)
-        terms["logit_scale"] = torch.as_tensor(scale, dtype=z_v.dtype).detach() / ranks.world  # a share, like every term
-        return mcfg.nce_weight * terms["loss_nce"]
-    return z_v.new_zeros(())  # limber: captioning only
 
 
 def run_fingerprint(method: str, cfg: Config, data: TrainData, protos: Prototypes, lm: LanguageModel,
@@ -199,7 +182,8 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
         bridge = build_bridge("linear", data.d_vision, lm.hidden_size).to(device)
     mcfg = method_config(cfg, method)
     # contrastive: CLIP's logit scale, trained with the bridge (no weight decay on it, as in CLIP)
-    scale = LogitScale(mcfg.temperature, mcfg.learn_temperature).to(device) if method == "contrastive" else None
+    learns_scale = REGISTRY[method].learns_logit_scale
+    scale = LogitScale(mcfg.temperature, mcfg.learn_temperature).to(device) if learns_scale else None
     groups = [{"params": list(bridge.parameters())}]
     if scale is not None and mcfg.learn_temperature:
         groups.append({"params": [scale.log_scale], "weight_decay": 0.0})

@@ -79,7 +79,7 @@ def imported_modules(path: Path) -> set[str]:
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
-            names |= {f"{node.module}.{a.name}" for a in node.names}  # `from pipeline import data`
+            names |= {f"{node.module}.{a.name}" for a in node.names}  # `from pipeline import stats`
     return {n for n in names if n.split(".")[0] in PACKAGES and module_file(n)}
 
 

@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 from pipeline.config import METHODS, Config
-from pipeline.io import write_json_atomic, write_text_atomic
+from pipeline.io import write_json_atomic
+from pipeline.report import write_markdown
 from pipeline.paths import Dirs
-from pipeline.tasks.summary import HEADLINES, bar_plot, collect, markdown_table, study_verdicts
+from pipeline.tasks.registry import HEADLINES
+from pipeline.tasks.summary import bar_plot, collect, markdown_table, study_verdicts
 from stages.common import Out, StageSpec, stage_main
 
 STUDY = "results/study-easyvqa/study.json"  # the committed study: which differences are real
@@ -39,7 +41,7 @@ def run(cfg: Config, dirs: Dirs, method: None = None, *, lm=None) -> dict:
             "`chance`: a random caption, answer or ranking. " + (f"The last column: the differences the committed "
             f"study ({STUDY}: several seeds, 95% intervals) found real; a one-seed run can order the others "
             "either way.\n\n" if verdicts else "\n\n") + markdown_table(table, reasons, chance, verdicts))
-    write_text_atomic(dirs.metrics / "summary.md", text)
+    write_markdown(dirs.metrics / "summary.md", text)
     write_json_atomic(dirs.metrics / "summary.json", {"table": table, "not_applicable": reasons, "chance": chance,
                                                       "study_real_differences": verdicts})
     bar_plot(table, dirs.plots / "summary.png", chance)

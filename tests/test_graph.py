@@ -104,3 +104,15 @@ def test_a_stage_process_computes_with_the_pinned_cpu_kernels():
                          env=env).stdout.strip()
     has_avx2 = "avx2" in Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else False
     assert out == "AVX2" if has_avx2 else out
+
+
+def test_registries_name_every_method_section_and_every_evaluation_stage():
+    from pipeline.config import METHODS
+    from pipeline.methods import BASELINES, PROPOSED, REGISTRY
+    from pipeline.tasks.registry import TASKS
+
+    assert tuple(REGISTRY) == METHODS and PROPOSED not in BASELINES and set(BASELINES) | {PROPOSED} == set(METHODS)
+    evaluations = [n.spec.name for n in graph.graph() if n.spec.name.startswith("evaluate_")]
+    assert evaluations == [f"evaluate_{task}" for task in TASKS]
+    assert {f"metrics/{task}" for task in TASKS} <= set(next(n for n in graph.graph()
+                                                             if n.spec.name == "summarize").spec.deps)

@@ -75,7 +75,7 @@ def test_a_rerun_keeps_finished_settings_and_apply_writes_params(tuned, tmp_path
     assert written.methods.contrastive.nce_weight == report["chosen"]["contrastive"]["weight"]
     assert "# kept comment" in params.read_text()
     untouched = tmp_path / "untouched.yaml"
-    untouched.write_text("methods:\n  vlap:\n    lr: ~  # tuned\n    tau: ~  # preset\n")
+    untouched.write_text("methods:\n  vlap:\n    lr: ~  # tuned\n  limber:\n    lr: ~  # train.lr\n")
     apply_to_params({"chosen": {"vlap": {"lr": 0.5, "weight": None}}}, untouched)
-    lr_line, tau_line = untouched.read_text().splitlines()[2:]
-    assert lr_line.split() == ["lr:", "0.5", "#", "tuned"] and tau_line == "    tau: ~  # preset"  # nulls stay ~
+    lines = untouched.read_text().splitlines()
+    assert lines[2].split() == ["lr:", "0.5", "#", "tuned"] and lines[4] == "    lr: ~  # train.lr"  # nulls stay ~

@@ -29,8 +29,11 @@ import yaml
 
 from pipeline.config import load_config, parse_config
 from pipeline.errors import ConfigError, UserError, report_user_errors
-from pipeline.io import write_json_atomic, write_text_atomic
-from pipeline.tasks.summary import HEADLINES, headline_values
+from pipeline.io import write_json_atomic
+from pipeline.report import figure, save_figure, write_markdown
+from pipeline.methods import PROPOSED
+from pipeline.tasks.registry import HEADLINES, TASKS
+from pipeline.tasks.summary import headline_values
 
 log = logging.getLogger("vlap.ablate")
 
@@ -46,8 +49,7 @@ GRID = {  # params key -> the values tried besides the one params.yaml gives
     "prototypes.temperature": ["0.5", "1.0"],  # mu ∝ df^T; T = 1 is the paper's plain reading
     "prototypes.subset": ["corpus"],
 }
-TARGETS = [f"{stage}@vlap" for stage in ("evaluate_caption", "evaluate_vqa", "evaluate_retrieval",
-                                         "evaluate_arithmetic")]
+TARGETS = [f"evaluate_{task}@{PROPOSED}" for task in TASKS]
 PLOTTED = ["caption/CIDEr", "vqa/0shot_open_accuracy", "retrieval/assignment_i2t_R@1", "retrieval/assignment_t2i_R@1",
            "arithmetic/color_swap_top1", "arithmetic/word_swap_top1"]
 UNCHANGED = "unchanged"
@@ -247,16 +249,11 @@ def markdown(table: list[dict], unchanged_values: dict[str, object], header: str
 
 def plot(table: list[dict], unchanged_values: dict[str, object], out: Path) -> list[Path]:
     """One PNG per plotted headline metric: a panel per factor, the metric against the factor's values."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     base = next(r for r in table if r["key"] is None)
     factors = list(dict.fromkeys(r["key"] for r in table if r["key"] is not None))
     written = []
     for metric in [m for m in PLOTTED if m in base["mean"]]:
-        fig, axes = plt.subplots(1, len(factors), figsize=(max(4.0, 2.6 * len(factors)), 2.6), squeeze=False, sharey=True)
+        fig, axes = figure(1, len(factors), figsize=(max(4.0, 2.6 * len(factors)), 2.6), squeeze=False, sharey=True)
         for ax, key in zip(axes[0], factors):
             points = [(str(unchanged_values[key]), base)] + [(r["value"], r) for r in table if r["key"] == key]
             points.sort(key=lambda p: sort_key(p[0]))
@@ -272,10 +269,7 @@ def plot(table: list[dict], unchanged_values: dict[str, object], out: Path) -> l
         fig.suptitle(f"VLAP {metric} (star: unchanged setting)", fontsize=9)
         fig.tight_layout()
         path = out / f"{metric.replace('/', '_').replace('@', '')}.png"
-        tmp = path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        tmp.replace(path)
+        save_figure(fig, path, dpi=110)
         written.append(path)
     return written
 
@@ -298,7 +292,7 @@ def report(settings: list[Setting], params: Path, sets: list[str], out: Path, ba
     header = (f"# VLAP ablation: one factor at a time\n\nBaseline commit {baseline[:7]}"
               f"; overrides for every experiment: {', '.join(sets) or 'none'}.")
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "report.md", markdown(table, unchanged_values, header))
+    write_markdown(out / "report.md", markdown(table, unchanged_values, header))
     result = {"sets": sets, "unchanged": unchanged_values, "experiments": rows, "table": table}
     write_json_atomic(out / "ablation.json", result)
     result["plots"] = [str(p) for p in plot(table, unchanged_values, out)]

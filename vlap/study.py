@@ -24,21 +24,22 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import data, stats
+from pipeline import stats
 from pipeline.bridge import WEIGHTS, read_bridge_config
 from pipeline.config import METHODS, Config, load_config, section_values
 from pipeline.errors import MissingInputError, report_user_errors
-from pipeline.io import sha256_file, sha256_json, write_json_atomic, write_text_atomic
+from pipeline.methods import BASELINES, PROPOSED
+from pipeline.io import sha256_file, sha256_json, write_json_atomic
+from pipeline.report import figure, save_figure, write_markdown
 from pipeline.paths import Dirs
-from pipeline.tasks.caption_metrics import cider_per_image
-from pipeline.tasks.summary import HEADLINES, headline_values
+from pipeline.tasks.registry import HEADLINES, TASKS
+from pipeline.tasks.summary import headline_values
 from pipeline.train import method_lr
 from stages import evaluate_arithmetic, evaluate_caption, evaluate_retrieval, evaluate_vqa, train
 from stages.common import run_stage
 
 log = logging.getLogger("vlap.study")
 EVALUATIONS = (evaluate_caption, evaluate_vqa, evaluate_retrieval, evaluate_arithmetic)
-BASELINES = ("limber", "contrastive")
 
 
 def study_config(cfg: Config, seed: int, steps: int | None, test_images: int | None,
@@ -78,37 +79,14 @@ def trained_with(bridge: Path, cfg: Config, method: str) -> bool:
 
 # ---------------------------------------------------------------- per-item scores
 def per_item_scores(dirs: Dirs, method: str) -> dict[str, dict[str, float]]:
-    """metric -> {test item: score} for the headline metrics whose per-item scores the stages saved, and
-    `<metric>_<domain>` over the items of each domain (zero-shot seen / unseen, NoCaps' domains)."""
+    """metric -> {test item: score} for every task's headline metrics whose per-item scores its stage saved,
+    and `<metric>_<domain>` over the items of each domain (zero-shot seen / unseen, NoCaps' domains)."""
     out: dict[str, dict[str, float]] = {}
     domains: dict[str, dict[str, str]] = {}  # metric -> {item: domain}
-    plots = dirs.plots
-    captions = read_applicable(plots / "caption" / method / "captions.json")
-    if captions:
-        refs = {i: r["references"] for i, r in captions.items()}
-        out["caption/CIDEr"] = cider_per_image(refs, {i: r["generated"] for i, r in captions.items()})
-        test = data.read_manifest(dirs.prepared, "test").images
-        by_id = {r.image_id: r.labels.get("domain") for r in test}
-        domains["caption/CIDEr"] = {i: by_id[i] for i in captions if by_id.get(i)}
-    answers = read_applicable(plots / "vqa" / method / "answers.json")
-    for setting, records in (answers or {}).items():
-        for mode in ("open", "closed"):
-            key = f"vqa/{setting}_{mode}_accuracy"
-            out[key] = {r["question_id"]: 100.0 * r[f"{mode}_accuracy"] for r in records}
-            domains[key] = {r["question_id"]: r["domain"] for r in records if r.get("domain")}
-    ranks = read_applicable(plots / "retrieval" / method / "ranks.json")
-    if ranks:
-        for direction, keys in (("i2t", ranks["image_ids"]), ("t2i", ranks["texts"])):
-            item_domain = dict(zip(keys, ranks.get("domains", {}).get(direction, [None] * len(keys))))
-            for scorer, by_dir in ranks["ranks"].items():
-                key = f"retrieval/{scorer}_{direction}_R@1"
-                out[key] = {k: 100.0 * (r <= 1) for k, r in zip(keys, by_dir[direction])}
-                domains[key] = {k: d for k, d in item_domain.items() if d}
-    queries = read_applicable(plots / "arithmetic" / method / "queries.json")
-    for kind, rows in (queries or {}).items():
-        key = f"arithmetic/{kind}_swap_top1"
-        out[key] = {f"{q['query']}:{q['a']}>{q['b']}": 100.0 * q["hit"] for q in rows}
-        domains[key] = {f"{q['query']}:{q['a']}>{q['b']}": q["domain"] for q in rows if q.get("domain")}
+    for task in TASKS.values():
+        scores, item_domains = task.per_item(dirs.plots, dirs.prepared, method)
+        out |= scores
+        domains |= item_domains
     for key, item_domain in domains.items():
         for domain in sorted(set(item_domain.values())):
             out[f"{key}_{domain}"] = {k: v for k, v in out[key].items() if item_domain.get(k) == domain}
@@ -124,14 +102,6 @@ def chance_levels(dirs: Dirs, method: str) -> dict[str, float]:
         if metrics.get("applicable", True):
             chance |= headline_values(metrics, task)[1]
     return chance
-
-
-def read_applicable(path: Path):
-    """A stage's per-item file, or None where the task was not applicable."""
-    if not path.exists():
-        return None
-    value = json.loads(path.read_text())
-    return None if isinstance(value, dict) and value.get("applicable") is False else value
 
 
 def score_matrices(roots: list[Dirs], methods: list[str]) -> dict[str, dict[str, np.ndarray]]:
@@ -152,11 +122,11 @@ def summarise(matrices: dict[str, dict[str, np.ndarray]], n_boot: int) -> dict:
         entry = {"items": int(next(iter(by_method.values())).shape[1]),
                  "methods": {m: stats.interval(v, n_boot=n_boot).as_dict() | {"per_seed": v.mean(1).tolist()}
                              for m, v in by_method.items()}}
-        if "vlap" in by_method:
+        if PROPOSED in by_method:
             entry["vlap_minus"] = {}
             for base in (b for b in BASELINES if b in by_method):
-                diff = stats.paired_difference(by_method["vlap"], by_method[base], n_boot=n_boot)
-                per_seed = by_method["vlap"].mean(1) - by_method[base].mean(1)  # (seeds,)
+                diff = stats.paired_difference(by_method[PROPOSED], by_method[base], n_boot=n_boot)
+                per_seed = by_method[PROPOSED].mean(1) - by_method[base].mean(1)  # (seeds,)
                 agree = int((np.sign(per_seed) == np.sign(diff.mean)).sum()) if diff.mean else 0
                 entry["vlap_minus"][base] = diff.as_dict() | {"excludes_zero": diff.excludes_zero,
                                                               "seeds_agreeing": agree, "seeds": len(per_seed)}
@@ -197,15 +167,10 @@ def markdown(report: dict, header: str, chance: dict[str, float] | None = None) 
 
 
 def plot(report: dict, path: Path, chance: dict[str, float] | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metrics = list(report)
     cols = min(4, len(metrics))
     rows = -(-len(metrics) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = figure(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
         by_method = report[metric]["methods"]
         names = list(by_method)
@@ -221,10 +186,7 @@ def plot(report: dict, path: Path, chance: dict[str, float] | None = None) -> No
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=100)
 
 
 def run_study(cfg: Config, base: Dirs, out: Path, seeds: list[int], methods: list[str], steps: int | None = None,
@@ -257,7 +219,7 @@ def run_study(cfg: Config, base: Dirs, out: Path, seeds: list[int], methods: lis
     write_json_atomic(out / "study.json", {"command": command, "seeds": seeds, "methods": methods,
                                            "train": section_values(run_cfg.train), "metrics": report})
     chance = chance_levels(roots[0], methods[0])
-    write_text_atomic(out / "report.md", markdown(report, header, chance))
+    write_markdown(out / "report.md", markdown(report, header, chance))
     plot(report, out / "intervals.png", chance)
     return report
 

@@ -28,8 +28,11 @@ from pathlib import Path
 from pipeline.manifest import manifest_splits, read_manifest
 from pipeline.features import features_file
 from pipeline.config import METHODS, Config, load_config
+from pipeline.methods import REGISTRY
 from pipeline.errors import ConfigError, MissingInputError, report_user_errors
-from pipeline.io import write_json_atomic, write_text_atomic
+from pipeline.io import write_json_atomic
+from pipeline.report import write_markdown
+from vlap.params_file import update_params
 from pipeline.paths import Dirs
 from pipeline.tasks.captioning import evaluate_captioning
 from pipeline.tasks.inputs import load_eval_inputs
@@ -38,7 +41,7 @@ from stages import train
 from stages.common import run_stage
 
 log = logging.getLogger("vlap.tune")
-WEIGHT_KEY = {"vlap": "ap_weight", "contrastive": "nce_weight"}  # each method's alignment weight; limber: none
+WEIGHT_KEY = {name: m.weight_key for name, m in REGISTRY.items() if m.weight_key}  # each method's alignment weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +68,7 @@ def grid(methods: list[str], lrs: list[float], weights: list[float], temperature
     """lr x alignment weight for every method; contrastive also x the initial temperature of its logit scale
     (CLIP's 1/0.07 moves little in a short run, and the captions' z_t are nearly parallel)."""
     return [Setting(m, lr, w, t) for m in methods for lr in lrs for w in ([None] if m not in WEIGHT_KEY else weights)
-            for t in (temperatures or [None] if m == "contrastive" else [None])]
+            for t in (temperatures or [None] if REGISTRY[m].learns_logit_scale else [None])]
 
 
 def validation_score(scores: dict) -> float:
@@ -122,7 +125,7 @@ def run_tune(cfg: Config, base: Dirs, out: Path, methods: list[str], lrs: list[f
                                            "score": r["score"]} for m, r in chosen.items()},
               "grid": {"lr": lrs, "weight": weights, "temperature": temperatures}, "val_images": val_images}
     write_json_atomic(results_path, report)
-    write_text_atomic(Path(out) / "report.md", markdown(report, cfg))
+    write_markdown(Path(out) / "report.md", markdown(report, cfg))
     return report
 
 
@@ -149,26 +152,15 @@ def markdown(report: dict, cfg: Config) -> str:
 
 
 def apply_to_params(report: dict, params: Path) -> None:
-    """Write each chosen lr and weight into params.yaml, keeping its comments (ruamel round trip)."""
-    from ruamel.yaml import YAML
-
-    yaml = YAML()
-    yaml.preserve_quotes = True
-    # nulls stay written as `~`, as params.yaml writes them (ruamel's default is an empty value)
-    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "~"))
-    doc = yaml.load(params.read_text())
+    """Write each chosen lr and weight into params.yaml, keeping its comments."""
+    values = {}
     for method, c in report["chosen"].items():
-        section = doc["methods"][method]
-        section["lr"] = c["lr"]
+        values[f"methods.{method}.lr"] = c["lr"]
         if c["weight"] is not None:
-            section[WEIGHT_KEY[method]] = c["weight"]
+            values[f"methods.{method}.{WEIGHT_KEY[method]}"] = c["weight"]
         if c.get("temperature") is not None:
-            section["temperature"] = c["temperature"]
-    tmp = params.with_name(f".{params.name}.tmp")
-    with tmp.open("w") as f:
-        yaml.dump(doc, f)
-    load_config(tmp)  # what was written must validate before it replaces params.yaml
-    tmp.replace(params)
+            values[f"methods.{method}.temperature"] = c["temperature"]
+    update_params(params, values)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,24 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HEADLINES = {  # task -> metric keys shown in the comparison (numbers are all "higher is better")
-    "caption": ["CIDEr", "METEOR", "BLEU-1"],
-    "vqa": ["0shot_open_accuracy", "0shot_closed_accuracy", "nshot_open_accuracy", "nshot_closed_accuracy"],
-    "retrieval": [f"{scorer}_{d}_R@1" for scorer in ("cosine", "assignment", "centred") for d in ("i2t", "t2i")],
-    "arithmetic": ["color_swap_top1", "shape_swap_top1", "word_swap_top1"],
-}
+from pipeline.report import figure, save_figure
+from pipeline.tasks.registry import HEADLINES, TASKS
+
 DOMAINS = ("seen", "unseen", "in", "near", "out")  # per-domain suffixes a metrics file may carry
-
-
-def chance_key(task: str, metric: str) -> str | None:
-    """The metrics file's key for the chance level of a headline metric (none per domain)."""
-    if task == "caption":
-        return f"chance_{metric}" if metric in ("CIDEr", "BLEU-1") else None
-    if task == "vqa":
-        return "chance_accuracy"
-    if task == "retrieval":
-        return "chance_" + metric.split("_", 1)[1]  # the same for every scorer
-    return f"chance_{metric}"
 
 
 def headline_values(metrics: dict, task: str) -> tuple[dict[str, float | None], dict[str, float]]:
@@ -39,8 +25,9 @@ def headline_values(metrics: dict, task: str) -> tuple[dict[str, float | None], 
     for key in HEADLINES[task]:
         real = key.replace("nshot", nshot) if key.startswith("nshot") and nshot else key
         out[f"{task}/{real}"] = metrics.get(real)
-        if chance_key(task, real) in metrics:
-            chance[f"{task}/{real}"] = metrics[chance_key(task, real)]
+        level = TASKS[task].chance_key(real)
+        if level in metrics:
+            chance[f"{task}/{real}"] = metrics[level]
         for domain in DOMAINS:
             # captioning's per-domain CIDEr is CIDEr_<domain>; every other metric is <metric>_<domain>
             if f"{real}_{domain}" in metrics:
@@ -112,16 +99,9 @@ def markdown_table(table: dict[str, dict[str, float | str | None]], reasons: dic
 
 def bar_plot(table: dict[str, dict[str, float | str | None]], path: Path, chance: dict[str, float] | None = None
              ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pipeline.io import atomic_path
-
     chance = chance or {}
     tasks = list(HEADLINES)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.5))
+    fig, axes = figure(1, len(tasks), figsize=(5.5 * len(tasks), 4.5))
     for ax, task in zip(axes, tasks):
         cols = sorted({c for row in table.values() for c, v in row.items()
                        if c.startswith(task + "/") and not isinstance(v, str)})
@@ -141,7 +121,4 @@ def bar_plot(table: dict[str, dict[str, float | str | None]], path: Path, chance
         ax.set_title(task)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

@@ -1,0 +1,90 @@
+"""The evaluation tasks, each one object (the registry summary, study and ablation iterate).
+
+A task is its name (its stage `evaluate_<name>`, its metrics file `metrics/<name>/<method>.json` and
+plot folder `plots/<name>/<method>/`), its headline metrics (all "higher is better"), where each
+headline's chance level is in the metrics file, and its per-item scores (what the study bootstraps
+over): metric -> {test item: score}, and metric -> {test item: domain} where items have one.
+Adding a task: its stage module (stages/evaluate_<name>.py, listed in stages.graph.MODULES) and one
+`Task` here.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pipeline.manifest import read_manifest
+from pipeline.tasks.caption_metrics import cider_per_image
+
+ItemScores = tuple[dict[str, dict[str, float]], dict[str, dict[str, str]]]
+
+
+def read_applicable(path: Path):
+    """A stage's per-item file, or None where the task was not applicable."""
+    if not path.exists():
+        return None
+    value = json.loads(path.read_text())
+    return None if isinstance(value, dict) and value.get("applicable") is False else value
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    headlines: tuple[str, ...]
+    chance_key: Callable[[str], str | None]  # headline metric -> its chance level's key in the metrics file
+    per_item: Callable[[Path, Path, str], ItemScores]  # (plots dir, prepared dir, method) -> scores, domains
+
+
+def caption_items(plots: Path, prepared: Path, method: str) -> ItemScores:
+    captions = read_applicable(plots / "caption" / method / "captions.json")
+    if not captions:
+        return {}, {}
+    refs = {i: r["references"] for i, r in captions.items()}
+    scores = {"caption/CIDEr": cider_per_image(refs, {i: r["generated"] for i, r in captions.items()})}
+    by_id = {r.image_id: r.labels.get("domain") for r in read_manifest(prepared, "test").images}
+    return scores, {"caption/CIDEr": {i: by_id[i] for i in captions if by_id.get(i)}}
+
+
+def vqa_items(plots: Path, prepared: Path, method: str) -> ItemScores:
+    scores, domains = {}, {}
+    for setting, records in (read_applicable(plots / "vqa" / method / "answers.json") or {}).items():
+        for mode in ("open", "closed"):
+            key = f"vqa/{setting}_{mode}_accuracy"
+            scores[key] = {r["question_id"]: 100.0 * r[f"{mode}_accuracy"] for r in records}
+            domains[key] = {r["question_id"]: r["domain"] for r in records if r.get("domain")}
+    return scores, domains
+
+
+def retrieval_items(plots: Path, prepared: Path, method: str) -> ItemScores:
+    ranks = read_applicable(plots / "retrieval" / method / "ranks.json")
+    scores, domains = {}, {}
+    for direction, keys in (("i2t", ranks["image_ids"]), ("t2i", ranks["texts"])) if ranks else ():
+        item_domain = dict(zip(keys, ranks.get("domains", {}).get(direction, [None] * len(keys))))
+        for scorer, by_dir in ranks["ranks"].items():
+            key = f"retrieval/{scorer}_{direction}_R@1"
+            scores[key] = {k: 100.0 * (r <= 1) for k, r in zip(keys, by_dir[direction])}
+            domains[key] = {k: d for k, d in item_domain.items() if d}
+    return scores, domains
+
+
+def arithmetic_items(plots: Path, prepared: Path, method: str) -> ItemScores:
+    scores, domains = {}, {}
+    for kind, rows in (read_applicable(plots / "arithmetic" / method / "queries.json") or {}).items():
+        key = f"arithmetic/{kind}_swap_top1"
+        scores[key] = {f"{q['query']}:{q['a']}>{q['b']}": 100.0 * q["hit"] for q in rows}
+        domains[key] = {f"{q['query']}:{q['a']}>{q['b']}": q["domain"] for q in rows if q.get("domain")}
+    return scores, domains
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("caption", ("CIDEr", "METEOR", "BLEU-1"),
+         lambda metric: f"chance_{metric}" if metric in ("CIDEr", "BLEU-1") else None, caption_items),
+    Task("vqa", ("0shot_open_accuracy", "0shot_closed_accuracy", "nshot_open_accuracy", "nshot_closed_accuracy"),
+         lambda metric: "chance_accuracy", vqa_items),
+    Task("retrieval", tuple(f"{scorer}_{d}_R@1" for scorer in ("cosine", "assignment", "centred") for d in ("i2t", "t2i")),
+         lambda metric: "chance_" + metric.split("_", 1)[1], retrieval_items),  # the same for every scorer
+    Task("arithmetic", ("color_swap_top1", "shape_swap_top1", "word_swap_top1"),
+         lambda metric: f"chance_{metric}", arithmetic_items),
+)}
+HEADLINES = {name: list(task.headlines) for name, task in TASKS.items()}  # task -> its headline metric keys
