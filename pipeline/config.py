@@ -1,172 +1,183 @@
 """Typed, validated view of params.yaml: the only module that reads it.
 
-Each params section maps to a frozen dataclass. Loading rejects unknown keys,
-wrong types and out-of-range values with one line naming the key, e.g.
+Each params section is a frozen pydantic dataclass (unknown keys forbidden, bounds in `Field`), so
+the sections are plain dataclasses to the code that reads them. Loading rejects unknown keys, wrong
+types and out-of-range values with one line naming the key, e.g.
 ``params.yaml: train.lr: expected a number > 0, got -1``.
 """
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from pipeline.errors import ConfigError
 
 PARAMS_FILE = Path("params.yaml")
+section = pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 
 
-# Range checks: field metadata {"check": (predicate, "description")}.
-def _positive(kind: type = float):
-    return {"check": (lambda v: v > 0, f"{'a number' if kind is float else 'an integer'} > 0")}
+def _number(value: Any) -> Any:
+    """A float field takes ints and numeric strings (YAML reads 1e-8, without a dot, as a string), never bools."""
+    if isinstance(value, bool):
+        raise ValueError("a bool")
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
-def _non_negative():
-    return {"check": (lambda v: v >= 0, "a value >= 0")}
+# Field types; `description` is the range a message states ("expected a number > 0, got -1").
+Number = Annotated[float, BeforeValidator(_number)]
+Int = StrictInt
+Str = StrictStr
+Bool = StrictBool
+PositiveInt = Annotated[StrictInt, Field(gt=0, description="an integer > 0")]
+NonNegativeInt = Annotated[StrictInt, Field(ge=0, description="a value >= 0")]
+Positive = Annotated[Number, Field(gt=0, description="a number > 0")]
+NonNegative = Annotated[Number, Field(ge=0, description="a value >= 0")]
+Fraction = Annotated[Number, Field(ge=0, le=1, description="a value in [0, 1]")]
+OptionalPositive = Optional[Annotated[Number, Field(gt=0, description="a number > 0, or null")]]
 
 
-def _optional_positive():
-    return {"check": (lambda v: v is None or v > 0, "a number > 0, or null")}
-
-
-def _unit_interval():
-    return {"check": (lambda v: 0 <= v <= 1, "a value in [0, 1]")}
-
-
-@dataclass(frozen=True)
+@section
 class PrepareConfig:
     source: Literal["easyvqa", "folder", "karpathy", "webdataset", "cc3m", "nocaps", "vqav2"] = "easyvqa"
-    folder: str = ""  # every source but easyvqa: the image root (folder: also holds captions.csv / captions.json)
-    shards: str = ""  # webdataset: brace pattern of tar shards under folder, e.g. "{00000..00127}.tar"
-    annotations: str = ""  # karpathy: split JSON; cc3m: caption/URL TSV; nocaps: COCO-style JSON; vqav2: annotations JSON
-    questions: str = ""  # vqav2: the questions JSON matching `annotations`
-    test_fraction: float = field(default=0.2, metadata=_unit_interval())  # sources without their own split
+    folder: Str = ""  # every source but easyvqa: the image root (folder: also holds captions.csv / captions.json)
+    shards: Str = ""  # webdataset: brace pattern of tar shards under folder, e.g. "{00000..00127}.tar"
+    annotations: Str = ""  # karpathy: split JSON; cc3m: caption/URL TSV; nocaps: COCO-style JSON; vqav2: annotations JSON
+    questions: Str = ""  # vqav2: the questions JSON matching `annotations`
+    test_fraction: Fraction = 0.2  # sources without their own split
     # An evaluation source: its test split replaces the training source's (e.g. train on CC3M, test on NoCaps).
     test_source: Literal["", "folder", "karpathy", "nocaps", "vqav2"] = ""
-    test_folder: str = ""  # test_source's image root
-    test_annotations: str = ""  # test_source's annotations (as `annotations` for that source)
-    test_questions: str = ""  # test_source vqav2: its questions JSON
+    test_folder: Str = ""  # test_source's image root
+    test_annotations: Str = ""  # test_source's annotations (as `annotations` for that source)
+    test_questions: Str = ""  # test_source vqav2: its questions JSON
     # The zero-shot split (easy-VQA): colour-shape combinations kept out of training, e.g. ["blue circle"].
-    heldout: tuple[str, ...] = ()
+    heldout: tuple[Str, ...] = ()
     # Training images carved out as the validation split (by image hash), which tuning scores on.
-    validation_fraction: float = field(default=0.0, metadata=_unit_interval())
+    validation_fraction: Fraction = 0.0
 
 
-@dataclass(frozen=True)
+@section
 class ExtractConfig:
-    encoder: str = "efficientnet-lite0"  # or "hf:<hub id or local folder>"
-    batch_size: int = field(default=64, metadata=_positive(int))
+    encoder: Str = "efficientnet-lite0"  # or "hf:<hub id or local folder>"
+    batch_size: PositiveInt = 64
     dtype: Literal["float16", "float32"] = "float16"  # storage dtype of cached tokens
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    shard_size: int = field(default=256, metadata=_positive(int))  # images per resumable unit of work
-    workers: int = field(default=0, metadata=_non_negative())  # 0: inline; N: a local Dask cluster of N processes
-    scheduler: str = ""  # tcp://host:port of an existing Dask scheduler (overrides workers)
+    device: Str = "auto"  # auto | cpu | cuda | cuda:N
+    shard_size: PositiveInt = 256  # images per resumable unit of work
+    workers: NonNegativeInt = 0  # 0: inline; N: a local Dask cluster of N processes
+    scheduler: Str = ""  # tcp://host:port of an existing Dask scheduler (overrides workers)
 
 
-@dataclass(frozen=True)
+@section
 class PrototypesConfig:
-    llm: str = "smollm2-135m"  # or "hf:<hub id or local folder>"
+    llm: Str = "smollm2-135m"  # or "hf:<hub id or local folder>"
     subset: Literal["vocab", "corpus"] = "vocab"  # whole vocabulary, or token ids seen in training captions
     prior: Literal["frequency", "uniform"] = "frequency"
-    temperature: float = field(default=0.25, metadata=_positive())  # mu ∝ df^temperature
-    smoothing: float = field(default=1e-8, metadata=_non_negative())  # added to every word's mass
-    batch_size: int = field(default=64, metadata=_positive(int))
-    device: str = "auto"
+    temperature: Positive = 0.25  # mu ∝ df^temperature
+    smoothing: NonNegative = 1e-8  # added to every word's mass
+    batch_size: PositiveInt = 64
+    device: Str = "auto"
 
 
-@dataclass(frozen=True)
+@section
 class TrainConfig:
-    max_samples: int = field(default=0, metadata=_non_negative())  # training images used; 0 = all
-    steps: int = field(default=40, metadata=_positive(int))  # used when epochs is 0
-    epochs: float = field(default=0.0, metadata=_non_negative())  # > 0: the run's length in passes over the data
-    batch_size: int = field(default=8, metadata=_positive(int))  # the global batch (all torchrun ranks together)
-    lr: float = field(default=1e-2, metadata=_positive())
-    weight_decay: float = field(default=0.01, metadata=_non_negative())
-    warmup_steps: int = field(default=5, metadata=_non_negative())  # used when epochs is 0
-    warmup_epochs: float = field(default=0.0, metadata=_non_negative())  # used when epochs > 0
-    prompt: str = "A picture of"
-    max_caption_tokens: int = field(default=16, metadata=_positive(int))
+    max_samples: NonNegativeInt = 0  # training images used; 0 = all
+    steps: PositiveInt = 40  # used when epochs is 0
+    epochs: NonNegative = 0.0  # > 0: the run's length in passes over the data
+    batch_size: PositiveInt = 8  # the global batch (all torchrun ranks together)
+    lr: Positive = 1e-2
+    weight_decay: NonNegative = 0.01
+    warmup_steps: NonNegativeInt = 5  # used when epochs is 0
+    warmup_epochs: NonNegative = 0.0  # used when epochs > 0
+    prompt: Str = "A picture of"
+    max_caption_tokens: PositiveInt = 16
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    seed: int = 0
-    checkpoint_every: int = field(default=10, metadata=_positive(int))
-    loader_workers: int = field(default=1, metadata=_non_negative())  # processes reading batches from the cache
-    device: str = "auto"
+    seed: Int = 0
+    checkpoint_every: PositiveInt = 10
+    loader_workers: NonNegativeInt = 1  # processes reading batches from the cache
+    device: Str = "auto"
 
 
-@dataclass(frozen=True)
+@section
 class VlapMethodConfig:
-    lr: float | None = field(default=None, metadata=_optional_positive())  # null: train.lr (tuning sets it)
-    caption_weight: float = field(default=1.0, metadata=_non_negative())
-    ap_weight: float = field(default=0.1, metadata=_non_negative())  # lambda
-    epsilon: float = field(default=0.01, metadata=_positive())  # Sinkhorn entropy weight
-    sinkhorn_iters: int = field(default=3, metadata=_positive(int))
-    tau: float = field(default=0.01, metadata=_positive())  # softmax temperature of p_v, p_t
+    lr: OptionalPositive = None  # null: train.lr (tuning sets it)
+    caption_weight: NonNegative = 1.0
+    ap_weight: NonNegative = 0.1  # lambda
+    epsilon: Positive = 0.01  # Sinkhorn entropy weight
+    sinkhorn_iters: PositiveInt = 3
+    tau: Positive = 0.01  # softmax temperature of p_v, p_t
 
 
-@dataclass(frozen=True)
+@section
 class LimberMethodConfig:
-    lr: float | None = field(default=None, metadata=_optional_positive())  # null: train.lr (tuning sets it)
-    caption_weight: float = field(default=1.0, metadata=_positive())
+    lr: OptionalPositive = None  # null: train.lr (tuning sets it)
+    caption_weight: Positive = 1.0
 
 
-@dataclass(frozen=True)
+@section
 class ContrastiveMethodConfig:
-    lr: float | None = field(default=None, metadata=_optional_positive())  # null: train.lr (tuning sets it)
-    caption_weight: float = field(default=1.0, metadata=_non_negative())
-    nce_weight: float = field(default=0.1, metadata=_non_negative())
-    temperature: float = field(default=0.01, metadata=_positive())  # the initial one when learned (CLIP: 0.07)
-    learn_temperature: bool = True  # CLIP's learnable logit scale (init 1 / temperature, at most 100)
+    lr: OptionalPositive = None  # null: train.lr (tuning sets it)
+    caption_weight: NonNegative = 1.0
+    nce_weight: NonNegative = 0.1
+    temperature: Positive = 0.01  # the initial one when learned (CLIP: 0.07)
+    learn_temperature: Bool = True  # CLIP's learnable logit scale (init 1 / temperature, at most 100)
 
 
-@dataclass(frozen=True)
+@section
 class MethodsConfig:
     vlap: VlapMethodConfig = field(default_factory=VlapMethodConfig)
     limber: LimberMethodConfig = field(default_factory=LimberMethodConfig)
     contrastive: ContrastiveMethodConfig = field(default_factory=ContrastiveMethodConfig)
 
 
-@dataclass(frozen=True)
+@section
 class EvalCommonConfig:
-    test_images: int = field(default=200, metadata=_non_negative())  # test images evaluated; 0 = all
-    batch_size: int = field(default=32, metadata=_positive(int))
-    seed: int = 0
-    device: str = "auto"
+    test_images: NonNegativeInt = 200  # test images evaluated; 0 = all
+    batch_size: PositiveInt = 32
+    seed: Int = 0
+    device: Str = "auto"
 
 
-@dataclass(frozen=True)
+@section
 class CaptionEvalConfig:
-    max_new_tokens: int = field(default=12, metadata=_positive(int))
-    examples: int = field(default=16, metadata=_non_negative())  # rows of the HTML example page
+    max_new_tokens: PositiveInt = 12
+    examples: NonNegativeInt = 16  # rows of the HTML example page
 
 
-@dataclass(frozen=True)
+@section
 class VqaEvalConfig:
-    questions: int = field(default=64, metadata=_non_negative())  # test questions (on the evaluated images); 0 = all
-    shots: int = field(default=1, metadata=_non_negative())  # n of the n-shot setting (0-shot always runs)
-    max_new_tokens: int = field(default=4, metadata=_positive(int))  # open-ended answers
-    closed_answers: int = field(default=0, metadata=_non_negative())  # ranked candidates: N most frequent; 0 = all
+    questions: NonNegativeInt = 64  # test questions (on the evaluated images); 0 = all
+    shots: NonNegativeInt = 1  # n of the n-shot setting (0-shot always runs)
+    max_new_tokens: PositiveInt = 4  # open-ended answers
+    closed_answers: NonNegativeInt = 0  # ranked candidates: N most frequent; 0 = all
 
 
-@dataclass(frozen=True)
+@section
 class RetrievalEvalConfig:
-    epsilon: float = field(default=0.01, metadata=_positive())  # the assignment scorer's Sinkhorn settings
-    sinkhorn_iters: int = field(default=3, metadata=_positive(int))
+    epsilon: Positive = 0.01  # the assignment scorer's Sinkhorn settings
+    sinkhorn_iters: PositiveInt = 3
     # Training images (and their captions) that the centring means and the assignment scorer's OT
     # potentials are fitted on: nothing of the test set enters a query's score.
-    fit_images: int = field(default=1000, metadata=_positive(int))
+    fit_images: PositiveInt = 1000
 
 
-@dataclass(frozen=True)
+@section
 class ArithmeticEvalConfig:
-    queries: int = field(default=100, metadata=_non_negative())  # source images per swap kind; 0 = all
-    examples: int = field(default=12, metadata=_non_negative())
+    queries: NonNegativeInt = 100  # source images per swap kind; 0 = all
+    examples: NonNegativeInt = 12
 
 
-@dataclass(frozen=True)
+@section
 class EvaluateConfig:
     common: EvalCommonConfig = field(default_factory=EvalCommonConfig)
     caption: CaptionEvalConfig = field(default_factory=CaptionEvalConfig)
@@ -201,7 +212,7 @@ PRESET_KEYS = ("extract.encoder", "prototypes.llm", "prototypes.temperature", "t
                "methods.vlap.sinkhorn_iters", "methods.vlap.tau")
 
 
-@dataclass(frozen=True)
+@section
 class Config:
     preset: Literal[tuple(PRESETS)] = "default"  # type: ignore[valid-type]
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
@@ -256,7 +267,7 @@ def parse_config(raw: Any, source: str = "params") -> Config:
         raise ConfigError(f"{source}: preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
     given = _without_preset_nulls(raw)
     _check_schedule(given, preset, source)
-    return _build(Config, _merged(PRESETS[preset], given) | {"preset": preset}, prefix="", source=source)
+    return _build(_merged(PRESETS[preset], given) | {"preset": preset}, source)
 
 
 def _without_preset_nulls(raw: dict, prefix: str = "") -> dict:
@@ -288,74 +299,63 @@ def _check_schedule(given: dict, preset: str, source: str) -> None:
         raise ConfigError(f"{source}: train.warmup_epochs: needs train.epochs > 0 (the run is sized in steps)")
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str):
-    where = prefix.rstrip(".") or "top level"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {where}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            raise ConfigError(
-                f"{source}: {prefix}{key}: unknown key (expected one of: {', '.join(fields)})"
-            )
-    values = {}
-    for name, fld in fields.items():
-        if name not in raw:
-            continue
-        key = f"{prefix}{name}"
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, raw[name] if raw[name] is not None else {}, key + ".", source)
-            continue
-        value = _coerce(raw[name], hint, key, source)
-        check = fld.metadata.get("check")
-        if check and not check[0](value):
-            raise ConfigError(f"{source}: {key}: expected {check[1]}, got {value!r}")
-        values[name] = value
-    return cls(**values)
+_CONFIG = TypeAdapter(Config)
 
 
-def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed:
-            raise ConfigError(f"{source}: {key}: expected one of {', '.join(map(str, allowed))}, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(hint):
-            return None
-        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _coerce(value, inner, key, source)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        # YAML reads 1e-8 (no dot) as a string; accept numeric strings of that form.
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
-        return float(value)
-    if origin is tuple:  # tuple[T, ...]: a YAML list
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
-        (inner, _) = typing.get_args(hint)
-        return tuple(_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value))
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {hint!r} for {key}")  # programming error
+def _build(raw: dict, source: str) -> Config:
+    try:
+        return _CONFIG.validate_python(raw)
+    except ValidationError as err:
+        raise ConfigError(_message(err.errors()[0], source)) from None
+
+
+def _message(error: dict, source: str) -> str:
+    """One line naming the key (`train.lr`, `prepare.heldout[0]`) and what it expects."""
+    path = [p for p in error["loc"] if not (isinstance(p, str) and not p.isidentifier())]  # drop union tags
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "top level"
+    kind, value = error["type"], error["input"]
+    owner, info = _field_at(path)
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return f"{source}: {key}: unknown key (expected one of: {', '.join(f.name for f in dataclasses.fields(owner))})"
+    if kind in ("dataclass_type", "dataclass_args_type", "dict_type"):
+        return f"{source}: {key}: expected a mapping, got {type(value).__name__}"
+    if kind == "literal_error":
+        allowed = typing.get_args(info.annotation) if info is not None else ()
+        return f"{source}: {key}: expected one of {', '.join(map(str, allowed))}, got {value!r}"
+    if kind in ("greater_than", "greater_than_equal", "less_than_equal", "less_than"):
+        described = (info.description if info is not None and info.description else
+                     next((m.description for m in _metadata(info) if getattr(m, "description", None)), None))
+        return f"{source}: {key}: expected {described or error['msg'].lower()}, got {value!r}"
+    expected = {"int_type": "an integer", "int_parsing": "an integer", "float_type": "a number",
+                "float_parsing": "a number", "value_error": "a number", "bool_type": "true or false",
+                "string_type": "a string", "tuple_type": "a list", "list_type": "a list"}.get(kind, error["msg"].lower())
+    return f"{source}: {key}: expected {expected}, got {value!r}"
+
+
+def _field_at(path: list) -> tuple[type, Any]:
+    """(the section that holds the key at `path`, the key's pydantic FieldInfo or None)."""
+    owner, info = Config, None
+    for part in path:
+        if isinstance(part, int) or not dataclasses.is_dataclass(owner):
+            break
+        info = owner.__pydantic_fields__.get(part)
+        if info is None:
+            break
+        if dataclasses.is_dataclass(info.annotation):
+            owner, info = info.annotation, None
+    return owner, info
+
+
+def _metadata(info) -> list:
+    """The constraints of a field, also through Optional[...] and Annotated[...]."""
+    if info is None:
+        return []
+    found = list(info.metadata)
+    for arg in typing.get_args(info.annotation):
+        found += list(getattr(arg, "__metadata__", ()))
+        for inner in typing.get_args(arg):
+            found += list(getattr(inner, "__metadata__", ()))
+    return found
 
 
 def section_values(section: Any) -> dict:
