@@ -3,28 +3,17 @@ an image re-runs prepare under a real `dvc repro` and under the Prefect flow, an
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from dvc_repo import REPO, make_project, sh
 from pipeline.config import load_config
 from pipeline.paths import Dirs
 from stages import graph
 from test_formats import draw, write_nocaps, write_vqav2
 from vlap import flow
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def sh(args: list[str], cwd: Path, env: dict) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
 
 def edits(root: Path) -> list[tuple[str, callable]]:
     """(what, how): the three kinds of source edit the test makes, each a real change of content."""
@@ -59,23 +48,10 @@ def make_dataset(root: Path) -> dict:
 
 def test_editing_source_files_reruns_prepare_under_dvc_repro(tmp_path):
     prepare = make_dataset(tmp_path)
-    work = tmp_path / "repo"
-    work.mkdir()
-    for name in ("pipeline", "stages", "vlap", "results"):
-        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(REPO / name, work / name)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["prepare"] |= prepare
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                        "GIT_COMMITTER_EMAIL": "t@t"}
-    env.pop("PYTHONPATH", None)
-    sh(["git", "init", "-q"], work, env)
-    sh([sys.executable, "-m", "dvc", "init", "-q"], work, env)
-    sh(["git", "add", "-A"], work, env)
-    sh(["git", "commit", "-qm", "sources"], work, env)
+    work = tmp_path / "repo"
+    env = make_project(work, params)
     repro = [sys.executable, "-m", "dvc", "repro", "prepare"]
     assert "Running stage 'prepare'" in sh(repro, work, env)
     assert "Running stage 'prepare'" not in sh(repro, work, env)  # the same data: sources runs, prepare is kept
