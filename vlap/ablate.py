@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import subprocess
 import sys
@@ -123,14 +122,12 @@ def git(*args: str) -> str:
 
 
 def experiment_refs(baseline: str) -> dict[str, str]:
-    """name -> commit of every DVC experiment run from `baseline` (refs/exps/<ab>/<cdef...>/<name>)."""
-    refs = {}
-    for line in git("for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").splitlines():
-        commit, ref = line.split(" ", 1)
-        parts = ref.split("/")
-        if len(parts) == 5 and parts[2] + parts[3] == baseline:
-            refs[parts[4]] = commit
-    return refs
+    """name -> commit of every finished DVC experiment run from `baseline`, as `dvc exp show` lists them."""
+    import dvc.api
+
+    rows = dvc.api.exp_show(revs=baseline, force=True)
+    return {r["Experiment"]: r["rev"] for r in rows
+            if r.get("Experiment") and r.get("typ") != "baseline" and r.get("State") in (None, "Success")}
 
 
 def queue(settings: list[Setting], sets: list[str], baseline: str) -> list[Setting]:
@@ -175,27 +172,34 @@ def run_queue(settings: list[Setting], jobs: int, baseline: str) -> list[str]:
             time.sleep(10)
 
 
-def read_at(commit: str, path: str):
-    proc = subprocess.run(["git", "show", f"{commit}:{path}"], capture_output=True, text=True)
-    return None if proc.returncode else (yaml.safe_load(proc.stdout) if path.endswith(".yaml")
-                                         else json.loads(proc.stdout))
+def metrics_at(experiment: str, path: str) -> dict | None:
+    """One metrics file as the experiment left it (`dvc metrics show`), or None where it has none."""
+    import dvc.api
+
+    try:
+        found = dvc.api.metrics_show(path, rev=experiment)
+    except Exception:  # dvc raises several types for a file the revision lacks
+        return None
+    return found.get(path, found) if found else None
 
 
 def collect(settings: list[Setting], baseline: str) -> list[dict]:
     """One row per finished setting: its key, value, seed, the resolved value it ran with, and VLAP's
-    headline metrics read from the experiment's commit."""
+    headline metrics, as DVC shows the experiment's params and metrics."""
+    import dvc.api
+
     refs, rows = experiment_refs(baseline), []
     for setting in settings:
         commit = refs.get(setting.name)
         if commit is None:
             continue
-        cfg = parse_config(read_at(commit, "params.yaml"), source=f"params.yaml of {setting.name}")
+        cfg = parse_config(dvc.api.params_show(rev=setting.name), source=f"params.yaml of {setting.name}")
         metrics = {}
         for task in HEADLINES:
-            found = read_at(commit, f"data/metrics/{task}/vlap.json")
+            found = metrics_at(setting.name, f"data/metrics/{task}/{PROPOSED}.json")
             if found and found.get("applicable", True):
                 metrics |= {k: v for k, v in headline_values(found, task)[0].items() if isinstance(v, (int, float))}
-        train = read_at(commit, "data/metrics/train/vlap/metrics.json") or {}
+        train = metrics_at(setting.name, f"data/metrics/train/{PROPOSED}/metrics.json") or {}
         metrics |= {f"train/{k}": v for k, v in train.get("train", {}).items() if k in ("loss_cap", "loss_ap")}
         rows.append({"experiment": setting.name, "commit": commit, "key": setting.key, "value": setting.value,
                      "seed": cfg.train.seed, "resolved": resolved(cfg, setting.key), "metrics": metrics})
