@@ -13,6 +13,7 @@ from PIL import Image
 
 from pipeline.api import Bridge
 from vlap import cli
+from vlap.params_file import as_dict
 from pipeline.paths import Dirs
 from pipeline.tasks.captioning import generate_captions
 from pipeline.tasks.inputs import load_eval_inputs
@@ -35,7 +36,7 @@ def bridge_data(tiny_pipeline, smollm2, tmp_path_factory):
     )
     train.run(cfg, Dirs.under(root), "limber", lm=smollm2)
     params = root / "params.yaml"
-    params.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    params.write_text(yaml.safe_dump(as_dict(cfg)))
     return cfg, params, root
 
 

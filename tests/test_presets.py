@@ -119,8 +119,11 @@ def test_vlap_preset_writes_the_paper_values_and_keeps_comments(tmp_path, capsys
     assert "# preset (default: 40): optimiser steps, when epochs is 0" in text  # comments stay
     assert nulls(yaml.safe_load(text)) == []
     assert cli.main(["config", "--params", str(params)]) == 0
-    shown = yaml.safe_load(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    shown = yaml.safe_load(printed)
     assert shown["train"]["epochs"] == 32.0 and shown["extract"]["encoder"] == "hf:openai/clip-vit-base-patch32"
+    (tmp_path / "printed.yaml").write_text(printed)
+    assert load_config(tmp_path / "printed.yaml") == cfg  # what `vlap config` prints is a params file
 
 
 @pytest.mark.parametrize("text, message", [

@@ -60,8 +60,10 @@ def resolved(cfg: Config, key: str) -> object:
 
 
 def as_dict(section) -> object:
+    """A config (or a section) as a params file holds it: every value, lists for tuples, no preset name."""
     if dataclasses.is_dataclass(section):
-        return {f.name: as_dict(getattr(section, f.name)) for f in dataclasses.fields(section)}
+        return {f.name: as_dict(getattr(section, f.name)) for f in dataclasses.fields(section)
+                if not (isinstance(section, Config) and f.name == "preset")}
     return list(section) if isinstance(section, tuple) else section
 
 
