@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.manifest import Split, read_manifest, read_questions, write_split
+from pipeline.manifest import ImageRow, Split, read_manifest, read_questions, write_split
 from pipeline.bridge import load_bridge, save_bridge
 from pipeline.features import FeatureCache, features_file
 from pipeline.errors import MismatchError
@@ -292,8 +292,7 @@ def test_bridge_from_another_encoder_is_refused(trained, smollm2, tmp_path):
 def test_missing_bridge_fails_in_one_line(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("evaluate:\n  common:\n    test_images: 4\n")
-    row = {"image_id": "1", "image_path": "1.png", "image_sha256": "0" * 64, "captions": ["a red circle"],
-           "attributes": "{}"}
+    row = ImageRow("1", "1.png", "0" * 64, ["a red circle"])
     write_split(tmp_path / "prepared", Split("test", "package:easy_vqa", [row]))
     proc = subprocess.run(
         [sys.executable, "-m", "stages.evaluate_caption", "--method", "vlap", "--params", str(params),
