@@ -58,9 +58,9 @@ class ImageRow:
 
 
 def image_row(root: Path, rel: str, image_id: str, captions: list[str] | None = None,
-              attributes: dict | None = None, sha256: str | None = None) -> ImageRow:
-    """The row of the image at root/rel, hashed here unless its content hash is given."""
-    return ImageRow(image_id, rel, sha256 or sha256_file(root / rel), list(captions or []),
+              attributes: dict | None = None) -> ImageRow:
+    """The row of the image at root/rel, its content hashed here."""
+    return ImageRow(image_id, rel, sha256_file(root / rel), list(captions or []),
                     json.dumps(attributes or {}, sort_keys=True))
 
 

@@ -33,6 +33,7 @@ from pipeline.report import figure, save_figure, write_markdown
 from pipeline.methods import PROPOSED
 from pipeline.tasks.registry import HEADLINES, TASKS
 from pipeline.tasks.summary import headline_values
+from vlap.params_file import resolved as resolved_value
 
 log = logging.getLogger("vlap.ablate")
 
@@ -207,12 +208,7 @@ def collect(settings: list[Setting], baseline: str) -> list[dict]:
 
 
 def resolved(cfg, key: str | None):
-    if key is None:
-        return None
-    node = cfg
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
+    return None if key is None else resolved_value(cfg, key)
 
 
 def averaged(rows: list[dict]) -> list[dict]:
