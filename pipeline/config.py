@@ -358,6 +358,22 @@ def _metadata(info) -> list:
     return found
 
 
+def value_at(cfg: Any, key: str) -> Any:
+    """The value of a dotted params key (`train.lr`, or a whole section `methods.vlap`) as a params file
+    holds it: plain dicts for sections, lists for tuples. The one resolver of dotted keys."""
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return plain(node)
+
+
+def plain(value: Any) -> Any:
+    """A config value with sections as dicts and tuples as lists (what YAML and JSON write)."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return list(value) if isinstance(value, tuple) else value
+
+
 def section_values(section: Any) -> dict:
     """A section's fields as a plain dict (field by field, so every read is an attribute access)."""
     return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import json
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,8 +21,12 @@ from pathlib import Path
 from types import ModuleType
 
 import yaml
+from filelock import FileLock
 
-from pipeline.config import METHODS
+from pipeline.config import METHODS, Config, value_at
+from pipeline.digests import file_digest, tree_digest
+from pipeline.io import sha256_json, write_json_atomic
+from pipeline.paths import Dirs
 from stages.common import StageSpec
 
 ROOT = Path(__file__).resolve().parents[1]  # holds pipeline/ and stages/
@@ -50,6 +55,46 @@ class Node:
     def instances(self) -> list[str | None]:
         """The methods it runs for (None for a stage that runs once)."""
         return list(METHODS) if self.spec.per_method else [None]
+
+    # What DVC hashes for a stage run, for runs outside the repo's own data root, where there is no
+    # dvc.lock to ask (the flow on other data, the study's per-seed roots).
+    def inputs_key(self, method: str | None, cfg: Config, dirs: Dirs) -> str:
+        """Hash of its declared params' values, its data deps' content and its code deps' content."""
+        spec = self.spec
+        return sha256_json({"stage": spec.label(method),
+                            "params": {k: value_at(cfg, k) for k in spec.param_keys(method)},
+                            "deps": {str(p.relative_to(dirs.root)): tree_digest(p) for p in spec.dep_paths(dirs, method)},
+                            "code": {f: file_digest(ROOT / f) for f in self.code}})
+
+    def outputs_digest(self, method: str | None, dirs: Dirs) -> dict[str, str | None]:
+        """Each output's content digest (None where it is missing)."""
+        return {str(p.relative_to(dirs.root)): tree_digest(p) if p.exists() else None
+                for p in self.spec.out_paths(dirs, method)}
+
+
+class RunRecord:
+    """What each stage run under a data root last ran on, as dvc.lock records it for `data/`: {label:
+    {"inputs": inputs_key, "outputs": outputs_digest}} in <root>/<name>. A run is stale unless both match."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def _read(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def up_to_date(self, node: Node, method: str | None, cfg: Config, dirs: Dirs) -> bool:
+        entry = self._read().get(node.spec.label(method))
+        outputs = node.outputs_digest(method, dirs)
+        return (entry is not None and None not in outputs.values() and entry["outputs"] == outputs
+                and entry["inputs"] == node.inputs_key(method, cfg, dirs))
+
+    def record(self, node: Node, method: str | None, cfg: Config, dirs: Dirs) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{self.path}.lock"):  # flow tasks on Dask workers record side by side
+            entries = self._read()
+            entries[node.spec.label(method)] = {"inputs": node.inputs_key(method, cfg, dirs),
+                                                "outputs": node.outputs_digest(method, dirs)}
+            write_json_atomic(self.path, entries)
 
 
 def stage_modules() -> list[ModuleType]:

@@ -60,16 +60,16 @@ def test_flow_runs_what_dvc_runs():
 
 def test_key_follows_declared_params_only(tmp_path):
     cfg, dirs, train = Config(), Dirs.under(tmp_path), node("train")
-    keys = {m: flow.task_key(train, m, cfg, dirs) for m in METHODS}
+    keys = {m: train.inputs_key(m, cfg, dirs) for m in METHODS}
     assert len(set(keys.values())) == len(METHODS)
     lam = replace(cfg, methods=replace(cfg.methods, vlap=replace(cfg.methods.vlap, ap_weight=0.5)))
-    assert flow.task_key(train, "vlap", lam, dirs) != keys["vlap"]
-    assert flow.task_key(train, "limber", lam, dirs) == keys["limber"]  # methods.vlap is not limber's param
+    assert train.inputs_key("vlap", lam, dirs) != keys["vlap"]
+    assert train.inputs_key("limber", lam, dirs) == keys["limber"]  # methods.vlap is not limber's param
     other_eval = replace(cfg, evaluate=replace(cfg.evaluate, common=replace(cfg.evaluate.common, test_images=3)))
-    assert flow.task_key(train, "vlap", other_eval, dirs) == keys["vlap"]
+    assert train.inputs_key("vlap", other_eval, dirs) == keys["vlap"]
     arith, tokens = node("evaluate_arithmetic"), replace(cfg.evaluate.caption, max_new_tokens=3)
-    assert flow.task_key(arith, "vlap", replace(cfg, evaluate=replace(cfg.evaluate, caption=tokens)), dirs) != \
-        flow.task_key(arith, "vlap", cfg, dirs)  # arithmetic decodes with the caption length
+    assert arith.inputs_key("vlap", replace(cfg, evaluate=replace(cfg.evaluate, caption=tokens)), dirs) != \
+        arith.inputs_key("vlap", cfg, dirs)  # arithmetic decodes with the caption length
 
 
 def test_key_hashes_data_deps_by_content(tmp_path):
@@ -79,14 +79,14 @@ def test_key_hashes_data_deps_by_content(tmp_path):
         for path in (dirs.models / "vlap" / "model.safetensors", dirs.features / "index.json", dirs.prepared / "t.parquet"):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"v1")
-    key = flow.task_key(ev, "vlap", cfg, a)
-    assert flow.task_key(ev, "vlap", cfg, b) == key  # same bytes elsewhere: same key
+    key = ev.inputs_key("vlap", cfg, a)
+    assert ev.inputs_key("vlap", cfg, b) == key  # same bytes elsewhere: same key
     (b.models / "vlap" / "model.safetensors").write_bytes(b"retrained")
-    assert flow.task_key(ev, "vlap", cfg, b) != key
+    assert ev.inputs_key("vlap", cfg, b) != key
     (b.models / "vlap" / "model.safetensors").write_bytes(b"v1")
     (b.metrics / "vqa").mkdir(parents=True)
     (b.metrics / "vqa" / "vlap.json").write_text("{}")  # not a dep of captioning
-    assert flow.task_key(ev, "vlap", cfg, b) == key
+    assert ev.inputs_key("vlap", cfg, b) == key
 
 
 def test_code_edit_changes_the_key(tmp_path, monkeypatch):
@@ -94,12 +94,12 @@ def test_code_edit_changes_the_key(tmp_path, monkeypatch):
     for name in summarize.code:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, tmp_path / name)
-    monkeypatch.setattr(flow, "ROOT", tmp_path)
+    monkeypatch.setattr(graph, "ROOT", tmp_path)
     dirs = Dirs.under(tmp_path / "data")
-    key = flow.task_key(summarize, None, Config(), dirs)
+    key = summarize.inputs_key(None, Config(), dirs)
     with open(tmp_path / "pipeline" / "tasks" / "summary.py", "a") as f:  # a module summarize imports
         f.write("\n# an edit\n")
-    assert flow.task_key(summarize, None, Config(), dirs) != key
+    assert summarize.inputs_key(None, Config(), dirs) != key
 
 
 def test_prepare_key_follows_every_file_a_prepare_key_names(tmp_path):
@@ -114,17 +114,17 @@ def test_prepare_key_follows_every_file_a_prepare_key_names(tmp_path):
                                        test_folder=str(tmp_path / "images"), **{k: str(f) for k, f in files.items()}))
     (tmp_path / "images" / "a.png").write_bytes(b"v1")
     sources.run(cfg, dirs)
-    key = flow.task_key(prepare, None, cfg, dirs)
+    key = prepare.inputs_key(None, cfg, dirs)
     sources.run(cfg, dirs)
-    assert flow.task_key(prepare, None, cfg, dirs) == key  # the same data: the same key
+    assert prepare.inputs_key(None, cfg, dirs) == key  # the same data: the same key
     for name, f in files.items():
         f.write_text('{"changed": "%s"}' % name)
         sources.run(cfg, dirs)
-        assert flow.task_key(prepare, None, cfg, dirs) != key, name
-        key = flow.task_key(prepare, None, cfg, dirs)
+        assert prepare.inputs_key(None, cfg, dirs) != key, name
+        key = prepare.inputs_key(None, cfg, dirs)
     (tmp_path / "images" / "a.png").write_bytes(b"v2")
     sources.run(cfg, dirs)
-    assert flow.task_key(prepare, None, cfg, dirs) != key
+    assert prepare.inputs_key(None, cfg, dirs) != key
 
 
 def test_prepare_task_runs_once_then_is_a_cache_hit(prefect_server, tmp_path):
@@ -143,7 +143,7 @@ def test_prepare_task_runs_once_then_is_a_cache_hit(prefect_server, tmp_path):
     assert first.name == "Completed"
     report = first.result()
     assert report == {"train": {"images": 3, "captions": 3}, "test": {"images": 1, "captions": 1}}
-    assert (dirs.root / ".prefect-results" / flow.task_key(prepare, None, cfg, dirs)).is_file()
+    assert (dirs.root / ".prefect-results" / prepare.inputs_key(None, cfg, dirs)).is_file()
     written = (dirs.prepared / "train.parquet").stat().st_mtime_ns
 
     second = run_prepare()  # a new task run, same content: served from the persisted result

@@ -14,10 +14,10 @@ import yaml
 
 from graph_runner import run_graph
 from pipeline.bridge import load_bridge
-from pipeline.config import PRESET_KEYS, PRESETS, ConfigError, load_config, parse_config
+from pipeline.config import PRESET_KEYS, PRESETS, ConfigError, load_config, parse_config, value_at
 from pipeline.paths import Dirs
 from vlap import cli
-from vlap.params_file import preset_values, resolved
+from vlap.params_file import preset_values
 from tiny_models import save_tiny_beit, save_tiny_clip_vision, save_tiny_opt, save_tiny_t5
 
 PAPER_PRESETS = [p for p in PRESETS if p != "default"]
@@ -103,7 +103,7 @@ def nulls(node, prefix=""):
 def test_params_yaml_holds_every_value_so_dvc_lock_records_what_ran():
     assert nulls(yaml.safe_load(REPO_PARAMS.read_text())) == []
     cfg = load_config(REPO_PARAMS)
-    assert {k: resolved(cfg, k) for k in PRESET_KEYS} == preset_values("default")  # the default preset's
+    assert {k: value_at(cfg, k) for k in PRESET_KEYS} == preset_values("default")  # the default preset's
 
 
 def test_vlap_preset_writes_the_paper_values_and_keeps_comments(tmp_path, capsys):
@@ -113,7 +113,7 @@ def test_vlap_preset_writes_the_paper_values_and_keeps_comments(tmp_path, capsys
     assert "train.lr: 0.0001" in capsys.readouterr().out
     text = params.read_text()
     cfg = load_config(params)
-    assert {k: resolved(cfg, k) for k in PRESET_KEYS} == preset_values("clip-vitb32_opt-1.3b")
+    assert {k: value_at(cfg, k) for k in PRESET_KEYS} == preset_values("clip-vitb32_opt-1.3b")
     assert cfg.train.lr == 1e-4 and cfg.train.batch_size == 256 and cfg.prototypes.llm == "hf:facebook/opt-1.3b"
     assert "  prompt: 'A picture of '" in text or '  prompt: "A picture of "' in text  # the trailing space kept
     assert "# preset (default: 40): optimiser steps, when epochs is 0" in text  # comments stay

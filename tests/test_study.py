@@ -14,7 +14,7 @@ from pipeline.paths import Dirs
 from stages import extract, prepare, prototypes
 from stages.common import run_stage
 from tiny_models import save_tiny_clip_vision, save_tiny_opt
-from vlap.flow import tree_digest
+from pipeline.digests import tree_digest
 from vlap.study import per_item_scores, run_study
 
 
@@ -83,13 +83,26 @@ def test_report_has_intervals_and_paired_differences(study):
     assert json.loads((out / "study.json").read_text())["seeds"] == [0, 1]
 
 
-def test_a_rerun_keeps_finished_runs(study):
+def test_a_rerun_runs_only_the_stages_whose_inputs_changed(study):
     cfg, base, out, report, _ = study
-    bridge = out / "runs" / "seed-0" / "models" / "limber" / "model.safetensors"
-    mtime = bridge.stat().st_mtime_ns
-    again = run_study(cfg, base, out, seeds=[0, 1], methods=["vlap", "limber", "contrastive"], steps=3,
-                      test_images=10, vqa_questions=6, n_boot=200)
-    assert bridge.stat().st_mtime_ns == mtime and again == report
+    seed0 = Dirs.under(out / "runs" / "seed-0")
+    files = {"bridge": seed0.models / "limber" / "model.safetensors", "caption": seed0.metrics / "caption" / "limber.json",
+             "vqa": seed0.metrics / "vqa" / "limber.json"}
+    mtimes = {k: f.stat().st_mtime_ns for k, f in files.items()}
+    again = run_study(cfg, base, out, seeds=[0], methods=["limber"], steps=3, test_images=10, vqa_questions=6,
+                      n_boot=200)
+    assert {k: f.stat().st_mtime_ns for k, f in files.items()} == mtimes
+    assert again["caption/CIDEr"]["methods"]["limber"]["per_seed"] == \
+        report["caption/CIDEr"]["methods"]["limber"]["per_seed"][:1]
+    # Fewer VQA questions: evaluate_vqa's declared params changed, nothing else's.
+    run_study(cfg, base, out, seeds=[0], methods=["limber"], steps=3, test_images=10, vqa_questions=4, n_boot=200)
+    now = {k: f.stat().st_mtime_ns for k, f in files.items()}
+    assert now["bridge"] == mtimes["bridge"] and now["caption"] == mtimes["caption"] and now["vqa"] != mtimes["vqa"]
+    assert json.loads(files["vqa"].read_text())["questions"] == 4
+    # An output changed by hand is stale, as DVC's outs check would say.
+    files["caption"].write_text("{}")
+    run_study(cfg, base, out, seeds=[0], methods=["limber"], steps=3, test_images=10, vqa_questions=4, n_boot=200)
+    assert json.loads(files["caption"].read_text())["CIDEr"] >= 0
 
 
 def test_a_study_without_cached_inputs_fails_in_one_line(tmp_path):

@@ -26,14 +26,13 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import load_config, parse_config
+from pipeline.config import load_config, parse_config, value_at
 from pipeline.errors import ConfigError, UserError, report_user_errors
 from pipeline.io import write_json_atomic
 from pipeline.report import figure, save_figure, write_markdown
 from pipeline.methods import PROPOSED
 from pipeline.tasks.registry import HEADLINES, TASKS
 from pipeline.tasks.summary import headline_values
-from vlap.params_file import resolved as resolved_value
 
 log = logging.getLogger("vlap.ablate")
 
@@ -208,7 +207,7 @@ def collect(settings: list[Setting], baseline: str) -> list[dict]:
 
 
 def resolved(cfg, key: str | None):
-    return None if key is None else resolved_value(cfg, key)
+    return None if key is None else value_at(cfg, key)
 
 
 def averaged(rows: list[dict]) -> list[dict]:

@@ -29,7 +29,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "stages,pipeline")
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
@@ -41,9 +40,8 @@ from prefect import Task, flow, get_run_logger, task  # noqa: E402
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.digests import file_digest, tree_digest  # noqa: E402
 from pipeline.errors import ConfigError, report_user_errors  # noqa: E402
-from pipeline.io import sha256_json, write_json_atomic  # noqa: E402
+from pipeline.io import write_json_atomic  # noqa: E402
 from pipeline.paths import Dirs  # noqa: E402
 from pipeline.runtime import keep_freed_memory  # noqa: E402
 from stages.common import run_stage  # noqa: E402
@@ -54,39 +52,18 @@ from stages.graph import ROOT, Node, graph  # noqa: E402
 MAX_WORKERS = 1
 
 
-# ---------------------------------------------------------------- task keys
-def param_value(cfg: Config, key: str) -> Any:
-    """The value of a dotted params key (a whole section as a dict)."""
-    value: Any = cfg
-    for part in key.split("."):
-        value = getattr(value, part)
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-
-
-def task_key(node: Node, method: str | None, cfg: Config, dirs: Dirs) -> str:
-    """Hash of what DVC hashes for this stage: declared params, data deps, code deps."""
-    spec = node.spec
-    inputs = {"params": {k: param_value(cfg, k) for k in spec.param_keys(method)},
-              "deps": {str(p.relative_to(dirs.root)): tree_digest(p) for p in spec.dep_paths(dirs, method)},
-              "code": {f: file_digest(ROOT / f) for f in node.code}}
-    return sha256_json({"stage": spec.label(method), **inputs})
-
-
-# ---------------------------------------------------------------- tasks and the flow
+# ---------------------------------------------------------------- task keys and outputs
 def outputs_record(node: Node, method: str | None, dirs: Dirs) -> Path:
     return dirs.root / ".prefect-results" / f"{node.spec.label(method)}.outputs.json"
 
 
-def outputs_digest(node: Node, method: str | None, dirs: Dirs) -> dict[str, str]:
-    return {str(p.relative_to(dirs.root)): tree_digest(p) for p in node.spec.out_paths(dirs, method)}
-
-
 def outputs_stale(node: Node, method: str | None, dirs: Dirs) -> bool:
     """An output is missing, or differs from what this stage's last flow run wrote (as DVC's outs check)."""
-    if not all(p.exists() for p in node.spec.out_paths(dirs, method)):
+    outputs = node.outputs_digest(method, dirs)
+    if None in outputs.values():
         return True
     record = outputs_record(node, method, dirs)
-    return record.exists() and json.loads(record.read_text()) != outputs_digest(node, method, dirs)
+    return record.exists() and json.loads(record.read_text()) != outputs
 
 
 def up_to_date_in_dvc(label: str, params: Path, dirs: Dirs) -> bool:
@@ -108,7 +85,7 @@ def run_stage_task(stage: str, params: str, data: str, method: str | None) -> An
         result = {"up_to_date_in_dvc": True}
     else:
         result = run_stage(node.module, load_config(params), dirs, method)
-    write_json_atomic(outputs_record(node, method, dirs), outputs_digest(node, method, dirs))
+    write_json_atomic(outputs_record(node, method, dirs), node.outputs_digest(method, dirs))
     return result
 
 
@@ -121,7 +98,7 @@ def stage_task(node: Node, method: str | None, cfg: Config, dirs: Dirs) -> Task:
     stale = node.spec.always_changed or outputs_stale(node, method, dirs)
     return STAGE_TASK.with_options(
         name=node.spec.name, task_run_name=node.spec.label(method), result_storage=dirs.root / ".prefect-results",
-        cache_key_fn=lambda _ctx, _params: task_key(node, method, cfg, dirs), refresh_cache=True if stale else None)
+        cache_key_fn=lambda _ctx, _params: node.inputs_key(method, cfg, dirs), refresh_cache=True if stale else None)
 
 
 def upstream(nodes: list[Node], node: Node, method: str | None, dirs: Dirs) -> list[str]:

@@ -10,12 +10,11 @@ and `dvc params diff` / `dvc exp show` show it. A preset is a set of values, wri
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import yaml as pyyaml
 
-from pipeline.config import PRESET_KEYS, PRESETS, Config, load_config, parse_config
+from pipeline.config import PRESET_KEYS, PRESETS, Config, load_config, parse_config, plain, value_at
 from pipeline.errors import report_user_errors
 
 
@@ -49,22 +48,12 @@ def update_params(params: Path, values: dict[str, object]) -> None:
 def preset_values(name: str) -> dict[str, object]:
     """Every key a preset sets, with the preset's value (the defaults' where the preset leaves it)."""
     cfg = parse_config({"preset": name})
-    return {key: resolved(cfg, key) for key in PRESET_KEYS}
+    return {key: value_at(cfg, key) for key in PRESET_KEYS}
 
 
-def resolved(cfg: Config, key: str) -> object:
-    node = cfg
-    for part in key.split("."):
-        node = getattr(node, part)
-    return list(node) if isinstance(node, tuple) else node
-
-
-def as_dict(section) -> object:
-    """A config (or a section) as a params file holds it: every value, lists for tuples, no preset name."""
-    if dataclasses.is_dataclass(section):
-        return {f.name: as_dict(getattr(section, f.name)) for f in dataclasses.fields(section)
-                if not (isinstance(section, Config) and f.name == "preset")}
-    return list(section) if isinstance(section, tuple) else section
+def as_dict(cfg: Config) -> dict:
+    """A config as a params file holds it: every value, lists for tuples, no preset name."""
+    return {k: v for k, v in plain(cfg).items() if k != "preset"}
 
 
 def preset_main(argv: list[str] | None = None) -> int:

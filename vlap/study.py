@@ -10,8 +10,9 @@ features and prototypes are links to the pipeline's own: nothing is encoded agai
 and seed is scored on the same test items. The report (`<out>/report.md`, `study.json`,
 `intervals.png`) gives each headline metric as mean and 95% interval (pipeline.stats: bootstrap
 over seeds and test items) and the paired difference VLAP − each baseline with its interval.
-A re-run keeps every bridge trained with the same training settings and every evaluation run with
-the same evaluation settings on it.
+A re-run runs again only the stage runs whose inputs changed: each seed root keeps a record of what
+each training and evaluation last ran on (`stages.lock.json`: its declared params, data deps and code
+as dvc.lock hashes them, and its outputs' digests), and a stage whose record matches is kept.
 """
 from __future__ import annotations
 
@@ -25,21 +26,21 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import stats
-from pipeline.bridge import WEIGHTS, read_bridge_config
 from pipeline.config import METHODS, Config, load_config, section_values
 from pipeline.errors import MissingInputError, report_user_errors
 from pipeline.methods import BASELINES, PROPOSED
-from pipeline.io import sha256_file, sha256_json, write_json_atomic
+from pipeline.io import write_json_atomic
 from pipeline.report import figure, save_figure, write_markdown
 from pipeline.paths import Dirs
 from pipeline.tasks.registry import HEADLINES, TASKS
 from pipeline.tasks.summary import headline_values
 from pipeline.train import method_lr
-from stages import evaluate_arithmetic, evaluate_caption, evaluate_retrieval, evaluate_vqa, train
 from stages.common import run_stage
+from stages.graph import Node, RunRecord, graph
 
 log = logging.getLogger("vlap.study")
-EVALUATIONS = (evaluate_caption, evaluate_vqa, evaluate_retrieval, evaluate_arithmetic)
+STAGES = ("train", *(f"evaluate_{task}" for task in TASKS))
+RECORD = "stages.lock.json"  # per seed root: what each stage run last ran on (dvc.lock's role for data/)
 
 
 def study_config(cfg: Config, seed: int, steps: int | None, test_images: int | None,
@@ -54,27 +55,20 @@ def study_config(cfg: Config, seed: int, steps: int | None, test_images: int | N
 
 
 def train_and_evaluate(cfg: Config, dirs: Dirs, method: str, lm) -> None:
-    """One (seed, method). A bridge trained with the same train and method settings is kept, and
-    evaluations already run with the same settings on that bridge are not run again."""
-    bridge = dirs.models / method
-    trained = (bridge / WEIGHTS).exists() and trained_with(bridge, cfg, method)
-    if not trained:
-        run_stage(train, cfg, dirs, method, lm=lm)
-    marker = dirs.root / "done" / f"{method}.json"
-    fingerprint = sha256_json({"bridge": sha256_file(bridge / WEIGHTS), "evaluate": {
-        f.name: section_values(getattr(cfg.evaluate, f.name)) for f in dataclasses.fields(cfg.evaluate)}})
-    if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
-        log.info("study: %s seed %d evaluated before, kept", method, cfg.train.seed)
-        return
-    for stage in EVALUATIONS:
-        run_stage(stage, cfg, dirs, method, lm=lm)
-    write_json_atomic(marker, {"fingerprint": fingerprint})
+    """One (seed, method): its training and evaluation stages, each run unless what it last ran on (its
+    declared params, data deps and code, as DVC hashes them) and its outputs are unchanged."""
+    record = RunRecord(dirs.root / RECORD)
+    for node in study_nodes():
+        if record.up_to_date(node, method, cfg, dirs):
+            log.info("study: %s seed %d up to date, kept", node.spec.label(method), cfg.train.seed)
+            continue
+        run_stage(node.module, cfg, dirs, method, lm=lm)
+        record.record(node, method, cfg, dirs)
 
 
-def trained_with(bridge: Path, cfg: Config, method: str) -> bool:
-    meta = read_bridge_config(bridge)  # the settings it was trained with
-    return (meta.get("train") == section_values(cfg.train)
-            and meta.get("method_config") == section_values(getattr(cfg.methods, method)))
+def study_nodes() -> list[Node]:
+    """train, then each evaluation, from the pipeline graph."""
+    return [n for n in graph() if n.spec.name in STAGES]
 
 
 # ---------------------------------------------------------------- per-item scores
