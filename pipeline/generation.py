@@ -119,43 +119,95 @@ def greedy_decode(lm: LanguageModel, embeds: torch.Tensor, mask: torch.Tensor, m
     return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
 
+# Scoring memory per chunk of (question, candidate) rows, above the model and the prefixes' own cache.
+RANKING_MEMORY = 1 << 30
+
+
 @torch.inference_mode()
 def rank_candidates(lm: LanguageModel, embeds: torch.Tensor, mask: torch.Tensor, candidates: list[str],
-                    cache: Any | None = None) -> torch.Tensor:
+                    cache: Any | None = None, memory: int = RANKING_MEMORY) -> torch.Tensor:
     """Log-likelihood of each candidate continuation after each prefix: (B, C). `cache`: as in
     `greedy_decode` (decoder-only LMs).
 
-    The shared prefix runs once: its next-token distribution scores every
-    candidate's first token (all of a one-token candidate); only candidates of
-    several tokens continue from its KV cache, repeated for them alone and scored
-    in one batched call. T5 scores candidates as decoder targets against one
-    encoder pass.
+    The prefixes run once: their next-token distributions score every candidate's first token (all
+    of a one-token candidate). Candidates of several tokens continue from that KV cache in chunks of
+    (prefix, candidate) rows of one token length, as many rows as `memory` bytes hold, so peak
+    memory stays one chunk whatever the number of candidates (3,129 for VQAv2's closed set). T5
+    scores candidates as decoder targets against one encoder pass, in chunks the same way.
     """
     B, C = embeds.shape[0], len(candidates)
     ids, cand_mask = lm.tokenize(candidates)  # (C, L) right-padded
+    lengths = cand_mask.sum(1)
     if lm.is_encoder_decoder:
-        enc = lm.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
-        hidden = enc.last_hidden_state.repeat_interleave(C, 0)
-        labels = ids.repeat(B, 1).masked_fill(cand_mask.repeat(B, 1) == 0, -100)
-        logits = lm.model(encoder_outputs=(hidden,), attention_mask=mask.repeat_interleave(C, 0), labels=labels).logits
-        logp = F.log_softmax(logits.float(), -1).gather(-1, ids.repeat(B, 1).unsqueeze(-1)).squeeze(-1)
-        return (logp * cand_mask.repeat(B, 1)).sum(-1).view(B, C)
+        hidden = lm.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, T, D)
+        scores = embeds.new_zeros((B, C), dtype=torch.float32)
+        per_row = _bytes_per_row(lm, hidden.shape[1], int(lengths.max()), hidden.element_size() * hidden.shape[-1])
+        for rows, cands, n in _chunks(B, lengths, range(C), memory // per_row):
+            target = ids[cands, :n]
+            logits = lm.model(encoder_outputs=(hidden[rows],), attention_mask=mask[rows], labels=target).logits
+            scores[rows, cands] = _token_logp(logits, target).sum(-1)
+        return scores
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) left padding -> positions start at 0
-    multi = (cand_mask.sum(1) > 1).nonzero().squeeze(1)  # candidates needing more than the next token
+    multi = (lengths > 1).nonzero().squeeze(1).tolist()  # candidates needing more than the next token
     done = 0 if cache is None else cache.get_seq_length()
     prefix = lm.model(inputs_embeds=embeds[:, done:], attention_mask=mask, position_ids=positions[:, done:],
                       use_cache=len(multi) > 0, logits_to_keep=1, **with_cache(lm.model, cache))
     first = F.log_softmax(prefix.logits[:, -1].float(), -1)  # (B, K) next-token distribution after the prefix
     scores = first[:, ids[:, 0]]  # (B, C) log p(first token); complete for one-token candidates
-    if len(multi) == 0:
+    if not multi:
         return scores
-    M = len(multi)
     cache = prefix.past_key_values
-    cache.batch_repeat_interleave(M)  # (B*M, ...) the shared prefix, computed once
-    cand_ids, cand_m = ids[multi].repeat(B, 1), cand_mask[multi].repeat(B, 1)  # (B*M, L)
-    full_mask = torch.cat([mask.repeat_interleave(M, 0), cand_m], 1)
-    cand_pos = positions[:, -1:].repeat_interleave(M, 0) + 1 + torch.arange(ids.shape[1], device=ids.device)
-    out = lm.model(input_ids=cand_ids, attention_mask=full_mask, position_ids=cand_pos, **with_cache(lm.model, cache))
-    rest = F.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, cand_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    scores[:, multi] += (rest * cand_m[:, 1:]).sum(-1).view(B, M)
+    cache_row = sum(t.numel() * t.element_size() for t in _cache_tensors(cache)) // B
+    per_row = _bytes_per_row(lm, embeds.shape[1], int(lengths.max()), cache_row // max(embeds.shape[1], 1))
+    for rows, cands, n in _chunks(B, lengths, multi, memory // per_row):
+        cand_ids = ids[cands, :n]  # (R, n), one length: no padding
+        full_mask = torch.cat([mask[rows], mask.new_ones((len(rows), n))], 1)
+        cand_pos = positions[rows, -1:] + 1 + torch.arange(n, device=ids.device)
+        out = lm.model(input_ids=cand_ids, attention_mask=full_mask, position_ids=cand_pos,
+                       **with_cache(lm.model, _cache_rows(cache, rows)))
+        scores[rows, cands] += _token_logp(out.logits[:, :-1], cand_ids[:, 1:]).sum(-1)
     return scores
+
+
+def _token_logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p of each target token: (R, n)."""
+    return F.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _bytes_per_row(lm: LanguageModel, prefix_len: int, max_len: int, cache_per_token: int) -> int:
+    """What one (prefix, candidate) row of a chunk holds at its peak: its copy of the prefix's KV cache
+    twice (the copy, and the copy extended by the candidate), and its vocabulary logits three times
+    (the model's, float32, log-softmax)."""
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    return max(1, 2 * cache_per_token * (prefix_len + max_len) + 3 * 4 * max_len * vocab)
+
+
+def _chunks(B: int, lengths: torch.Tensor, candidates, rows_per_chunk: int):
+    """(prefix rows, candidate indices, token length) chunks of at most `rows_per_chunk` (prefix,
+    candidate) pairs, each of candidates of one token length."""
+    size = max(1, rows_per_chunk)
+    by_length: dict[int, list[int]] = {}
+    for c in candidates:
+        by_length.setdefault(int(lengths[c]), []).append(c)
+    for n, group in sorted(by_length.items()):
+        pairs = torch.tensor([(b, c) for b in range(B) for c in group], device=lengths.device)
+        for start in range(0, len(pairs), size):
+            part = pairs[start : start + size]
+            yield part[:, 0], part[:, 1], n
+
+
+def _cache_tensors(cache: Any) -> list[torch.Tensor]:
+    if hasattr(cache, "layers"):
+        return [t for layer in cache.layers for t in (layer.keys, layer.values) if t is not None]
+    return [*cache.key_cache, *cache.value_cache]
+
+
+def _cache_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """A new cache of the given batch rows (repeats allowed); `cache` itself is left as it is."""
+    if hasattr(cache, "layers"):  # a shallow copy: selecting rows makes new tensors, never writes the old
+        out = copy.copy(cache)
+        out.layers = [copy.copy(layer) for layer in cache.layers]
+    else:
+        out = copy.deepcopy(cache)
+    out.batch_select_indices(rows)
+    return out

@@ -32,6 +32,7 @@ from pipeline.losses import LogitScale, captioning_loss
 from pipeline.methods import REGISTRY
 from pipeline.paths import Dirs
 from pipeline.prototypes import Prototypes
+from pipeline.throughput import Throughput
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,8 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
     live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None) if ranks.is_main else None
     for row in history if live else []:  # replay logged steps so the curves are whole after a resume
         _log_step(live, row)
+    # throughput/ in dvclive: timing, unlike the losses, differs run to run (kept out of history and the bridge)
+    meter = Throughput(device, torch.bfloat16 if precision == "bf16" else torch.float32) if ranks.is_main else None
     t0 = time.perf_counter()
     batches = StepBatches(data, tcfg.batch_size, tcfg.seed, start, steps, ranks)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=tcfg.loader_workers,
@@ -222,14 +225,15 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
     for step, idx, tokens in bar:
         if stop_after is not None and step >= start + stop_after:
             break
-        tokens = tokens.to(device=device, dtype=torch.float32, non_blocking=True)
-        captions = [data.captions[i] for i in idx.tolist()]
-        with autocast:
-            terms = compute_losses(method, cfg, lm, trained, protos, tokens, captions, prompt_ids, ranks, scale)
-        optimizer.zero_grad(set_to_none=True)
-        # Shares add up to the global loss, and DDP averages gradients over ranks: scale back to the sum.
-        (terms["loss"] * ranks.world).backward()
-        optimizer.step()
+        with meter.step() if meter else nullcontext():
+            tokens = tokens.to(device=device, dtype=torch.float32, non_blocking=True)
+            captions = [data.captions[i] for i in idx.tolist()]
+            with autocast:
+                terms = compute_losses(method, cfg, lm, trained, protos, tokens, captions, prompt_ids, ranks, scale)
+            optimizer.zero_grad(set_to_none=True)
+            # Shares add up to the global loss, and DDP averages gradients over ranks: scale back to the sum.
+            (terms["loss"] * ranks.world).backward()
+            optimizer.step()
         if scale is not None:
             scale.clamp_()
         row = {k: ranks.total(v).item() for k, v in terms.items()} | {"lr": schedule.get_last_lr()[0]}
@@ -238,15 +242,25 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
         bar.set_postfix(loss=f"{row['loss']:.3f}")
         if not ranks.is_main:
             continue
+        speed = meter.row(tcfg.batch_size)
+        if speed:
+            for key, value in speed.items():
+                live.log_metric(f"throughput/{key}", value)
         _log_step(live, row)
         if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == steps:
             _save_checkpoint(checkpoint, fingerprint, step + 1, bridge, optimizer, schedule, history, scale)
     steps_done = len(history)
     if not ranks.is_main:
         return {"finished": steps_done >= steps, "steps": steps_done}
+    throughput = meter.means()
+    if throughput:
+        live.summary["throughput"] = throughput
+        log.info("train %s: %.3f s/step, %.1f samples/s, MFU %.1f%% (%.1f GFLOP/step, %s peak %.0f GFLOP/s)", method,
+                 throughput["mean_step_seconds"], throughput["mean_samples_per_second"], 100 * throughput["mean_mfu"],
+                 throughput["step_gflop"], precision, throughput["peak_gflop_per_second"])
     live.end()
     if steps_done < steps:
-        return {"finished": False, "steps": steps_done}
+        return {"finished": False, "steps": steps_done, "throughput": throughput}
     config = {"bridge": "linear", "d_vision": data.d_vision, "d_model": lm.hidden_size, "method": method,
               "llm": cfg.prototypes.llm, "encoder": data.encoder, "prompt": tcfg.prompt,
               "feature_shape": [data.n_tokens, data.d_vision], "feature_dtype": data.feature_dtype,
@@ -256,7 +270,8 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
               "steps": steps, "warmup_steps": warmup, "processes": ranks.world, "final": history[-1]}
     save_bridge(out_dir, bridge.cpu(), config)
     checkpoint.unlink(missing_ok=True)
-    return {"finished": True, "steps": steps_done, "seconds": time.perf_counter() - t0, "final": history[-1]}
+    return {"finished": True, "steps": steps_done, "seconds": time.perf_counter() - t0, "final": history[-1],
+            "throughput": throughput}
 
 
 def _log_step(live, row: dict) -> None:

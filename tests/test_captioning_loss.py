@@ -72,14 +72,15 @@ def test_t5_caption_is_the_decoder_target_and_text_states_come_from_the_encoder(
     assert torch.equal(lm.text_states(ids, mask), encoder)
 
 
-def test_t5_ranks_answers_by_decoder_likelihood(tmp_path, smollm2):
+@pytest.mark.parametrize("memory", [1, 1 << 30])  # one (prefix, candidate) row per chunk; all in one
+def test_t5_ranks_answers_by_decoder_likelihood(tmp_path, smollm2, memory):
     from pipeline.generation import rank_candidates
 
     lm = load_lm(f"hf:{save_tiny_t5(tmp_path / 't5', smollm2.tokenizer)}", CPU)
     torch.manual_seed(1)
     embeds, mask = torch.randn(2, 4, lm.hidden_size), torch.ones(2, 4, dtype=torch.long)
-    candidates = [" yes", " blue rectangle"]
-    scores = rank_candidates(lm, embeds, mask, candidates)
+    candidates = [" yes", " blue rectangle", " no"]
+    scores = rank_candidates(lm, embeds, mask, candidates, memory=memory)
     for b in range(2):
         for c, text in enumerate(candidates):
             ids, _ = lm.tokenize([text])

@@ -20,7 +20,9 @@ from pipeline.bridge import load_bridge, save_bridge
 from pipeline.features import FeatureCache, features_file
 from pipeline.errors import MismatchError
 from pipeline.prototypes import prototypes_file
-from pipeline.generation import SharedPrefix, greedy_decode, left_pad, prefill, rank_candidates, text_embeds
+from reference_ranking import unchunked_rank_candidates
+from pipeline.generation import (RANKING_MEMORY, SharedPrefix, greedy_decode, left_pad, prefill, rank_candidates,
+                                 text_embeds)
 from pipeline.tasks.inputs import load_eval_inputs
 from stages import evaluate_arithmetic, evaluate_caption, evaluate_retrieval, evaluate_vqa, summarize, train
 
@@ -300,3 +302,16 @@ def test_missing_bridge_fails_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path}/models/vlap/model.safetensors: trained bridge not found (run the train stage first)"]
+
+
+@pytest.mark.parametrize("memory", [1, 64 << 20, RANKING_MEMORY])  # one row per chunk, a few chunks, one chunk
+def test_chunked_ranking_equals_the_unchunked_scores(smollm2, memory):
+    prompts = ["Question: what color is the sky? Answer:", "The shape is a", "Question: how many sides? Answer:"]
+    embeds, mask = left_pad([text_embeds(smollm2, p) for p in prompts])
+    candidates = [" blue", " teal", " circle", " dark turquoise", " yes", " a rectangle with rounded corners",
+                  " 12", " magenta"]
+    assert len({len(smollm2.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in candidates}) >= 3
+    expected = unchunked_rank_candidates(smollm2, embeds, mask, candidates)  # the ranking before chunking
+    scores = rank_candidates(smollm2, embeds, mask, candidates, memory=memory)
+    assert torch.allclose(scores, expected, atol=1e-4), (scores - expected).abs().max()
+    assert torch.equal(scores.argmax(-1), expected.argmax(-1))

@@ -4,14 +4,16 @@ byte-reproducible (run twice in two folders, every out hashed)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, parse_config
+from pipeline.config import METHODS, Config, parse_config
 from pipeline.paths import Dirs
 from stages import graph
 from graph_runner import run_graph
@@ -89,6 +91,14 @@ def test_stages_read_declared_params_write_declared_outs_and_reproduce(tiny_mode
     assert '"applicable": true' in metrics  # the small run exercised every task, VQA included
 
     run_graph(cfg, second, record=False)
+    for dirs in (first, second):  # training's timing is the one thing meant to differ between runs
+        for method in METHODS:
+            live = dirs.metrics / "train" / method
+            summary = json.loads((live / "metrics.json").read_text())
+            assert 0 < summary.pop("throughput")["mean_mfu"] < 1
+            (live / "metrics.json").write_text(json.dumps(summary))
+            assert (live / "plots" / "metrics" / "throughput" / "samples_per_second.tsv").exists()
+            shutil.rmtree(live / "plots" / "metrics" / "throughput")
     for node in graph.graph():
         for method in node.instances():
             for a, b in zip(node.spec.out_paths(first, method), node.spec.out_paths(second, method)):
