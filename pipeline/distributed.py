@@ -50,6 +50,18 @@ class Ranks:
 
         return torch.cat(all_gather(local.contiguous()))
 
+    def all_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` summed over ranks, in place (no gradient): a sharded reduction's partial results."""
+        if self.world > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def all_max(self, value: torch.Tensor) -> torch.Tensor:
+        """`value`'s elementwise maximum over ranks, in place (no gradient)."""
+        if self.world > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return value
+
     def total(self, value: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of a detached value (a count, a loss share)."""
         if self.world == 1:

@@ -36,21 +36,20 @@ def assignment_prediction_loss(
 
     z_v, z_t: (b, D) L2-normalised, this rank's part of the global batch of B; prototypes: (K, D)
     L2-normalised word embeddings Ê; prior: (K,) mu. The OT problems couple the samples of a batch,
-    so they are solved over the global batch (scores gathered from every rank); each rank then
-    scores its own rows.
+    so they are solved over the global batch, sharded: each rank keeps its own rows and the
+    column updates sum over ranks (pipeline/ot.py); each rank then scores its own rows.
     """
     z_t, prototypes = z_t.detach(), prototypes.detach()  # frozen text reps and word prototypes
-    s_v = z_v @ prototypes.T  # (b, K) S_v, this rank's rows
-    S_v, S_t = ranks.gather(s_v.detach()), ranks.gather(z_t @ prototypes.T)  # (B, K) each, global
+    s_v, s_t = z_v @ prototypes.T, z_t @ prototypes.T  # (b, K) S_v and S_t, this rank's rows
     # Both OT problems in one call; never below float32 (a half-precision OT loses tiny mu_k).
     ot_dtype = torch.promote_types(s_v.dtype, torch.float32)
-    ot = sinkhorn(torch.stack([S_v, S_t]).to(ot_dtype), prior, epsilon, n_iters)
-    q_v, q_t = ot.assignments.to(s_v.dtype).unbind(0)  # (B, K) each, rows sum to 1, targets (no grad)
+    ot = sinkhorn(torch.stack([s_v.detach(), s_t]).to(ot_dtype), prior, epsilon, n_iters, ranks=ranks)
+    q_v, q_t = ot.assignments.to(s_v.dtype).unbind(0)  # (b, K) each, rows sum to 1, targets (no grad)
     log_p_v = F.log_softmax(s_v / tau, dim=-1)  # (b, K)
-    log_p_t = F.log_softmax(S_t / tau, dim=-1)  # (B, K)
-    batch = S_v.shape[0]
-    visual_term = -(ranks.local_part(q_t) * log_p_v).sum() / batch  # this rank's share of the batch mean
-    text_term = -(q_v * log_p_t).sum(-1).mean() / ranks.world  # global on every rank: an equal share each
+    log_p_t = F.log_softmax(s_t / tau, dim=-1)  # (b, K)
+    batch = s_v.shape[0] * ranks.world
+    visual_term = -(q_t * log_p_v).sum() / batch  # this rank's share of the batch mean
+    text_term = -(q_v * log_p_t).sum(-1).mean() / ranks.world  # equal row counts: the same share
     return APLoss(
         total=0.5 * (visual_term + text_term),
         visual_term=visual_term,

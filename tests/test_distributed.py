@@ -93,3 +93,45 @@ def test_a_batch_the_processes_cannot_split_fails_in_one_line(trained_inputs, tm
     result = torchrun(odd, dirs.sharing_inputs(tmp_path / "odd").root, "limber", 2)
     assert result.returncode != 0
     assert "train.batch_size: 7 must be a multiple of the 2 torchrun processes" in result.stderr
+
+
+def _sharded_sinkhorn(rank: int, world: int, init_file: str, scores: torch.Tensor, mu: torch.Tensor, epsilon: float,
+                      out: str) -> None:
+    """One rank of a sharded solve: its own rows in, its own rows of the plan out."""
+    import torch.distributed as dist
+
+    from pipeline.distributed import Ranks
+    from pipeline.ot import sinkhorn
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        rows = scores.shape[-2] // world
+        res = sinkhorn(scores[..., rank * rows:(rank + 1) * rows, :], mu, epsilon, 3, Ranks(rank, world))
+        torch.save({"assignments": res.assignments, "log_b": res.log_b, "marginal_error": res.marginal_error},
+                   f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("epsilon", [0.01, 0.001])  # the scaling domain; the log domain (span 2 / eps > 700)
+def test_sharded_sinkhorn_over_two_gloo_ranks_equals_the_one_process_plan(tmp_path, epsilon):
+    import torch.multiprocessing as mp
+
+    from pipeline.ot import SCALING_SPAN, sinkhorn
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(2, 16, 32, generator=g), dim=-1)
+    words = torch.nn.functional.normalize(torch.randn(3000, 32, generator=g), dim=-1)
+    scores, mu = z @ words.T, torch.rand(3000, generator=g) ** 4  # (2 problems, B 16, K 3000), a skewed prior
+    mu[:10] = 0.0  # zero-mass words stay zero
+    mu /= mu.sum()
+    assert ((scores.amax(-1) - scores.amin(-1)).max() / epsilon < SCALING_SPAN) == (epsilon == 0.01)
+    whole = sinkhorn(scores, mu, epsilon, 3)
+    mp.spawn(_sharded_sinkhorn, args=(2, str(tmp_path / "store"), scores, mu, epsilon, str(tmp_path)), nprocs=2)
+    parts = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    assert all(p["assignments"].shape == (2, 8, 3000) for p in parts)  # each rank holds only its own rows
+    torch.testing.assert_close(torch.cat([p["assignments"] for p in parts], -2), whole.assignments, atol=1e-6, rtol=0)
+    for p in parts:
+        torch.testing.assert_close(p["log_b"], whole.log_b, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(p["marginal_error"], whole.marginal_error, atol=1e-6, rtol=0)
