@@ -73,7 +73,7 @@ def main() -> int:
         out = {}
         t_train = timed(lambda: out.update(train.run(cfg, dirs, "vlap")))
         results[len(results)] = {"extract_s": t_extract, "prototypes_s": t_protos, "train_s": t_train,
-                           "final_loss": out["final"]["loss"],
+                           "final_loss": out["final"]["loss"], "throughput": out.get("throughput", {}),
                            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0}
         with FeatureCache(features_file(dirs.features, "train")) as cache:
             results[len(results) - 1]["features"] = cache.tokens(cache.ids[:64]).astype(np.float32)
@@ -87,6 +87,11 @@ def main() -> int:
     print(f"peak GPU memory: {gpu['peak_gpu_mb']:.0f} MB")
     print(f"features max |{measured} - {reference}|: {np.abs(gpu['features'] - cpu['features']).max():.2e}")
     print(f"final loss {reference} {cpu['final_loss']:.4f}, {measured} {gpu['final_loss']:.4f}")
+    for name, r in ((reference, cpu), (measured, gpu)):
+        t = r["throughput"]
+        if t:
+            print(f"train throughput {name}: {t['mean_step_seconds']:.3f} s/step, {t['mean_samples_per_second']:.1f} "
+                  f"samples/s, MFU {100 * t['mean_mfu']:.1f}% of {t['peak_gflop_per_second']:.0f} GFLOP/s")
     print(json.dumps({args.devices.split(",")[d]: {k: v for k, v in r.items() if k != "features"}
                       for d, r in results.items()}))
     return 0

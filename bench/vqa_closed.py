@@ -54,33 +54,43 @@ def candidates(tokenizer, n: int, seed: int = 0) -> list[str]:
     return list(out)
 
 
-def child(impl: str, n_candidates: int, n_questions: int, prefix: int, scores_path: str | None) -> dict:
+def child(impl: str, n_candidates: int, n_questions: int, prefix: int, scores_path: str | None,
+          device: str = "cpu") -> dict:
     from pipeline.generation import rank_candidates
     from pipeline.lms import load_lm
     from reference_ranking import unchunked_rank_candidates
 
-    lm = load_lm("smollm2-135m", "cpu")
+    lm = load_lm("smollm2-135m", torch.device(device))
     torch.manual_seed(0)
-    embeds = torch.randn(n_questions, prefix, lm.hidden_size) * lm.embed(torch.arange(1000)).std()
-    mask = torch.ones(n_questions, prefix, dtype=torch.long)
+    scale = lm.embed(torch.arange(1000, device=lm.device)).std()
+    embeds = torch.randn(n_questions, prefix, lm.hidden_size).to(lm.device) * scale
+    mask = torch.ones(n_questions, prefix, dtype=torch.long, device=lm.device)
     cands = candidates(lm.tokenizer, n_candidates)
     lengths = [len(lm.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in cands]
     rank = rank_candidates if impl == "chunked" else unchunked_rank_candidates
     rank(lm, embeds[:1], mask[:1], cands[:4])  # warm-up (kernels, allocator) before the footprint is read
-    footprint = rss_kb("VmRSS")
+    cuda = lm.device.type == "cuda"
+    if cuda:  # on a GPU the memory that matters is the device's: allocated above the model's
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        footprint = torch.cuda.memory_allocated() / 1024
+    else:
+        footprint = rss_kb("VmRSS")
     t0 = time.perf_counter()
     scores = rank(lm, embeds, mask, cands)
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 1024 if cuda else rss_kb("VmHWM")
     if scores_path:
-        torch.save(scores, scores_path)
+        torch.save(scores.cpu(), scores_path)
     return {"impl": impl, "candidates": n_candidates, "questions": n_questions, "seconds": seconds,
-            "footprint_gb": footprint / 2**20, "peak_above_gb": (rss_kb("VmHWM") - footprint) / 2**20,
-            "tokens": lengths}
+            "footprint_gb": footprint / 2**20, "peak_above_gb": (peak - footprint) / 2**20, "tokens": lengths}
 
 
-def measure(impl: str, C: int, Q: int, prefix: int, scores_path: Path | None = None) -> dict | None:
+def measure(impl: str, C: int, Q: int, prefix: int, scores_path: Path | None = None, device: str = "cpu") -> dict:
     cmd = [sys.executable, str(HERE), "--child", impl, "--candidates", str(C), "--questions", str(Q),
-           "--prefix", str(prefix)] + (["--scores", str(scores_path)] if scores_path else [])
+           "--prefix", str(prefix), "--device", device] + (["--scores", str(scores_path)] if scores_path else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:  # the kernel's OOM killer, or an allocation failure
         return {"impl": impl, "candidates": C, "questions": Q, "failed": f"exit {proc.returncode}"}
@@ -94,14 +104,16 @@ def main() -> None:
     p.add_argument("--prefix", type=int, default=60, help="soft tokens before each answer")
     p.add_argument("--compare", nargs="*", default=["50x8", "100x8"],
                    help="candidates x questions also run unchunked (200x8 needs ~20 GB)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on cuda, peak = GPU memory above the model's)")
     p.add_argument("--child", choices=["chunked", "unchunked"], help=argparse.SUPPRESS)
     p.add_argument("--scores", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.candidates, args.questions, args.prefix, args.scores)))
+        print(json.dumps(child(args.child, args.candidates, args.questions, args.prefix, args.scores, args.device)))
         return
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, SmolLM2-135M on CPU, prefix "
-          f"{args.prefix} random soft tokens; peak = resident memory above the loaded model's")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, SmolLM2-135M on {args.device}, prefix "
+          f"{args.prefix} random soft tokens; peak = {'GPU' if args.device != 'cpu' else 'resident'} memory above "
+          "the loaded model's")
     print("| candidates × questions | ranking | seconds | s / question | peak above model (GB) | model (GB) |")
     print("|---:|---|---:|---:|---:|---:|")
     tmp = Path("/tmp") / "vqa_closed_scores"
@@ -111,13 +123,13 @@ def main() -> None:
     for C, Q in compare:  # sizes where the unchunked ranking fits
         pair = {}
         for impl in ("unchunked", "chunked"):
-            pair[impl] = measure(impl, C, Q, args.prefix, tmp / f"{impl}-{C}-{Q}.pt")
+            pair[impl] = measure(impl, C, Q, args.prefix, tmp / f"{impl}-{C}-{Q}.pt", args.device)
             rows.append(pair[impl])
         a, b = (torch.load(tmp / f"{impl}-{C}-{Q}.pt") for impl in ("unchunked", "chunked"))
         diff = (a - b).abs().max().item()
         assert diff < 1e-4, f"{C}x{Q}: chunked scores differ from the unchunked ones by {diff}"
         pair["chunked"]["max_abs_diff"] = diff
-    rows.append(measure("chunked", args.candidates, args.questions, args.prefix))
+    rows.append(measure("chunked", args.candidates, args.questions, args.prefix, device=args.device))
     for r in rows:
         if "failed" in r:
             print(f"| {r['candidates']:,} × {r['questions']} | {r['impl']} | failed ({r['failed']}) | | | |")

@@ -24,7 +24,7 @@ def unchunked_rank_candidates(lm, embeds: torch.Tensor, mask: torch.Tensor, cand
     cache.batch_repeat_interleave(M)
     cand_ids, cand_m = ids[multi].repeat(B, 1), cand_mask[multi].repeat(B, 1)
     full_mask = torch.cat([mask.repeat_interleave(M, 0), cand_m], 1)
-    cand_pos = positions[:, -1:].repeat_interleave(M, 0) + 1 + torch.arange(ids.shape[1])
+    cand_pos = positions[:, -1:].repeat_interleave(M, 0) + 1 + torch.arange(ids.shape[1], device=ids.device)
     out = lm.model(input_ids=cand_ids, attention_mask=full_mask, position_ids=cand_pos, past_key_values=cache)
     rest = F.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, cand_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     scores[:, multi] += (rest * cand_m[:, 1:]).sum(-1).view(B, M)
