@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test bench clean-env
+.PHONY: setup run test test-fast bench clean-env
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The edit-test loop: unit and in-process tests only (no real dvc repro, torchrun or long training).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 # The hot paths, each timed against its named reference in the same run (record in bench/RESULTS.md).
 # The train-step, captioning, VQA and retrieval benches read the default run's outputs: `make run` first.
