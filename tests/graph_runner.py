@@ -34,12 +34,18 @@ def snapshot(root: Path) -> dict[str, int]:
     return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
-def run_graph(cfg: Config, dirs: Dirs, record: bool, sizes: tuple[int, int] = (48, 24)) -> dict[str, tuple[set, set]]:
+def run_graph(cfg: Config, dirs: Dirs, record: bool, sizes: tuple[int, int] = (48, 24),
+              methods: tuple[str, ...] | None = None) -> dict[str, tuple[set, set]]:
     """Every stage in graph order, in-process; easy-VQA cut to `sizes` train / test images after prepare.
+    `methods`: only these methods' stages, and no summary (which compares every method).
     Returns label -> (params read, files written) when recording."""
     seen = {}
     for node in graph.graph():
+        if methods is not None and node.spec.name == "summarize":
+            continue
         for method in node.instances():
+            if methods is not None and method is not None and method not in methods:
+                continue
             log: set[str] = set()
             before = snapshot(dirs.root) if dirs.root.exists() else {}
             run_stage(node.module, RecordingConfig(cfg, "", log) if record else cfg, dirs, method)

@@ -19,6 +19,8 @@ from pipeline.tasks.captioning import generate_captions
 from pipeline.tasks.inputs import load_eval_inputs
 from stages import train
 
+pytestmark = pytest.mark.slow  # trains bridges for the commands
+
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = ("circle", "rectangle", "triangle")
 

@@ -19,6 +19,8 @@ from stages import extract, prepare, prototypes, train
 from stages.common import run_stage
 from tiny_models import save_tiny_clip_vision, save_tiny_opt
 
+pytestmark = pytest.mark.slow  # torchrun and spawned gloo process groups
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -1,7 +1,9 @@
 """Your own data through the real `dvc repro`: a folder of captioned images the test draws, tiny
-local hf: models, every stage run, VQA "not applicable", the rest measured; the Prefect flow on the
-same repo reuses what `dvc repro` made; then a `dvc exp run` whose metrics `dvc exp show` lists
-beside the baseline's."""
+local hf: models, every stage run, VQA "not applicable", the rest measured; the Prefect flow on other
+data runs every stage and writes what `dvc repro` wrote, and on the repo's own data reuses what
+`dvc repro` made; then `vlap ablate` queues experiments whose metrics `dvc exp show` lists beside
+the baseline's. webdataset shards go through `dvc repro` as far as the features (what is
+source-specific: reading the tars); everything after the features is the folder repo's."""
 from __future__ import annotations
 
 import json
@@ -18,6 +20,8 @@ from dvc_repo import REPO, make_project, sh
 from stages import graph
 from shard_writer import write_shard
 from tiny_models import save_tiny_clip_vision, save_tiny_opt
+
+pytestmark = pytest.mark.slow  # real dvc repro, dvc exp and Prefect flows in subprocesses
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220)}
 SHAPES = ("circle", "square", "triangle")
@@ -84,9 +88,9 @@ def write_webdataset(folder: Path) -> int:
     return len(samples)
 
 
-def make_repo(root: Path, tokenizer, source: str) -> tuple[Path, dict, str, int]:
+def make_repo(root: Path, tokenizer, source: str, *targets: str) -> tuple[Path, dict, str, int]:
     """A git + DVC repo holding the project's code and dvc.yaml, params pointing at data the test wrote and at
-    tiny local models; returns (repo, env, `dvc repro` output, number of images)."""
+    tiny local models, after `dvc repro [targets]`; returns (repo, env, `dvc repro` output, number of images)."""
     if source == "folder":
         n_images = write_folder_dataset(root / "photos")
         prepare = {"source": "folder", "folder": str(root / "photos")}
@@ -105,7 +109,7 @@ def make_repo(root: Path, tokenizer, source: str) -> tuple[Path, dict, str, int]
     params["evaluate"]["caption"] |= {"max_new_tokens": 3, "examples": 2}
     params["evaluate"]["arithmetic"] |= {"queries": 0, "examples": 1}
     env = make_project(work, params)
-    out = sh([sys.executable, "-m", "dvc", "repro"], work, env, timeout=900)
+    out = sh([sys.executable, "-m", "dvc", "repro", *targets], work, env, timeout=900)
     return work, env, out, n_images
 
 
@@ -143,26 +147,11 @@ def test_every_stage_runs_on_a_folder_of_photos(repo):
     assert stale_stages(work, env) == ALWAYS_RUN
 
 
-@pytest.fixture(scope="module")
-def shard_repo(tmp_path_factory, smollm2):
-    root = tmp_path_factory.mktemp("shards")
-    return make_repo(root, smollm2.tokenizer, "webdataset") + (root,)
-
-
-def test_every_stage_runs_on_webdataset_shards(shard_repo):
-    work, env, out, n_images, root = shard_repo
-    check_every_task(work, n_images, out)
-    manifest = read_manifest(work / "data" / "prepared", "train")
-    assert manifest.image_root == "params:prepare.folder"
-    assert {r.image_path.split("/")[0] for r in manifest.images} == {"00000.tar", "00001.tar", "00002.tar"}
-    assert not list((root / "shards").glob("*.jpg"))  # read from inside the tars
-
-
-def test_prefect_flow_runs_every_stage_on_shards_as_dvc_does(shard_repo):
+def test_prefect_flow_runs_every_stage_on_other_data_as_dvc_does(repo, tmp_path):
     """The flow on another data folder (so dvc.lock vouches for nothing there) runs every stage itself
     and writes the same metrics, byte for byte, as `dvc repro` did."""
-    work, env, _, _, _ = shard_repo
-    flow_data = work / "flow-data"
+    work, env, _, _ = repo
+    flow_data = tmp_path / "flow-data"  # outside the repo: nothing of it is committed by later tests
     run = subprocess.run([sys.executable, "-m", "vlap.flow", "--data", str(flow_data)], cwd=work, env=env,
                          capture_output=True, text=True, timeout=900)
     log = run.stdout + run.stderr
@@ -175,6 +164,20 @@ def test_prefect_flow_runs_every_stage_on_shards_as_dvc_does(shard_repo):
             relative = Path("metrics") / task / f"{method}.json"
             assert (flow_data / relative).read_bytes() == (work / "data" / relative).read_bytes(), relative
     assert (flow_data / "metrics" / "summary.md").read_text() == (work / "data" / "metrics" / "summary.md").read_text()
+
+
+def test_webdataset_shards_through_dvc_repro_to_the_features(tmp_path, smollm2):
+    work, env, out, n_images = make_repo(tmp_path, smollm2.tokenizer, "webdataset", "extract")
+    lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"sources", "prepare", "extract"}, out[-2000:]
+    report = json.loads((work / "data" / "prepared" / "report.json").read_text())
+    assert report["train"]["images"] + report["test"]["images"] == n_images
+    manifest = read_manifest(work / "data" / "prepared", "train")
+    assert manifest.image_root == "params:prepare.folder"
+    assert {r.image_path.split("/")[0] for r in manifest.images} == {"00000.tar", "00001.tar", "00002.tar"}
+    assert not list((tmp_path / "shards").glob("*.jpg"))  # read from inside the tars
+    index = json.loads((work / "data" / "features" / "index.json").read_text())
+    assert index and stale_stages(work, env) == ALWAYS_RUN
 
 
 def test_prefect_flow_after_dvc_repro_reuses_every_output(repo):
@@ -198,25 +201,10 @@ def test_prefect_flow_after_dvc_repro_reuses_every_output(repo):
     assert stale_stages(work, env) == ALWAYS_RUN
 
 
-def test_experiment_metrics_show_beside_the_baseline(repo):
-    work, env, _, _ = repo
-    sh(["git", "add", "-A"], work, env)  # the baseline commit holds dvc.lock and the metrics, as on main
-    sh(["git", "commit", "-qm", "baseline run"], work, env)
-    log = sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "methods.vlap.ap_weight=0.5"], work, env, timeout=900)
-    assert "train@limber" not in log.replace("'train@limber' didn't change", "")  # only vlap's stages re-ran
-    shown = json.loads(sh([sys.executable, "-m", "dvc", "exp", "show", "--json"], work, env))
-    baseline = metric_files([{k: v for k, v in entry.items() if k != "experiments"} for entry in shown])
-    (exp,) = experiments(shown)
-    in_exp = metric_files(exp)
-    key = "data/metrics/train/vlap/metrics.json"
-    assert baseline[key]["train"]["loss"] != in_exp[key]["train"]["loss"]  # vlap retrained with lambda = 0.5
-    assert in_exp["data/metrics/caption/vlap.json"]["applicable"] is True
-    assert in_exp["data/metrics/train/limber/metrics.json"] == baseline["data/metrics/train/limber/metrics.json"]
-
-
 def test_ablation_queues_dvc_experiments_and_tabulates_them(repo):
     """`vlap ablate` on two factors: three queued experiments run by DVC's queue, each re-running only
-    VLAP's stages; the table's cells are the metrics in each experiment's commit; a re-run queues nothing."""
+    VLAP's stages; `dvc exp show` lists their metrics beside the baseline's; the table's cells are the
+    metrics in each experiment's commit; a re-run queues nothing."""
     work, env, _, _ = repo
     sh(["git", "add", "-A"], work, env)
     sh(["git", "commit", "-qm", "before the ablation", "--allow-empty"], work, env)
@@ -234,6 +222,13 @@ def test_ablation_queues_dvc_experiments_and_tabulates_them(repo):
         assert lock["train@vlap"]["params"]["params.yaml"]["methods.vlap"]["ap_weight"] == (
             shown["methods"]["vlap"]["ap_weight"])
     assert rows["abl-ap_weight-0p5"]["resolved"] == 0.5 and rows["abl-prior-uniform"]["resolved"] == "uniform"
+    shown = json.loads(sh([sys.executable, "-m", "dvc", "exp", "show", "--json"], work, env))
+    baseline = metric_files([{k: v for k, v in entry.items() if k != "experiments"} for entry in shown])
+    in_exp = metric_files(next(rev for rev in experiments(shown) if rev.get("name") == "abl-ap_weight-0p5"))
+    key = "data/metrics/train/vlap/metrics.json"
+    assert baseline[key]["train"]["loss"] != in_exp[key]["train"]["loss"]  # vlap retrained with lambda = 0.5
+    assert in_exp["data/metrics/caption/vlap.json"]["applicable"] is True
+    assert in_exp["data/metrics/train/limber/metrics.json"] == baseline["data/metrics/train/limber/metrics.json"]
     locks = {name: yaml.safe_load(sh(["git", "show", f"{row['commit']}:dvc.lock"], work, env))["stages"]
              for name, row in rows.items()}
     assert locks["abl-prior-uniform"]["prototypes"]["params"]["params.yaml"]["prototypes"]["prior"] == "uniform"

@@ -96,6 +96,7 @@ def independent_bleu_1(refs: dict[str, list[list[str]]], hyps: dict[str, list[st
     return matched / total * (1.0 if hyp_len > ref_len else np.exp(1 - ref_len / hyp_len))
 
 
+@pytest.mark.slow
 def test_captioning_eval_on_8_images(trained, smollm2):
     """The stage's captions are what the bridge and LM decode, and its BLEU-1 and CIDEr equal ones
     recomputed by hand from the saved captions (tokenised as the COCO evaluation does)."""
@@ -129,6 +130,7 @@ def test_captioning_eval_on_8_images(trained, smollm2):
     assert saved["CIDEr"] == pytest.approx(metrics["CIDEr"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_vqa_eval_zero_and_few_shot(trained, smollm2):
     """Accuracies equal exact-match rates recomputed from answers.json (easy-VQA has one answer per
     question), overall and per question type; the 1-shot answers, which the stage computes from a
@@ -181,6 +183,7 @@ def independent_ranks(scores: np.ndarray, relevant: np.ndarray) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_retrieval_stage_equals_an_independent_calculation(trained, smollm2):
     cfg, dirs = trained
     metrics = evaluate_retrieval.run(cfg, dirs, "limber")
@@ -215,6 +218,7 @@ def test_retrieval_stage_equals_an_independent_calculation(trained, smollm2):
     assert metrics["chance_i2t_R@1"] == pytest.approx(100 / len(texts), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_arithmetic_and_summary_cells_equal_the_metrics_files(trained, smollm2):
     cfg, dirs = trained
     arith = evaluate_arithmetic.run(cfg, dirs, "limber", lm=smollm2)
@@ -281,6 +285,7 @@ def test_cached_shot_prefix_and_prefill_equal_the_whole_sequences(smollm2):
     assert prefix.cache.get_seq_length() == len(shots)  # batches copy the shared cache, never extend it
 
 
+@pytest.mark.slow
 def test_bridge_from_another_encoder_is_refused(trained, smollm2, tmp_path):
     cfg, dirs = trained
     bridge, meta = load_bridge(dirs.models / "limber")

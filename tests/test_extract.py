@@ -136,6 +136,7 @@ def test_corrupt_chunk_is_caught_on_read_in_one_line(extracted, tmp_path):
     assert message.startswith(f"{path}: sample {victim!r} (row 3) is corrupt") and "\n" not in message
 
 
+@pytest.mark.slow
 def test_two_dask_workers_give_the_inline_file_byte_for_byte(manifest32, easyvqa_root, lite0, tmp_path):
     from pipeline.extraction import ShardCluster
 

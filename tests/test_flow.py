@@ -127,6 +127,7 @@ def test_prepare_key_follows_every_file_a_prepare_key_names(tmp_path):
     assert prepare.inputs_key(None, cfg, dirs) != key
 
 
+@pytest.mark.slow
 def test_prepare_task_runs_once_then_is_a_cache_hit(prefect_server, tmp_path):
     cfg = folder_dataset(tmp_path / "images")
     params = tmp_path / "params.yaml"
@@ -167,6 +168,7 @@ def summarize_flow(data: str) -> str:
     return future.state.name
 
 
+@pytest.mark.slow
 def test_submitted_task_is_reused_across_flow_runs(prefect_server, tmp_path):
     # Prefect's default cache policy includes the flow run id; the content key does not.
     assert summarize_flow(str(tmp_path)) == "Completed"

@@ -73,6 +73,7 @@ def tiny_config(models) -> Config:
     })
 
 
+@pytest.mark.slow
 def test_stages_read_declared_params_write_declared_outs_and_reproduce(tiny_models, tmp_path):
     cfg = tiny_config(tiny_models)
     first, second = Dirs.under(tmp_path / "a"), Dirs.under(tmp_path / "b")

@@ -46,11 +46,14 @@ def preset_on_tiny_models(preset: str, models: dict):
     })
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PAPER_PRESETS)
 def test_each_paper_preset_runs_every_stage(preset, tiny_models, tmp_path):
+    """Every stage VLAP runs through, on tiny models of the preset's encoder and LLM architectures (the
+    baselines' stages are the same code with another loss: the full graph is tests/test_graph.py's)."""
     cfg = preset_on_tiny_models(preset, tiny_models)
     dirs = Dirs.under(tmp_path)
-    run_graph(cfg, dirs, record=False, sizes=(24, 8))
+    run_graph(cfg, dirs, record=False, sizes=(24, 8), methods=("vlap",))
     _, meta = load_bridge(dirs.models / "vlap")
     paper = PRESETS[preset]
     assert meta["prompt"] == paper["train"]["prompt"] == "A picture of "

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from dvc_repo import REPO, make_project, sh
@@ -14,6 +15,9 @@ from pipeline.paths import Dirs
 from stages import graph
 from test_formats import draw, write_nocaps, write_vqav2
 from vlap import flow
+
+pytestmark = pytest.mark.slow  # real dvc repro and Prefect flows
+
 
 def edits(root: Path) -> list[tuple[str, callable]]:
     """(what, how): the three kinds of source edit the test makes, each a real change of content."""

@@ -17,6 +17,8 @@ from tiny_models import save_tiny_clip_vision, save_tiny_opt
 from pipeline.digests import tree_digest
 from vlap.study import per_item_scores, run_study
 
+pytestmark = pytest.mark.slow  # 2 seeds x 3 methods trained and evaluated
+
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, smollm2):

@@ -69,6 +69,7 @@ def test_only_the_bridge_receives_gradients(tiny_pipeline, smollm2):
     assert {"loss_cap", "loss_ap", "loss_ap_visual", "loss_ap_text", "sinkhorn_marginal_error"} <= terms.keys()
 
 
+@pytest.mark.slow
 def test_vlap_lowers_both_losses(tiny_pipeline, smollm2, tmp_path):
     cfg, dirs = tiny_pipeline
     cfg = small(cfg, steps=30, batch_size=8, lr=1e-2, warmup_steps=3, checkpoint_every=100)
@@ -99,6 +100,7 @@ def test_vlap_lowers_both_losses(tiny_pipeline, smollm2, tmp_path):
     assert "throughput" not in meta["final"]  # timing stays out of the bridge, which must reproduce
 
 
+@pytest.mark.slow
 def test_precision_auto_is_fp32_on_every_cpu_and_bf16_trains(tiny_pipeline, smollm2, tmp_path):
     """`auto` is fp32 on any CPU, so CPUs with and without native bf16 train the same bridge; an explicit bf16
     runs autocast on any CPU, is recorded in the bridge and gives a finite captioning loss."""
@@ -127,6 +129,7 @@ def test_limber_never_calls_sinkhorn(tiny_pipeline, smollm2, monkeypatch, tmp_pa
     assert len(calls) == 2  # the spy works: one batched call per vlap step
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted(tiny_pipeline, smollm2, tmp_path):
     cfg, dirs = tiny_pipeline
     cfg = small(cfg, steps=4, batch_size=4, checkpoint_every=1, warmup_steps=1)

@@ -14,6 +14,8 @@ from stages.common import run_stage
 from tiny_models import save_tiny_clip_vision, save_tiny_opt
 from vlap.tune import apply_to_params, grid, run_tune
 
+pytestmark = pytest.mark.slow  # every method trained over a grid
+
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory, smollm2):

@@ -32,11 +32,13 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from prefect import Task, flow, get_run_logger, task  # noqa: E402
+from prefect.context import get_run_context  # noqa: E402
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
 from pipeline.config import Config, load_config  # noqa: E402
@@ -66,26 +68,47 @@ def outputs_stale(node: Node, method: str | None, dirs: Dirs) -> bool:
     return record.exists() and json.loads(record.read_text()) != outputs
 
 
-def up_to_date_in_dvc(label: str, params: Path, dirs: Dirs) -> bool:
-    """The repo's own data and params, and dvc.lock says this stage is up to date: `dvc repro` made these outputs."""
-    if params.resolve() != ROOT / "params.yaml" or dirs.root.resolve() != ROOT / "data":
-        return False
-    from dvc.repo import Repo
+class DvcStatus:
+    """`dvc status` of the repo's own pipeline, asked once per flow run and asked again only after a task
+    changed an output: a status of the whole graph costs about what one stage's does (seconds each)."""
 
-    with Repo(str(ROOT)) as repo:
-        return not repo.status(targets=[label])
+    _lock = threading.Lock()
+    _stale: dict[str, set[str]] = {}  # flow run id -> labels dvc calls changed
+
+    @classmethod
+    def up_to_date(cls, label: str, params: Path, dirs: Dirs, flow_run: str) -> bool:
+        """The repo's own data and params, and dvc.lock says this stage is up to date: `dvc repro` made these
+        outputs."""
+        if params.resolve() != ROOT / "params.yaml" or dirs.root.resolve() != ROOT / "data":
+            return False
+        with cls._lock:
+            if flow_run not in cls._stale:
+                from dvc.repo import Repo
+
+                with Repo(str(ROOT)) as repo:
+                    cls._stale[flow_run] = set(repo.status())
+            return label not in cls._stale[flow_run]
+
+    @classmethod
+    def forget(cls, flow_run: str) -> None:
+        with cls._lock:
+            cls._stale.pop(flow_run, None)
 
 
 def run_stage_task(stage: str, params: str, data: str, method: str | None) -> Any:
     """One stage run, as dvc.yaml's command would do it (params read and validated here)."""
     node, dirs = next(n for n in graph() if n.spec.name == stage), Dirs.under(data)
-    label = node.spec.label(method)
-    if up_to_date_in_dvc(label, Path(params), dirs):
+    label, flow_run = node.spec.label(method), str(get_run_context().task_run.flow_run_id)
+    before = node.outputs_digest(method, dirs)
+    if DvcStatus.up_to_date(label, Path(params), dirs, flow_run):
         get_run_logger().info("%s: up to date in dvc.lock, not run", label)
         result = {"up_to_date_in_dvc": True}
     else:
         result = run_stage(node.module, load_config(params), dirs, method)
-    write_json_atomic(outputs_record(node, method, dirs), node.outputs_digest(method, dirs))
+    after = node.outputs_digest(method, dirs)
+    if after != before:  # what dvc said of the stages downstream may no longer hold
+        DvcStatus.forget(flow_run)
+    write_json_atomic(outputs_record(node, method, dirs), after)
     return result
 
 
