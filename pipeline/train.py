@@ -218,6 +218,19 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
     meter = Throughput(device, torch.bfloat16 if precision == "bf16" else torch.float32) if ranks.is_main else None
     t0 = time.perf_counter()
     batches = StepBatches(data, tcfg.batch_size, tcfg.seed, start, steps, ranks)
+    if meter and start < steps:  # this rank's FLOPs of one step, counted on a dry run of the first batch
+        # its own reader: the loader's workers must not inherit an open HDF5 file
+        _, idx, tokens = StepBatches(data, tcfg.batch_size, tcfg.seed, start, steps, ranks)[0]
+
+        def forward_backward() -> None:
+            captions = [data.captions[i] for i in idx.tolist()]
+            with autocast:  # the bare bridge and one rank: no collective runs on rank 0 alone
+                dry = compute_losses(method, cfg, lm, bridge, protos, tokens.to(device=device, dtype=torch.float32),
+                                     captions, prompt_ids, Ranks(), scale)
+            dry["loss"].backward()
+
+        meter.count(forward_backward)
+        optimizer.zero_grad(set_to_none=True)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=tcfg.loader_workers,
                                          prefetch_factor=2 if tcfg.loader_workers else None,
                                          pin_memory=device.type == "cuda")
@@ -225,15 +238,16 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
     for step, idx, tokens in bar:
         if stop_after is not None and step >= start + stop_after:
             break
-        with meter.step() if meter else nullcontext():
-            tokens = tokens.to(device=device, dtype=torch.float32, non_blocking=True)
-            captions = [data.captions[i] for i in idx.tolist()]
-            with autocast:
-                terms = compute_losses(method, cfg, lm, trained, protos, tokens, captions, prompt_ids, ranks, scale)
-            optimizer.zero_grad(set_to_none=True)
-            # Shares add up to the global loss, and DDP averages gradients over ranks: scale back to the sum.
-            (terms["loss"] * ranks.world).backward()
-            optimizer.step()
+        if meter:
+            meter.start()
+        tokens = tokens.to(device=device, dtype=torch.float32, non_blocking=True)
+        captions = [data.captions[i] for i in idx.tolist()]
+        with autocast:
+            terms = compute_losses(method, cfg, lm, trained, protos, tokens, captions, prompt_ids, ranks, scale)
+        optimizer.zero_grad(set_to_none=True)
+        # Shares add up to the global loss, and DDP averages gradients over ranks: scale back to the sum.
+        (terms["loss"] * ranks.world).backward()
+        optimizer.step()
         if scale is not None:
             scale.clamp_()
         row = {k: ranks.total(v).item() for k, v in terms.items()} | {"lr": schedule.get_last_lr()[0]}
@@ -242,10 +256,8 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
         bar.set_postfix(loss=f"{row['loss']:.3f}")
         if not ranks.is_main:
             continue
-        speed = meter.row(tcfg.batch_size)
-        if speed:
-            for key, value in speed.items():
-                live.log_metric(f"throughput/{key}", value)
+        for key, value in meter.row(tcfg.batch_size).items():
+            live.log_metric(f"throughput/{key}", value)
         _log_step(live, row)
         if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == steps:
             _save_checkpoint(checkpoint, fingerprint, step + 1, bridge, optimizer, schedule, history, scale)
