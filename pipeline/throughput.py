@@ -24,22 +24,30 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 4) -> float:
-    """Best FLOP/s of (n x n) @ (n x n) products on `device` in `dtype` (n = 2048 on CPU, 8192 on a GPU),
-    after one warm-up."""
-    size = 8192 if device.type == "cuda" else 2048
-    g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(size, size, generator=g).to(device=device, dtype=dtype) for _ in range(2))
-    out = torch.empty(size, size, device=device, dtype=dtype)
-    best = float("inf")
-    for i in range(repeats + 1):
-        synchronize(device)
-        start = time.perf_counter()
-        torch.matmul(a, b, out=out)
-        synchronize(device)
-        if i:
-            best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 4, seconds: float = 0.05) -> float:
+    """Best FLOP/s of (n x n) @ (n x n) products on `device` in `dtype`, after one warm-up.
+
+    n doubles from 256 while one product takes under `seconds`, up to 2048 on CPU and 8192 on a GPU: large
+    enough to reach the dense rate, and bounded in time where a dtype has no fast kernel (bf16 on a CPU
+    without native bf16 runs at well under 1 GFLOP/s, where a 2048^3 product alone would take a minute).
+    """
+    largest = 8192 if device.type == "cuda" else 2048
+    size, best = 256, float("inf")
+    while True:
+        g = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(size, size, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+        out = torch.empty(size, size, device=device, dtype=dtype)
+        times = []
+        for _ in range(repeats + 1):
+            synchronize(device)
+            start = time.perf_counter()
+            torch.matmul(a, b, out=out)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        best = min(times[1:])
+        if size >= largest or best >= seconds:
+            return 2 * size**3 / best
+        size *= 2
 
 
 class Throughput:

@@ -177,7 +177,8 @@ def test_webdataset_shards_through_dvc_repro_to_the_features(tmp_path, smollm2):
     assert {r.image_path.split("/")[0] for r in manifest.images} == {"00000.tar", "00001.tar", "00002.tar"}
     assert not list((tmp_path / "shards").glob("*.jpg"))  # read from inside the tars
     index = json.loads((work / "data" / "features" / "index.json").read_text())
-    assert index and stale_stages(work, env) == ALWAYS_RUN
+    # the stages run are up to date; everything downstream of extract is not run yet, so stale
+    assert index and stale_stages(work, env) & {"sources", "prepare", "extract"} == ALWAYS_RUN
 
 
 def test_prefect_flow_after_dvc_repro_reuses_every_output(repo):
