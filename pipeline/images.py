@@ -1,5 +1,5 @@
 """Reading and decoding an image named by a manifest: a file, or a member of a tar shard
-(`<shard>.tar/<member>`, read in place, never unpacked)."""
+(`<shard>.tar/<member>`, read in place, never unpacked); and where such a path may point."""
 from __future__ import annotations
 
 import io
@@ -8,6 +8,30 @@ from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image
+
+
+def path_problem(root: Path, rel: str) -> str | None:
+    """Why `rel` may not name an image under `root`, or None: it is empty, absolute, climbs out with
+    `..`, or resolves (through a symlink) outside `root`. Checked before anything at the path is read."""
+    parts = Path(rel).parts
+    if not rel or not parts:
+        return "an empty path"
+    if Path(rel).is_absolute():
+        return "an absolute path"
+    if ".." in parts:
+        return "a path that climbs out with '..'"
+    if not (root / rel).resolve().is_relative_to(Path(root).resolve()):
+        return f"a symlink that leads out of {root}"
+    return None
+
+
+def member_problem(name: str) -> str | None:
+    """Why a tar member's name may not be used as an image's name, or None (absolute, or with `..`)."""
+    if name.startswith("/") or Path(name).is_absolute():
+        return "an absolute member name"
+    if ".." in Path(name).parts:
+        return "a member name that climbs out with '..'"
+    return None
 
 
 def split_member_path(path: Path) -> tuple[Path, str] | None:

@@ -4,7 +4,7 @@ A row is an `ImageRow`: id, location relative to a declared image root, content 
 captions, and attributes (JSON) when the source knows them. The root is stored symbolically
 (``package:easy_vqa``, ``params:prepare.folder`` or ``params:prepare.test_folder``), never as a
 machine path, so the same data gives byte-identical manifests on any machine. Every source
-(pipeline.sources) builds its rows with `image_row`; every stage reads them with `read_manifest`.
+(pipeline.sources) builds its rows with `pipeline.sources.common.image_row`; every stage reads them with `read_manifest`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import DatasetError
-from pipeline.io import atomic_path, sha256_file
+from pipeline.io import atomic_path
 from pipeline.paths import package_dir
 
 IMAGE_SCHEMA = pa.schema(
@@ -55,13 +55,6 @@ class ImageRow:
     def labels(self) -> dict:
         """The attributes as a dict."""
         return json.loads(self.attributes or "{}")
-
-
-def image_row(root: Path, rel: str, image_id: str, captions: list[str] | None = None,
-              attributes: dict | None = None) -> ImageRow:
-    """The row of the image at root/rel, its content hashed here."""
-    return ImageRow(image_id, rel, sha256_file(root / rel), list(captions or []),
-                    json.dumps(attributes or {}, sort_keys=True))
 
 
 @dataclass

@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # tasks below run outside a flow
 
 import importlib.util
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +15,8 @@ import pytest
 import yaml
 from PIL import Image
 from prefect import flow as prefect_flow
+from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+from prefect.serializers import PickleSerializer
 
 from pipeline.config import METHODS, Config, PrepareConfig
 from pipeline.paths import Dirs
@@ -144,7 +147,9 @@ def test_prepare_task_runs_once_then_is_a_cache_hit(prefect_server, tmp_path):
     assert first.name == "Completed"
     report = first.result()
     assert report == {"train": {"images": 3, "captions": 3}, "test": {"images": 1, "captions": 1}}
-    assert (dirs.root / ".prefect-results" / prepare.inputs_key(None, cfg, dirs)).is_file()
+    record = dirs.root / ".prefect-results" / prepare.inputs_key(None, cfg, dirs)
+    stored = json.loads(record.read_bytes())  # plain JSON, the result itself too: no pickle anywhere
+    assert stored["metadata"]["serializer"]["type"] == "json" and json.loads(stored["result"]) == report
     written = (dirs.prepared / "train.parquet").stat().st_mtime_ns
 
     second = run_prepare()  # a new task run, same content: served from the persisted result
@@ -154,9 +159,27 @@ def test_prepare_task_runs_once_then_is_a_cache_hit(prefect_server, tmp_path):
     (dirs.prepared / "test.parquet").unlink()  # an output went missing: re-run despite the key hit
     assert run_prepare().name == "Completed" and (dirs.prepared / "test.parquet").is_file()
 
+    # A result file from elsewhere under the same key, holding a pickle that would write a file if loaded:
+    # moved aside unread, and the stage runs.
+    marker = tmp_path / "unpickled"
+    record.write_bytes(ResultRecord(result=WritesOnUnpickle(str(marker)), metadata=ResultRecordMetadata(
+        serializer=PickleSerializer(), storage_key=str(record))).serialize())
+    assert run_prepare().name == "Completed" and not marker.exists()
+    assert record.with_name(record.name + ".refused").is_file() and json.loads(record.read_bytes())
+
     write_captions(tmp_path / "images", [("red.png", "", "a crimson square", "train")])  # new source content
     changed = run_prepare()
     assert changed.name == "Completed" and changed.result() == {"train": {"images": 1, "captions": 1}}
+
+
+class WritesOnUnpickle:
+    """A pickle payload as an attacker would write it: unpickling it creates `path`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
 
 
 @prefect_flow

@@ -11,8 +11,8 @@ params, the content of its data deps and of its code deps (the files its imports
 sources task, like its `always_changed` DVC stage, runs every time: it digests the source data
 into sources.json, which prepare's key hashes like any data dep.
 Prefect's own defaults would not do: the default policy includes the flow run id, and INPUTS
-hashes a path by its string, not its content. Results (small dicts) persist under
-<data>/.prefect-results; a task whose outputs are missing, or changed since its last flow run,
+hashes a path by its string, not its content. Results (small dicts) persist as
+JSON under <data>/.prefect-results; a task whose outputs are missing, or changed since its last flow run,
 re-runs even on a key hit. On the repo's own data/ and params.yaml, a stage that dvc.lock calls
 up to date (`dvc repro` made its outputs) is not run again.
 
@@ -38,6 +38,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from prefect import Task, flow, get_run_logger, task  # noqa: E402
+from prefect.serializers import JSONSerializer  # noqa: E402
 from prefect.context import get_run_context  # noqa: E402
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
@@ -112,16 +113,44 @@ def run_stage_task(stage: str, params: str, data: str, method: str | None) -> An
     return result
 
 
-STAGE_TASK: Task = task(run_stage_task, persist_result=True, cache_result_in_memory=False)
+# Results are stored as plain JSON (no pickle, and no Prefect object hook that imports a class named in
+# the file): a result file from elsewhere can at worst be wrong data, never code that runs.
+RESULTS_AS_JSON = JSONSerializer(object_encoder=None, object_decoder=None)
+STAGE_TASK: Task = task(run_stage_task, persist_result=True, cache_result_in_memory=False,
+                        result_serializer=RESULTS_AS_JSON)
+
+
+def trusted_result_key(key: str, store: Path) -> str:
+    """`key`, once the result file under it (if any) is one this flow writes: a JSON record whose
+    serializer is plain JSON. Prefect deserialises a record with the serializer the record itself names,
+    so a pickle (or a Prefect object hook) in a file from elsewhere would run code: such a file is moved
+    aside to <key>.refused, with a warning, and the stage runs instead."""
+    path = store / key
+    if not path.is_file():
+        return key
+    try:
+        serializer = json.loads(path.read_bytes())["metadata"]["serializer"]
+        trusted = (serializer["type"] == "json" and serializer.get("jsonlib") == "json"
+                   and serializer.get("object_decoder") is None and not serializer.get("loads_kwargs"))
+    except (ValueError, KeyError, TypeError):
+        trusted = False
+    if not trusted:
+        path.replace(path.with_name(f"{key}.refused"))
+        logging.getLogger("vlap.flow").warning(
+            "%s: not a JSON result this flow wrote; moved aside to %s.refused, never read, and the stage runs",
+            path, key)
+    return key
 
 
 def stage_task(node: Node, method: str | None, cfg: Config, dirs: Dirs) -> Task:
     """The task of one stage run: keyed on its inputs (evaluated when it starts, after its upstream),
     results kept under <data>/.prefect-results, forced to re-run when an output is missing or was changed."""
     stale = node.spec.always_changed or outputs_stale(node, method, dirs)
+    store = dirs.root / ".prefect-results"
     return STAGE_TASK.with_options(
-        name=node.spec.name, task_run_name=node.spec.label(method), result_storage=dirs.root / ".prefect-results",
-        cache_key_fn=lambda _ctx, _params: node.inputs_key(method, cfg, dirs), refresh_cache=True if stale else None)
+        name=node.spec.name, task_run_name=node.spec.label(method), result_storage=store,
+        cache_key_fn=lambda _ctx, _params: trusted_result_key(node.inputs_key(method, cfg, dirs), store),
+        refresh_cache=True if stale else None)
 
 
 def upstream(nodes: list[Node], node: Node, method: str | None, dirs: Dirs) -> list[str]:

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import DatasetError
-from pipeline.manifest import Split, image_row
-from pipeline.sources.common import (TRAIN_ROLE, Role, existing_folder, field_of, require_keys,
-                                     split_by_content, split_counts)
+from pipeline.images import path_problem
+from pipeline.manifest import Split
+from pipeline.sources.common import (TRAIN_ROLE, CaptionScreen, Role, existing_folder, field_of, image_row,
+                                     require_keys, split_by_content, split_counts)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -27,9 +28,9 @@ def read_cc3m_tsv(path: Path, key: str) -> list[tuple[int, str, str]]:
                 if len(fields) != 2:
                     raise DatasetError(f"{path}: line {line}: expected 2 tab-separated fields (caption, url), "
                                        f"got {len(fields)}")
-                caption, url = fields[0].strip(), fields[1].strip()
-                if not caption or not url:
-                    raise DatasetError(f"{path}: line {line}: empty {'caption' if not caption else 'url'}")
+                caption, url = fields[0], fields[1].strip()
+                if not url:
+                    raise DatasetError(f"{path}: line {line}: empty url")
                 rows.append((line, caption, url))
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found ({key})") from None
@@ -44,6 +45,9 @@ def img2dataset_files(folder: Path) -> dict[str, str]:
     key scheme the download used; the first image of a URL downloaded twice wins."""
     found: dict[str, str] = {}
     for meta_path in sorted(folder.glob("*/*.json")):
+        problem = path_problem(folder, meta_path.relative_to(folder).as_posix())
+        if problem:
+            raise DatasetError(f"{meta_path}: is {problem} (refused, nothing was read)")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -67,19 +71,23 @@ def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict
     images = {}  # image path -> row, in TSV order
     missing: list[int] = []
     used: set[str] = set()
-    for line, caption, url in read_cc3m_tsv(Path(cfg.annotations), role.key('annotations')):
+    tsv = Path(cfg.annotations)
+    screen = CaptionScreen()
+    for line, caption, url in read_cc3m_tsv(tsv, role.key('annotations')):
         rel = downloaded.get(url)
         if rel is None:
             missing.append(line)
             continue
         used.add(url)
         if rel not in images:
-            images[rel] = image_row(folder, rel, rel)
-        images[rel].captions.append(caption)
+            images[rel] = image_row(folder, rel, rel, where=f"{tsv}: line {line}")
+        caption = screen(caption, f"{tsv}: line {line}")
+        if caption is not None:
+            images[rel].captions.append(caption)
     by_split: dict[str, list] = {}
     for row in images.values():
         by_split.setdefault(split_by_content(row.image_sha256, cfg.test_fraction), []).append(row)
     splits = [Split(name, role.root, rows) for name, rows in sorted(by_split.items())]
     report = {"missing": {"count": len(missing), "first_lines": missing[:10]},
               "downloads_not_in_tsv": len(downloaded) - len(used)}
-    return splits, split_counts(splits) | report
+    return splits, split_counts(splits) | report | screen.report()

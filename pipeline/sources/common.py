@@ -1,14 +1,20 @@
 """What the source readers share: which params keys name a source's files, the checks every file
-source makes, and the deterministic split of sources that have none of their own."""
+source makes, the one constructor of a manifest row, and the deterministic split of sources that have
+none of their own."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import ConfigError, DatasetError
-from pipeline.manifest import Split
+from pipeline.images import path_problem
+from pipeline.io import sha256_file
+from pipeline.manifest import ImageRow, Split
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,69 @@ def existing_folder(cfg: PrepareConfig, role: Role) -> Path:
     if not folder.is_dir():
         raise DatasetError(f"{role.key('folder')}: {folder} is not a folder")
     return folder
+
+
+def image_row(root: Path, rel: str, image_id: str, captions: list[str] | None = None,
+              attributes: dict | None = None, where: str = "") -> ImageRow:
+    """The row of the image at root/rel, its content hashed here. A path that leads out of `root`
+    (absolute, `..`, a symlink out) is refused before anything is read: one line naming the entry."""
+    problem = path_problem(root, rel)
+    if problem:
+        raise DatasetError(f"{where or 'image'}: {rel!r} is {problem}, not an image inside {root}; "
+                           "refused, nothing was read")
+    return ImageRow(image_id, rel, sha256_file(root / rel), list(captions or []),
+                    json.dumps(attributes or {}, sort_keys=True))
+
+
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a split names its manifest file: no path in it
+MAX_CAPTION_CHARS = 1000  # far past any dataset's captions (COCO's longest is ~250): beyond is not a caption
+
+
+@dataclass
+class CaptionScreen:
+    """Captions as a source gives them, each checked once: whitespace runs (tabs, newlines) become one
+    space; a caption that is not text, empty, longer than MAX_CAPTION_CHARS or holds a control character
+    is skipped, counted by reason and listed (the first 20) in the prepare report."""
+
+    skipped: Counter = field(default_factory=Counter)
+    first: list[dict] = field(default_factory=list)
+
+    def __call__(self, text: object, where: str) -> str | None:
+        """The caption to keep, or None (skipped, with its reason recorded)."""
+        reason = None
+        if isinstance(text, bytes):
+            reason = "not UTF-8 text"
+        elif not isinstance(text, str):
+            reason = "not text"
+        else:
+            text = " ".join(text.split())
+            control = next((c for c in text if unicodedata.category(c) == "Cc"), None)
+            if not text:
+                reason = "empty"
+            elif len(text) > MAX_CAPTION_CHARS:
+                reason = f"longer than {MAX_CAPTION_CHARS} characters"
+            elif control is not None:
+                reason = f"control character U+{ord(control):04X}"
+        if reason is None:
+            return text
+        self.skipped[reason.split(" U+")[0]] += 1
+        if len(self.first) < 20:
+            self.first.append({"where": where, "reason": reason})
+        return None
+
+    def report(self) -> dict:
+        """{"captions_skipped": ...} when any caption was skipped, else nothing (reports stay as they were)."""
+        if not self.skipped:
+            return {}
+        return {"captions_skipped": {"count": sum(self.skipped.values()), "reasons": dict(sorted(self.skipped.items())),
+                                     "first": self.first}}
+
+
+def split_name(value: object, where: str) -> str:
+    """A split name as given by a source; one that could not name a manifest file is one line."""
+    if not isinstance(value, str) or not SPLIT_NAME.fullmatch(value):
+        raise DatasetError(f"{where}: split {value!r} is not a split name (letters, digits, _ or -)")
+    return value
 
 
 def split_by_content(image_sha256: str, test_fraction: float) -> str:

@@ -8,9 +8,9 @@ import json
 import re
 
 from pipeline.config import PrepareConfig
-from pipeline.manifest import Split, image_row
+from pipeline.manifest import Split
 from pipeline.paths import package_dir
-from pipeline.sources.common import TRAIN_ROLE, Role
+from pipeline.sources.common import TRAIN_ROLE, Role, image_row
 
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")

@@ -7,55 +7,78 @@ from pathlib import Path
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import ConfigError, DatasetError
-from pipeline.manifest import Split, image_row
-from pipeline.sources.common import TRAIN_ROLE, Role, existing_folder, split_by_content, split_counts
+from pipeline.images import path_problem
+from pipeline.manifest import Split
+from pipeline.sources.common import (TRAIN_ROLE, CaptionScreen, Role, existing_folder, image_row,
+                                     split_by_content, split_counts, split_name)
 
 
 def read_caption_rows(folder: Path) -> tuple[Path, list[dict]]:
+    """The rows of captions.csv or captions.json (UTF-8); a file that cannot be read as such is one line."""
     csv_path, json_path = folder / "captions.csv", folder / "captions.json"
-    if csv_path.exists():
-        with open(csv_path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"image", "caption"} - set(reader.fieldnames or [])
-            if missing:
-                raise DatasetError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))} (need image, caption[, split])")
-            return csv_path, list(reader)
-    if json_path.exists():
-        try:
-            rows = json.loads(json_path.read_text())
-        except json.JSONDecodeError as err:
-            raise DatasetError(f"{json_path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-        if not isinstance(rows, list) or not all(isinstance(r, dict) and {"image", "caption"} <= r.keys() for r in rows):
-            raise DatasetError(f"{json_path}: expected a list of objects with keys image, caption[, split]")
-        return json_path, rows
+    try:
+        if csv_path.exists():
+            with open(csv_path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                missing = {"image", "caption"} - set(reader.fieldnames or [])
+                if missing:
+                    raise DatasetError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))} "
+                                       "(need image, caption[, split])")
+                return csv_path, list(reader)
+        if json_path.exists():
+            try:
+                rows = json.loads(json_path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                raise DatasetError(f"{json_path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+            if not isinstance(rows, list) or not all(isinstance(r, dict) and {"image", "caption"} <= r.keys()
+                                                     for r in rows):
+                raise DatasetError(f"{json_path}: expected a list of objects with keys image, caption[, split]")
+            return json_path, rows
+    except UnicodeDecodeError as err:
+        path = csv_path if csv_path.exists() else json_path
+        raise DatasetError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except csv.Error as err:
+        raise DatasetError(f"{csv_path}: not a readable CSV file ({err})") from None
     raise DatasetError(f"{folder}: no captions.csv or captions.json found")
 
 
 def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict]:
     """Images listed in the captions file (paths inside the folder); split by its split column, or by
-    image hash (prepare.test_fraction) for images without one."""
+    image hash (prepare.test_fraction) for images without one. A path leaving the folder (absolute,
+    `..`, a symlink out) stops prepare naming its row, before anything there is read; rows of one image
+    gather its captions; captions that are empty, overlong or hold control characters are skipped and
+    reported."""
     if not cfg.folder:
         raise ConfigError(f"params.yaml: {role.key('folder')}: must be set when {role.key('source')} is folder")
     folder = existing_folder(cfg, role)
     source, rows = read_caption_rows(folder)
+    screen = CaptionScreen()
     images = {}  # image path -> row, in first-seen order
     split_of: dict[str, str] = {}
-    for line, row in enumerate(rows, start=2):
-        rel = str(row["image"]).strip()
-        if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
-            raise DatasetError(f"{source}: row {line}: image {rel!r} must be a path inside {folder}")
+    for line, row in enumerate(rows, start=2 if source.suffix == ".csv" else 0):
+        where = f"{source}: {'row' if source.suffix == '.csv' else 'entry'} {line}"
+        rel = row["image"].strip() if isinstance(row["image"], str) else None
+        if not rel:
+            raise DatasetError(f"{where}: image {row['image']!r} must be a path inside {folder}")
         if rel not in images:
+            problem = path_problem(folder, rel)
+            if problem:
+                raise DatasetError(f"{where}: image {rel!r} is {problem}: it must be a path inside {folder} "
+                                   "(refused, nothing was read)")
             if not (folder / rel).is_file():
-                raise DatasetError(f"{source}: row {line}: image file {rel} not found")
-            images[rel] = image_row(folder, rel, rel)
-        images[rel].captions.append(str(row["caption"]).strip())
-        split = (row.get("split") or "").strip()
+                raise DatasetError(f"{where}: image file {rel} not found")
+            images[rel] = image_row(folder, rel, rel, where=where)
+        caption = screen(row["caption"], where)
+        if caption is not None:
+            images[rel].captions.append(caption)
+        split = row.get("split") or ""
+        split = split_name(split.strip() if isinstance(split, str) else split, where) if split else ""
         if split:
             if split_of.setdefault(rel, split) != split:
-                raise DatasetError(f"{source}: row {line}: image {rel} appears in splits {split_of[rel]} and {split}")
+                raise DatasetError(f"{where}: image {rel} appears in splits {split_of[rel]} and {split}")
     for rel, row in images.items():
         if rel not in split_of:
             split_of[rel] = split_by_content(row.image_sha256, cfg.test_fraction)
     names = sorted(set(split_of.values()))
     splits = [Split(n, role.root, [r for k, r in images.items() if split_of[k] == n]) for n in names]
-    return splits, split_counts(splits)
+    return splits, split_counts(splits) | screen.report()

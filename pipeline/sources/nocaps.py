@@ -6,9 +6,10 @@ from pathlib import Path
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import DatasetError
-from pipeline.manifest import Split, image_row
-from pipeline.sources.common import (TRAIN_ROLE, Role, existing_folder, field_of, read_json, require_keys,
-                                     split_counts)
+from pipeline.images import path_problem
+from pipeline.manifest import Split
+from pipeline.sources.common import (TRAIN_ROLE, CaptionScreen, Role, existing_folder, field_of, image_row,
+                                     read_json, require_keys, split_counts)
 
 def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict]:
     """NoCaps (nocaps_val_4500_captions.json): {"images": [{"id", "file_name", "domain"}],
@@ -18,25 +19,33 @@ def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict
     require_keys(cfg, role, "nocaps", "folder", "annotations")
     root, path = existing_folder(cfg, role), Path(cfg.annotations)
     doc = read_json(path, role.key("annotations"))
+    screen = CaptionScreen()
     images = {}
     for i, entry in enumerate(field_of(doc, "images", path, "top level", list)):
         where = f"images[{i}]"
         image_id = str(field_of(entry, "id", path, where, (int, str)))
         name = field_of(entry, "file_name", path, where, str)
         domain = field_of(entry, "domain", path, where, str)
-        if Path(name).is_absolute() or ".." in Path(name).parts or not (root / name).is_file():
+        problem = path_problem(root, name)
+        if problem:
+            raise DatasetError(f"{path}: {where}.file_name: {name!r} is {problem}: it must be a path inside "
+                               f"{role.key('folder')} {root} (refused, nothing was read)")
+        if not (root / name).is_file():
             raise DatasetError(f"{path}: {where}.file_name: image {name} not found under {role.key('folder')} {root}")
-        images[image_id] = image_row(root, name, image_id, [], {"domain": domain})
+        if image_id in images:
+            raise DatasetError(f"{path}: {where}.id: {image_id} is the id of an earlier image (duplicate id)")
+        images[image_id] = image_row(root, name, image_id, [], {"domain": domain}, where=f"{path}: {where}")
     annotations = field_of(doc, "annotations", path, "top level", list) if "annotations" in doc else []
     for i, ann in enumerate(annotations):
         where = f"annotations[{i}]"
         image_id = str(field_of(ann, "image_id", path, where, (int, str)))
-        caption = field_of(ann, "caption", path, where, str)
+        caption = screen(field_of(ann, "caption", path, where, str), f"{path}: {where}.caption")
         if image_id not in images:
             raise DatasetError(f"{path}: {where}.image_id: {image_id} is not an image of the file")
-        images[image_id].captions.append(caption.strip())
+        if caption is not None:
+            images[image_id].captions.append(caption)
     split = Split("test", role.root, list(images.values()))
     report = split_counts([split])
     report["test"]["domains"] = dict(sorted(Counter(r.labels["domain"]
                                                     for r in split.images).items()))
-    return [split], report
+    return [split], report | screen.report()

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import DatasetError
-from pipeline.manifest import Split, image_row
-from pipeline.sources.common import (TRAIN_ROLE, Role, existing_folder, field_of, read_json, require_keys,
-                                     split_counts)
+from pipeline.manifest import Split
+from pipeline.sources.common import (TRAIN_ROLE, Role, existing_folder, field_of, image_row, read_json,
+                                     require_keys, split_counts)
 
 def vqav2_image(root: Path, subtype: str, image_id: int) -> str | None:
     """COCO's file name for an image (COCO_val2014_000000000042.jpg), directly under the root or in
@@ -64,7 +64,7 @@ def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict
         if rel is None:
             raise DatasetError(f"{q_path}: {where}.image_id: image COCO_{subtype}_{image_id:012d}.jpg not found "
                                f"under {role.key('folder')} {root} (nor in its {subtype}/ folder)")
-        images.append(image_row(root, rel, str(image_id)))
+        images.append(image_row(root, rel, str(image_id), where=f"{q_path}: {where}"))
     split = Split("train" if subtype.startswith("train") else "test", role.root, images, questions)
     report = split_counts([split])
     report[split.name] |= {"questions": len(questions),

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import DatasetError
+from pipeline.images import member_problem
 from pipeline.io import sha256_bytes
 from pipeline.manifest import ImageRow, Split
-from pipeline.sources.common import (TRAIN_ROLE, Role, existing_folder, require_keys, split_by_content,
-                                     split_counts)
+from pipeline.sources.common import (TRAIN_ROLE, CaptionScreen, Role, existing_folder, require_keys,
+                                     split_by_content, split_counts)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_FIELDS = ("caption", "text", "txt")  # json fields img2dataset and its users write
@@ -37,9 +38,14 @@ def shard_paths(folder: Path, pattern: str) -> list[Path]:
     return paths
 
 
-def caption_of(sample: dict) -> str | None:
-    if sample.get("txt"):
-        return sample["txt"].decode("utf-8", "replace").strip()
+def caption_of(sample: dict) -> object:
+    """The sample's caption as stored, for the caption screen: its .txt (bytes that are not UTF-8 stay
+    bytes, which the screen skips), else the first caption field of its .json; None when it has none."""
+    if sample.get("txt") is not None:
+        try:
+            return sample["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            return sample["txt"]
     if sample.get("json"):
         try:
             meta = json.loads(sample["json"])
@@ -47,16 +53,18 @@ def caption_of(sample: dict) -> str | None:
             return None
         for name in CAPTION_FIELDS:
             if isinstance(meta, dict) and isinstance(meta.get(name), str) and meta[name].strip():
-                return meta[name].strip()
+                return meta[name]
     return None
 
 
-def list_samples(folder: Path, pattern: str) -> tuple[list[dict], list[dict]]:
+def list_samples(folder: Path, pattern: str, screen: CaptionScreen) -> tuple[list[dict], list[dict]]:
     """(samples, skipped): one dict per image member {"key", "member", "shard", "sha256", "caption"},
-    in shard order; `skipped` lists damaged shards and samples without an image, with the reason."""
+    in shard order; `skipped` lists damaged shards, samples without an image, members whose names
+    are absolute or climb out with `..`, and keys seen twice in a shard, each with the reason."""
     import webdataset as wds
 
     samples, skipped = [], []
+    seen: set[tuple[str, str]] = set()
 
     def keep_going(exn: Exception) -> bool:  # a truncated or unreadable shard: list it, go on
         skipped.append({"image_id": "", "reason": f"{type(exn).__name__}: {exn}"})
@@ -66,12 +74,19 @@ def list_samples(folder: Path, pattern: str) -> tuple[list[dict], list[dict]]:
     urls = [str(p) for p in shards]
     for sample in wds.WebDataset(urls, shardshuffle=False, handler=keep_going, empty_check=False):
         shard = Path(sample["__url__"]).relative_to(folder).as_posix()
+        key, image_id = sample["__key__"], f"{shard}/{sample['__key__']}"
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-        if ext is None:
-            skipped.append({"image_id": f"{shard}/{sample['__key__']}", "reason": "no image member"})
+        problem = member_problem(key) or ("a key seen earlier in the shard" if (shard, key) in seen else None)
+        if problem:
+            skipped.append({"image_id": image_id, "reason": problem})
             continue
-        samples.append({"key": sample["__key__"], "shard": shard, "member": f"{sample['__key__']}.{ext}",
-                        "sha256": sha256_bytes(sample[ext]), "caption": caption_of(sample)})
+        seen.add((shard, key))
+        if ext is None:
+            skipped.append({"image_id": image_id, "reason": "no image member"})
+            continue
+        caption = caption_of(sample)
+        samples.append({"key": key, "shard": shard, "member": f"{key}.{ext}", "sha256": sha256_bytes(sample[ext]),
+                        "caption": None if caption is None else screen(caption, image_id)})
     for entry in skipped:  # name the shard of a shard-level failure
         if not entry["image_id"]:
             entry["image_id"] = next((p.relative_to(folder).as_posix() for p in shards if str(p) in entry["reason"]),
@@ -84,11 +99,12 @@ def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict
     listed, not fatal."""
     require_keys(cfg, role, "webdataset", "folder", "shards")
     folder = existing_folder(cfg, role)
-    samples, skipped = list_samples(folder, cfg.shards)
+    screen = CaptionScreen()
+    samples, skipped = list_samples(folder, cfg.shards, screen)
     by_split: dict[str, list[ImageRow]] = {}
     for s in samples:
         by_split.setdefault(split_by_content(s["sha256"], cfg.test_fraction), []).append(
             ImageRow(f"{s['shard']}/{s['key']}", f"{s['shard']}/{s['member']}", s["sha256"],
                      [s["caption"]] if s["caption"] else []))
     splits = [Split(name, role.root, images) for name, images in sorted(by_split.items())]
-    return splits, split_counts(splits) | {"skipped": {"count": len(skipped), "items": skipped}}
+    return splits, split_counts(splits) | {"skipped": {"count": len(skipped), "items": skipped}} | screen.report()
