@@ -63,7 +63,8 @@ def read_bridge_config(folder: str | Path) -> dict:
     try:
         return json.loads(path.read_text())
     except ValueError as err:
-        raise CacheError(f"{path}: not a readable bridge config ({err})") from None
+        raise CacheError(f"{path}: not a readable bridge config ({err}); "
+                         f"train it again (dvc repro -f train@{path.parent.name})") from None
 
 
 def load_bridge(folder: str | Path, device: torch.device = torch.device("cpu")) -> tuple[nn.Module, dict]:
@@ -80,5 +81,7 @@ def load_bridge(folder: str | Path, device: torch.device = torch.device("cpu")) 
         bridge = build_bridge(config["bridge"], config["d_vision"], config["d_model"])
         bridge.load_state_dict(load_file(weights))
     except (SafetensorError, RuntimeError, KeyError, ValueError, OSError) as err:
-        raise CacheError(f"{weights}: not a readable bridge ({type(err).__name__}: {err})") from None
+        reason = " ".join(str(err).split())  # torch lists each mismatched tensor on its own line
+        raise CacheError(f"{weights}: not a readable bridge ({type(err).__name__}: {reason}); "
+                         f"train it again (dvc repro -f train@{folder.name})") from None
     return bridge.to(device).eval(), config

@@ -6,6 +6,7 @@ Every message names the input and what is wrong with it, e.g.
 """
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Callable, TypeVar
 
@@ -34,12 +35,18 @@ class MismatchError(UserError):
     """Inputs that do not belong together (a bridge and features of another encoder, ...)."""
 
 
+class DiskFullError(UserError):
+    """The disk filled while an output was written; nothing partial was kept in its place."""
+
+
 class LockTimeoutError(UserError):
     """Another run kept an output folder locked for longer than we were asked to wait."""
 
 
 # What a command reports in one line (exit code 2) instead of a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 T = TypeVar("T")
 
@@ -50,5 +57,11 @@ def report_user_errors(body: Callable[[], T]) -> int:
         body()
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        print(f"error: {err.filename or 'an output'}: no space left on device; free space and run again "
+              "(finished work is kept)", file=sys.stderr)
         return 2
     return 0

@@ -83,15 +83,19 @@ def extract_split(
     final = features_dir / f"{key}.h5"
     n = len(manifest.images)
     if final.exists():
-        with FeatureCache(final) as hit:
-            failed = hit.failed
-        log.info("extract %s: cache hit %s (nothing encoded)", manifest.split, final.name)
-        return ExtractResult(final, key, True, n, 0, failed)
+        try:
+            with FeatureCache(final) as hit:
+                failed = hit.failed
+            log.info("extract %s: cache hit %s (nothing encoded)", manifest.split, final.name)
+            return ExtractResult(final, key, True, n, 0, failed)
+        except CacheError as err:  # damaged after it was written: made again from the images
+            log.warning("extract %s: %s; discarded, extracting it again", manifest.split, err)
+            final.unlink()
 
     parts = features_dir / f"{key}.parts"
     parts.mkdir(parents=True, exist_ok=True)
     blocks = [manifest.images[i : i + block_size] for i in range(0, n, block_size)]
-    todo = [b for b in range(len(blocks)) if not _block_path(parts, b).exists()]
+    todo = [b for b in range(len(blocks)) if not _finished_block(_block_path(parts, b))]
     if len(todo) < len(blocks):
         log.info("extract %s: resuming, %d of %d blocks already done", manifest.split, len(blocks) - len(todo), len(blocks))
     start, encoded = time.perf_counter(), 0
@@ -113,6 +117,23 @@ def extract_split(
 
 def _block_path(parts: Path, block: int) -> Path:
     return parts / f"block-{block:05d}.npz"
+
+
+def _finished_block(path: Path) -> bool:
+    """Whether a shard's part file is there and whole; a damaged one is discarded (said in the log), so
+    its shard is encoded again."""
+    if not path.exists():
+        return False
+    try:
+        with np.load(path) as block:
+            for name in ("ids", "tokens", "failed_ids", "reasons"):
+                block[name]
+        return True
+    except Exception as err:  # zipfile, numpy and OS errors all mean: not a usable part
+        log.warning("%s: damaged shard part (%s: %s); discarded, encoding its shard again",
+                    path, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        path.unlink()
+        return False
 
 
 def _encode_block(rows, image_root, encoder, dtype, batch_size, out: Path, bar) -> None:

@@ -21,10 +21,14 @@ def features_file(features_dir: Path, split: str) -> Path:
     index = Path(features_dir) / "index.json"
     if not index.exists():
         raise MissingInputError(f"{index}: not found (run the extract stage first)")
-    entry = json.loads(index.read_text()).get(split)
-    if entry is None:
-        raise MissingInputError(f"{index}: no features for split {split!r}")
-    return Path(features_dir) / entry["file"]
+    try:
+        entry = json.loads(index.read_text()).get(split)
+        if entry is None:
+            raise MissingInputError(f"{index}: no features for split {split!r}")
+        return Path(features_dir) / entry["file"]
+    except (ValueError, AttributeError, KeyError, TypeError) as err:
+        raise CacheError(f"{index}: damaged feature index ({type(err).__name__}: {err}); "
+                         "run the extract stage again (dvc repro -f extract)") from None
 
 
 def read_token_rows(file: h5py.File, path: Path, rows: np.ndarray) -> np.ndarray:
@@ -86,7 +90,8 @@ class FeatureCache:
             self.file = h5py.File(self.path, "r")
             self.ids = [s.decode() for s in self.file["image_ids"][:]]
         except (OSError, KeyError) as err:
-            raise CacheError(f"{self.path}: not a readable feature cache ({err})") from None
+            raise CacheError(f"{self.path}: not a readable feature cache ({err}); "
+                             "run the extract stage again (dvc repro -f extract)") from None
         self.index = {image_id: i for i, image_id in enumerate(self.ids)}
 
     @property

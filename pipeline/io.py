@@ -9,12 +9,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.errors import DISK_FULL, DiskFullError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds.
 
-    A crash or error leaves any previous `path` untouched.
+    A crash or error leaves any previous `path` untouched, and no partial file. A full disk is one line
+    naming `path` (DiskFullError).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,6 +27,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        raise DiskFullError(f"{path}: no space left on device while writing it (nothing partial "
+                            "was kept); free space and run again (finished work is kept)") from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -145,14 +145,19 @@ def load_prototypes(path: str | Path, device: torch.device = torch.device("cpu")
                 attrs=dict(f.attrs),
             )
     except (OSError, KeyError) as err:
-        raise CacheError(f"{path}: not a readable prototypes cache ({err})") from None
+        raise CacheError(f"{path}: not a readable prototypes cache ({err}); "
+                         "run the prototypes stage again (dvc repro -f prototypes)") from None
 
 
 def prototypes_file(prototypes_dir: Path) -> Path:
     index = Path(prototypes_dir) / "index.json"
     if not index.exists():
         raise MissingInputError(f"{index}: not found (run the prototypes stage first)")
-    return Path(prototypes_dir) / json.loads(index.read_text())["file"]
+    try:
+        return Path(prototypes_dir) / json.loads(index.read_text())["file"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CacheError(f"{index}: damaged prototypes index ({type(err).__name__}: {err}); "
+                         "run the prototypes stage again (dvc repro -f prototypes)") from None
 
 
 def check_prototypes_match(protos: Prototypes, lm: LanguageModel) -> None:

@@ -8,6 +8,7 @@ ends equal to an uninterrupted one.
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
@@ -308,7 +309,10 @@ def read_checkpoint(path: Path, device: torch.device) -> dict:
 
 def _save_checkpoint(path: Path, fingerprint, step, bridge, optimizer, schedule, history, scale=None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()  # serialised in memory, then written by Python: a full disk is then an OSError that
+    # names it (torch's own file writer reports only "file write failed")
+    torch.save({"fingerprint": fingerprint, "step": step, "bridge": bridge.state_dict(),
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "history": history,
+                "logit_scale": scale.state_dict() if scale is not None else None}, buffer)
     with atomic_path(path) as tmp:
-        torch.save({"fingerprint": fingerprint, "step": step, "bridge": bridge.state_dict(),
-                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "history": history,
-                    "logit_scale": scale.state_dict() if scale is not None else None}, tmp)
+        tmp.write_bytes(buffer.getvalue())

@@ -150,3 +150,21 @@ def test_two_dask_workers_give_the_inline_file_byte_for_byte(manifest32, easyvqa
     assert sharded.n_encoded == 64 and sharded.key == inline.key
     assert filecmp.cmp(inline.path, sharded.path, shallow=False)
     assert not (tmp_path / "dask" / f"{sharded.key}.parts").exists()
+
+
+def test_a_damaged_shard_part_or_cache_file_is_discarded_and_made_again(extracted, manifest32, easyvqa_root,
+                                                                        lite0, tmp_path, caplog):
+    """Damage that happens after a file was written whole (a bad disk, a copy cut short): the damaged
+    part or cache file is named in the log, discarded, and made again byte for byte."""
+    result, _ = extracted
+    extract_split(manifest32, easyvqa_root, lite0, tmp_path, batch_size=4, block_size=8, stop_after_blocks=2)
+    part = tmp_path / f"{result.key}.parts" / "block-00001.npz"
+    part.write_bytes(part.read_bytes()[:100])  # truncated
+    caplog.set_level(logging.WARNING, logger="pipeline.extraction")
+    resumed = extract_split(manifest32, easyvqa_root, lite0, tmp_path, batch_size=16, block_size=8)
+    assert resumed.n_encoded == 24 and f"{part}: damaged shard part" in caplog.text
+    assert filecmp.cmp(result.path, resumed.path, shallow=False)
+    resumed.path.write_bytes(resumed.path.read_bytes()[:1000])
+    again = extract_split(manifest32, easyvqa_root, lite0, tmp_path, batch_size=16, block_size=8)
+    assert not again.hit and again.n_encoded == 32 and "discarded, extracting it again" in caplog.text
+    assert filecmp.cmp(result.path, again.path, shallow=False)

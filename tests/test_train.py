@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import pipeline.losses
 from pipeline.bridge import load_bridge
 from pipeline.config import Config
 from pipeline.device import resolve_precision
+from pipeline.errors import CacheError
 from pipeline.prototypes import build_prototypes, load_prototypes, prototypes_file
 from pipeline.train import batch_indices, compute_losses, lr_factor
 from stages import train
@@ -204,3 +206,22 @@ def test_prototype_cache_key_follows_llm_captions_and_prior_and_switching_back_h
     second, _ = build_prototypes(smollm2, caps, caps, changed["temperature"], tmp_path / "protos", P)
     back, hit_back = build_prototypes(smollm2, caps, caps, base, tmp_path / "protos", P)
     assert not hit and second != first and hit_back and back == first
+
+
+def test_a_damaged_checkpoint_stops_in_one_line_and_one_from_other_settings_is_reported(
+        tiny_pipeline, smollm2, tmp_path, caplog):
+    cfg, dirs = tiny_pipeline
+    cfg = small(cfg, steps=2, batch_size=4, checkpoint_every=1, warmup_steps=1)
+    dirs = dirs.sharing_inputs(tmp_path / "run")
+    checkpoint = dirs.models / "checkpoints" / "contrastive.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"PK\x03\x04 a zip cut short")
+    with pytest.raises(CacheError) as err:
+        train.run(cfg, dirs, "contrastive", lm=smollm2)
+    assert str(err.value).startswith(f"{checkpoint}: unreadable resume checkpoint") and "\n" not in str(err.value)
+    assert "delete it to train from step 0" in str(err.value) and checkpoint.read_bytes().endswith(b"cut short")
+    checkpoint.unlink()
+    assert not train.run(cfg, dirs, "contrastive", lm=smollm2, stop_after=1)["finished"]
+    caplog.set_level(logging.WARNING, logger="pipeline.train")
+    assert train.run(small(cfg, lr=3e-3), dirs, "contrastive", lm=smollm2)["steps"] == 2
+    assert f"{checkpoint} was left by other settings (step 1 of another run); starting from step 0" in caplog.text
