@@ -122,7 +122,7 @@ def _block_path(parts: Path, block: int) -> Path:
 def _finished_block(path: Path) -> bool:
     """Whether a shard's part file is there and whole; a damaged one is discarded (said in the log), so
     its shard is encoded again."""
-    if not path.exists():
+    if not path.is_file():
         return False
     try:
         with np.load(path) as block:

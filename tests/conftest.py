@@ -49,6 +49,11 @@ def small_manifest(split: Split, n: int) -> Manifest:
 
 
 @pytest.fixture(scope="session")
+def manifest32(easyvqa_splits):
+    return small_manifest(easyvqa_splits[0]["train"], 32)
+
+
+@pytest.fixture(scope="session")
 def lite0():
     from pipeline.encoders import load_encoder
 

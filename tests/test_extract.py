@@ -15,12 +15,6 @@ from pipeline.manifest import Manifest
 from pipeline.extraction import cache_key, extract_split
 from pipeline.features import FeatureCache
 from pipeline.errors import CacheError
-from tests.conftest import small_manifest
-
-
-@pytest.fixture(scope="module")
-def manifest32(easyvqa_splits):
-    return small_manifest(easyvqa_splits[0]["train"], 32)
 
 
 @pytest.fixture(scope="module")
