@@ -41,9 +41,11 @@ def lock_file(data_root: Path, folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def locked(data_root: Path, folders: Iterable[Path], holder: str) -> Iterator[None]:
-    """Hold the locks of `folders` (sorted, so two runs never wait on each other in a cycle)."""
+def locked(data_root: Path, folders: Iterable[Path], holder: str) -> Iterator[bool]:
+    """Hold the locks of `folders` (sorted, so two runs never wait on each other in a cycle); yields
+    whether another run held one of them first (it may have written them meanwhile)."""
     timeout = lock_timeout()
+    waited = False
     with contextlib.ExitStack() as stack:
         for folder in sorted({Path(f) for f in folders}):
             path = lock_file(data_root, folder)
@@ -52,6 +54,7 @@ def locked(data_root: Path, folders: Iterable[Path], holder: str) -> Iterator[No
             try:
                 lock.acquire(timeout=0)
             except Timeout:
+                waited = True
                 log.warning("%s: waiting for %s, which another run is writing (lock %s)", holder, folder, path)
                 try:
                     lock.acquire(timeout=timeout)
@@ -59,4 +62,4 @@ def locked(data_root: Path, folders: Iterable[Path], holder: str) -> Iterator[No
                     raise LockTimeoutError(f"{folder}: another run is writing it (lock {path} still held after "
                                            f"{timeout:g} s)") from None
             stack.callback(lock.release)
-        yield
+        yield waited

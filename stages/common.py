@@ -11,7 +11,7 @@ Prefect flow runs the same `run` through `run_stage`, which holds the locks of t
 from __future__ import annotations
 
 import argparse
-from contextlib import nullcontext
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -19,10 +19,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
+from filelock import FileLock
+
 from pipeline.config import METHODS, Config, load_config
 from pipeline.errors import ConfigError, report_user_errors
 from pipeline.io import write_json_atomic, write_text_atomic
-from pipeline.locks import locked
+from pipeline.locks import LOCK_DIR, locked
 from pipeline.paths import Dirs
 from pipeline.runtime import keep_freed_memory
 
@@ -85,12 +87,69 @@ def check_method(spec: StageSpec, method: str | None) -> None:
 
 
 def run_stage(module: ModuleType, cfg: Config, dirs: Dirs, method: str | None = None, **kwargs) -> Any:
-    """`module.run(cfg, dirs, method)` while holding the locks of the stage's outputs."""
+    """`module.run(cfg, dirs, method)` while holding the locks of the stage's outputs.
+
+    Two runs on one data folder (the flow and `dvc repro`, two `dvc repro`s) meet here: the second waits
+    for the first's locks, then finds in <data>/.locks/written.json what the first wrote, from which
+    inputs, and runs only if its own inputs differ or the outputs have changed since (DVC clears a
+    stage's outputs before it runs it: the stage then writes them again, the same bytes)."""
     spec: StageSpec = module.STAGE
     check_method(spec, method)
-    writes = os.environ.get("RANK", "0") == "0"  # a torchrun process other than rank 0 writes nothing
-    with locked(dirs.root, spec.out_paths(dirs, method), holder=spec.label(method)) if writes else nullcontext():
+    if os.environ.get("RANK", "0") != "0":  # a torchrun process other than rank 0 writes nothing
         return module.run(cfg, dirs, method, **kwargs)
+    label, outs = spec.label(method), spec.out_paths(dirs, method)
+    with locked(dirs.root, outs, holder=label) as waited:
+        written = WrittenOutputs(dirs.root / LOCK_DIR / "written.json")
+        inputs = inputs_key(module, method, cfg, dirs)
+        if waited and written.holds(label, inputs, outs):
+            logging.getLogger("stages").info("%s: the run waited for wrote these outputs from the same inputs; "
+                                             "not run again", label)
+            return {"written_by_the_run_waited_for": True}
+        result = module.run(cfg, dirs, method, **kwargs)
+        written.record(label, inputs, outs)
+        return result
+
+
+def inputs_key(module: ModuleType, method: str | None, cfg: Config, dirs: Dirs) -> str:
+    """What DVC hashes for this stage run (stages.graph.Node.inputs_key)."""
+    from stages.graph import node_of  # stages.graph imports this module
+
+    return node_of(module).inputs_key(method, cfg, dirs)
+
+
+class WrittenOutputs:
+    """{label: {"inputs": inputs key, "files": {path: [size, mtime_ns]}}} of the last run of each stage
+    under a data root: enough to tell whether outputs are still exactly what that run wrote, without
+    reading them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @staticmethod
+    def files(outs: list[Path]) -> dict[str, list[int]]:
+        found = {}
+        for out in outs:
+            for f in ([out] if out.is_file() else sorted(p for p in out.rglob("*") if p.is_file()) if out.is_dir()
+                      else []):
+                st = f.stat()
+                found[str(f)] = [st.st_size, st.st_mtime_ns]
+        return found
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def holds(self, label: str, inputs: str, outs: list[Path]) -> bool:
+        entry = self._read().get(label)
+        return bool(entry) and entry["inputs"] == inputs and entry["files"] == self.files(outs) != {}
+
+    def record(self, label: str, inputs: str, outs: list[Path]) -> None:
+        with FileLock(f"{self.path}.lock"):
+            entries = self._read()
+            entries[label] = {"inputs": inputs, "files": self.files(outs)}
+            write_json_atomic(self.path, entries)
 
 
 def stage_main(module: ModuleType, argv: list[str] | None) -> int:

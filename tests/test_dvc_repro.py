@@ -7,8 +7,11 @@ source-specific: reading the tars); everything after the features is the folder 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -200,6 +203,68 @@ def test_prefect_flow_after_dvc_repro_reuses_every_output(repo):
     assert log.count("Finished in state Cached") == len(labels - ALWAYS_RUN)  # sources digests the data every run
     assert (work / "dvc.lock").read_text() == before
     assert stale_stages(work, env) == ALWAYS_RUN
+
+
+def outs_hashes(work: Path) -> dict[str, list]:
+    """Every output's hash in dvc.lock, by stage."""
+    lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    return {stage: sorted((o["path"], o.get("md5")) for o in entry.get("outs", [])) for stage, entry in lock.items()}
+
+
+def kill_dvc_repro_when(work: Path, env: dict, stage: str, seen: str) -> str:
+    """`dvc repro -f -s stage`, killed with SIGKILL (dvc and the stage's process, the whole group) the moment
+    its output shows `seen`; returns what it printed."""
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "-f", "-s", stage], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    printed, deadline = b"", time.monotonic() + 600
+    while seen.encode() not in printed and proc.poll() is None and time.monotonic() < deadline:
+        printed += os.read(proc.stdout.fileno(), 256)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    text = printed.decode(errors="replace")
+    assert seen in text and proc.returncode == -signal.SIGKILL, text[-2000:]
+    return text
+
+
+@pytest.mark.parametrize("stage, seen", [("train@vlap", "train vlap:  33%"), ("evaluate_caption@vlap", "caption vlap")])
+def test_dvc_repro_killed_mid_stage_then_run_again_ends_as_an_uninterrupted_run(repo, stage, seen):
+    """SIGKILL in the middle of a stage (after its first training step; once captioning has begun), then
+    a plain `dvc repro`: every output hash in dvc.lock equals the uninterrupted run's, and nothing is stale."""
+    work, env, _, _ = repo
+    before = outs_hashes(work)
+    kill_dvc_repro_when(work, env, stage, seen)
+    out = sh([sys.executable, "-m", "dvc", "repro"], work, env, timeout=900)
+    assert stage in out and outs_hashes(work) == before
+    assert stale_stages(work, env) == ALWAYS_RUN
+
+
+def test_the_flow_and_dvc_repro_started_together_both_finish_and_write_what_one_run_writes(repo):
+    """A new λ makes VLAP's stages stale; `dvc repro` and the Prefect flow start together on the repo's own
+    data. Both finish; one waits for the other's locks and says so, then finds the outputs written from its
+    own inputs and does not run again; dvc.lock ends as a single `dvc repro` leaves it."""
+    work, env, _, _ = repo
+    before, params = outs_hashes(work), (work / "params.yaml").read_text()
+    try:
+        changed = yaml.safe_load(params)
+        changed["methods"]["vlap"]["ap_weight"] = 0.25
+        (work / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+        runs = [subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for cmd in ([sys.executable, "-m", "dvc", "repro"], [sys.executable, "-m", "vlap.flow"])]
+        logs = [run.communicate(timeout=900)[0] for run in runs]
+        assert [run.returncode for run in runs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+        both = "\n".join(logs)
+        assert "waiting for" in both and "which another run is writing" in both, both[-3000:]
+        assert "not run again" in both, both[-3000:]
+        together = outs_hashes(work)
+        assert together != before and stale_stages(work, env) == ALWAYS_RUN
+        sh([sys.executable, "-m", "dvc", "repro", "-f", "-s", "train@vlap"], work, env, timeout=900)
+        sh([sys.executable, "-m", "dvc", "repro"], work, env, timeout=900)
+        assert outs_hashes(work) == together  # a single run writes the same bytes
+    finally:  # back to the committed state for the tests that follow
+        (work / "params.yaml").write_text(params)
+        sh(["git", "checkout", "--", "."], work, env)
+        sh([sys.executable, "-m", "dvc", "checkout", "-f"], work, env)
+    assert outs_hashes(work) == before and stale_stages(work, env) == ALWAYS_RUN
 
 
 def test_ablation_queues_dvc_experiments_and_tabulates_them(repo):

@@ -59,3 +59,25 @@ def test_a_second_run_waits_with_a_message_then_writes(tmp_path):
     assert "waiting for" in proc.stderr and "which another run is writing" in proc.stderr
     assert time.monotonic() - start >= 2.5
     assert (data.prepared / "train.parquet").is_file()
+
+
+def test_two_runs_of_a_stage_started_together_write_its_outputs_once(tmp_path):
+    """Both finish; the one that waited finds the outputs written from its own inputs and does not write
+    them again (the files keep the first run's mtimes); an edit to an output makes a waiting run run."""
+    data = Dirs.under(tmp_path / "data")
+    cmd = [sys.executable, "-m", "stages.prepare", "--data", str(data.root)]
+    runs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]
+    logs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], logs
+    waited = [log for log in logs if "waiting for" in log]
+    assert len(waited) == 1 and "prepare: the run waited for wrote these outputs from the same inputs; not run again" \
+        in waited[0]
+    written = {p: p.stat().st_mtime_ns for p in data.prepared.iterdir()}
+    other = holder(data.root, 2)  # a run holds the lock while an output is changed under it
+    (data.prepared / "report.json").write_text("{}")
+    proc = prepare(data.root, "")
+    other.wait(timeout=30)
+    assert proc.returncode == 0 and "not run again" not in proc.stderr
+    assert (data.prepared / "report.json").read_text() != "{}"
+    assert all(p.stat().st_mtime_ns != t for p, t in written.items() if p.name == "report.json")
