@@ -21,9 +21,10 @@ from typing import Any, Literal
 
 from filelock import FileLock
 
-from pipeline.config import METHODS, Config, load_config
+from pipeline.config import METHODS, Config, load_config, value_at
+from pipeline.digests import tree_digest
 from pipeline.errors import ConfigError, report_user_errors
-from pipeline.io import write_json_atomic, write_text_atomic
+from pipeline.io import sha256_json, write_json_atomic, write_text_atomic
 from pipeline.locks import LOCK_DIR, locked
 from pipeline.paths import Dirs
 from pipeline.runtime import keep_freed_memory
@@ -100,7 +101,7 @@ def run_stage(module: ModuleType, cfg: Config, dirs: Dirs, method: str | None = 
     label, outs = spec.label(method), spec.out_paths(dirs, method)
     with locked(dirs.root, outs, holder=label) as waited:
         written = WrittenOutputs(dirs.root / LOCK_DIR / "written.json")
-        inputs = inputs_key(module, method, cfg, dirs)
+        inputs = inputs_key(spec, method, cfg, dirs)
         if waited and written.holds(label, inputs, outs):
             logging.getLogger("stages").info("%s: the run waited for wrote these outputs from the same inputs; "
                                              "not run again", label)
@@ -110,11 +111,12 @@ def run_stage(module: ModuleType, cfg: Config, dirs: Dirs, method: str | None = 
         return result
 
 
-def inputs_key(module: ModuleType, method: str | None, cfg: Config, dirs: Dirs) -> str:
-    """What DVC hashes for this stage run (stages.graph.Node.inputs_key)."""
-    from stages.graph import node_of  # stages.graph imports this module
-
-    return node_of(module).inputs_key(method, cfg, dirs)
+def inputs_key(spec: "StageSpec", method: str | None, cfg: Config, dirs: Dirs) -> str:
+    """Its declared params' values and its data deps' content: what two runs on one data folder, from one
+    checkout, may differ in (stages.graph.Node.inputs_key adds the code, for runs DVC does not judge)."""
+    return sha256_json({"params": {k: value_at(cfg, k) for k in spec.param_keys(method)},
+                        "deps": {str(p.relative_to(dirs.root)): tree_digest(p) if p.exists() else None
+                                 for p in spec.dep_paths(dirs, method)}})
 
 
 class WrittenOutputs:

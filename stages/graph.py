@@ -101,13 +101,9 @@ def stage_modules() -> list[ModuleType]:
     return [importlib.import_module(f"stages.{name}") for name in MODULES]
 
 
-def node_of(module: ModuleType) -> Node:
-    return Node(module, module.STAGE,
-                code_deps(Path(module.__file__).resolve().relative_to(ROOT).as_posix()) + module.STAGE.files)
-
-
 def graph() -> list[Node]:
-    return [node_of(m) for m in stage_modules()]
+    return [Node(m, m.STAGE, code_deps(Path(m.__file__).resolve().relative_to(ROOT).as_posix()) + m.STAGE.files)
+            for m in stage_modules()]
 
 
 # ---------------------------------------------------------------- code deps from imports
