@@ -164,7 +164,8 @@ def run_fingerprint(method: str, cfg: Config, data: TrainData, protos: Prototype
 
 
 def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, protos: Prototypes, out_dir: Path,
-                 live_dir: Path, checkpoint: Path, stop_after: int | None = None, ranks: Ranks = Ranks()) -> dict:
+                 live_dir: Path, throughput_dir: Path, checkpoint: Path, stop_after: int | None = None,
+                 ranks: Ranks = Ranks()) -> dict:
     """Train one method; write the bridge folder out_dir (model.safetensors, config.json) and dvclive logs
     under live_dir.
 
@@ -215,8 +216,11 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
     live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None) if ranks.is_main else None
     for row in history if live else []:  # replay logged steps so the curves are whole after a resume
         _log_step(live, row)
-    # throughput/ in dvclive: timing, unlike the losses, differs run to run (kept out of history and the bridge)
+    # Throughput goes to its own dvclive folder (throughput_dir, in no DVC output): timing, unlike the losses,
+    # differs run to run, and the outputs must stay byte-reproducible. Kept out of history and the bridge too.
     meter = Throughput(device, torch.bfloat16 if precision == "bf16" else torch.float32) if ranks.is_main else None
+    timing = (Live(dir=str(throughput_dir), dvcyaml=None, save_dvc_exp=False, report=None, resume=start > 0)
+              if ranks.is_main else None)
     t0 = time.perf_counter()
     batches = StepBatches(data, tcfg.batch_size, tcfg.seed, start, steps, ranks)
     if meter and start < steps:  # this rank's FLOPs of one step, counted on a dry run of the first batch
@@ -258,7 +262,8 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
         if not ranks.is_main:
             continue
         for key, value in meter.row(tcfg.batch_size).items():
-            live.log_metric(f"throughput/{key}", value)
+            timing.log_metric(f"throughput/{key}", value)
+        timing.next_step()
         _log_step(live, row)
         if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == steps:
             _save_checkpoint(checkpoint, fingerprint, step + 1, bridge, optimizer, schedule, history, scale)
@@ -267,11 +272,12 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
         return {"finished": steps_done >= steps, "steps": steps_done}
     throughput = meter.means()
     if throughput:
-        live.summary["throughput"] = throughput
+        timing.summary["throughput"] = throughput
         log.info("train %s: %.3f s/step, %.1f samples/s, MFU %.1f%% (%.1f GFLOP/step, %s peak %.0f GFLOP/s)", method,
                  throughput["mean_step_seconds"], throughput["mean_samples_per_second"], 100 * throughput["mean_mfu"],
                  throughput["step_gflop"], precision, throughput["peak_gflop_per_second"])
     live.end()
+    timing.end()
     if steps_done < steps:
         return {"finished": False, "steps": steps_done, "throughput": throughput}
     config = {"bridge": "linear", "d_vision": data.d_vision, "d_model": lm.hidden_size, "method": method,

@@ -3,7 +3,8 @@
 Reads  data/features (train split), data/prototypes, data/prepared/train.parquet,
        params `train.*`, `methods.<method>.*` (and the LLM named by `prototypes.llm`).
 Writes the bridge data/models/<method>/ (model.safetensors + config.json), dvclive curves in data/metrics/train/<method>;
-       an interrupted run resumes from data/models/checkpoints/<method>.pt.
+       an interrupted run resumes from data/models/checkpoints/<method>.pt. Throughput (step time, samples/s,
+       MFU) goes to dvclive in data/reports/train/<method>/ (in no output: timing differs run to run).
 
     python -m stages.train --method vlap
     torchrun --nproc-per-node 4 -m stages.train --method vlap   # data-parallel (DDP); rank 0 writes
@@ -46,8 +47,8 @@ def run(cfg: Config, dirs: Dirs, method: str, *, lm: LanguageModel | None = None
         log.info("train %s: %d samples, %d steps of %d on %d process(es)", method, len(train_data.captions), steps,
                  cfg.train.batch_size, ranks.world)
         checkpoint = dirs.models / "checkpoints" / f"{method}.pt"  # not a DVC out: survives a re-run
-        return train_bridge(method, cfg, train_data, lm, protos, dirs.models / method,
-                            dirs.metrics / "train" / method, checkpoint, stop_after=stop_after, ranks=ranks)
+        return train_bridge(method, cfg, train_data, lm, protos, dirs.models / method, dirs.metrics / "train" / method,
+                            dirs.reports / "train" / method, checkpoint, stop_after=stop_after, ranks=ranks)
     finally:
         distributed.stop()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,6 @@ from pipeline.paths import Dirs
 from stages import graph
 from graph_runner import run_graph
 from tiny_models import save_tiny_clip_vision, save_tiny_opt
-from pipeline.digests import tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
 # Fields only some sources read (easy-VQA reads none of them).
@@ -74,9 +72,9 @@ def tiny_config(models) -> Config:
 
 
 @pytest.mark.slow
-def test_stages_read_declared_params_write_declared_outs_and_reproduce(tiny_models, tmp_path):
+def test_stages_read_declared_params_and_write_declared_outs(tiny_models, tmp_path):
     cfg = tiny_config(tiny_models)
-    first, second = Dirs.under(tmp_path / "a"), Dirs.under(tmp_path / "b")
+    first = Dirs.under(tmp_path / "a")
     seen = run_graph(cfg, first, record=True)
     nodes = {n.spec.name: n for n in graph.graph()}
     for label, (read, written) in seen.items():
@@ -91,19 +89,11 @@ def test_stages_read_declared_params_write_declared_outs_and_reproduce(tiny_mode
     metrics = (first.metrics / "vqa" / "vlap.json").read_text()
     assert '"applicable": true' in metrics  # the small run exercised every task, VQA included
 
-    run_graph(cfg, second, record=False)
-    for dirs in (first, second):  # training's timing is the one thing meant to differ between runs
-        for method in METHODS:
-            live = dirs.metrics / "train" / method
-            summary = json.loads((live / "metrics.json").read_text())
-            assert 0 < summary.pop("throughput")["mean_mfu"] < 1
-            (live / "metrics.json").write_text(json.dumps(summary))
-            assert (live / "plots" / "metrics" / "throughput" / "samples_per_second.tsv").exists()
-            shutil.rmtree(live / "plots" / "metrics" / "throughput")
-    for node in graph.graph():
-        for method in node.instances():
-            for a, b in zip(node.spec.out_paths(first, method), node.spec.out_paths(second, method)):
-                assert tree_digest(a) == tree_digest(b), f"{node.spec.label(method)}: {a.name} differs between runs"
+    for method in METHODS:  # training logs its throughput, in no output
+        timing = first.reports / "train" / method
+        assert 0 < json.loads((timing / "metrics.json").read_text())["throughput"]["mean_mfu"] < 1
+        assert (timing / "plots" / "metrics" / "throughput" / "samples_per_second.tsv").exists()
+    # That two runs of the whole graph write the same bytes: test_dvc_repro.py (the flow against dvc repro).
 
 
 def test_a_stage_process_computes_with_the_pinned_cpu_kernels():
