@@ -3,11 +3,13 @@
 MFU is the step's FLOPs over its time, as a share of this device's dense matmul rate in the
 step's precision, measured when training starts (`matmul_rate`, the best of a few large products).
 The step's FLOPs are counted once, before training, on a dry run of the first batch's forward and
-backward under torch's FlopCounterMode: every matmul of the frozen LLM's forward and
-input-gradient backward, the bridge and the alignment scores. (torch has no FLOP formula for its
+backward, with torch's own FLOP formulas (torch.utils.flop_counter's registry, as FlopCounterMode
+uses them, but without its per-module tracking, whose hooks crashed the interpreter in garbage
+collection): every matmul of the frozen LLM's forward and input-gradient backward, the bridge and
+the alignment scores. (torch has no FLOP formula for its
 fused CPU attention kernel, so on CPU attention's own products are left out.) The dry run's
-gradients are discarded: FlopCounterMode changes the last bits of some backward kernels, and
-the real steps must stay bit-identical to a run that is not measured.
+gradients are discarded: counting under a dispatch mode changes the last bits of some backward
+kernels, and the real steps must stay bit-identical to a run that is not measured.
 """
 from __future__ import annotations
 
@@ -16,7 +18,25 @@ import time
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+
+class FlopCount(TorchDispatchMode):
+    """Sums the FLOPs of every op torch has a FLOP formula for (matmuls, convolutions, attention) run
+    inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
 
 
 def synchronize(device: torch.device) -> None:
@@ -61,9 +81,9 @@ class Throughput:
 
     def count(self, forward_backward: Callable[[], None]) -> None:
         """The FLOPs of one step, from a dry run of its forward and backward (gradients discarded by the caller)."""
-        with FlopCounterMode(display=False) as counter:
+        with FlopCount() as counter:
             forward_backward()
-        self.flops = float(counter.get_total_flops())
+        self.flops = float(counter.total)
 
     def start(self) -> None:
         synchronize(self.device)
