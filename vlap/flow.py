@@ -43,8 +43,9 @@ from prefect.context import get_run_context  # noqa: E402
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.errors import ConfigError, report_user_errors  # noqa: E402
+from pipeline.errors import ConfigError, LockTimeoutError, report_user_errors  # noqa: E402
 from pipeline.io import write_json_atomic  # noqa: E402
+from pipeline.locks import lock_timeout  # noqa: E402
 from pipeline.paths import Dirs  # noqa: E402
 from pipeline.runtime import keep_freed_memory  # noqa: E402
 from stages.common import run_stage  # noqa: E402
@@ -84,11 +85,31 @@ class DvcStatus:
             return False
         with cls._lock:
             if flow_run not in cls._stale:
-                from dvc.repo import Repo
-
-                with Repo(str(ROOT)) as repo:
-                    cls._stale[flow_run] = set(repo.status())
+                cls._stale[flow_run] = cls._ask_dvc(label)
             return label not in cls._stale[flow_run]
+
+    @staticmethod
+    def _ask_dvc(label: str) -> set[str]:
+        """The stages `dvc status` calls changed. While a `dvc repro` on the repo holds DVC's lock on a stage
+        it is running, status cannot be read: wait for it (saying so) as long as the output locks would."""
+        from dvc.lock import LockError
+        from dvc.repo import Repo
+
+        timeout, said = lock_timeout(), False
+        deadline = time.monotonic() + timeout if timeout >= 0 else float("inf")
+        while True:
+            try:
+                with Repo(str(ROOT)) as repo:
+                    return set(repo.status())
+            except LockError as err:
+                if time.monotonic() > deadline:
+                    raise LockTimeoutError(f"{ROOT}: dvc status: {str(err).splitlines()[0]}") from None
+                if not said:
+                    logging.getLogger("vlap.flow").warning(
+                        "%s: waiting for another dvc command on %s to release DVC's lock (%s)", label, ROOT,
+                        str(err).splitlines()[0])
+                    said = True
+                time.sleep(1.0)
 
     @classmethod
     def forget(cls, flow_run: str) -> None:
