@@ -258,6 +258,8 @@ def test_the_flow_and_dvc_repro_started_together_both_finish_and_write_what_one_
     data. Both finish; one waits for the other's locks and says so, then finds the outputs written from its
     own inputs and does not run again; dvc.lock ends consistent with what is on disk."""
     work, env, _, _ = repo
+    sh(["git", "add", "-A"], work, env)
+    sh(["git", "commit", "-qm", "before the concurrent runs", "--allow-empty"], work, env)
     before, params = outs_hashes(work), (work / "params.yaml").read_text()
     try:
         changed = yaml.safe_load(params)
@@ -280,7 +282,6 @@ def test_the_flow_and_dvc_repro_started_together_both_finish_and_write_what_one_
         # dvc.lock holds what is on disk, and the new λ trained another bridge
         assert outs_hashes(work)["train@vlap"] != before["train@vlap"] and stale_stages(work, env) == ALWAYS_RUN
     finally:  # back to the committed state for the tests that follow
-        (work / "params.yaml").write_text(params)
         sh(["git", "checkout", "--", "."], work, env)
         sh([sys.executable, "-m", "dvc", "checkout", "-f"], work, env)
     assert outs_hashes(work) == before and stale_stages(work, env) == ALWAYS_RUN
