@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.encoders import VisionEncoder, load_encoder
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, DiskFullError
 from pipeline.features import FeatureCache
 from pipeline.images import load_image
 from pipeline.io import atomic_path, sha256_json
@@ -231,6 +231,18 @@ def encode_shard(spec: str, device: str, rows: list[ImageRow], image_root: str, 
     return len(rows)
 
 
+def check_room(path: Path, data_bytes: int) -> None:
+    """Stop before writing `path` when its filesystem lacks room for it: HDF5 left by a failed write
+    can crash the process later, so the disk is checked first (atomic_path still catches a disk that
+    fills meanwhile)."""
+    needed = int(data_bytes * 1.02) + (1 << 20)  # chunk index and checksums, and a margin
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        raise DiskFullError(f"{path}: no space left on device for it ({needed / 1e6:.1f} MB needed, "
+                            f"{free / 1e6:.1f} MB free; nothing was written); free space and run again "
+                            "(finished work is kept)")
+
+
 def _assemble(parts: Path, n_blocks: int, final: Path, key: str, split: str, encoder, dtype) -> list[dict]:
     blocks = [np.load(_block_path(parts, b)) for b in range(n_blocks)]
     shapes = [blk["tokens"].shape for blk in blocks if len(blk["ids"])]
@@ -240,6 +252,8 @@ def _assemble(parts: Path, n_blocks: int, final: Path, key: str, split: str, enc
     failed = [
         {"image_id": str(i), "reason": str(r)} for blk in blocks for i, r in zip(blk["failed_ids"], blk["reasons"])
     ]
+    check_room(final, n_ok * n_tokens * dim * np.dtype(dtype).itemsize + sum(map(len, ids))
+               + sum(len(f["image_id"]) + len(f["reason"]) for f in failed))
     string = h5py.string_dtype()
     with atomic_path(final) as tmp, h5py.File(tmp, "w", track_order=True) as f:
         dset = f.create_dataset(
