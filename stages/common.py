@@ -11,6 +11,7 @@ Prefect flow runs the same `run` through `run_stage`, which holds the locks of t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any, Literal
 
 from filelock import FileLock
 
-from pipeline.config import METHODS, Config, load_config, value_at
+from pipeline.config import METHODS, Config, load_config, plain
 from pipeline.digests import tree_digest
 from pipeline.errors import ConfigError, report_user_errors
 from pipeline.io import sha256_json, write_json_atomic, write_text_atomic
@@ -112,9 +113,10 @@ def run_stage(module: ModuleType, cfg: Config, dirs: Dirs, method: str | None = 
 
 
 def inputs_key(spec: "StageSpec", method: str | None, cfg: Config, dirs: Dirs) -> str:
-    """Its declared params' values and its data deps' content: what two runs on one data folder, from one
-    checkout, may differ in (stages.graph.Node.inputs_key adds the code, for runs DVC does not judge)."""
-    return sha256_json({"params": {k: value_at(cfg, k) for k in spec.param_keys(method)},
+    """The whole config and the stage's data deps' content: what two runs on one data folder, from one
+    checkout, may differ in. (The whole config, not the declared params alone: reading those here would
+    count as the stage reading them, and a run whose unrelated params differ only runs again.)"""
+    return sha256_json({"params": plain(cfg) if dataclasses.is_dataclass(cfg) else repr(type(cfg)),
                         "deps": {str(p.relative_to(dirs.root)): tree_digest(p) if p.exists() else None
                                  for p in spec.dep_paths(dirs, method)}})
 
