@@ -241,13 +241,13 @@ def kill_dvc_repro_when(work: Path, env: dict, stage: str, seen: str) -> str:
 
 
 def test_dvc_repro_killed_mid_stage_then_run_again_ends_as_an_uninterrupted_run(repo):
-    """SIGKILL in the middle of a stage, twice (after the first training step; once captioning has begun),
+    """SIGKILL in the middle of a stage, twice (once the training loop has begun; once captioning has begun),
     then a plain `dvc repro`: it runs both stages again, every output hash in dvc.lock equals the
     uninterrupted run's, and nothing is stale."""
     work, env, _, _ = repo
     before = outs_hashes(work)
-    kill_dvc_repro_when(work, env, "train@vlap", "train vlap:  33%")
-    kill_dvc_repro_when(work, env, "evaluate_caption@limber", "caption limber")
+    kill_dvc_repro_when(work, env, "train@vlap", "train vlap:   0%")  # the loop has begun (3 tiny steps follow)
+    kill_dvc_repro_when(work, env, "evaluate_caption@limber", "caption limber:   0%")
     out = sh([sys.executable, "-m", "dvc", "repro"], work, env, timeout=900)
     assert "train@vlap" in out and "evaluate_caption@limber" in out and outs_hashes(work) == before
     assert stale_stages(work, env) == ALWAYS_RUN
