@@ -50,14 +50,20 @@ def existing_folder(cfg: PrepareConfig, role: Role) -> Path:
     return folder
 
 
-def image_row(root: Path, rel: str, image_id: str, captions: list[str] | None = None,
-              attributes: dict | None = None, where: str = "") -> ImageRow:
-    """The row of the image at root/rel, its content hashed here. A path that leads out of `root`
-    (absolute, `..`, a symlink out) is refused before anything is read: one line naming the entry."""
+def refuse_outside(root: Path, rel: str, where: str) -> None:
+    """One line naming the entry when `rel` leads out of `root` (absolute, `..`, a symlink out), before
+    anything at the path is read."""
     problem = path_problem(root, rel)
     if problem:
-        raise DatasetError(f"{where or 'image'}: {rel!r} is {problem}, not an image inside {root}; "
-                           "refused, nothing was read")
+        raise DatasetError(f"{where}: image {rel!r} is {problem}: it must be a path inside {root} "
+                           "(refused, nothing was read)")
+
+
+def image_row(root: Path, rel: str, image_id: str, captions: list[str] | None = None,
+              attributes: dict | None = None, where: str = "image") -> ImageRow:
+    """The row of the image at root/rel, its content hashed here; a path out of `root` is refused first
+    (the readers call refuse_outside before their own checks; this is the last guard)."""
+    refuse_outside(root, rel, where)
     return ImageRow(image_id, rel, sha256_file(root / rel), list(captions or []),
                     json.dumps(attributes or {}, sort_keys=True))
 

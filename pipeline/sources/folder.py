@@ -7,10 +7,9 @@ from pathlib import Path
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import ConfigError, DatasetError
-from pipeline.images import path_problem
 from pipeline.manifest import Split
 from pipeline.sources.common import (TRAIN_ROLE, CaptionScreen, Role, existing_folder, image_row,
-                                     split_by_content, split_counts, split_name)
+                                     refuse_outside, split_by_content, split_counts, split_name)
 
 
 def read_caption_rows(folder: Path) -> tuple[Path, list[dict]]:
@@ -61,10 +60,7 @@ def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict
         if not rel:
             raise DatasetError(f"{where}: image {row['image']!r} must be a path inside {folder}")
         if rel not in images:
-            problem = path_problem(folder, rel)
-            if problem:
-                raise DatasetError(f"{where}: image {rel!r} is {problem}: it must be a path inside {folder} "
-                                   "(refused, nothing was read)")
+            refuse_outside(folder, rel, where)
             if not (folder / rel).is_file():
                 raise DatasetError(f"{where}: image file {rel} not found")
             images[rel] = image_row(folder, rel, rel, where=where)

@@ -6,10 +6,9 @@ from pathlib import Path, PurePosixPath
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import DatasetError
-from pipeline.images import path_problem
 from pipeline.manifest import Split
-from pipeline.sources.common import (TRAIN_ROLE, CaptionScreen, Role, image_row, require_keys, split_counts,
-                                     split_name)
+from pipeline.sources.common import (TRAIN_ROLE, CaptionScreen, Role, image_row, refuse_outside, require_keys,
+                                     split_counts, split_name)
 
 
 def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict]:
@@ -37,10 +36,7 @@ def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict
     for i, rel, split, captions in rows:
         where = f"{path}: images[{i}]"
         split = split_name(split, where)
-        problem = path_problem(root, rel)
-        if problem:
-            raise DatasetError(f"{where}: image {rel!r} is {problem}: it must be a path inside "
-                               f"{role.key('folder')} {root} (refused, nothing was read)")
+        refuse_outside(root, rel, where)
         if rel in first_entry:
             raise DatasetError(f"{where}: image {rel} is also images[{first_entry[rel]}] (duplicate entry)")
         first_entry[rel] = i

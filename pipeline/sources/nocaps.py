@@ -6,10 +6,9 @@ from pathlib import Path
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import DatasetError
-from pipeline.images import path_problem
 from pipeline.manifest import Split
 from pipeline.sources.common import (TRAIN_ROLE, CaptionScreen, Role, existing_folder, field_of, image_row,
-                                     read_json, require_keys, split_counts)
+                                     read_json, refuse_outside, require_keys, split_counts)
 
 def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict]:
     """NoCaps (nocaps_val_4500_captions.json): {"images": [{"id", "file_name", "domain"}],
@@ -26,10 +25,7 @@ def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict
         image_id = str(field_of(entry, "id", path, where, (int, str)))
         name = field_of(entry, "file_name", path, where, str)
         domain = field_of(entry, "domain", path, where, str)
-        problem = path_problem(root, name)
-        if problem:
-            raise DatasetError(f"{path}: {where}.file_name: {name!r} is {problem}: it must be a path inside "
-                               f"{role.key('folder')} {root} (refused, nothing was read)")
+        refuse_outside(root, name, f"{path}: {where}.file_name")
         if not (root / name).is_file():
             raise DatasetError(f"{path}: {where}.file_name: image {name} not found under {role.key('folder')} {root}")
         if image_id in images:
