@@ -8,11 +8,24 @@ from __future__ import annotations
 
 import errno
 import sys
+import unicodedata
 from typing import Callable, TypeVar
+
+LINE_BREAKING = ("Cc", "Zl", "Zp")  # control characters, line and paragraph separators
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters and line separators written as escapes (`\\n`, `\\x00`): names
+    read from a file cannot break a message over lines or send codes to the terminal."""
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in LINE_BREAKING else c
+                   for c in text)
 
 
 class UserError(Exception):
     """Bad input the user can fix; the message is one line naming the input."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(one_line(str(message)))
 
 
 class ConfigError(UserError, ValueError):

@@ -11,11 +11,14 @@ from PIL import Image
 
 
 def path_problem(root: Path, rel: str) -> str | None:
-    """Why `rel` may not name an image under `root`, or None: it is empty, absolute, climbs out with
-    `..`, or resolves (through a symlink) outside `root`. Checked before anything at the path is read."""
+    """Why `rel` may not name an image under `root`, or None: it is empty, holds a NUL byte (no file
+    can be so named), is absolute, climbs out with `..`, or resolves (through a symlink) outside
+    `root`. Checked before anything at the path is read."""
     parts = Path(rel).parts
     if not rel or not parts:
         return "an empty path"
+    if "\x00" in rel:
+        return "a path holding a NUL byte"
     if Path(rel).is_absolute():
         return "an absolute path"
     if ".." in parts:
@@ -27,6 +30,8 @@ def path_problem(root: Path, rel: str) -> str | None:
 
 def member_problem(name: str) -> str | None:
     """Why a tar member's name may not be used as an image's name, or None (absolute, or with `..`)."""
+    if "\x00" in name:
+        return "a member name holding a NUL byte"
     if name.startswith("/") or Path(name).is_absolute():
         return "an absolute member name"
     if ".." in Path(name).parts:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import ConfigError, PrepareConfig, load_config
@@ -208,6 +208,8 @@ rows = st.lists(st.fixed_dictionaries({"image": st.one_of(images, cells), "capti
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=rows, as_csv=st.booleans(), junk=st.binary(max_size=30))
+@example(rows=[{"image": "\x00", "caption": None, "split": "train"}], as_csv=False, junk=b"")  # found: a traceback
+@example(rows=[{"image": "0\n0", "caption": None, "split": "train"}], as_csv=False, junk=b"")  # found: two lines
 def test_generated_captions_files_load_or_fail_in_one_line(data, rows, as_csv, junk):
     for name in ("captions.csv", "captions.json"):
         (data / name).unlink(missing_ok=True)
