@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 from pipeline.io import sha256_file, sha256_json, write_json_atomic
@@ -19,20 +20,19 @@ TABLE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlap
 def file_digests(paths: list[Path], table: Path | None = None) -> list[str]:
     """sha256 of each file, from the table where its size and mtime are those it was hashed at."""
     table = Path(table or TABLE)
-    known, found, missed = _read(table), [], False
+    known, found, added = _read(table), [], {}
     for path in paths:
         path = Path(path).resolve()
         stat = path.stat()
         stamp = [stat.st_size, stat.st_mtime_ns]
-        entry = known.get(str(path))
+        entry = added.get(str(path)) or known.get(str(path))
         if not entry or entry.get("stamp") != stamp:
-            entry, missed = {"stamp": stamp, "sha256": sha256_file(path)}, True
-            known[str(path)] = entry
+            entry = added[str(path)] = {"stamp": stamp, "sha256": sha256_file(path)}
         found.append(entry["sha256"])
-    if missed:
+    if added:
         try:
-            merged = _read(table) | known  # another process may have added entries meanwhile
-            write_json_atomic(table, {p: e for p, e in merged.items() if os.path.exists(p)})  # forget deleted files
+            merged = _read(table) | added  # another process may have added entries meanwhile
+            _write(table, {p: e for p, e in merged.items() if os.path.exists(p)})  # forget deleted files
         except OSError:  # a read-only home: the digests are still right, only not remembered
             pass
     return found
@@ -53,9 +53,35 @@ def tree_digest(path: Path, table: Path | None = None) -> str:
     return sha256_json(dict(zip((p.relative_to(path).as_posix() for p in files), file_digests(files, table))))
 
 
+# The table as last read or written by this process, by path, with the (size, mtime) it had then: a
+# table of thousands of files is parsed again only when another process has changed it, not once per
+# file asked about (a flow asks about every code file of every stage).
+_loaded: dict[Path, tuple[tuple[int, int], dict]] = {}
+_loaded_lock = threading.Lock()
+
+
+def _stamp(table: Path) -> tuple[int, int]:
+    stat = table.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
 def _read(table: Path) -> dict:
+    """The table (not to be changed in place: it is shared), or {} when it is missing or unreadable."""
     try:
+        stamp = _stamp(table)
+        with _loaded_lock:
+            if table in _loaded and _loaded[table][0] == stamp:
+                return _loaded[table][1]
         known = json.loads(table.read_text())
-        return known if isinstance(known, dict) else {}
     except (OSError, ValueError):
         return {}
+    known = known if isinstance(known, dict) else {}
+    with _loaded_lock:
+        _loaded[table] = (stamp, known)
+    return known
+
+
+def _write(table: Path, known: dict) -> None:
+    write_json_atomic(table, known)
+    with _loaded_lock:
+        _loaded[table] = (_stamp(table), known)
