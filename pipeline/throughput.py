@@ -13,6 +13,7 @@ kernels, and the real steps must stay bit-identical to a run that is not measure
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Callable
@@ -44,6 +45,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@functools.cache  # once per process: a study or a tuning grid trains many bridges on one device
 def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 4, seconds: float = 0.05) -> float:
     """Best FLOP/s of (n x n) @ (n x n) products on `device` in `dtype`, after one warm-up.
 

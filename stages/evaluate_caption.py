@@ -16,7 +16,7 @@ from pipeline.manifest import has_captions, read_manifest
 from pipeline.config import Config
 from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
-from pipeline.tasks.caption_metrics import chance_scores, cider_by_domain, write_examples_html
+from pipeline.tasks.caption_metrics import chance_scores, cider_by_domain, start_meteor, write_examples_html
 from pipeline.tasks.captioning import evaluate_captioning
 from pipeline.tasks.inputs import load_eval_inputs
 from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, NO_TEST_CAPTIONS, Out, StageSpec, stage_main,
@@ -35,6 +35,7 @@ STAGE = StageSpec(
 def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
     if not has_captions(dirs.prepared, "test"):
         return write_not_applicable(STAGE, dirs, method, NO_TEST_CAPTIONS)
+    start_meteor()  # its JVM loads while the model loads and captions are generated
     inputs = load_eval_inputs(cfg, method, dirs, lm=lm)
     metrics, generated = evaluate_captioning(inputs, cfg)
     metrics |= chance_scores(inputs.captions, read_manifest(dirs.prepared, "train"), cfg.evaluate.common.seed)

@@ -32,6 +32,18 @@ def test_identical_predictions_score_high(scores):
     assert good["CIDEr"] > 1.0 > bad["CIDEr"]
 
 
+def test_one_meteor_jvm_per_process_and_a_dead_one_is_replaced(scores):
+    from pipeline.tasks import caption_metrics
+
+    identical = {k: refs[0] for k, refs in REFERENCES.items()}
+    jvm = caption_metrics._meteor.meteor_p  # the fixture's two scorings ran on it
+    assert caption_scores(REFERENCES, identical) == scores[0] and caption_metrics._meteor.meteor_p is jvm
+    jvm.kill()
+    jvm.wait()
+    assert caption_scores(REFERENCES, identical) == scores[0]  # on a new JVM
+    assert caption_metrics._meteor.meteor_p is not jvm and caption_metrics._meteor.meteor_p.poll() is None
+
+
 def test_mismatched_ids_raise():
     with pytest.raises(ValueError, match="ids differ"):
         caption_scores(REFERENCES, {"0": "a red circle", "9": "x"})

@@ -131,7 +131,8 @@ def experiment_refs(baseline: str) -> dict[str, str]:
 
 
 def queue(settings: list[Setting], sets: list[str], baseline: str) -> list[Setting]:
-    """Queue each setting not already run from this commit; returns those queued."""
+    """Queue each setting not already run from this commit or waiting in the queue; returns the settings
+    without a finished experiment (those queued now and those already waiting)."""
     done = experiment_refs(baseline)
     queued_names = queue_names()
     todo = [s for s in settings if s.name not in done and s.name not in queued_names]
@@ -141,7 +142,7 @@ def queue(settings: list[Setting], sets: list[str], baseline: str) -> list[Setti
             args += ["-S", item]
         dvc(*args, *TARGETS)
         log.info("queued %s", setting.name)
-    return todo
+    return [s for s in settings if s.name not in done]
 
 
 def queue_names(states: tuple[str, ...] = ("Queued", "Running")) -> set[str]:
@@ -172,37 +173,46 @@ def run_queue(settings: list[Setting], jobs: int, baseline: str) -> list[str]:
             time.sleep(10)
 
 
-def metrics_at(experiment: str, path: str) -> dict | None:
-    """One metrics file as the experiment left it (`dvc metrics show`), or None where it has none."""
-    import dvc.api
+def shown_at(names: list[str]) -> dict[str, tuple[dict, dict[str, dict]]]:
+    """Each experiment's params.yaml and metrics files as DVC shows them at its revision (`dvc params show`,
+    `dvc metrics show`): {name: (params, {path: metrics})}, a name missing where DVC could not read it. One
+    repo object reads every revision: dvc.api opens the repo and parses dvc.lock anew on every call."""
+    from dvc.repo import Repo
 
-    try:
-        found = dvc.api.metrics_show(path, rev=experiment)
-    except Exception:  # dvc raises several types for a file the revision lacks
-        return None
-    return found.get(path, found) if found else None
+    with Repo() as repo:
+        metrics = repo.metrics.show(revs=names, on_error="return")
+        params = repo.params.show(revs=names, on_error="return")
+    shown = {}
+    for name in names:
+        files = metrics.get(name, {}).get("data", {})
+        values = params.get(name, {}).get("data", {}).get("params.yaml", {}).get("data")
+        if values is not None:
+            shown[name] = (values, {path: entry["data"] for path, entry in files.items() if "data" in entry})
+    return shown
 
 
 def collect(settings: list[Setting], baseline: str) -> list[dict]:
     """One row per finished setting: its key, value, seed, the resolved value it ran with, and VLAP's
     headline metrics, as DVC shows the experiment's params and metrics."""
-    import dvc.api
-
     refs, rows = experiment_refs(baseline), []
-    for setting in settings:
-        commit = refs.get(setting.name)
-        if commit is None:
+    finished = [s for s in settings if s.name in refs]
+    shown = shown_at([s.name for s in finished])
+    for setting in finished:
+        if setting.name not in shown:
+            log.warning("%s: DVC could not read its params or metrics; left out of the table", setting.name)
             continue
-        cfg = parse_config(dvc.api.params_show(rev=setting.name), source=f"params.yaml of {setting.name}")
+        params, files = shown[setting.name]
+        cfg = parse_config(params, source=f"params.yaml of {setting.name}")
         metrics = {}
         for task in HEADLINES:
-            found = metrics_at(setting.name, f"data/metrics/{task}/{PROPOSED}.json")
+            found = files.get(f"data/metrics/{task}/{PROPOSED}.json")
             if found and found.get("applicable", True):
                 metrics |= {k: v for k, v in headline_values(found, task)[0].items() if isinstance(v, (int, float))}
-        train = metrics_at(setting.name, f"data/metrics/train/{PROPOSED}/metrics.json") or {}
+        train = files.get(f"data/metrics/train/{PROPOSED}/metrics.json") or {}
         metrics |= {f"train/{k}": v for k, v in train.get("train", {}).items() if k in ("loss_cap", "loss_ap")}
-        rows.append({"experiment": setting.name, "commit": commit, "key": setting.key, "value": setting.value,
-                     "seed": cfg.train.seed, "resolved": resolved(cfg, setting.key), "metrics": metrics})
+        rows.append({"experiment": setting.name, "commit": refs[setting.name], "key": setting.key,
+                     "value": setting.value, "seed": cfg.train.seed, "resolved": resolved(cfg, setting.key),
+                     "metrics": metrics})
     return rows
 
 
@@ -326,8 +336,8 @@ def ablate(args: argparse.Namespace) -> None:
         raise ConfigError("--baseline applies to --report: experiments are queued from HEAD")
     baseline = git("rev-parse", args.baseline).strip()  # fixed now: commits made while the queue runs do not move it
     if not args.report:
-        queue(settings, args.sets, baseline)
-        for name in run_queue(settings, args.jobs, baseline):
+        unfinished = queue(settings, args.sets, baseline)
+        for name in run_queue(unfinished, args.jobs, baseline) if unfinished else []:
             log.error("experiment %s failed: see `dvc queue logs %s`", name, name)
     result = report(settings, args.params, args.sets, args.out, baseline)
     print((args.out / "report.md").read_text())

@@ -8,12 +8,14 @@ SPICE is left out on purpose: it downloads Stanford CoreNLP models at first use.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import html
 import mimetypes
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 
 from pycocoevalcap.bleu.bleu import Bleu
@@ -49,22 +51,54 @@ def caption_scores(
     res = tokenizer.tokenize({k: [{"caption": predictions[k]}] for k in references})
 
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    meteor_scorer = Meteor()  # starts a JVM (a few seconds: it loads a paraphrase table)
-    try:
-        meteor, _ = meteor_scorer.compute_score(gts, res)
-    finally:
-        # Stop the JVM here: Meteor.__del__ waits on a lock that a failed compute_score
-        # leaves held, which would hang at garbage collection.
-        meteor_scorer.meteor_p.kill()
-        meteor_scorer.meteor_p.wait()
-        if meteor_scorer.lock.locked():
-            meteor_scorer.lock.release()
+    meteor = meteor_score(gts, res)
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
 
     scores = {f"BLEU-{n}": bleu[n - 1] for n in range(1, 5)}
     scores.update({"METEOR": meteor, "ROUGE-L": rouge, "CIDEr": cider})
     return {k: float(v) for k, v in scores.items()}
+
+
+# One METEOR JVM per process: starting one takes seconds (it loads a paraphrase table), so a process that
+# scores captions several times (a flow, a study, a tuning grid) starts it once, and a captioning stage
+# starts it before generating, so that it loads meanwhile.
+_meteor: Meteor | None = None
+_meteor_pid = 0  # the process that started it (a forked child starts its own: the pipes are the parent's)
+_meteor_lock = threading.RLock()
+
+
+def start_meteor() -> None:
+    """Start this process's METEOR JVM unless it is running (returns at once; it loads in the background)."""
+    global _meteor, _meteor_pid
+    with _meteor_lock:
+        if _meteor is None or _meteor_pid != os.getpid() or _meteor.meteor_p.poll() is not None:
+            _meteor, _meteor_pid = Meteor(), os.getpid()
+
+
+def meteor_score(gts: dict, res: dict) -> float:
+    """Corpus METEOR of PTB-tokenised references `gts` and predictions `res`, on this process's JVM."""
+    with _meteor_lock:
+        start_meteor()
+        try:
+            return _meteor.compute_score(gts, res)[0]
+        except BaseException:  # the JVM is mid-exchange: never reuse it
+            stop_meteor()
+            raise
+
+
+@atexit.register
+def stop_meteor() -> None:
+    """Stop the JVM. Meteor.__del__ waits on a lock that a failed compute_score leaves held, which would
+    hang at garbage collection: the lock is released here."""
+    global _meteor
+    with _meteor_lock:
+        if _meteor is not None and _meteor_pid == os.getpid():
+            _meteor.meteor_p.kill()
+            _meteor.meteor_p.wait()
+            if _meteor.lock.locked():
+                _meteor.lock.release()
+            _meteor = None
 
 
 def domain_key(domain: str) -> str:
