@@ -1,12 +1,17 @@
 """Entropic optimal transport (Sinkhorn-Knopp), batched over leading dims.
 
-Two exact forms of the same iterations: the scaling domain (one exponential per kernel entry,
-then two matrix-vector products per iteration, in float64) wherever float64 can hold the kernel,
-and the log domain (two logsumexps per iteration, float32-safe for any range) elsewhere.
+Three forms of the same iterations, picked by how far the scores of a row spread (in units of eps):
+- the scaling domain in float32 (one float32 exponential per kernel entry, then, per block of
+  columns, both matrix-vector products while the block is in cache, with the row sums added up over
+  blocks in float64) where every kernel entry is a normal float32 number and the scores are float32;
+- the scaling domain in float64 where float64 can hold the kernel;
+- the log domain (two logsumexps per iteration, safe for any range) elsewhere.
 
 Sharded over data-parallel ranks (torchrun), as SwAV does: each rank holds only its own rows of
 the batch; a column update sums its K column terms over ranks (one all-reduce of K values per
-iteration and problem), and row updates are local. No rank builds the global (B, K) kernel.
+iteration and problem, and on the float32 kernel one of the largest row scaling, which sets the
+scale the column terms are summed in), and row updates are local. No rank builds the global (B, K)
+kernel.
 """
 from __future__ import annotations
 
@@ -21,6 +26,15 @@ from pipeline.distributed import Ranks
 # keeps every entry of its row-stabilised exp(S / eps) positive, so the scaling domain is exact.
 # Cosine scores span at most 2, i.e. any eps >= 2 / SCALING_SPAN (~0.003).
 SCALING_SPAN = 700.0
+# float32 exp stays a normal number down to e^-87: below this span every entry of the row-stabilised
+# float32 kernel is in [e^-80, 1], and a ratio of two scalings fits float32 (SmolLM2's caption-to-word
+# cosines span ~0.25, i.e. 25 at eps = 0.01).
+FLOAT32_SPAN = 80.0
+# Columns per block of the float32 kernel: a block's row sums add this many float32 terms (their
+# rounding stays ~1e-7) before the blocks add up in float64, and 256 rows of it (2 MB) stay in a
+# core's cache between its column and its row product.
+BLOCK_COLUMNS = 2048
+KERNEL_CHUNK = 1 << 18  # entries per chunk of rows while the float32 kernel is built (1 MB, in cache)
 
 
 @dataclass(frozen=True)
@@ -52,17 +66,30 @@ def sinkhorn(scores: torch.Tensor, col_mass: torch.Tensor, epsilon: float, n_ite
         raise ValueError("col_mass: must be a non-negative distribution over the K words (sum 1)")
     B = scores.shape[-2] * ranks.world
     shape = torch.broadcast_shapes(scores.shape, mu.unsqueeze(-2).shape)  # (..., b, K)
-    low, high = torch.aminmax(scores, dim=-1, keepdim=True)  # (..., b, 1) each, one pass
-    span = ranks.all_max((high - low).max() / epsilon)  # every rank takes the same branch
-    if span.item() < SCALING_SPAN:
-        assignments, log_b = _scaling_domain(scores.expand(shape), high.expand(shape[:-1] + (1,)), epsilon, mu,
-                                             n_iters, ranks)
+    solved = None
+    if scores.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        kernel, high, span = _float32_kernel(scores.float().expand(shape), epsilon)
+        span = ranks.all_max(span)  # every rank takes the same branch
+        if span.item() < FLOAT32_SPAN:
+            solved = _scaling_domain_blocks(kernel, high, epsilon, mu, n_iters, ranks)
+        high = high.to(scores.dtype)
+        del kernel
+    else:
+        high = scores.amax(-1, keepdim=True).expand(shape[:-1] + (1,))  # (..., b, 1)
+        span = ranks.all_max((high - scores.amin(-1, keepdim=True)).max() / epsilon)
+    if solved is not None:
+        assignments, log_b, column_sums = solved
         assignments = assignments.to(scores.dtype)
     else:
-        assignments, log_b = _log_domain((scores / epsilon).expand(shape).contiguous(), mu, n_iters, ranks)
+        if span.item() < SCALING_SPAN:
+            assignments, log_b = _scaling_domain(scores.expand(shape), high, epsilon, mu, n_iters, ranks)
+            assignments = assignments.to(scores.dtype)
+        else:
+            assignments, log_b = _log_domain((scores / epsilon).expand(shape).contiguous(), mu, n_iters, ranks)
+        column_sums = assignments.sum(-2)
     return SinkhornResult(
         assignments=assignments,
-        marginal_error=(ranks.all_sum(assignments.sum(-2)) / B - mu).abs().sum(-1),
+        marginal_error=(ranks.all_sum(column_sums) / B - mu).abs().sum(-1),
         log_b=log_b.squeeze(-2).to(scores.dtype),
     )
 
@@ -81,8 +108,9 @@ def _scaling_domain(scores: torch.Tensor, row_max: torch.Tensor, epsilon: float,
 
     One exponential per entry, then per iteration one column and one row matrix-vector product:
     b = mu / (G^T a), a = (1/B) / (G b). Starting from a = exp(row max - M) is the log domain's
-    u = 0 up to the global factor exp(M), which cancels in a b. Float64 because the row products
-    add K terms: in float32 their rounding would move the plan by ~2e-5 at K = 49,152."""
+    u = 0 up to the global factor exp(M), which cancels in a b. For spans float32's exp cannot hold
+    and for float64 scores; whole float32 row products (K terms each) would move the plan by ~5e-6
+    at K = 49,152, hence the blocks of `_scaling_domain_blocks`."""
     B = scores.shape[-2] * ranks.world
     G = torch.sub(scores, row_max).div_(epsilon).double().exp_()  # (..., b, K), each row's largest entry is 1
     log_row_max = row_max.double() / epsilon  # (..., b, 1)
@@ -92,6 +120,62 @@ def _scaling_domain(scores: torch.Tensor, row_max: torch.Tensor, epsilon: float,
         b = mu_row / ranks.all_sum(torch.matmul(a.transpose(-1, -2), G))  # (..., 1, K) columns to mu
         a = (1.0 / B) / torch.matmul(G, b.transpose(-1, -2))  # (..., b, 1) rows to 1/B
     return G.mul_(a).mul_(b * B), b.log()  # each row rescaled from 1/B to 1
+
+
+def _float32_kernel(scores: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """G = exp((S - row max) / eps) (..., b, K) in float32, the row max (..., b, 1) and the widest row
+    span over eps. Built a few rows at a time, so that S is read from memory once and the row's max,
+    min, shift, scaling and exponential run in cache."""
+    G = torch.empty(scores.shape, dtype=torch.float32)
+    high = torch.empty(scores.shape[:-1] + (1,), dtype=torch.float32)
+    lowest = torch.empty_like(high)  # min over the row of S - row max
+    rows = max(1, KERNEL_CHUNK // scores.shape[-1])
+    for part, block, h, low in zip(*(t.flatten(0, -2).split(rows) for t in (scores, G, high, lowest))):
+        torch.amax(part, -1, keepdim=True, out=h)
+        torch.amin(torch.sub(part, h, out=block), -1, keepdim=True, out=low)
+        block.mul_(1.0 / epsilon).exp_()
+    return G, high, -lowest.min() / epsilon
+
+
+def _scaling_domain_blocks(G: torch.Tensor, row_max: torch.Tensor, epsilon: float, mu: torch.Tensor,
+                           n_iters: int, ranks: Ranks = Ranks()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Assignments (..., b, K) in float32 (overwriting the float32 kernel G = exp((S - row max) / eps),
+    each row's largest entry 1, every entry >= e^-FLOAT32_SPAN), log b and the plan's column sums.
+
+    The same iterations as `_scaling_domain` at half its bytes and a quarter of its exponential
+    time; the products run on blocks of BLOCK_COLUMNS columns (views of G), a is float64. Each
+    iteration scales a to a largest entry of 1 (a_row) and carries the scale s: with c = G^T a_row,
+    b = mu / (s c), and b' = mu / c is b up to s. Then c_k >= e^-span (the row whose a_row is 1), so
+    b' <= e^span and a row's sum of G b' stays within float32. In one process an iteration reads
+    each block once: its columns' b' needs only that block, and the block's share of the row sums
+    G b' follows while it is in cache; under several ranks the column sums of every block are
+    all-reduced first, then the row sums take a second pass. Block row sums add in float64, which
+    keeps the plan within ~5e-7 of a float64 solve at K = 49,152 (bench/sinkhorn.py)."""
+    B = G.shape[-2] * ranks.world
+    blocks = G.split(BLOCK_COLUMNS, -1)
+    mu_blocks = mu.float().unsqueeze(-2).split(BLOCK_COLUMNS, -1)  # (..., 1, C) each; zero mass gives b = 0
+    log_row_max = row_max.double() / epsilon  # (..., b, 1)
+    a = torch.exp(log_row_max - ranks.all_max(log_row_max.amax(-2, keepdim=True)))  # (..., b, 1)
+    for _ in range(n_iters):
+        scale = ranks.all_max(a.amax(-2, keepdim=True))  # (..., 1, 1)
+        a_row = (a / scale).float().transpose(-1, -2)  # (..., 1, b)
+        row_sums = torch.zeros_like(a)  # (..., b, 1) float64: G b' over all blocks
+        if ranks.world == 1:  # one read of each block: its columns' b', then its share of the row sums
+            b_blocks = []
+            for block, mu_block in zip(blocks, mu_blocks):
+                b_blocks.append(torch.div(mu_block, torch.matmul(a_row, block)))  # (..., 1, C) columns to mu
+                row_sums += torch.matmul(block, b_blocks[-1].transpose(-1, -2))
+        else:
+            column_sums = ranks.all_sum(torch.cat([torch.matmul(a_row, block) for block in blocks], -1).double())
+            b_blocks = list((mu.double().unsqueeze(-2) / column_sums).float().split(BLOCK_COLUMNS, -1))
+            for block, b_block in zip(blocks, b_blocks):
+                row_sums += torch.matmul(block, b_block.transpose(-1, -2))
+        a = (scale / B) / row_sums  # rows to 1/B
+    inverse_row_sums = (1.0 / row_sums).float()
+    column_sums = []
+    for block, b_block in zip(blocks, b_blocks):  # Q B = diag(a B) G diag(b' / s) = G b' / row_sums
+        column_sums.append(block.mul_(b_block).mul_(inverse_row_sums).sum(-2))  # the sums while in cache
+    return G, torch.cat(b_blocks, -1).double().log() - scale.log(), torch.cat(column_sums, -1)
 
 
 def _log_domain(log_K: torch.Tensor, mu: torch.Tensor, n_iters: int, ranks: Ranks = Ranks()

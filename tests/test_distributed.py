@@ -116,19 +116,22 @@ def _sharded_sinkhorn(rank: int, world: int, init_file: str, scores: torch.Tenso
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("epsilon", [0.01, 0.001])  # the scaling domain; the log domain (span 2 / eps > 700)
-def test_sharded_sinkhorn_over_two_gloo_ranks_equals_the_one_process_plan(tmp_path, epsilon):
+# the float32 blocks (span 0.6 / eps < 80), the float64 scaling domain, the log domain (span 2 / eps > 700)
+@pytest.mark.parametrize(("epsilon", "spread", "domain"), [(0.01, 0.3, "float32"), (0.01, 1.0, "float64"),
+                                                          (0.001, 1.0, "log")])
+def test_sharded_sinkhorn_over_two_gloo_ranks_equals_the_one_process_plan(tmp_path, epsilon, spread, domain):
     import torch.multiprocessing as mp
 
-    from pipeline.ot import SCALING_SPAN, sinkhorn
+    from pipeline.ot import FLOAT32_SPAN, SCALING_SPAN, sinkhorn
 
     g = torch.Generator().manual_seed(0)
     z = torch.nn.functional.normalize(torch.randn(2, 16, 32, generator=g), dim=-1)
     words = torch.nn.functional.normalize(torch.randn(3000, 32, generator=g), dim=-1)
-    scores, mu = z @ words.T, torch.rand(3000, generator=g) ** 4  # (2 problems, B 16, K 3000), a skewed prior
+    scores, mu = spread * z @ words.T, torch.rand(3000, generator=g) ** 4  # (2 problems, B 16, K 3000), a skewed prior
     mu[:10] = 0.0  # zero-mass words stay zero
     mu /= mu.sum()
-    assert ((scores.amax(-1) - scores.amin(-1)).max() / epsilon < SCALING_SPAN) == (epsilon == 0.01)
+    span = (scores.amax(-1) - scores.amin(-1)).max() / epsilon
+    assert domain == ("float32" if span < FLOAT32_SPAN else "float64" if span < SCALING_SPAN else "log")
     whole = sinkhorn(scores, mu, epsilon, 3)
     mp.spawn(_sharded_sinkhorn, args=(2, str(tmp_path / "store"), scores, mu, epsilon, str(tmp_path)), nprocs=2)
     parts = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]

@@ -88,6 +88,37 @@ def test_scaling_and_log_domains_give_the_same_plan(epsilon: float) -> None:
     assert (scaling.double() - truth).abs().max() <= (log_domain.double() - truth).abs().max() + 1e-7
 
 
+def test_float32_blocks_stay_within_float32_rounding_of_pot_in_float64() -> None:
+    """Cosine scores spanning < FLOAT32_SPAN * eps in float32 take the float32 kernel in blocks of
+    columns (several blocks, the last one short), with the blocks' row sums added in float64: the
+    plan is within 1e-6 of POT's float64 solve, tiny and zero-mass words included, batched as the
+    AP loss solves it; float64 scores and wider spans keep the float64 kernel."""
+    g = torch.Generator().manual_seed(5)
+    K = 2 * ot_module.BLOCK_COLUMNS + 300
+    z = torch.nn.functional.normalize(torch.randn(2, 64, 48, generator=g), dim=-1)
+    words = torch.nn.functional.normalize(torch.randn(K, 48, generator=g), dim=-1)
+    scores = z @ words.T  # (2, 64, K) float32, span ~0.9 < 80 * 0.02
+    mu = torch.rand(K, generator=g) ** 4
+    mu[:10], mu[10:30] = 0.0, 1e-12
+    mu = mu / mu.sum()
+    epsilon = 0.02
+    assert ((scores.amax(-1) - scores.amin(-1)).max() / epsilon) < ot_module.FLOAT32_SPAN
+    res = sinkhorn(scores, mu, epsilon, 3)
+    assert res.assignments.dtype == torch.float32 and (res.assignments[..., :10] == 0).all()
+    torch.testing.assert_close(res.assignments.sum(-1), torch.ones(2, 64), rtol=0, atol=2e-6)
+    keep = torch.arange(10, K)  # POT cannot take mu_k = 0
+    mu_kept = mu.double()[keep] / mu.double()[keep].sum()
+    for problem in range(2):
+        ref = _pot_plan(scores[problem].double()[:, keep], mu_kept, epsilon, 3) * 64
+        assert (res.assignments[problem][:, keep].double() - ref).abs().max() < 1e-6
+    # the same iterations as the float64 kernel: the log potentials agree too
+    float64_kernel = ot_module._scaling_domain(scores, scores.amax(-1, keepdim=True), epsilon, mu, 3)
+    torch.testing.assert_close(res.log_b[..., 10:].double(), float64_kernel[1].squeeze(-2)[..., 10:], rtol=0, atol=1e-5)
+    # float64 scores are solved in float64 (a plan within float64 rounding of POT's)
+    exact = sinkhorn(scores[0].double(), mu.double(), epsilon, 3).assignments
+    assert (exact[:, keep] - _pot_plan(scores[0].double()[:, keep], mu_kept, epsilon, 3) * 64).abs().max() < 1e-12
+
+
 def test_a_kernel_beyond_float64_range_takes_the_log_domain() -> None:
     """Scores spanning more than SCALING_SPAN * eps: the scaling domain would underflow to zero
     columns; the result is still finite, with exact rows, and equals POT's log-domain plan."""
