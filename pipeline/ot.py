@@ -126,8 +126,8 @@ def _float32_kernel(scores: torch.Tensor, epsilon: float) -> tuple[torch.Tensor,
     """G = exp((S - row max) / eps) (..., b, K) in float32, the row max (..., b, 1) and the widest row
     span over eps. Built a few rows at a time, so that S is read from memory once and the row's max,
     min, shift, scaling and exponential run in cache."""
-    G = torch.empty(scores.shape, dtype=torch.float32)
-    high = torch.empty(scores.shape[:-1] + (1,), dtype=torch.float32)
+    G = scores.new_empty(scores.shape)  # contiguous, on the scores' device, whatever their strides
+    high = scores.new_empty(scores.shape[:-1] + (1,))
     lowest = torch.empty_like(high)  # min over the row of S - row max
     rows = max(1, KERNEL_CHUNK // scores.shape[-1])
     for part, block, h, low in zip(*(t.flatten(0, -2).split(rows) for t in (scores, G, high, lowest))):
@@ -166,8 +166,8 @@ def _scaling_domain_blocks(G: torch.Tensor, row_max: torch.Tensor, epsilon: floa
                 b_blocks.append(torch.div(mu_block, torch.matmul(a_row, block)))  # (..., 1, C) columns to mu
                 row_sums += torch.matmul(block, b_blocks[-1].transpose(-1, -2))
         else:
-            column_sums = ranks.all_sum(torch.cat([torch.matmul(a_row, block) for block in blocks], -1).double())
-            b_blocks = list((mu.double().unsqueeze(-2) / column_sums).float().split(BLOCK_COLUMNS, -1))
+            summed = ranks.all_sum(torch.cat([torch.matmul(a_row, block) for block in blocks], -1).double())
+            b_blocks = list((mu.double().unsqueeze(-2) / summed).float().split(BLOCK_COLUMNS, -1))
             for block, b_block in zip(blocks, b_blocks):
                 row_sums += torch.matmul(block, b_block.transpose(-1, -2))
         a = (scale / B) / row_sums  # rows to 1/B
