@@ -1,6 +1,6 @@
 """Benchmark: one VLAP training step (fp32 and bf16) vs its FLOP floor on this machine, same run.
 
-    python bench/train_step.py [--profile] [--batch-size 32] [--steps 3] [--threads T]
+    python bench/train_step.py [--profile] [--batch-size 32] [--steps 3] [--threads T] [--precisions fp32 bf16]
 
 One step = pipeline.train.compute_losses (method vlap, default params.yaml) + backward + AdamW on a
 LinearBridge(1280, 576), with the real SmolLM2-135M, exactly as pipeline.train.train_bridge runs it
@@ -12,7 +12,8 @@ Floor: the FLOPs of the frozen-LLM forward plus its input-gradient backward for 
 counted with torch's FlopCounterMode on captioning_loss + backward w.r.t. the bridged tokens V, plus
 the attention products computed analytically, which the counter misses on CPU), divided by
 this machine's measured matmul rate (bench/flops.py: fp32 peak for fp32, bf16 peak for bf16), timed
-in every round just before that precision's step; the fp32 and bf16 steps alternate.
+in every round just before that precision's step; the fp32 and bf16 steps alternate. On a CPU without
+native bf16 (oneDNN emulates it, ~50x slower than fp32) the default measures fp32 only.
 The whole step's matmul FLOPs (LLM + bridge + L_AP scores; counter only) are printed too, for scale.
 """
 from __future__ import annotations
@@ -87,7 +88,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--profile", action="store_true", help="also profile one more step of each precision: the "
                                                           "share of its time in matmuls, and the top ops")
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
+                   help="default: fp32 and bf16, or fp32 alone where this CPU has no native bf16")
     args = p.parse_args()
+    precisions = args.precisions or (PRECISIONS if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ("fp32",))
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
@@ -102,13 +106,13 @@ def main() -> None:
     floor_gflop = matmul_gflop + attention_gflop
 
     runs = {}  # precision -> (bridge, optimizer, autocast, dtype of its matmul peak)
-    for precision in PRECISIONS:
+    for precision in precisions:
         torch.manual_seed(cfg.train.seed)
         bridge = LinearBridge(D_VISION, lm.hidden_size)
         optimizer = torch.optim.AdamW(bridge.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
         runs[precision] = (bridge, optimizer, autocast, torch.bfloat16 if precision == "bf16" else torch.float32)
-    step_gflop, times, peaks = {}, {k: [] for k in PRECISIONS}, {k: [] for k in PRECISIONS}
+    step_gflop, times, peaks = {}, {k: [] for k in precisions}, {k: [] for k in precisions}
     for precision, (bridge, optimizer, autocast, _) in runs.items():  # warm-up step, FLOPs counted
         with FlopCounterMode(display=False) as counter:
             train_step(cfg, lm, bridge, optimizer, protos, batches[0], prompt_ids, autocast)
@@ -129,7 +133,7 @@ def main() -> None:
           f"(attention, analytic)\n")
     print("| precision | s/step | samples/s | step matmul GFLOP (counted) | matmul peak GFLOP/s | floor s | step / floor |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for precision in PRECISIONS:
+    for precision in precisions:
         seconds, peak = statistics.median(times[precision]), statistics.median(peaks[precision])
         floor = floor_gflop / peak
         print(f"| {precision} | {seconds:.2f} | {args.batch_size / seconds:.1f} | {step_gflop[precision]:.1f} | "
