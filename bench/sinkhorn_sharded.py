@@ -20,6 +20,8 @@ both give the same rows (max abs difference).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import tempfile
@@ -91,6 +93,9 @@ def worker(rank: int, world: int, mode: str, batch: int, words: int, dim: int, s
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 1024
     else:
+        # hand freed memory back first (the stages keep it, common.py), or the solve could reuse pages
+        # already resident and its peak would not show
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
         base = vm_kb("VmRSS")
     t0 = time.perf_counter()
