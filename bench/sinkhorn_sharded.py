@@ -85,7 +85,7 @@ def worker(rank: int, world: int, mode: str, batch: int, words: int, dim: int, s
     dist.init_process_group("nccl" if nccl else "gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     ranks = Ranks(rank, world)
     scores, mu = (t.to(torch.device("cuda") if cuda else "cpu") for t in scores_rows(rank, batch // world, words, dim))
-    span = ranks.all_max((scores.amax(-1) - scores.amin(-1)).max().cpu() / EPSILON).item()
+    span = ranks.all_max((scores.amax(-1) - scores.amin(-1)).max() / EPSILON).item()  # on the scores' device: NCCL
     traffic = Traffic()
     dist.barrier()
     if cuda:  # the memory that matters is the GPU's

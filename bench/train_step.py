@@ -28,7 +28,7 @@ import common  # noqa: F401  (offline, repo root, allocator)
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from flops import matmul_gflops  # noqa: E402
+from flops import bf16_native, matmul_gflops  # noqa: E402
 from pipeline.paths import Dirs  # noqa: E402
 from pipeline.bridge import LinearBridge  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -91,7 +91,7 @@ def main() -> None:
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
                    help="default: fp32 and bf16, or fp32 alone where this CPU has no native bf16")
     args = p.parse_args()
-    precisions = args.precisions or (PRECISIONS if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ("fp32",))
+    precisions = args.precisions or (PRECISIONS if bf16_native() else ("fp32",))
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
