@@ -5,7 +5,7 @@
 B = 256 samples, K words (SmolLM2 49,152 and OPT 50,272), cosine scores of random unit vectors
 (D = 576, a row span of ~0.3 as SmolLM2's caption-to-word cosines), a shuffled power-law word prior
 with some 1e-12 entries, eps = 0.01, float32. Three solvers on the same problems: `sinkhorn` (what
-these scores take: the float32 kernel in blocks of columns, with float64 row sums), its log
+these scores take: the float32 kernel, its row products added over blocks of columns in float64), its log
 domain alone (`_log_domain`: what kernels beyond float64's range take; 2 B K exps per iteration)
 and POT in float32. Prints a markdown table: median seconds of each, the ratios POT/ours, the max
 absolute difference of the assignments from POT's float64 solve (the exact plan; asserted below

@@ -1,9 +1,9 @@
 """Entropic optimal transport (Sinkhorn-Knopp), batched over leading dims.
 
 Three forms of the same iterations, picked by how far the scores of a row spread (in units of eps):
-- the scaling domain in float32 (one float32 exponential per kernel entry, then, per block of
-  columns, both matrix-vector products while the block is in cache, with the row sums added up over
-  blocks in float64) where every kernel entry is a normal float32 number and the scores are float32;
+- the scaling domain in float32 (one float32 exponential per kernel entry, then per iteration a
+  column and a row matrix-vector product, the row sums added up over blocks of columns in float64)
+  where every kernel entry is a normal float32 number and the scores are float32;
 - the scaling domain in float64 where float64 can hold the kernel;
 - the log domain (two logsumexps per iteration, safe for any range) elsewhere.
 
@@ -30,11 +30,10 @@ SCALING_SPAN = 700.0
 # float32 kernel is in [e^-80, 1], and a ratio of two scalings fits float32 (SmolLM2's caption-to-word
 # cosines span ~0.25, i.e. 25 at eps = 0.01).
 FLOAT32_SPAN = 80.0
-# Columns per block of the float32 kernel: a block's row sums add this many float32 terms (their
-# rounding stays ~1e-7) before the blocks add up in float64, and 256 rows of it (2 MB) stay in a
-# core's cache between its column and its row product.
-BLOCK_COLUMNS = 2048
-KERNEL_CHUNK = 1 << 18  # entries per chunk of rows while the float32 kernel is built (1 MB, in cache)
+# Columns per block of a float32 row product: each block's sums add this many float32 terms before
+# the blocks add up in float64. One product over all 49,152 words moves a 50-iteration plan by ~1e-6;
+# blocks of 8,192 keep it within ~5e-7 of a float64 solve for ~0.3 ms more per iteration (bench/RESULTS.md).
+ROW_SUM_COLUMNS = 8192
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ def sinkhorn(scores: torch.Tensor, col_mass: torch.Tensor, epsilon: float, n_ite
         kernel, high, span = _float32_kernel(scores.float().expand(shape), epsilon)
         span = ranks.all_max(span)  # every rank takes the same branch
         if span.item() < FLOAT32_SPAN:
-            solved = _scaling_domain_blocks(kernel, high, epsilon, mu, n_iters, ranks)
+            solved = _scaling_domain_float32(kernel, high, epsilon, mu, n_iters, ranks)
         high = high.to(scores.dtype)
         del kernel
     else:
@@ -109,8 +108,7 @@ def _scaling_domain(scores: torch.Tensor, row_max: torch.Tensor, epsilon: float,
     One exponential per entry, then per iteration one column and one row matrix-vector product:
     b = mu / (G^T a), a = (1/B) / (G b). Starting from a = exp(row max - M) is the log domain's
     u = 0 up to the global factor exp(M), which cancels in a b. For spans float32's exp cannot hold
-    and for float64 scores; whole float32 row products (K terms each) would move the plan by ~5e-6
-    at K = 49,152, hence the blocks of `_scaling_domain_blocks`."""
+    and for float64 scores."""
     B = scores.shape[-2] * ranks.world
     G = torch.sub(scores, row_max).div_(epsilon).double().exp_()  # (..., b, K), each row's largest entry is 1
     log_row_max = row_max.double() / epsilon  # (..., b, 1)
@@ -124,58 +122,49 @@ def _scaling_domain(scores: torch.Tensor, row_max: torch.Tensor, epsilon: float,
 
 def _float32_kernel(scores: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """G = exp((S - row max) / eps) (..., b, K) in float32, the row max (..., b, 1) and the widest row
-    span over eps. Built a few rows at a time, so that S is read from memory once and the row's max,
-    min, shift, scaling and exponential run in cache."""
-    G = scores.new_empty(scores.shape)  # contiguous, on the scores' device, whatever their strides
-    high = scores.new_empty(scores.shape[:-1] + (1,))
-    lowest = torch.empty_like(high)  # min over the row of S - row max
-    rows = max(1, KERNEL_CHUNK // scores.shape[-1])
-    for part, block, h, low in zip(*(t.flatten(0, -2).split(rows) for t in (scores, G, high, lowest))):
-        torch.amax(part, -1, keepdim=True, out=h)
-        torch.amin(torch.sub(part, h, out=block), -1, keepdim=True, out=low)
-        block.mul_(1.0 / epsilon).exp_()
-    return G, high, -lowest.min() / epsilon
+    span over eps. Whole-tensor passes: a few calls, each over the full tensor, beat many calls on
+    cache-sized chunks (bench/RESULTS.md), and on a GPU they are a few kernel launches."""
+    high = scores.amax(-1, keepdim=True)
+    G = torch.sub(scores, high)  # contiguous, on the scores' device, whatever their strides
+    span = -G.amin() / epsilon
+    return G.mul_(1.0 / epsilon).exp_(), high, span
 
 
-def _scaling_domain_blocks(G: torch.Tensor, row_max: torch.Tensor, epsilon: float, mu: torch.Tensor,
-                           n_iters: int, ranks: Ranks = Ranks()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _scaling_domain_float32(G: torch.Tensor, row_max: torch.Tensor, epsilon: float, mu: torch.Tensor,
+                            n_iters: int, ranks: Ranks = Ranks()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Assignments (..., b, K) in float32 (overwriting the float32 kernel G = exp((S - row max) / eps),
     each row's largest entry 1, every entry >= e^-FLOAT32_SPAN), log b and the plan's column sums.
 
     The same iterations as `_scaling_domain` at half its bytes and a quarter of its exponential
-    time; the products run on blocks of BLOCK_COLUMNS columns (views of G), a is float64. Each
-    iteration scales a to a largest entry of 1 (a_row) and carries the scale s: with c = G^T a_row,
-    b = mu / (s c), and b' = mu / c is b up to s. Then c_k >= e^-span (the row whose a_row is 1), so
-    b' <= e^span and a row's sum of G b' stays within float32. In one process an iteration reads
-    each block once: its columns' b' needs only that block, and the block's share of the row sums
-    G b' follows while it is in cache; under several ranks the column sums of every block are
-    all-reduced first, then the row sums take a second pass. Block row sums add in float64, which
-    keeps the plan within ~5e-7 of a float64 solve at K = 49,152 (bench/sinkhorn.py)."""
+    time: per iteration one column and one row matrix-vector product over the whole kernel, the row
+    product in blocks of ROW_SUM_COLUMNS added in float64; a is float64. Each iteration scales a to a largest entry of 1 (a_row) and carries the scale s: with
+    c = G^T a_row, b = mu / (s c), and b' = mu / c is b up to s. Then c_k >= e^-span (the row whose
+    a_row is 1), so b' <= e^span and a row's sum of G b' stays within float32. The last row
+    update is the plan's own normalisation: G b' with each row divided by its sum (torch's cascade
+    summation, exact to ~1e-7), which saves that iteration's row product. The plan stays within
+    ~5e-7 of a float64 solve at K = 49,152 (bench/sinkhorn.py)."""
     B = G.shape[-2] * ranks.world
-    blocks = G.split(BLOCK_COLUMNS, -1)
-    mu_blocks = mu.float().unsqueeze(-2).split(BLOCK_COLUMNS, -1)  # (..., 1, C) each; zero mass gives b = 0
+    mu_row = mu.double().unsqueeze(-2)  # (..., 1, K); zero mass gives b = 0
     log_row_max = row_max.double() / epsilon  # (..., b, 1)
     a = torch.exp(log_row_max - ranks.all_max(log_row_max.amax(-2, keepdim=True)))  # (..., b, 1)
-    for _ in range(n_iters):
+    for iteration in range(n_iters):
         scale = ranks.all_max(a.amax(-2, keepdim=True))  # (..., 1, 1)
         a_row = (a / scale).float().transpose(-1, -2)  # (..., 1, b)
-        row_sums = torch.zeros_like(a)  # (..., b, 1) float64: G b' over all blocks
-        if ranks.world == 1:  # one read of each block: its columns' b', then its share of the row sums
-            b_blocks = []
-            for block, mu_block in zip(blocks, mu_blocks):
-                b_blocks.append(torch.div(mu_block, torch.matmul(a_row, block)))  # (..., 1, C) columns to mu
-                row_sums += torch.matmul(block, b_blocks[-1].transpose(-1, -2))
-        else:
-            summed = ranks.all_sum(torch.cat([torch.matmul(a_row, block) for block in blocks], -1).double())
-            b_blocks = list((mu.double().unsqueeze(-2) / summed).float().split(BLOCK_COLUMNS, -1))
-            for block, b_block in zip(blocks, b_blocks):
-                row_sums += torch.matmul(block, b_block.transpose(-1, -2))
-        a = (scale / B) / row_sums  # rows to 1/B
-    inverse_row_sums = (1.0 / row_sums).float()
-    column_sums = []
-    for block, b_block in zip(blocks, b_blocks):  # Q B = diag(a B) G diag(b' / s) = G b' / row_sums
-        column_sums.append(block.mul_(b_block).mul_(inverse_row_sums).sum(-2))  # the sums while in cache
-    return G, torch.cat(b_blocks, -1).double().log() - scale.log(), torch.cat(column_sums, -1)
+        b = (mu_row / ranks.all_sum(torch.matmul(a_row, G).double())).float()  # (..., 1, K) columns to mu
+        if iteration < n_iters - 1:
+            a = (scale / B) / _row_products(G, b)  # (..., b, 1) rows to 1/B
+    plan = G.mul_(b)  # Q B = diag(a B) G diag(b' / s): G b' with each row scaled to sum 1
+    inverse_row_sums = 1.0 / plan.sum(-1, keepdim=True)
+    column_sums = torch.matmul(inverse_row_sums.transpose(-1, -2), plan).squeeze(-2)
+    return plan.mul_(inverse_row_sums), b.double().log() - scale.log(), column_sums
+
+
+def _row_products(G: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """G b^T (..., b, 1) in float64, from float32 products over blocks of ROW_SUM_COLUMNS columns."""
+    row_sums = torch.zeros(G.shape[:-1] + (1,), dtype=torch.float64, device=G.device)
+    for block, b_block in zip(G.split(ROW_SUM_COLUMNS, -1), b.split(ROW_SUM_COLUMNS, -1)):
+        row_sums += torch.matmul(block, b_block.transpose(-1, -2))
+    return row_sums
 
 
 def _log_domain(log_K: torch.Tensor, mu: torch.Tensor, n_iters: int, ranks: Ranks = Ranks()

@@ -89,12 +89,12 @@ def test_scaling_and_log_domains_give_the_same_plan(epsilon: float) -> None:
 
 
 def test_float32_blocks_stay_within_float32_rounding_of_pot_in_float64() -> None:
-    """Cosine scores spanning < FLOAT32_SPAN * eps in float32 take the float32 kernel in blocks of
-    columns (several blocks, the last one short), with the blocks' row sums added in float64: the
+    """Cosine scores spanning < FLOAT32_SPAN * eps in float32 take the float32 kernel, its row products in
+    blocks of columns (several blocks, the last one short) added in float64: the
     plan is within 1e-6 of POT's float64 solve, tiny and zero-mass words included, batched as the
     AP loss solves it; float64 scores and wider spans keep the float64 kernel."""
     g = torch.Generator().manual_seed(5)
-    K = 2 * ot_module.BLOCK_COLUMNS + 300
+    K = 2 * ot_module.ROW_SUM_COLUMNS + 300
     z = torch.nn.functional.normalize(torch.randn(2, 64, 48, generator=g), dim=-1)
     words = torch.nn.functional.normalize(torch.randn(K, 48, generator=g), dim=-1)
     scores = z @ words.T  # (2, 64, K) float32, span ~0.9 < 80 * 0.02
