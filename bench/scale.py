@@ -41,7 +41,7 @@ from pipeline.manifest import Manifest, resolve_image_root  # noqa: E402
 from pipeline.sources import easyvqa  # noqa: E402
 from pipeline.extraction import FORMAT_VERSION  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.device import resolve_precision  # noqa: E402
+from pipeline.device import resolve_precision, training_attention  # noqa: E402
 
 N_TOKENS, D_VISION, BLOCK = 49, 1280, 1000
 
@@ -98,16 +98,17 @@ def child(args) -> None:
     prompt_ids = lm.prompt_ids(cfg.train.prompt)
     precision = resolve_precision(cfg.train.precision, torch.device("cpu"))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    start = None
-    for step, idx, tokens in batches:
-        if step == 1:
-            start = time.perf_counter()  # after the warm-up step
-        with autocast:
-            terms = compute_losses("vlap", cfg, lm, bridge, protos, tokens.float(),
-                                   [train.captions[i] for i in idx.tolist()], prompt_ids)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
+    with lm.attention(training_attention(precision, lm.device)):  # as train_bridge
+        start = None
+        for step, idx, tokens in batches:
+            if step == 1:
+                start = time.perf_counter()  # after the warm-up step
+            with autocast:
+                terms = compute_losses("vlap", cfg, lm, bridge, protos, tokens.float(),
+                                       [train.captions[i] for i in idx.tolist()], prompt_ids)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
     seconds = time.perf_counter() - start
     print(json.dumps({"size": n, "loader": args.loader, "samples_per_s": args.steps * args.batch_size / seconds,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -4,7 +4,8 @@
 
 One step = pipeline.train.compute_losses (method vlap, default params.yaml) + backward + AdamW on a
 LinearBridge(1280, 576), with the real SmolLM2-135M, exactly as pipeline.train.train_bridge runs it
-(bf16 = the same torch.autocast("cpu", dtype=torch.bfloat16) around compute_losses). Visual tokens
+(bf16 = the same torch.autocast("cpu", dtype=torch.bfloat16) around compute_losses, and the same eager
+attention, `pipeline.device.training_attention`). Visual tokens
 are the cached train features when data/features/index.json exists, else random tokens (the output
 says which); prototypes from data/prototypes.
 
@@ -32,6 +33,7 @@ from flops import bf16_native, matmul_gflops  # noqa: E402
 from pipeline.paths import Dirs  # noqa: E402
 from pipeline.bridge import LinearBridge  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.device import training_attention  # noqa: E402
 from pipeline.lms import load_lm  # noqa: E402
 from pipeline.losses import captioning_loss  # noqa: E402
 from pipeline.prototypes import load_prototypes, prototypes_file  # noqa: E402
@@ -57,13 +59,15 @@ def training_batches(cfg, protos, batch_size: int, count: int) -> tuple[str, lis
     return "random tokens (no data/features/index.json)", batches
 
 
-def train_step(cfg, lm, bridge, optimizer, protos, batch, prompt_ids, autocast) -> None:
+def train_step(cfg, lm, bridge, optimizer, protos, batch, prompt_ids, precision: str) -> None:
     tokens, captions = batch
-    with autocast:
-        terms = compute_losses(METHOD, cfg, lm, bridge, protos, tokens, captions, prompt_ids)
-    optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    optimizer.step()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    with lm.attention(training_attention(precision, lm.device)):  # as train_bridge: eager attention for CPU bf16
+        with autocast:
+            terms = compute_losses(METHOD, cfg, lm, bridge, protos, tokens, captions, prompt_ids)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
 
 
 def llm_gflops(cfg, lm, batch, prompt_ids) -> tuple[float, float]:
@@ -105,24 +109,23 @@ def main() -> None:
     matmul_gflop, attention_gflop = llm_gflops(cfg, lm, batches[0], prompt_ids)
     floor_gflop = matmul_gflop + attention_gflop
 
-    runs = {}  # precision -> (bridge, optimizer, autocast, dtype of its matmul peak)
+    runs = {}  # precision -> (bridge, optimizer, dtype of its matmul peak)
     for precision in precisions:
         torch.manual_seed(cfg.train.seed)
         bridge = LinearBridge(D_VISION, lm.hidden_size)
         optimizer = torch.optim.AdamW(bridge.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-        runs[precision] = (bridge, optimizer, autocast, torch.bfloat16 if precision == "bf16" else torch.float32)
+        runs[precision] = (bridge, optimizer, torch.bfloat16 if precision == "bf16" else torch.float32)
     step_gflop, times, peaks = {}, {k: [] for k in precisions}, {k: [] for k in precisions}
-    for precision, (bridge, optimizer, autocast, _) in runs.items():  # warm-up step, FLOPs counted
+    for precision, (bridge, optimizer, _) in runs.items():  # warm-up step, FLOPs counted
         with FlopCounterMode(display=False) as counter:
-            train_step(cfg, lm, bridge, optimizer, protos, batches[0], prompt_ids, autocast)
+            train_step(cfg, lm, bridge, optimizer, protos, batches[0], prompt_ids, precision)
         step_gflop[precision] = counter.get_total_flops() / 1e9
     # Timed rounds: each times the matmul peak and one step of every precision, so all see the same load.
     for batch in batches[1:]:
-        for precision, (bridge, optimizer, autocast, dtype) in runs.items():
+        for precision, (bridge, optimizer, dtype) in runs.items():
             peaks[precision].append(matmul_gflops(dtype, repeats=3))
             start = time.perf_counter()
-            train_step(cfg, lm, bridge, optimizer, protos, batch, prompt_ids, autocast)
+            train_step(cfg, lm, bridge, optimizer, protos, batch, prompt_ids, precision)
             times[precision].append(time.perf_counter() - start)
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {lm.spec}, method {METHOD}, "
@@ -139,9 +142,9 @@ def main() -> None:
         print(f"| {precision} | {seconds:.2f} | {args.batch_size / seconds:.1f} | {step_gflop[precision]:.1f} | "
               f"{peak:.1f} | {floor:.2f} | {seconds / floor:.2f} |")
     if args.profile:
-        for precision, (bridge, optimizer, autocast, _) in runs.items():
+        for precision, (bridge, optimizer, _) in runs.items():
             profile_step(precision, lambda: train_step(cfg, lm, bridge, optimizer, protos, batches[-1], prompt_ids,
-                                                       autocast))
+                                                       precision))
 
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_scaled_dot_product")

@@ -1,5 +1,5 @@
-"""`device: auto` resolution (CUDA when present, else CPU) and `precision: auto` (bf16 on a CUDA device that
-has it, fp32 on every CPU)."""
+"""`device: auto` resolution (CUDA when present, else CPU), `precision: auto` (bf16 on a CUDA device that
+has it, fp32 on every CPU) and the attention kernel a training step runs at that precision."""
 from __future__ import annotations
 
 import torch
@@ -28,3 +28,10 @@ def resolve_precision(spec: str, device: torch.device) -> str:
     if spec == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     return spec
+
+
+def training_attention(precision: str, device: torch.device) -> str | None:
+    """The LLM attention a training step runs: "eager" (explicit products, a float32 softmax) for bf16 on a
+    CPU, where torch's fused bf16 attention backward took a third of the step (the step 2.80 -> 1.88 s, and
+    the bridge's gradient as close to fp32's: bench/RESULTS.md); None (the model's own, SDPA) elsewhere."""
+    return "eager" if precision == "bf16" and device.type == "cpu" else None

@@ -13,6 +13,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +57,19 @@ class LanguageModel:
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)  # (B, T, D)
+
+    @contextmanager
+    def attention(self, implementation: str | None) -> Iterator[None]:
+        """The model's attention kernel set to `implementation` (a transformers name, e.g. "eager") inside the
+        block and restored after, since evaluations in the same process share the model; None leaves it."""
+        before = self.model.config._attn_implementation
+        if implementation is not None and implementation != before:
+            self.model.set_attn_implementation(implementation)
+        try:
+            yield
+        finally:
+            if self.model.config._attn_implementation != before:
+                self.model.set_attn_implementation(before)
 
     def tokenize(self, texts: list[str], add_special_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ids and mask, (B, T) each, on the model's device."""

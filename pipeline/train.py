@@ -24,7 +24,7 @@ from pipeline.manifest import read_manifest
 from pipeline.bridge import build_bridge, save_bridge, visual_representation
 from pipeline.features import FeatureCache, TokenReader, features_file
 from pipeline.config import Config, TrainConfig, section_values
-from pipeline.device import resolve_precision
+from pipeline.device import resolve_precision, training_attention
 from pipeline.distributed import Ranks, check_batch
 from pipeline.errors import CacheError, DatasetError
 from pipeline.io import atomic_path, sha256_json
@@ -173,6 +173,14 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
     Under torchrun (`ranks.world` > 1) every process trains on its part of each global batch through
     DDP, and only rank 0 writes.
     """
+    with lm.attention(training_attention(resolve_precision(cfg.train.precision, lm.device), lm.device)):
+        return _train_bridge(method, cfg, data, lm, protos, out_dir, live_dir, throughput_dir, checkpoint, stop_after,
+                             ranks)
+
+
+def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, protos: Prototypes, out_dir: Path,
+                  live_dir: Path, throughput_dir: Path, checkpoint: Path, stop_after: int | None,
+                  ranks: Ranks) -> dict:
     from dvclive import Live
 
     tcfg, device = cfg.train, lm.device

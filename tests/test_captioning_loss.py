@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.device import training_attention
 from pipeline.losses import captioning_loss
 from pipeline.lms import load_lm
 from tests.tiny_models import save_tiny_opt, save_tiny_t5
@@ -32,6 +33,38 @@ def test_smollm2_caption_positions_only_equals_full_loss(smollm2):
     assert ours.item() == pytest.approx(ref.item(), rel=1e-4)
     ours.backward()
     assert V.grad.abs().sum() > 0
+
+
+def test_eager_attention_for_cpu_bf16_training_gives_sdpas_loss_and_is_undone(smollm2):
+    """CPU bf16 training runs the LLM's eager attention (`training_attention`): on a padded batch in
+    float32 it gives SDPA's loss and input gradient (the same causal masking), and the model
+    gets its own attention back after the block, since evaluations share it."""
+    assert training_attention("bf16", CPU) == "eager"
+    assert training_attention("fp32", CPU) is None and training_attention("bf16", torch.device("cuda")) is None
+    torch.manual_seed(0)
+    V = 0.1 * torch.randn(2, 5, 576)
+    prompt_ids = smollm2.prompt_ids("A picture of")
+    caption_ids, caption_mask = smollm2.tokenize_captions(["a blue circle", "a red shape that is long"], 16, "A picture of")
+    assert caption_mask[0].sum() < caption_mask[1].sum()  # the first caption is padded
+
+    def loss_and_grad():
+        v = V.clone().requires_grad_()
+        loss = captioning_loss(smollm2, v, prompt_ids, caption_ids, caption_mask)
+        loss.backward()
+        return loss.detach(), v.grad
+
+    own = smollm2.model.config._attn_implementation
+    assert own == "sdpa"
+    sdpa_loss, sdpa_grad = loss_and_grad()
+    with smollm2.attention(training_attention("bf16", CPU)):
+        assert smollm2.model.config._attn_implementation == "eager"
+        eager_loss, eager_grad = loss_and_grad()
+    assert smollm2.model.config._attn_implementation == own
+    torch.testing.assert_close(eager_loss, sdpa_loss, rtol=1e-5, atol=0)
+    assert (eager_grad - sdpa_grad).norm() < 1e-4 * sdpa_grad.norm()  # float32 rounding of two kernels
+    with pytest.raises(RuntimeError), smollm2.attention("eager"):
+        raise RuntimeError("a failed step")
+    assert smollm2.model.config._attn_implementation == own
 
 
 @pytest.mark.parametrize("kind", ["opt", "t5"])
