@@ -137,9 +137,10 @@ def _scaling_domain_float32(G: torch.Tensor, row_max: torch.Tensor, epsilon: flo
 
     The same iterations as `_scaling_domain` at half its bytes and a quarter of its exponential
     time: per iteration one column and one row matrix-vector product over the whole kernel, the row
-    product in blocks of ROW_SUM_COLUMNS added in float64; a is float64. Each iteration scales a to a largest entry of 1 (a_row) and carries the scale s: with
-    c = G^T a_row, b = mu / (s c), and b' = mu / c is b up to s. Then c_k >= e^-span (the row whose
-    a_row is 1), so b' <= e^span and a row's sum of G b' stays within float32. The last row
+    product in blocks of ROW_SUM_COLUMNS added in float64; a is float64. Each iteration scales a to
+    a largest entry of 1 (a_row) and carries the scale s: with c = G^T a_row, b = mu / (s c), and
+    b' = mu / c is b up to s. Then c_k >= e^-span (the row whose a_row is 1), so b' <= e^span and a
+    row's sum of G b' stays within float32. The last row
     update is the plan's own normalisation: G b' with each row divided by its sum (torch's cascade
     summation, exact to ~1e-7), which saves that iteration's row product. The plan stays within
     ~5e-7 of a float64 solve at K = 49,152 (bench/sinkhorn.py)."""
