@@ -29,7 +29,6 @@ import resource
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import common  # noqa: F401  (offline, repo root, allocator)
@@ -41,7 +40,7 @@ from pipeline.manifest import Manifest, resolve_image_root  # noqa: E402
 from pipeline.sources import easyvqa  # noqa: E402
 from pipeline.extraction import FORMAT_VERSION  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.device import resolve_precision, training_attention  # noqa: E402
+from pipeline.device import resolve_precision, training_attention, training_autocast  # noqa: E402
 
 N_TOKENS, D_VISION, BLOCK = 49, 1280, 1000
 
@@ -97,7 +96,7 @@ def child(args) -> None:
     optimizer = torch.optim.AdamW(bridge.parameters(), lr=cfg.train.lr)
     prompt_ids = lm.prompt_ids(cfg.train.prompt)
     precision = resolve_precision(cfg.train.precision, torch.device("cpu"))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    autocast = training_autocast(precision, lm.device)
     with lm.attention(training_attention(precision, lm.device)):  # as train_bridge
         start = None
         for step, idx, tokens in batches:

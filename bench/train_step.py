@@ -23,7 +23,6 @@ import argparse
 import os
 import statistics
 import time
-from contextlib import nullcontext
 
 import common  # noqa: F401  (offline, repo root, allocator)
 import torch  # noqa: E402
@@ -33,7 +32,7 @@ from flops import bf16_native, matmul_gflops  # noqa: E402
 from pipeline.paths import Dirs  # noqa: E402
 from pipeline.bridge import LinearBridge  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.device import training_attention  # noqa: E402
+from pipeline.device import training_attention, training_autocast  # noqa: E402
 from pipeline.lms import load_lm  # noqa: E402
 from pipeline.losses import captioning_loss  # noqa: E402
 from pipeline.prototypes import load_prototypes, prototypes_file  # noqa: E402
@@ -61,7 +60,7 @@ def training_batches(cfg, protos, batch_size: int, count: int) -> tuple[str, lis
 
 def train_step(cfg, lm, bridge, optimizer, protos, batch, prompt_ids, precision: str) -> None:
     tokens, captions = batch
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    autocast = training_autocast(precision, lm.device)
     with lm.attention(training_attention(precision, lm.device)):  # as train_bridge: eager attention for CPU bf16
         with autocast:
             terms = compute_losses(METHOD, cfg, lm, bridge, protos, tokens, captions, prompt_ids)

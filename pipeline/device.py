@@ -2,6 +2,8 @@
 has it, fp32 on every CPU) and the attention kernel a training step runs at that precision."""
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 
 from pipeline.errors import ConfigError
@@ -35,3 +37,8 @@ def training_attention(precision: str, device: torch.device) -> str | None:
     CPU, where torch's fused bf16 attention backward took a third of the step (the step 2.80 -> 1.88 s, and
     the bridge's gradient as close to fp32's: bench/RESULTS.md); None (the model's own, SDPA) elsewhere."""
     return "eager" if precision == "bf16" and device.type == "cpu" else None
+
+
+def training_autocast(precision: str, device: torch.device) -> AbstractContextManager:
+    """The autocast a training step's forward runs under: bf16 for `bf16`, none for `fp32`."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()

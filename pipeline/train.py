@@ -12,7 +12,6 @@ import io
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from pipeline.manifest import read_manifest
 from pipeline.bridge import build_bridge, save_bridge, visual_representation
 from pipeline.features import FeatureCache, TokenReader, features_file
 from pipeline.config import Config, TrainConfig, section_values
-from pipeline.device import resolve_precision, training_attention
+from pipeline.device import resolve_precision, training_attention, training_autocast
 from pipeline.distributed import Ranks, check_batch
 from pipeline.errors import CacheError, DatasetError
 from pipeline.io import atomic_path, sha256_json
@@ -173,20 +172,20 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
     Under torchrun (`ranks.world` > 1) every process trains on its part of each global batch through
     DDP, and only rank 0 writes.
     """
-    with lm.attention(training_attention(resolve_precision(cfg.train.precision, lm.device), lm.device)):
+    precision = resolve_precision(cfg.train.precision, lm.device)
+    with lm.attention(training_attention(precision, lm.device)):
         return _train_bridge(method, cfg, data, lm, protos, out_dir, live_dir, throughput_dir, checkpoint, stop_after,
-                             ranks)
+                             ranks, precision)
 
 
 def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, protos: Prototypes, out_dir: Path,
                   live_dir: Path, throughput_dir: Path, checkpoint: Path, stop_after: int | None,
-                  ranks: Ranks) -> dict:
+                  ranks: Ranks, precision: str) -> dict:
     from dvclive import Live
 
     tcfg, device = cfg.train, lm.device
     steps, warmup = run_length(tcfg, len(data.rows))
     check_batch(tcfg.batch_size, len(data.rows), ranks)
-    precision = resolve_precision(tcfg.precision, device)
     fingerprint = run_fingerprint(method, cfg, data, protos, lm, precision)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG state
         torch.manual_seed(tcfg.seed)
@@ -215,7 +214,7 @@ def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, 
             log.warning("train %s: %s was left by other settings (step %d of another run); starting from step 0, "
                         "it is replaced at the first checkpoint", method, checkpoint, state["step"])
     prompt_ids = lm.prompt_ids(tcfg.prompt)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    autocast = training_autocast(precision, device)
     if ranks.is_main:
         log.info("train %s: %s on %s (train.precision: %s)", method, precision, device, tcfg.precision)
     trained = bridge
