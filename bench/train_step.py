@@ -1,11 +1,12 @@
 """Benchmark: one VLAP training step (fp32 and bf16) vs its FLOP floor on this machine, same run.
 
-    python bench/train_step.py [--profile] [--batch-size 32] [--steps 3] [--threads T] [--precisions fp32 bf16]
+    python bench/train_step.py [--profile] [--compile] [--batch-size 32] [--steps 3] [--threads T]
+                               [--precisions fp32 bf16]
 
 One step = pipeline.train.compute_losses (method vlap, default params.yaml) + backward + AdamW on a
 LinearBridge(1280, 576), with the real SmolLM2-135M, exactly as pipeline.train.train_bridge runs it
 (bf16 = the same torch.autocast("cpu", dtype=torch.bfloat16) around compute_losses, and the same eager
-attention, `pipeline.device.training_attention`). Visual tokens
+attention, `pipeline.device.training_attention`; `--compile` as `train.compile: true`). Visual tokens
 are the cached train features when data/features/index.json exists, else random tokens (the output
 says which); prototypes from data/prototypes.
 
@@ -16,6 +17,14 @@ this machine's measured matmul rate (bench/flops.py: fp32 peak for fp32, bf16 pe
 in every round just before that precision's step; the fp32 and bf16 steps alternate. On a CPU without
 native bf16 (oneDNN emulates it, ~50x slower than fp32) the default measures fp32 only.
 The whole step's matmul FLOPs (LLM + bridge + L_AP scores; counter only) are printed too, for scale.
+
+GEMMs alone: the same frozen-LLM forward and input-gradient backward run once more per precision (its
+autocast and attention) under a dispatch mode that records every matrix product it calls (op, shapes,
+strides, dtype); those products are then replayed on their own, back to back, on random tensors (up to
+four per signature, taken in turn, so the replay does not read one cache-warm buffer). Their time is
+what the step's matrix products cost at these shapes with torch's kernels, before any other work: the
+floor divides FLOPs by a 2,048-cube rate, and "GEMMs / floor" shows how far the model's own shapes
+(hidden 576, T ~ 57) are from it. CPU SDPA's fused attention is not a product and is left out.
 """
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ import time
 
 import common  # noqa: F401  (offline, repo root, allocator)
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from flops import bf16_native, matmul_gflops  # noqa: E402
@@ -58,10 +68,11 @@ def training_batches(cfg, protos, batch_size: int, count: int) -> tuple[str, lis
     return "random tokens (no data/features/index.json)", batches
 
 
-def train_step(cfg, lm, bridge, optimizer, protos, batch, prompt_ids, precision: str) -> None:
+def train_step(cfg, lm, bridge, optimizer, protos, batch, prompt_ids, precision: str, compile: bool = False) -> None:
     tokens, captions = batch
     autocast = training_autocast(precision, lm.device)
-    with lm.attention(training_attention(precision, lm.device)):  # as train_bridge: eager attention for CPU bf16
+    # as train_bridge: eager attention for CPU bf16, and train.compile's compiled body when asked
+    with lm.attention(training_attention(precision, lm.device)), lm.compiled(compile):
         with autocast:
             terms = compute_losses(METHOD, cfg, lm, bridge, protos, tokens, captions, prompt_ids)
         optimizer.zero_grad(set_to_none=True)
@@ -84,6 +95,61 @@ def llm_gflops(cfg, lm, batch, prompt_ids) -> tuple[float, float]:
     return counter.get_total_flops() / 1e9, attention / 1e9
 
 
+COPIES = 4  # operand buffers per GEMM signature in the replay
+GEMM_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+            torch.ops.aten.baddbmm.default)
+
+
+class GemmRecorder(TorchDispatchMode):
+    """Records the matrix products run under it: (op, [(shape, stride, dtype) or scalar per arg], kwargs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in GEMM_OPS:
+            spec = [(a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
+            self.calls.append((func, spec, dict(kwargs or {})))
+        return func(*args, **(kwargs or {}))
+
+
+def llm_gemm_seconds(cfg, lm, batch, prompt_ids, precision: str, repeats: int = 3) -> tuple[float, int]:
+    """(median seconds to replay the frozen-LLM step's matrix products alone, how many there are)."""
+    tokens, captions = batch
+    V = torch.randn(tokens.shape[0], N_TOKENS, lm.hidden_size, requires_grad=True)
+    caption_ids, caption_mask = lm.tokenize_captions(captions, cfg.train.max_caption_tokens, cfg.train.prompt)
+    recorder = GemmRecorder()
+    with lm.attention(training_attention(precision, lm.device)), recorder:
+        with training_autocast(precision, lm.device):
+            loss = captioning_loss(lm, V, prompt_ids, caption_ids, caption_mask)
+        loss.backward()
+    # Up to COPIES random tensors per (shape, stride, dtype), taken in turn: consecutive products read
+    # different buffers, as the step's do, rather than one cache-warm tensor.
+    operands, uses = {}, {}
+    replay = []
+    for func, spec, kwargs in recorder.calls:
+        args = []
+        for a in spec:
+            if isinstance(a, tuple):
+                copies = operands.setdefault(a, [])
+                turn = uses.get(a, 0)
+                uses[a] = turn + 1
+                if len(copies) < COPIES:
+                    copies.append(torch.empty_strided(a[0], a[1], dtype=a[2]).normal_())
+                args.append(copies[turn % COPIES])
+            else:
+                args.append(a)
+        replay.append((func, args, kwargs))
+    times = []
+    for _ in range(repeats + 1):  # the first pass warms the kernels
+        start = time.perf_counter()
+        for func, args, kwargs in replay:
+            func(*args, **kwargs)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]), len(replay)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-size", type=int, default=32)
@@ -91,6 +157,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--profile", action="store_true", help="also profile one more step of each precision: the "
                                                           "share of its time in matmuls, and the top ops")
+    p.add_argument("--compile", action="store_true", help="train.compile: the LLM body through torch.compile "
+                                                          "(two more untimed warm-up steps compile it)")
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
                    help="default: fp32 and bf16, or fp32 alone where this CPU has no native bf16")
     args = p.parse_args()
@@ -114,32 +182,41 @@ def main() -> None:
         bridge = LinearBridge(D_VISION, lm.hidden_size)
         optimizer = torch.optim.AdamW(bridge.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         runs[precision] = (bridge, optimizer, torch.bfloat16 if precision == "bf16" else torch.float32)
+    gemms = {precision: llm_gemm_seconds(cfg, lm, batches[0], prompt_ids, precision) for precision in precisions}
     step_gflop, times, peaks = {}, {k: [] for k in precisions}, {k: [] for k in precisions}
     for precision, (bridge, optimizer, _) in runs.items():  # warm-up step, FLOPs counted
         with FlopCounterMode(display=False) as counter:
             train_step(cfg, lm, bridge, optimizer, protos, batches[0], prompt_ids, precision)
         step_gflop[precision] = counter.get_total_flops() / 1e9
+        # Compiled: eager under the counter (its module hooks would be traced into the graph), then two
+        # compiling steps; a second caption width recompiles once with dynamic shapes, out of the timing.
+        for batch in batches[:2] if args.compile else []:
+            train_step(cfg, lm, bridge, optimizer, protos, batch, prompt_ids, precision, args.compile)
     # Timed rounds: each times the matmul peak and one step of every precision, so all see the same load.
     for batch in batches[1:]:
         for precision, (bridge, optimizer, dtype) in runs.items():
             peaks[precision].append(matmul_gflops(dtype, repeats=3))
             start = time.perf_counter()
-            train_step(cfg, lm, bridge, optimizer, protos, batch, prompt_ids, precision)
+            train_step(cfg, lm, bridge, optimizer, protos, batch, prompt_ids, precision, args.compile)
             times[precision].append(time.perf_counter() - start)
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {lm.spec}, method {METHOD}, "
-          f"batch {args.batch_size}, {source}, median of {args.steps} steps after 1 warm-up (precisions "
+          f"batch {args.batch_size}, {source}, {'LLM body compiled, ' if args.compile else ''}median of "
+          f"{args.steps} steps after {3 if args.compile else 1} warm-up (precisions "
           f"alternated), 1-min load average {load_before:.2f} before / {os.getloadavg()[0]:.2f} after\n"
           f"LLM forward + input-gradient backward: {floor_gflop:.1f} GFLOP/step = {matmul_gflop:.1f} "
           f"(linear layers + LM head at caption positions, FlopCounterMode) + {attention_gflop:.1f} "
           f"(attention, analytic)\n")
-    print("| precision | s/step | samples/s | step matmul GFLOP (counted) | matmul peak GFLOP/s | floor s | step / floor |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| precision | s/step | samples/s | step matmul GFLOP (counted) | matmul peak GFLOP/s | floor s | step / floor "
+          "| LLM GEMMs alone s (count) | GEMMs / floor | step / GEMMs |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for precision in precisions:
         seconds, peak = statistics.median(times[precision]), statistics.median(peaks[precision])
         floor = floor_gflop / peak
+        gemm_seconds, gemm_count = gemms[precision]
         print(f"| {precision} | {seconds:.2f} | {args.batch_size / seconds:.1f} | {step_gflop[precision]:.1f} | "
-              f"{peak:.1f} | {floor:.2f} | {seconds / floor:.2f} |")
+              f"{peak:.1f} | {floor:.2f} | {seconds / floor:.2f} | {gemm_seconds:.2f} ({gemm_count}) | "
+              f"{gemm_seconds / floor:.2f} | {seconds / gemm_seconds:.2f} |")
     if args.profile:
         for precision, (bridge, optimizer, _) in runs.items():
             profile_step(precision, lambda: train_step(cfg, lm, bridge, optimizer, protos, batches[-1], prompt_ids,
