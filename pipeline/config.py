@@ -102,6 +102,7 @@ class TrainConfig:
     prompt: Str = "A picture of"
     max_caption_tokens: PositiveInt = 16
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: Bool = False  # torch.compile the frozen LLM's body for training (first step compiles)
     seed: Int = 0
     checkpoint_every: PositiveInt = 10
     loader_workers: NonNegativeInt = 1  # processes reading batches from the cache

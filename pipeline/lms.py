@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +38,9 @@ class LanguageModel:
     weights_sha256: str
     is_encoder_decoder: bool
     device: torch.device
+    # torch.compile'd wrapper of the body (made at the first compiled() block; shares the eager weights)
+    _compiled_body: torch.nn.Module | None = field(default=None, init=False, repr=False, compare=False)
+    _use_compiled: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def embedding_matrix(self) -> torch.Tensor:
@@ -70,6 +73,23 @@ class LanguageModel:
         finally:
             if self.model.config._attn_implementation != before:
                 self.model.set_attn_implementation(before)
+
+    @contextmanager
+    def compiled(self, enabled: bool) -> Iterator[None]:
+        """Inside the block (when `enabled`) body_states runs a torch.compile'd wrapper of the causal LM's
+        body, built once per process and kept: the first call compiles (a minute or more on a CPU), later
+        calls reuse the fused kernels, and a new caption width compiles once more with dynamic shapes.
+        The eager model is untouched and serves everything outside the block."""
+        if not enabled:
+            yield
+            return
+        if self._compiled_body is None:
+            self._compiled_body = torch.compile(self.model.base_model)
+        before, self._use_compiled = self._use_compiled, True
+        try:
+            yield
+        finally:
+            self._use_compiled = before
 
     def tokenize(self, texts: list[str], add_special_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ids and mask, (B, T) each, on the model's device."""
@@ -115,7 +135,8 @@ class LanguageModel:
 
     def body_states(self, inputs_embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Causal LM body on input embeddings -> last hidden states (B, T, D), no vocabulary logits."""
-        return self.model.base_model(inputs_embeds=inputs_embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        body = self._compiled_body if self._use_compiled else self.model.base_model
+        return body(inputs_embeds=inputs_embeds, attention_mask=mask, use_cache=False).last_hidden_state
 
 
 def caption_prompt(prompt: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import tempfile
 from pathlib import Path
 
 # torch picks its CPU kernels by instruction set: an AVX-512 machine runs other float32 matmul
@@ -26,6 +27,11 @@ def pin_cpu_kernels() -> bool:
         return False
     for name, value in PINNED_KERNELS.items():
         os.environ.setdefault(name, value)
+    # torch.compile (train.compile) caches compiled kernels across processes without keying them by
+    # ATEN_CPU_CAPABILITY: a kernel cached by an unpinned process fails in a pinned one ("tuple args
+    # required"). Pinned processes get their own cache folder.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / (
+        f"torchinductor_uid{os.getuid()}_{os.environ['ATEN_CPU_CAPABILITY']}")))
     return True
 
 # glibc returns large blocks (each layer's batch activations) to the OS after every use,

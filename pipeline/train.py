@@ -217,6 +217,9 @@ def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, 
     autocast = training_autocast(precision, device)
     if ranks.is_main:
         log.info("train %s: %s on %s (train.precision: %s)", method, precision, device, tcfg.precision)
+        if tcfg.compile and not lm.is_encoder_decoder:
+            log.info("train %s: train.compile: the first step compiles the LLM's body (a minute or more on a CPU)",
+                     method)
     trained = bridge
     if ranks.world > 1:  # all-reduces (averages) the gradients; every rank starts from rank 0's weights
         trained = torch.nn.parallel.DistributedDataParallel(bridge, device_ids=[device] if device.type == "cuda" else None)
@@ -247,33 +250,35 @@ def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, 
                                          prefetch_factor=2 if tcfg.loader_workers else None,
                                          pin_memory=device.type == "cuda")
     bar = tqdm(loader, initial=start, total=steps, desc=f"train {method}", unit="step", disable=not ranks.is_main)
-    for step, idx, tokens in bar:
-        if stop_after is not None and step >= start + stop_after:
-            break
-        if meter:
-            meter.start()
-        tokens = tokens.to(device=device, dtype=torch.float32, non_blocking=True)
-        captions = [data.captions[i] for i in idx.tolist()]
-        with autocast:
-            terms = compute_losses(method, cfg, lm, trained, protos, tokens, captions, prompt_ids, ranks, scale)
-        optimizer.zero_grad(set_to_none=True)
-        # Shares add up to the global loss, and DDP averages gradients over ranks: scale back to the sum.
-        (terms["loss"] * ranks.world).backward()
-        optimizer.step()
-        if scale is not None:
-            scale.clamp_()
-        row = {k: ranks.total(v).item() for k, v in terms.items()} | {"lr": schedule.get_last_lr()[0]}
-        schedule.step()
-        history.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}")
-        if not ranks.is_main:
-            continue
-        for key, value in meter.row(tcfg.batch_size).items():
-            timing.log_metric(f"throughput/{key}", value)
-        timing.next_step()
-        _log_step(live, row)
-        if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == steps:
-            _save_checkpoint(checkpoint, fingerprint, step + 1, bridge, optimizer, schedule, history, scale)
+    # train.compile: entered after the FLOP-counting dry run, whose module hooks must not be traced into the graph
+    with lm.compiled(tcfg.compile):
+        for step, idx, tokens in bar:
+            if stop_after is not None and step >= start + stop_after:
+                break
+            if meter:
+                meter.start()
+            tokens = tokens.to(device=device, dtype=torch.float32, non_blocking=True)
+            captions = [data.captions[i] for i in idx.tolist()]
+            with autocast:
+                terms = compute_losses(method, cfg, lm, trained, protos, tokens, captions, prompt_ids, ranks, scale)
+            optimizer.zero_grad(set_to_none=True)
+            # Shares add up to the global loss, and DDP averages gradients over ranks: scale back to the sum.
+            (terms["loss"] * ranks.world).backward()
+            optimizer.step()
+            if scale is not None:
+                scale.clamp_()
+            row = {k: ranks.total(v).item() for k, v in terms.items()} | {"lr": schedule.get_last_lr()[0]}
+            schedule.step()
+            history.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+            if not ranks.is_main:
+                continue
+            for key, value in meter.row(tcfg.batch_size).items():
+                timing.log_metric(f"throughput/{key}", value)
+            timing.next_step()
+            _log_step(live, row)
+            if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == steps:
+                _save_checkpoint(checkpoint, fingerprint, step + 1, bridge, optimizer, schedule, history, scale)
     steps_done = len(history)
     if not ranks.is_main:
         return {"finished": steps_done >= steps, "steps": steps_done}

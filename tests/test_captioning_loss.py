@@ -120,3 +120,30 @@ def test_t5_ranks_answers_by_decoder_likelihood(tmp_path, smollm2, memory):
             logits = lm.model(inputs_embeds=embeds[b : b + 1], attention_mask=mask[b : b + 1], labels=ids).logits
             expected = torch.log_softmax(logits[0], -1).gather(-1, ids[0][:, None]).sum()
             assert scores[b, c].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.slow  # compiles a forward and backward (~25 s on a cold kernel cache)
+def test_compiled_body_gives_the_eager_loss_and_gradient(tmp_path, smollm2):
+    """train.compile: the torch.compile'd body gives the eager loss and prefix gradient (float32 rounding of
+    fused kernels), and the eager model serves outside the block."""
+    lm = load_lm(f"hf:{save_tiny_opt(tmp_path / 'opt', smollm2.tokenizer)}", CPU)
+    torch.manual_seed(0)
+    V = torch.randn(2, 3, lm.hidden_size)
+    prompt_ids = lm.prompt_ids("A picture of")
+
+    def loss_and_grad(captions):
+        prefix = V.clone().requires_grad_()
+        loss = captioning_loss(lm, prefix, prompt_ids, *lm.tokenize_captions(captions, 8, "A picture of"))
+        loss.backward()
+        return loss.detach(), prefix.grad
+
+    captions = ["a long green rectangle on the left", "a star"]
+    eager_loss, eager_grad = loss_and_grad(captions)
+    with lm.compiled(True):
+        assert lm._use_compiled
+        compiled_loss, compiled_grad = loss_and_grad(captions)
+    assert not lm._use_compiled
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
+    with lm.compiled(False):
+        assert not lm._use_compiled
