@@ -98,6 +98,12 @@ def check_batch(batch_size: int, n_samples: int, ranks: Ranks) -> None:
                           f"torchrun processes and at most the {n_samples} training samples")
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def stop() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

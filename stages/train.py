@@ -47,8 +47,13 @@ def run(cfg: Config, dirs: Dirs, method: str, *, lm: LanguageModel | None = None
         log.info("train %s: %d samples, %d steps of %d on %d process(es)", method, len(train_data.captions), steps,
                  cfg.train.batch_size, ranks.world)
         checkpoint = dirs.models / "checkpoints" / f"{method}.pt"  # not a DVC out: survives a re-run
-        return train_bridge(method, cfg, train_data, lm, protos, dirs.models / method, dirs.metrics / "train" / method,
-                            dirs.reports / "train" / method, checkpoint, stop_after=stop_after, ranks=ranks)
+        result = train_bridge(method, cfg, train_data, lm, protos, dirs.models / method,
+                              dirs.metrics / "train" / method, dirs.reports / "train" / method, checkpoint,
+                              stop_after=stop_after, ranks=ranks)
+        # The other ranks wait while rank 0 writes, so no process group is torn down under a live one
+        # (a rank leaving early was seen to abort at exit: "terminate called without an active exception").
+        distributed.barrier()
+        return result
     finally:
         distributed.stop()
 
