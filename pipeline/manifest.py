@@ -41,6 +41,19 @@ QUESTION_SCHEMA = pa.schema(
 )
 
 
+# Attributes that put a test image in a group its metrics are also reported for, each under its own key:
+# a source's own domain (NoCaps: in-domain, near-domain, out-of-domain) and the zero-shot split's
+# seen / unseen (easy-VQA's colour-shape combinations, prepare.heldout).
+DOMAIN = "domain"
+ZERO_SHOT = "zero_shot"
+
+
+def report_group(attributes: dict) -> str | None:
+    """The group an item's metrics are reported under as well as overall: its zero-shot split where it has
+    one, else its source's domain, else None. No source gives an image both."""
+    return attributes.get(ZERO_SHOT) or attributes.get(DOMAIN)
+
+
 @dataclass
 class ImageRow:
     """One image of a split, as IMAGE_SCHEMA stores it (the fields in the schema's order)."""

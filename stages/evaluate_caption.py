@@ -16,6 +16,7 @@ from pipeline.manifest import has_captions, read_manifest
 from pipeline.config import Config
 from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
+from pipeline.manifest import report_group
 from pipeline.tasks.caption_metrics import chance_scores, cider_by_domain, start_meteor, write_examples_html
 from pipeline.tasks.captioning import evaluate_captioning
 from pipeline.tasks.inputs import load_eval_inputs
@@ -39,7 +40,7 @@ def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
     inputs = load_eval_inputs(cfg, method, dirs, lm=lm)
     metrics, generated = evaluate_captioning(inputs, cfg)
     metrics |= chance_scores(inputs.captions, read_manifest(dirs.prepared, "train"), cfg.evaluate.common.seed)
-    domains = {i: a["domain"] for i, a in inputs.attributes.items() if "domain" in a}
+    domains = {i: report_group(a) for i, a in inputs.attributes.items() if report_group(a)}
     if domains:
         metrics |= cider_by_domain(inputs.captions, generated, domains)
     write_json_atomic(dirs.plots / "caption" / method / "captions.json",

@@ -1,13 +1,15 @@
 """Summary stage: every method x every task's headline metric in one table and one bar plot.
 
-Reads  data/metrics/<task>/<method>.json for all tasks and methods, and the committed study's verdicts.
+Reads  data/metrics/<task>/<method>.json for all tasks and methods, data/prepared/report.json (whether the
+       zero-shot split was made), and the committed study's verdicts.
 Writes data/metrics/summary.md, data/metrics/summary.json, data/plots/summary.png.
-       A task the data has no inputs for shows "n/a" with its reason.
+       A task the data has no inputs for shows "n/a" with its reason; so does a zero-shot split it cannot hold.
 
     python -m stages.summarize
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -24,7 +26,7 @@ STUDY = "results/study-easyvqa/study.json"  # the committed study: which differe
 STAGE = StageSpec(
     name="summarize", description=__doc__.splitlines()[0],
     params=(),
-    deps=tuple(f"metrics/{task}" for task in HEADLINES),
+    deps=("prepared/report.json", *(f"metrics/{task}" for task in HEADLINES)),
     files=(STUDY,),
     outs=(Out("metrics/summary.md", cache=False), Out("metrics/summary.json", cache=False),
           Out("plots/summary.png", kind="plots", cache=False)),
@@ -34,10 +36,19 @@ log = logging.getLogger("stages.summarize")
 
 def run(cfg: Config, dirs: Dirs, method: None = None, *, lm=None) -> dict:
     table, reasons, chance = collect(dirs.metrics, list(METHODS))
+    zero_shot = json.loads((dirs.prepared / "report.json").read_text()).get("zero_shot")
+    if zero_shot and zero_shot.get("applicable") is False:
+        reasons["zero-shot split"] = zero_shot["reason"]
+    columns = {c for row in table.values() for c in row}
+    groups = "".join(text for suffixes, text in (
+        (("_seen", "_unseen"), "Rows ending in _seen / _unseen are the zero-shot split: test images whose colour-shape "
+                               "combination training did / did not show. "),
+        (("_in", "_near", "_out"), "Rows ending in _in / _near / _out are the test source's domains (NoCaps: in-, "
+                                   "near- and out-of-domain). "))
+        if any(c.endswith(suffixes) for c in columns))
     verdicts = study_verdicts(Path(STUDY))
     text = ("# VLAP vs baselines (headline metrics; higher is better)\n\n"
-            "Retrieval rows compare every method under the same scorer. Rows ending in _seen / _unseen are the "
-            "zero-shot split: test images whose colour-shape combination training did / did not show. "
+            "Retrieval rows compare every method under the same scorer. " + groups +
             "`chance`: a random caption, answer or ranking. " + (f"The last column: the differences the committed "
             f"study ({STUDY}: several seeds, 95% intervals) found real; a one-seed run can order the others "
             "either way.\n\n" if verdicts else "\n\n") + markdown_table(table, reasons, chance, verdicts))

@@ -17,43 +17,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image, ImageDraw
 
 from pipeline.io import sha256_bytes
 from pipeline.manifest import read_manifest
 from pipeline.paths import Dirs
 from dvc_repo import REPO, make_project, sh
 from stages import graph
-from shard_writer import write_shard
+from own_data import shrink_cost, write_folder_dataset, write_webdataset
 from tiny_models import save_tiny_clip_vision, save_tiny_opt
 
 pytestmark = pytest.mark.slow  # real dvc repro, dvc exp and Prefect flows in subprocesses
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220)}
-SHAPES = ("circle", "square", "triangle")
-
-
-def draw(shape: str, rgb: tuple, jitter: int) -> Image.Image:
-    img = Image.new("RGB", (48, 48), (235, 235, 235))
-    d, box = ImageDraw.Draw(img), (8 + jitter, 8, 40 - jitter, 40)
-    {"circle": lambda: d.ellipse(box, fill=rgb), "square": lambda: d.rectangle(box, fill=rgb),
-     "triangle": lambda: d.polygon([(24, 6 + jitter), (42, 42), (6, 42)], fill=rgb)}[shape]()
-    return img
-
-
-def write_folder_dataset(folder: Path) -> int:
-    """36 photos-like PNGs (3 colours x 3 shapes x 4), captions.csv with a split column (1 in 4 is test)."""
-    folder.mkdir(parents=True)
-    rows = ["image,caption,split"]
-    for colour, rgb in COLOURS.items():
-        for shape in SHAPES:
-            for k in range(4):
-                name = f"{colour}_{shape}_{k}.png"
-                draw(shape, rgb, k).save(folder / name)
-                rows.append(f"{name},a {colour} {shape},{'test' if k == 3 else 'train'}")
-    (folder / "captions.csv").write_text("\n".join(rows) + "\n")
-    return len(rows) - 1
-
 
 # Stages DVC runs every time (`always_changed`: the sources stage digests the source data).
 ALWAYS_RUN = {n.spec.label(m) for n in graph.graph() if n.spec.always_changed for m in n.instances()}
@@ -84,36 +57,20 @@ def experiments(shown: list) -> list[dict]:
     return [rev for entry in shown for exp in (entry.get("experiments") or []) for rev in exp.get("revs", [])]
 
 
-def write_webdataset(folder: Path) -> int:
-    """The same 36 pictures as 3 tar shards in img2dataset's layout (captions in .txt or .json)."""
-    samples = [(f"{k:09d}", draw(shape, rgb, k % 4), f"a {colour} {shape}", ("txt", "json", "both")[k % 3])
-               for k, (colour, rgb, shape) in enumerate((c, rgb, s) for c, rgb in COLOURS.items() for s in SHAPES
-                                                        for _ in range(4))]
-    for s in range(3):
-        write_shard(folder / f"{s:05d}.tar", samples[12 * s: 12 * (s + 1)])
-    return len(samples)
-
-
 def make_repo(root: Path, tokenizer, source: str, *targets: str) -> tuple[Path, dict, str, int]:
-    """A git + DVC repo holding the project's code and dvc.yaml, params pointing at data the test wrote and at
-    tiny local models, after `dvc repro [targets]`; returns (repo, env, `dvc repro` output, number of images)."""
+    """A git + DVC repo holding the project's code and dvc.yaml, and the committed params.yaml with only the
+    prepare keys the README names for the source changed (to data the test wrote) and the cost shrunk (tiny
+    local models), after `dvc repro [targets]`; returns (repo, env, `dvc repro` output, number of images)."""
     if source == "folder":
         n_images = write_folder_dataset(root / "photos")
         prepare = {"source": "folder", "folder": str(root / "photos")}
     else:
         n_images = write_webdataset(root / "shards")
-        prepare = {"source": "webdataset", "folder": str(root / "shards"), "shards": "{00000..00002}.tar",
-                   "test_fraction": 0.25}
+        prepare = {"source": "webdataset", "folder": str(root / "shards"), "shards": "{00000..00002}.tar"}
     clip, opt = save_tiny_clip_vision(root / "models" / "clip"), save_tiny_opt(root / "models" / "opt", tokenizer)
     work = root / "repo"
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["prepare"] |= {"heldout": [], "validation_fraction": 0.0} | prepare  # the zero-shot split is easy-VQA's
-    params["extract"] |= {"encoder": f"hf:{clip}", "batch_size": 16}
-    params["prototypes"] |= {"llm": f"hf:{opt}"}
-    params["train"] |= {"steps": 3, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 3}
-    params["evaluate"]["common"] |= {"test_images": 0, "batch_size": 8}
-    params["evaluate"]["caption"] |= {"max_new_tokens": 3, "examples": 2}
-    params["evaluate"]["arithmetic"] |= {"queries": 0, "examples": 1}
+    params = shrink_cost(yaml.safe_load((REPO / "params.yaml").read_text()), clip, opt)
+    params["prepare"] |= prepare
     env = make_project(work, params)
     out = sh([sys.executable, "-m", "dvc", "repro", *targets], work, env, timeout=900)
     return work, env, out, n_images
@@ -125,7 +82,9 @@ def check_every_task(work: Path, n_images: int, out: str) -> dict:
     expected = {n.spec.label(m) for n in graph.graph() for m in n.instances()}
     assert set(lock) == expected, out[-2000:]
     report = json.loads((work / "data" / "prepared" / "report.json").read_text())
-    assert report["train"]["images"] + report["test"]["images"] == n_images
+    assert sum(report["splits"][s]["images"] for s in ("train", "val", "test")) == n_images
+    # the committed zero-shot split is easy-VQA's: skipped with its reason, never a stop
+    assert report["zero_shot"]["applicable"] is False and "colour and shape labels" in report["zero_shot"]["reason"]
     metrics = {t: json.loads((work / "data" / "metrics" / t / "vlap.json").read_text())
                for t in ("caption", "vqa", "retrieval", "arithmetic")}
     assert metrics["vqa"]["applicable"] is False and "no test questions" in metrics["vqa"]["reason"]
@@ -138,6 +97,8 @@ def check_every_task(work: Path, n_images: int, out: str) -> dict:
     vqa_row = next(line for line in summary.splitlines() if line.startswith("| vqa |"))
     assert vqa_row.startswith("| vqa | n/a | n/a | n/a |")
     assert "| caption/CIDEr |" in summary and "| retrieval/cosine_i2t_R@1 |" in summary
+    assert "* zero-shot split: n/a, the training images carry no colour and shape labels" in summary
+    assert "_unseen" not in summary
     return metrics
 
 
@@ -188,7 +149,7 @@ def test_webdataset_shards_through_dvc_repro_to_the_features(tmp_path, smollm2):
     lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
     assert set(lock) == {"sources", "prepare", "extract"}, out[-2000:]
     report = json.loads((work / "data" / "prepared" / "report.json").read_text())
-    assert report["train"]["images"] + report["test"]["images"] == n_images
+    assert sum(report["splits"][s]["images"] for s in ("train", "val", "test")) == n_images
     manifest = read_manifest(work / "data" / "prepared", "train")
     assert manifest.image_root == "params:prepare.folder"
     assert {r.image_path.split("/")[0] for r in manifest.images} == {"00000.tar", "00001.tar", "00002.tar"}

@@ -27,6 +27,10 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The stages' own log lines (counts, cache hits, skipped images) through Prefect's handlers.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "stages,pipeline")
+# The temporary server Prefect starts when no PREFECT_API_URL is set: its default 20 s of start-up (counted
+# in sleeps only) was too short on a loaded 2-core machine; a server that never answers is still one line.
+SERVER_STARTUP_S = "180"
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", SERVER_STARTUP_S)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -43,7 +47,7 @@ from prefect.context import get_run_context  # noqa: E402
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.errors import ConfigError, LockTimeoutError, report_user_errors  # noqa: E402
+from pipeline.errors import ConfigError, LockTimeoutError, UserError, report_user_errors  # noqa: E402
 from pipeline.io import write_json_atomic  # noqa: E402
 from pipeline.locks import lock_timeout  # noqa: E402
 from pipeline.paths import Dirs  # noqa: E402
@@ -220,10 +224,28 @@ def wait_until_recorded(flow_run_id, expected: int, timeout_s: float = 30.0) -> 
                                            timeout_s)
 
 
+class ServerStartError(UserError):
+    """Prefect's temporary API server did not answer in time."""
+
+
+def server_start_error(err: RuntimeError) -> ServerStartError | None:
+    """The one-line fix for Prefect's "Timed out ... ephemeral Prefect API server" (None for other errors)."""
+    if "ephemeral Prefect API server" not in str(err):
+        return None
+    waited = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", SERVER_STARTUP_S)
+    return ServerStartError(
+        f"Prefect's temporary API server did not answer within {waited} s (a loaded machine?): start one with "
+        "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api, or allow longer with "
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
+
+
 def run_flow(params: str, data: str, dask: bool) -> dict:
     """The flow, returning once its result is known and its history is recorded; a failed run raises."""
     runnable = vlap_pipeline.with_options(task_runner=dask_runner()) if dask else vlap_pipeline
-    state = runnable(params=params, data=data, return_state=True)
+    try:
+        state = runnable(params=params, data=data, return_state=True)
+    except RuntimeError as err:
+        raise (server_start_error(err) or err) from None
     if state.is_completed():  # a failed run's unstarted tasks never reach a final state: nothing to wait for
         wait_until_recorded(state.state_details.flow_run_id, sum(len(node.instances()) for node in graph()))
     return state.result()  # raises the first failure

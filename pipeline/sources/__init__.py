@@ -7,6 +7,7 @@ Sources and their files: docs/datasets.md.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,9 @@ from pipeline.manifest import Split
 from pipeline.paths import package_dir
 from pipeline.sources import cc3m, easyvqa, folder, karpathy, nocaps, vqav2, webdataset
 from pipeline.sources.common import TEST_ROLE, TRAIN_ROLE, Role
-from pipeline.sources.splits import carve_validation, hold_out_combinations
+from pipeline.sources.splits import carve_validation, hold_out_combinations, zero_shot_unsupported
+
+log = logging.getLogger(__name__)
 
 Loader = Callable[[PrepareConfig, Role], tuple[list[Split], dict]]
 SOURCES: dict[str, Loader] = {"easyvqa": easyvqa.load, "folder": folder.load, "karpathy": karpathy.load,
@@ -60,10 +63,17 @@ def load_source(cfg: PrepareConfig) -> tuple[list[Split], dict]:
 
 
 def prepare_splits(cfg: PrepareConfig) -> tuple[list[Split], dict]:
-    """The source's splits, then the zero-shot hold-out and the validation split where params ask."""
+    """The source's splits, then the zero-shot hold-out and the validation split where params ask. The
+    zero-shot split is easy-VQA's (colour-shape combinations): data without those labels skips it, with the
+    reason in the report and the log, and every other stage runs as without `prepare.heldout`."""
     splits, report = load_source(cfg)
     if cfg.heldout:
-        report["zero_shot"] = hold_out_combinations(splits, cfg.heldout)
+        reason = zero_shot_unsupported(splits)
+        if reason:
+            log.warning("prepare.heldout: %s", reason)
+            report["zero_shot"] = {"applicable": False, "reason": reason}
+        else:
+            report["zero_shot"] = hold_out_combinations(splits, cfg.heldout)
     if cfg.validation_fraction:
         splits = carve_validation(splits, cfg.validation_fraction)
     if cfg.heldout or cfg.validation_fraction:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import DatasetError
-from pipeline.manifest import Split
+from pipeline.manifest import DOMAIN, Split
 from pipeline.sources.common import (TRAIN_ROLE, CaptionScreen, Role, existing_folder, field_of, image_row,
                                      read_json, refuse_outside, require_keys, split_counts)
 
@@ -30,7 +30,7 @@ def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict
             raise DatasetError(f"{path}: {where}.file_name: image {name} not found under {role.key('folder')} {root}")
         if image_id in images:
             raise DatasetError(f"{path}: {where}.id: {image_id} is the id of an earlier image (duplicate id)")
-        images[image_id] = image_row(root, name, image_id, [], {"domain": domain}, where=f"{path}: {where}")
+        images[image_id] = image_row(root, name, image_id, [], {DOMAIN: domain}, where=f"{path}: {where}")
     annotations = field_of(doc, "annotations", path, "top level", list) if "annotations" in doc else []
     for i, ann in enumerate(annotations):
         where = f"annotations[{i}]"
@@ -42,6 +42,6 @@ def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict
             images[image_id].captions.append(caption)
     split = Split("test", role.root, list(images.values()))
     report = split_counts([split])
-    report["test"]["domains"] = dict(sorted(Counter(r.labels["domain"]
+    report["test"]["domains"] = dict(sorted(Counter(r.labels[DOMAIN]
                                                     for r in split.images).items()))
     return [split], report | screen.report()

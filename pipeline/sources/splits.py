@@ -5,17 +5,28 @@ from __future__ import annotations
 import json
 
 from pipeline.errors import ConfigError
-from pipeline.manifest import ImageRow, Split
+from pipeline.manifest import ZERO_SHOT, ImageRow, Split
+
+
+def labelled_attributes(images: list[ImageRow]) -> tuple[set[str], set[str]]:
+    """(colours, shapes) the images are labelled with (easy-VQA labels both; other sources neither)."""
+    labelled = [r.labels for r in images]
+    return {a["color"] for a in labelled if "color" in a}, {a["shape"] for a in labelled if "shape" in a}
+
+
+def zero_shot_unsupported(splits: list[Split]) -> str | None:
+    """Why the data cannot hold the zero-shot split (None when it can): it needs colour and shape labels."""
+    train = next((s for s in splits if s.name == "train"), None)
+    colors, shapes = labelled_attributes(train.images if train else [])
+    if not colors or not shapes:
+        return "the training images carry no colour and shape labels (easy-VQA's); the zero-shot split is skipped"
+    return None
 
 
 def parse_heldout(heldout: tuple[str, ...], images: list[ImageRow]) -> set[tuple[str, str]]:
     """prepare.heldout entries "<colour> <shape>" -> {(colour, shape)}, checked against the training
     images' labels; every colour and every shape must stay in training with some other partner."""
-    labelled = [r.labels for r in images]
-    colors = {a["color"] for a in labelled if "color" in a}
-    shapes = {a["shape"] for a in labelled if "shape" in a}
-    if not colors or not shapes:
-        raise ConfigError("prepare.heldout: needs training images labelled with colour and shape (easy-VQA)")
+    colors, shapes = labelled_attributes(images)
     pairs = set()
     for i, entry in enumerate(heldout):
         words = entry.split()
@@ -39,7 +50,7 @@ def may_be_heldout(attributes: dict, pairs: set[tuple[str, str]]) -> bool:
 def hold_out_combinations(splits: list[Split], heldout: tuple[str, ...]) -> dict:
     """The zero-shot split: every training image that may show a held-out colour-shape combination
     leaves training (with its questions); each test image labelled with both attributes gets the
-    domain "unseen" (a held-out combination) or "seen". Returns the counts for the report."""
+    attribute `zero_shot`: "unseen" (a held-out combination) or "seen". Returns the counts for the report."""
     by_name = {s.name: s for s in splits}
     pairs = parse_heldout(heldout, by_name["train"].images)
     train = by_name["train"]
@@ -52,7 +63,7 @@ def hold_out_combinations(splits: list[Split], heldout: tuple[str, ...]) -> dict
         attributes = row.labels
         if {"color", "shape"} <= attributes.keys():
             domain = "unseen" if (attributes["color"], attributes["shape"]) in pairs else "seen"
-            row.attributes = json.dumps(attributes | {"domain": domain}, sort_keys=True)
+            row.attributes = json.dumps(attributes | {ZERO_SHOT: domain}, sort_keys=True)
             domains[domain] += 1
     return report | {"test_domains": domains}
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from pipeline.config import Config
 from pipeline.generation import text_embeds
+from pipeline.manifest import ZERO_SHOT, report_group
 from pipeline.tasks.arithmetic_metrics import nearest_neighbours, swap_accuracy
 from pipeline.tasks.captioning import decode_captions
 from pipeline.tasks.inputs import EvalInputs
@@ -107,8 +108,9 @@ def evaluate_arithmetic(inputs: EvalInputs, cfg: Config) -> tuple[dict, list[dic
                 })
 
     attrs = [{k: v for k, v in inputs.attributes[i].items() if k in SWAPS} for i in inputs.image_ids]
-    domain_of = {(a["color"], a["shape"]): inputs.attributes[i]["domain"] for i, a in zip(inputs.image_ids, attrs)
-                 if "domain" in inputs.attributes[i]}  # colour-shape combination -> seen / unseen
+    # colour-shape combination -> seen / unseen (the zero-shot split; a source's own domain says nothing here)
+    domain_of = {(a["color"], a["shape"]): inputs.attributes[i][ZERO_SHOT] for i, a in zip(inputs.image_ids, attrs)
+                 if ZERO_SHOT in inputs.attributes[i] and SWAPS.keys() <= a.keys()}
     for changed in SWAPS:
         queries = swap_queries(inputs, changed, acfg.queries)
         if queries:
@@ -121,7 +123,7 @@ def evaluate_arithmetic(inputs: EvalInputs, cfg: Config) -> tuple[dict, list[dic
         def caption_hit(q: int, h: int) -> bool:
             return word_queries[q][3] in {caption_words(c) for c in inputs.captions[inputs.image_ids[h]]}
 
-        domain_of_text = {caption_words(c): inputs.attributes[i].get("domain")
+        domain_of_text = {caption_words(c): report_group(inputs.attributes[i])
                           for i in inputs.image_ids for c in inputs.captions[i]}
         run_swaps("word", [(k, a, b) for k, a, b, _ in word_queries], caption_hit,
                   [domain_of_text.get(target) for _, _, _, target in word_queries])

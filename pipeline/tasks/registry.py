@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.manifest import read_manifest
+from pipeline.manifest import read_manifest, report_group
 from pipeline.tasks.caption_metrics import cider_per_image
 
 ItemScores = tuple[dict[str, dict[str, float]], dict[str, dict[str, str]]]
@@ -42,7 +42,7 @@ def caption_items(plots: Path, prepared: Path, method: str) -> ItemScores:
         return {}, {}
     refs = {i: r["references"] for i, r in captions.items()}
     scores = {"caption/CIDEr": cider_per_image(refs, {i: r["generated"] for i, r in captions.items()})}
-    by_id = {r.image_id: r.labels.get("domain") for r in read_manifest(prepared, "test").images}
+    by_id = {r.image_id: report_group(r.labels) for r in read_manifest(prepared, "test").images}
     return scores, {"caption/CIDEr": {i: by_id[i] for i in captions if by_id.get(i)}}
 
 

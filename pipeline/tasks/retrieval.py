@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from pipeline.features import FeatureCache
 from pipeline.config import Config, RetrievalEvalConfig
-from pipeline.manifest import Manifest
+from pipeline.manifest import Manifest, report_group
 from pipeline.ot import assign_with_columns, sinkhorn
 from pipeline.prototypes import Prototypes
 from pipeline.tasks.inputs import EvalInputs, select_test_images
@@ -91,7 +91,7 @@ def text_domains(inputs: EvalInputs, texts: list[str]) -> dict[str, str]:
     seen: dict[str, set[str]] = {}
     for i in inputs.image_ids:
         for c in inputs.captions[i]:
-            seen.setdefault(c, set()).add(inputs.attributes[i].get("domain", ""))
+            seen.setdefault(c, set()).add(report_group(inputs.attributes[i]) or "")
     return {t: next(iter(seen[t])) for t in texts if len(seen[t]) == 1 and "" not in seen[t]}
 
 
@@ -109,7 +109,7 @@ def evaluate_retrieval(inputs: EvalInputs, cfg: Config, fit: TrainingFit | None)
         metrics |= {f"{scorer}_{k}": v for k, v in retrieval_metrics(sim, relevant).items()}
         ranks[scorer] = {"i2t": rank_of_first_relevant(sim, relevant), "t2i": rank_of_first_relevant(sim.T, relevant.T)}
     by_text = text_domains(inputs, texts)
-    query_domains = {"i2t": [inputs.attributes[i].get("domain") for i in inputs.image_ids],
+    query_domains = {"i2t": [report_group(inputs.attributes[i]) for i in inputs.image_ids],
                      "t2i": [by_text.get(t) for t in texts]}  # images by their own domain, texts by their images'
     metrics |= domain_recalls(query_domains, ranks)
     metrics |= {"images": len(inputs.image_ids), "distinct_texts": len(texts)}

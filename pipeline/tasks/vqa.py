@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.generation import SharedPrefix, greedy_decode, prefill, rank_candidates, text_embeds
+from pipeline.manifest import report_group
 from pipeline.tasks.inputs import EvalInputs
 from pipeline.tasks.vqa_metrics import accuracy_by_type, normalize_answer, question_type, vqa_accuracy
 
@@ -72,7 +73,7 @@ def answer_questions(inputs: EvalInputs, questions: list[dict], shot_prefix: Sha
         for q, generated, c in zip(batch, open_answers, closed):
             records.append({
                 "question_id": q["question_id"], "question": q["question"], "answers": q["answers"],
-                "question_type": question_type(q), "domain": inputs.attributes[q["image_id"]].get("domain"),
+                "question_type": question_type(q), "domain": report_group(inputs.attributes[q["image_id"]]),
                 "open": first_answer(generated), "closed": answer_set[c],
                 "open_accuracy": vqa_accuracy(first_answer(generated), q["answers"]),
                 "closed_accuracy": vqa_accuracy(answer_set[c], q["answers"]),

@@ -1,0 +1,141 @@
+"""The README's published-format recipes, followed literally through the real `dvc repro`: each repo starts
+from the committed params.yaml and changes only the prepare keys the README names (the paper's recipe is
+read out of the README's own yaml block), plus the cost keys every repro test shrinks (tiny local models).
+
+COCO in Karpathy's split file runs to the summary; CC3M (TSV + img2dataset files) trains and NoCaps tests,
+with CIDEr per NoCaps domain; then, as the README says, switching the test source to VQAv2 with
+`dvc exp run -S` extracts the new test images and reuses the trained bridges."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dvc_repo import REPO, make_project, sh
+from own_data import NOCAPS_DOMAINS, shrink_cost, write_cc3m, write_karpathy, write_nocaps, write_vqav2
+from stages import graph
+from tiny_models import save_tiny_clip_vision, save_tiny_opt
+
+pytestmark = pytest.mark.slow  # real dvc repro and dvc exp run in subprocesses
+
+EVERY_STAGE = {n.spec.label(m) for n in graph.graph() for m in n.instances()}
+TRAIN_STAGES = {label for label in EVERY_STAGE if label.startswith("train@")}
+
+
+def readme_paper_params() -> dict:
+    """The yaml block of the README's "Reproducing the paper" step 3 (train on CC3M, one test source)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Reproducing the paper"):]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S)
+    assert block, "README: no yaml block under 'Reproducing the paper'"
+    return yaml.safe_load(block.group(1))
+
+
+def merge(params: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        params[key] = merge(params.get(key, {}), value) if isinstance(value, dict) else value
+    return params
+
+
+def repro(root: Path, tokenizer, prepare: dict, evaluate: dict | None = None) -> tuple[Path, dict, str]:
+    clip, opt = save_tiny_clip_vision(root / "models" / "clip"), save_tiny_opt(root / "models" / "opt", tokenizer)
+    params = shrink_cost(yaml.safe_load((REPO / "params.yaml").read_text()), clip, opt)
+    merge(params, {"prepare": prepare, "evaluate": evaluate or {}})
+    work = root / "repo"
+    env = make_project(work, params)
+    return work, env, sh([sys.executable, "-m", "dvc", "repro"], work, env, timeout=900)
+
+
+def metrics_of(work: Path, task: str, method: str = "vlap") -> dict:
+    return json.loads((work / "data" / "metrics" / task / f"{method}.json").read_text())
+
+
+def ran_everything(work: Path, out: str) -> dict:
+    """Every stage is in dvc.lock; returns the prepare report."""
+    assert set(yaml.safe_load((work / "dvc.lock").read_text())["stages"]) == EVERY_STAGE, out[-3000:]
+    report = json.loads((work / "data" / "prepared" / "report.json").read_text())
+    assert report["zero_shot"]["applicable"] is False  # the committed zero-shot split is easy-VQA's: skipped
+    return report
+
+
+def test_karpathy_coco_as_the_readme_says(tmp_path, smollm2):
+    """`prepare.source: karpathy`, `folder`, `annotations`: the whole graph; restval trains, test is the
+    file's own; two references an image; word arithmetic on the captions, VQA n/a (no questions)."""
+    images, split_file, n_images = write_karpathy(tmp_path)
+    work, _, out = repro(tmp_path, smollm2.tokenizer,
+                         {"source": "karpathy", "folder": str(images), "annotations": str(split_file)})
+    report = ran_everything(work, out)
+    assert sum(report["splits"][s]["images"] for s in ("train", "val", "test")) == n_images - 9  # the file's val
+    assert report["splits"]["test"]["images"] == 9
+    caption = metrics_of(work, "caption")
+    assert caption["applicable"] and caption["images"] == 9 and 0.0 <= caption["BLEU-1"] <= 1.0
+    assert metrics_of(work, "vqa")["applicable"] is False
+    assert metrics_of(work, "arithmetic")["word_swap_queries"] > 0
+    assert metrics_of(work, "retrieval")["distinct_texts"] == 18  # two references for each of 9 images
+
+
+@pytest.fixture(scope="module")
+def paper_repo(tmp_path_factory, smollm2):
+    """The README's paper recipe on CC3M + NoCaps files the test wrote: its yaml block with the paths
+    swapped for the test's and `test_source: nocaps`, as its comment offers."""
+    root = tmp_path_factory.mktemp("paper-recipe")
+    cc3m_images, tsv, n_train = write_cc3m(root)
+    nocaps_images, nocaps_json, n_test = write_nocaps(root)
+    recipe = readme_paper_params()
+    assert recipe["prepare"]["source"] == "cc3m" and "nocaps" in (REPO / "README.md").read_text()
+    recipe["prepare"] |= {"folder": str(cc3m_images), "annotations": str(tsv), "test_source": "nocaps",
+                          "test_folder": str(nocaps_images), "test_annotations": str(nocaps_json)}
+    work, env, out = repro(root, smollm2.tokenizer, recipe["prepare"], recipe["evaluate"])
+    return work, env, out, root, n_train, n_test
+
+
+def test_cc3m_with_nocaps_as_the_test_source(paper_repo):
+    work, _, out, _, n_train, n_test = paper_repo
+    report = ran_everything(work, out)
+    assert report["splits"]["train"]["images"] + report["splits"]["val"]["images"] == n_train
+    assert report["test"]["domains"] == {d: n_test // 3 for d in NOCAPS_DOMAINS}
+    caption = metrics_of(work, "caption")
+    assert caption["images"] == n_test
+    assert {"CIDEr_in", "CIDEr_near", "CIDEr_out", "CIDEr_overall"} <= caption.keys()
+    assert abs(caption["CIDEr_overall"] - caption["CIDEr"]) < 1e-9
+    # NoCaps' domain is the source's own, not the zero-shot split's: no seen/unseen anywhere
+    arithmetic = metrics_of(work, "arithmetic")
+    assert arithmetic["applicable"] and "color_swap_queries" not in arithmetic
+    assert not any(k.endswith(("_seen", "_unseen")) for task in ("caption", "retrieval", "arithmetic")
+                   for k in metrics_of(work, task))
+    summary = (work / "data" / "metrics" / "summary.md").read_text()
+    for domain in ("in", "near", "out"):
+        assert f"| caption/CIDEr_{domain} |" in summary
+    assert "NoCaps: in-, near- and out-of-domain" in summary and "_unseen" not in summary
+    assert "* vqa: n/a" in summary and "* zero-shot split: n/a" in summary
+
+
+def trained(lock_entry: dict) -> list:
+    """A train stage's weights and curves in dvc.lock (config.json also names the prototypes file's key)."""
+    return sorted((o["path"], o.get("md5")) for o in lock_entry["outs"] if not o["path"].endswith("config.json"))
+
+
+def test_switching_the_test_source_to_vqav2_gives_the_same_bridges(paper_repo):
+    """README: "For each test set, switch prepare.test_* (a dvc exp run -S ...)": only the new test images
+    are encoded (the CC3M features are found by content key); the bridges come out byte-identical. VQAv2
+    brings questions: VQA is scored, with the README's closed vocabulary (3,129 answers: every answer here)."""
+    work, env, _, root, _, _ = paper_repo
+    folder, questions, annotations, n_images = write_vqav2(root)
+    sh(["git", "add", "-A"], work, env)
+    sh(["git", "commit", "-qm", "cc3m + nocaps"], work, env)
+    before = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    out = sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "prepare.test_source=vqav2",
+              "-S", f"prepare.test_folder={folder}", "-S", f"prepare.test_annotations={annotations}",
+              "-S", f"prepare.test_questions={questions}"], work, env, timeout=900)
+    after = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    # Training runs again (its deps are the whole prepared/, features/ and prototypes/ folders, which the new
+    # test split changes) and gives the same weights and curves, byte for byte
+    assert {s for s in TRAIN_STAGES if trained(after[s]) != trained(before[s])} == set(), out[-3000:]
+    assert {s for s in TRAIN_STAGES if after[s] != before[s]} == TRAIN_STAGES
+    vqa = metrics_of(work, "vqa")
+    assert vqa["applicable"] is True and vqa["questions"] == 2 * n_images
+    assert 0.0 <= vqa["0shot_closed_accuracy"] <= 100.0 and "0shot_closed_is there a_accuracy" in vqa
