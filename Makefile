@@ -23,12 +23,14 @@ $(STAMP): pyproject.toml
 run: setup
 	dvc repro
 
+# Two pytest workers per core count (pytest-xdist), each test module on one worker: the dvc repro modules run
+# side by side, and a module's shared repo fixture is built once.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadscope
 
 # The edit-test loop: unit and in-process tests only (no real dvc repro, torchrun or long training).
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n auto --dist loadscope -m "not slow"
 
 # The hot paths, each timed against its named reference in the same run (record in bench/RESULTS.md).
 # The train-step, captioning, VQA and retrieval benches read the default run's outputs: `make run` first.

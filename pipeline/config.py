@@ -82,11 +82,25 @@ class ExtractConfig:
 class PrototypesConfig:
     llm: Str = "smollm2-135m"  # or "hf:<hub id or local folder>"
     subset: Literal["vocab", "corpus"] = "vocab"  # whole vocabulary, or token ids seen in training captions
-    prior: Literal["frequency", "uniform"] = "frequency"
-    temperature: Positive = 0.25  # mu ∝ df^temperature
+    # frequency: mu ∝ df^temperature; released: the authors' softmax(df / sum(df) / temperature); uniform
+    prior: Literal["frequency", "released", "uniform"] = "frequency"
+    temperature: Positive = 0.25  # frequency: the power of df; released: the softmax temperature
     smoothing: NonNegative = 1e-8  # added to every word's mass
     batch_size: PositiveInt = 64
     device: Str = "auto"
+
+
+@section
+class ValidationConfig:
+    """Validation during training (pipeline/validation.py): its own alignment settings, so every method's
+    diagnostics are measured alike without a train stage reading another method's params."""
+    every: NonNegativeInt = 10  # steps between points (and the last step); 0 = none
+    samples: PositiveInt = 64  # the fixed val subset: its first images with features and a caption
+    fit_images: PositiveInt = 1000  # training images the fitted retrieval scorers are fitted on
+    epsilon: Positive = 0.01  # L_AP and the assignment scorer: Sinkhorn entropy weight (as methods.vlap)
+    sinkhorn_iters: PositiveInt = 3
+    tau: Positive = 0.01
+    nce_temperature: Positive = 0.01  # InfoNCE at logit scale 1 / this (methods.contrastive's initial value)
 
 
 @section
@@ -107,6 +121,7 @@ class TrainConfig:
     checkpoint_every: PositiveInt = 10
     loader_workers: NonNegativeInt = 1  # processes reading batches from the cache
     device: Str = "auto"
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
 @section
@@ -117,6 +132,9 @@ class VlapMethodConfig:
     epsilon: Positive = 0.01  # Sinkhorn entropy weight
     sinkhorn_iters: PositiveInt = 3
     tau: Positive = 0.01  # softmax temperature of p_v, p_t
+    # transport: the paper's OT problem (batch-coupled, word marginal mu); released: the authors' script's
+    # per-sample target, each row ∝ exp(S/eps) · mu^sinkhorn_iters (docs/method.md#the-objective)
+    target: Literal["transport", "released"] = "transport"
 
 
 @section
@@ -376,5 +394,7 @@ def plain(value: Any) -> Any:
 
 
 def section_values(section: Any) -> dict:
-    """A section's fields as a plain dict (field by field, so every read is an attribute access)."""
-    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    """A section's fields as a plain dict, subsections as dicts (field by field, so every read is an
+    attribute access)."""
+    values = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    return {k: section_values(v) if hasattr(v, "__dataclass_fields__") else v for k, v in values.items()}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.distributed import Ranks
-from pipeline.ot import sinkhorn
+from pipeline.ot import released_targets, sinkhorn
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ def assignment_prediction_loss(
     epsilon: float,
     n_iters: int,
     tau: float,
+    target: str = "transport",
     ranks: Ranks = Ranks(),
 ) -> APLoss:
     """Swapped assignment prediction (docs/method.md#the-objective).
@@ -43,8 +44,15 @@ def assignment_prediction_loss(
     s_v, s_t = z_v @ prototypes.T, z_t @ prototypes.T  # (b, K) S_v and S_t, this rank's rows
     # Both OT problems in one call; never below float32 (a half-precision OT loses tiny mu_k).
     ot_dtype = torch.promote_types(s_v.dtype, torch.float32)
-    ot = sinkhorn(torch.stack([s_v.detach(), s_t]).to(ot_dtype), prior, epsilon, n_iters, ranks=ranks)
-    q_v, q_t = ot.assignments.to(s_v.dtype).unbind(0)  # (b, K) each, rows sum to 1, targets (no grad)
+    scores = torch.stack([s_v.detach(), s_t]).to(ot_dtype)
+    if target == "released":  # the authors' per-sample target; its columns are not held to mu
+        assignments = released_targets(scores, prior, epsilon, n_iters)
+        column_sums = ranks.all_sum(assignments.sum(-2)) / (scores.shape[-2] * ranks.world)
+        marginal_error = (column_sums - prior.to(ot_dtype)).abs().sum(-1)
+    else:
+        ot = sinkhorn(scores, prior, epsilon, n_iters, ranks=ranks)
+        assignments, marginal_error = ot.assignments, ot.marginal_error
+    q_v, q_t = assignments.to(s_v.dtype).unbind(0)  # (b, K) each, rows sum to 1, targets (no grad)
     log_p_v = F.log_softmax(s_v / tau, dim=-1)  # (b, K)
     log_p_t = F.log_softmax(s_t / tau, dim=-1)  # (b, K)
     batch = s_v.shape[0] * ranks.world
@@ -54,7 +62,7 @@ def assignment_prediction_loss(
         total=0.5 * (visual_term + text_term),
         visual_term=visual_term,
         text_term=text_term,
-        marginal_error=ot.marginal_error.mean().item(),
+        marginal_error=marginal_error.mean().item(),
     )
 
 

@@ -31,7 +31,8 @@ class Method:
 def vlap_alignment(mcfg, protos, z_v, captions, terms: dict, ranks: Ranks, logit_scale=None) -> torch.Tensor:
     """λ · L_AP: each modality predicts the other's optimal-transport assignment over the word prototypes."""
     ap = assignment_prediction_loss(z_v, protos.text_reps(captions), protos.prototypes, protos.prior,
-                                    epsilon=mcfg.epsilon, n_iters=mcfg.sinkhorn_iters, tau=mcfg.tau, ranks=ranks)
+                                    epsilon=mcfg.epsilon, n_iters=mcfg.sinkhorn_iters, tau=mcfg.tau,
+                                    target=mcfg.target, ranks=ranks)
     terms.update(loss_ap=ap.total, loss_ap_visual=ap.visual_term, loss_ap_text=ap.text_term,
                  sinkhorn_marginal_error=z_v.new_tensor(ap.marginal_error / ranks.world))
     return mcfg.ap_weight * ap.total

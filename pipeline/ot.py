@@ -94,6 +94,16 @@ def sinkhorn(scores: torch.Tensor, col_mass: torch.Tensor, epsilon: float, n_ite
 
 
 @torch.no_grad()
+def released_targets(scores: torch.Tensor, prior: torch.Tensor, epsilon: float, n_iters: int) -> torch.Tensor:
+    """The per-sample target of the authors' released script (park-jungin/vlap train.py, distributed_sinkhorn):
+    Q = exp(S / eps), then n_iters times: every word's entry times mu, each sample renormalised. No coupling
+    between samples: row b is ∝ exp(S_b / eps) · mu^n_iters. Computed as that softmax, which is the loop's
+    result exactly (their exp(S / eps) overflows float32 above a cosine of 0.887 at eps = 0.01). (..., B, K)."""
+    log_mu = prior.to(scores.dtype).clamp_min(torch.finfo(scores.dtype).tiny).log()
+    return torch.softmax(scores / epsilon + n_iters * log_mu, dim=-1)
+
+
+@torch.no_grad()
 def assign_with_columns(scores: torch.Tensor, log_b: torch.Tensor, epsilon: float) -> torch.Tensor:
     """Assignments (..., n, K) of new samples against columns fixed by an earlier solve (`log_b`):
     softmax(S / eps + log_b) row by row, Sinkhorn's last row update. Each row depends on its own

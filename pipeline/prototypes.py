@@ -52,9 +52,27 @@ def document_frequency(lm: LanguageModel, captions: list[str], prompt: str) -> n
     return df
 
 
-def word_prior(df: np.ndarray, token_ids: np.ndarray, zeroed: list[int], cfg: PrototypesConfig) -> np.ndarray:
+def released_prior(df: np.ndarray, token_ids: np.ndarray, pad_id: int | None, temperature: float) -> np.ndarray:
+    """The authors' word distribution (park-jungin/vlap, commit f206b6c, "generate word distributions", and
+    `(vocab_dist / 2.5e-1).softmax(dim=0)` in its Sinkhorn): the document frequency with the pad id's count
+    zeroed, divided by its total, then a softmax at `temperature` over the prototype words. Nothing is zeroed
+    after the softmax; it is nearly uniform (a word in every caption gets e^(1/temperature) times an unseen one's)."""
+    freq = df.copy()
+    if pad_id is not None:
+        freq[pad_id] = 0.0
+    freq = freq / freq.sum() if freq.sum() > 0 else freq
+    logits = freq[token_ids] / temperature
+    mu = np.exp(logits - logits.max())
+    return mu / mu.sum()
+
+
+def word_prior(df: np.ndarray, token_ids: np.ndarray, zeroed: list[int], cfg: PrototypesConfig,
+               pad_id: int | None = None) -> np.ndarray:
     """mu over the prototype words: df^temperature (temperature < 1 flattens), special ids
-    zeroed, plus additive smoothing so that no ordinary word has zero mass."""
+    zeroed, plus additive smoothing so that no ordinary word has zero mass; or the authors' recipe
+    (`released`), or uniform (special ids zeroed)."""
+    if cfg.prior == "released":
+        return released_prior(df, token_ids, pad_id, cfg.temperature)
     if cfg.prior == "uniform":
         mu = np.ones(len(token_ids))
     else:
@@ -111,7 +129,7 @@ def build_prototypes(lm: LanguageModel, train_captions: list[str], all_texts: li
         token_ids = np.arange(lm.vocab_size, dtype=np.int64)
     with torch.no_grad():
         E = F.normalize(lm.embedding_matrix.float(), dim=-1)[torch.from_numpy(token_ids).to(lm.device)].cpu().numpy()
-    prior = word_prior(df, token_ids, zeroed, cfg)
+    prior = word_prior(df, token_ids, zeroed, cfg, pad_id=lm.tokenizer.pad_token_id)
     z_t = caption_representations(lm, all_texts, cfg.batch_size)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("prototypes", data=E.astype(np.float32), track_times=False)

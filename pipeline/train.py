@@ -33,6 +33,7 @@ from pipeline.methods import REGISTRY
 from pipeline.paths import Dirs
 from pipeline.prototypes import Prototypes
 from pipeline.throughput import Throughput
+from pipeline.validation import ValidationSet, validate
 
 log = logging.getLogger(__name__)
 
@@ -164,23 +165,25 @@ def run_fingerprint(method: str, cfg: Config, data: TrainData, protos: Prototype
 
 def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, protos: Prototypes, out_dir: Path,
                  live_dir: Path, throughput_dir: Path, checkpoint: Path, stop_after: int | None = None,
-                 ranks: Ranks = Ranks()) -> dict:
+                 ranks: Ranks = Ranks(), val: ValidationSet | None = None) -> dict:
     """Train one method; write the bridge folder out_dir (model.safetensors, config.json) and dvclive logs
     under live_dir.
 
     `stop_after` ends the run after that many steps (leaving the checkpoint), as an interruption would.
+    With `val`, every `train.validation.every` steps and at the last, rank 0 logs the val/ metrics
+    (pipeline/validation.py) into the same curves.
     Under torchrun (`ranks.world` > 1) every process trains on its part of each global batch through
     DDP, and only rank 0 writes.
     """
     precision = resolve_precision(cfg.train.precision, lm.device)
     with lm.attention(training_attention(precision, lm.device)):
         return _train_bridge(method, cfg, data, lm, protos, out_dir, live_dir, throughput_dir, checkpoint, stop_after,
-                             ranks, precision)
+                             ranks, precision, val)
 
 
 def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, protos: Prototypes, out_dir: Path,
                   live_dir: Path, throughput_dir: Path, checkpoint: Path, stop_after: int | None,
-                  ranks: Ranks, precision: str) -> dict:
+                  ranks: Ranks, precision: str, val: ValidationSet | None) -> dict:
     from dvclive import Live
 
     tcfg, device = cfg.train, lm.device
@@ -275,6 +278,10 @@ def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, 
                 continue
             for key, value in meter.row(tcfg.batch_size).items():
                 timing.log_metric(f"throughput/{key}", value)
+            every = tcfg.validation.every
+            if val is not None and every and ((step + 1) % every == 0 or step + 1 == steps):
+                row["val"] = validate(cfg, lm, bridge, protos, val, prompt_ids)
+                timing.log_metric("throughput/val_seconds", row["val"].pop("seconds"))
             timing.next_step()
             _log_step(live, row)
             if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == steps:
@@ -307,7 +314,11 @@ def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, 
 
 def _log_step(live, row: dict) -> None:
     for key, value in row.items():
-        live.log_metric(f"train/{key}", value)
+        if key == "val":
+            for name, v in value.items():
+                live.log_metric(f"val/{name}", v)
+        else:
+            live.log_metric(f"train/{key}", value)
     live.next_step()
 
 

@@ -21,6 +21,7 @@ from pipeline.lms import LanguageModel, load_lm
 from pipeline.paths import Dirs
 from pipeline.prototypes import check_prototypes_match, load_prototypes, prototypes_file
 from pipeline.train import load_train_data, run_length, train_bridge
+from pipeline.validation import load_validation_set
 from stages.common import Out, StageSpec, stage_main
 
 STAGE = StageSpec(
@@ -49,7 +50,7 @@ def run(cfg: Config, dirs: Dirs, method: str, *, lm: LanguageModel | None = None
         checkpoint = dirs.models / "checkpoints" / f"{method}.pt"  # not a DVC out: survives a re-run
         result = train_bridge(method, cfg, train_data, lm, protos, dirs.models / method,
                               dirs.metrics / "train" / method, dirs.reports / "train" / method, checkpoint,
-                              stop_after=stop_after, ranks=ranks)
+                              stop_after=stop_after, ranks=ranks, val=load_validation_set(cfg, dirs))
         # The other ranks wait while rank 0 writes, so no process group is torn down under a live one
         # (a rank leaving early was seen to abort at exit: "terminate called without an active exception").
         distributed.barrier()

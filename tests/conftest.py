@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Each test process (one per pytest-xdist worker) and the flows it starts get their own Prefect home: two
+# temporary Prefect servers never share one SQLite database, and the user's ~/.prefect is left alone.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="vlap-test-prefect-")
 
 from pipeline.runtime import pin_cpu_kernels  # noqa: E402
 
@@ -69,16 +73,18 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory, easyvqa_splits, smollm2):
-    """prepare -> extract -> prototypes on 64 train + 32 test real easy-VQA images, through the stages."""
+    """prepare -> extract -> prototypes on 64 train, 16 val (more training images) + 32 test real easy-VQA
+    images, through the stages."""
     from stages import extract, prototypes
 
     splits, _ = easyvqa_splits
     dirs = Dirs.under(tmp_path_factory.mktemp("pipeline"))
-    for name, n in (("train", 64), ("test", 32)):
-        split = splits[name]
-        ids = {r.image_id for r in split.images[:n]}
+    for name, source, rows in (("train", "train", slice(0, 64)), ("val", "train", slice(64, 80)),
+                               ("test", "test", slice(0, 32))):
+        split = splits[source]
+        ids = {r.image_id for r in split.images[rows]}
         questions = [q for q in split.questions if q["image_id"] in ids]
-        write_split(dirs.prepared, Split(name, split.image_root, split.images[:n], questions))
+        write_split(dirs.prepared, Split(name, split.image_root, split.images[rows], questions))
     cfg = Config()
     extract.run(cfg, dirs)
     prototypes.run(cfg, dirs, lm=smollm2)

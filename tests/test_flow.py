@@ -57,7 +57,7 @@ def test_flow_runs_what_dvc_runs():
     assert flow.upstream(nodes, node("train"), "vlap", dirs) == ["prepare", "extract", "prototypes"]
     assert flow.upstream(nodes, node("evaluate_vqa"), "limber", dirs) == ["prepare", "extract", "prototypes",
                                                                           "train@limber"]
-    assert set(flow.upstream(nodes, node("summarize"), None, dirs)) == {
+    assert set(flow.upstream(nodes, node("summarize"), None, dirs)) == {"prepare"} | {  # prepare: the zero-shot note
         f"evaluate_{t}@{m}" for t in ("caption", "vqa", "retrieval", "arithmetic") for m in METHODS}
 
 
@@ -207,3 +207,21 @@ def test_dask_without_prefect_dask_is_one_line(tmp_path, capsys):
     assert flow.main(["--dask", "--params", str(REPO / "params.yaml"), "--data", str(tmp_path)]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: --dask needs the prefect-dask package (pip install prefect-dask)"]
+
+
+def test_a_server_that_does_not_start_in_time_is_one_line_with_the_fix(tmp_path):
+    """With no PREFECT_API_URL the flow starts Prefect's temporary server; one that never answers within the
+    allowed start-up (0 s here, a loaded machine in life) ends in one line saying how to run a real one."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "0", "PREFECT_HOME": str(tmp_path / "home")}
+    run = subprocess.run([sys.executable, "-m", "vlap.flow", "--params", str(REPO / "params.yaml"),
+                          "--data", str(tmp_path / "data")], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode == 2 and len(errors) == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert "did not answer within 0 s" in errors[0] and "prefect server start" in errors[0]
+    assert "PREFECT_API_URL" in errors[0] and "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in errors[0]
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("*.parquet"))  # nothing ran

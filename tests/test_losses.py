@@ -141,3 +141,71 @@ def test_logit_scale_starts_at_one_over_temperature_learns_and_is_clamped_at_100
     assert scale().item() == pytest.approx(100.0)
     fixed = LogitScale(0.07, learnable=False)
     assert not fixed.log_scale.requires_grad
+
+
+# ---------------------------------------------------------------- the authors' released objective
+def authors_word_distribution(token_rows: list[list[int]], vocab_size: int) -> torch.Tensor:
+    """Transcribed from park-jungin/vlap (commit f206b6c, "generate word distributions"): padded rows of
+    caption token ids (pad 0); indexing with repeated ids adds once per caption."""
+    width = max(len(r) for r in token_rows)
+    labels = torch.tensor([r + [0] * (width - len(r)) for r in token_rows])
+    vocab_dist = torch.zeros(vocab_size, dtype=torch.float64)
+    for row in labels[:]:
+        vocab_dist[row] += 1
+    vocab_dist[0] = 0.
+    return (vocab_dist / vocab_dist.sum()).unsqueeze(1)  # (K, 1), as the script loads it
+
+
+def authors_sinkhorn(out: torch.Tensor, vocab_dist: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
+    """Transcribed from the released train.py's distributed_sinkhorn, 2-D branch, one process."""
+    Q = torch.exp(out / epsilon).t()
+    B = Q.shape[1]
+    for _ in range(iterations):
+        Q *= (vocab_dist / 2.5e-1).softmax(dim=0)
+        Q /= torch.sum(Q, dim=0, keepdim=True)
+        Q /= B
+    Q *= B
+    return Q.t()
+
+
+def test_released_prior_and_targets_equal_a_transcription_of_the_authors_loop() -> None:
+    import numpy as np
+
+    from pipeline.config import PrototypesConfig
+    from pipeline.ot import released_targets
+    from pipeline.prototypes import word_prior
+
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(1, K, (int(n),), generator=g).tolist() for n in torch.randint(2, 9, (40,), generator=g)]
+    rows[0] += [rows[0][0]] * 3 + [0]  # a repeated id counts once; a pad id in the ids counts nothing
+    df = np.zeros(K)
+    for ids in rows:  # document frequency, as pipeline.prototypes.document_frequency counts it
+        df[np.unique(ids)] += 1
+    vocab_dist = authors_word_distribution(rows, K)
+    mu = word_prior(df, np.arange(K), [0], PrototypesConfig(prior="released", temperature=0.25), pad_id=0)
+    np.testing.assert_allclose(mu, (vocab_dist / 0.25).softmax(dim=0).squeeze(1).numpy(), rtol=1e-12)
+    assert mu.max() / mu.min() < math.exp(1 / 0.25)  # nearly uniform, as the recipe is
+
+    z_v, _, prototypes, _ = _inputs(4)
+    scores = (z_v @ prototypes.T).double()  # cosines: exp(S / 0.05) stays finite for the transcription
+    for epsilon, iterations in ((0.05, 3), (0.1, 1)):
+        expected = authors_sinkhorn(scores.clone(), vocab_dist, epsilon, iterations)
+        got = released_targets(scores, torch.from_numpy(mu), epsilon, iterations)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
+    # batch-independent: a sample's target does not move when the others change (no transport coupling)
+    torch.testing.assert_close(released_targets(scores[:3], torch.from_numpy(mu), 0.05, 3),
+                               released_targets(scores, torch.from_numpy(mu), 0.05, 3)[:3])
+    # the paper's transport plan does depend on the batch, so the two objectives differ
+    plan = sinkhorn(scores, torch.from_numpy(mu), 0.05, 3).assignments
+    assert not torch.allclose(plan, released_targets(scores, torch.from_numpy(mu), 0.05, 3), atol=1e-3)
+
+
+def test_released_target_trains_through_the_ap_loss() -> None:
+    z_v, z_t, prototypes, prior = _inputs(5)
+    z_v.requires_grad_(True)
+    loss = assignment_prediction_loss(z_v, z_t, prototypes, prior, target="released", **AP_KW)
+    loss.total.backward()
+    assert z_v.grad.abs().sum() > 0 and torch.isfinite(loss.total)
+    transport = assignment_prediction_loss(z_v.detach(), z_t, prototypes, prior, **AP_KW)
+    assert not math.isclose(loss.text_term.item(), transport.text_term.item(), rel_tol=1e-4)
+    assert 0 < loss.marginal_error < 2  # reported: the released target does not hold the word marginal

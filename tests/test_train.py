@@ -74,7 +74,8 @@ def test_only_the_bridge_receives_gradients(tiny_pipeline, smollm2):
 @pytest.mark.slow
 def test_vlap_lowers_both_losses(tiny_pipeline, smollm2, tmp_path):
     cfg, dirs = tiny_pipeline
-    cfg = small(cfg, steps=18, batch_size=8, lr=1e-2, warmup_steps=2, checkpoint_every=100)
+    cfg = small(cfg, steps=18, batch_size=8, lr=1e-2, warmup_steps=2, checkpoint_every=100,
+                validation=dataclasses.replace(cfg.train.validation, every=8, samples=12, fit_images=48))
     dirs = dirs.sharing_inputs(tmp_path / "data")
     result = train.run(cfg, dirs, "vlap", lm=smollm2)
     assert result["finished"] and result["steps"] == 18
@@ -96,12 +97,26 @@ def test_vlap_lowers_both_losses(tiny_pipeline, smollm2, tmp_path):
     speed = json.loads((dirs.reports / "train" / "vlap" / "metrics.json").read_text())["throughput"]
     assert speed == result["throughput"] and speed["timed_steps"] == 18
     # SmolLM2's forward and input-gradient backward over 8 sequences of 32 visual tokens and a caption: ~4·135M·8·40
-    assert 100 < speed["step_gflop"] < 1000 and 0.01 < speed["mean_mfu"] < 1
+    # MFU: over a matmul rate measured once at the start; on a shared CPU it can read above 1 (README)
+    assert 100 < speed["step_gflop"] < 1000 and 0.01 < speed["mean_mfu"] < 4
     assert speed["mean_samples_per_second"] == pytest.approx(8 / speed["mean_step_seconds"], rel=0.5)
     traces = dirs.reports / "train" / "vlap" / "plots" / "metrics" / "throughput"
-    assert {p.stem for p in traces.glob("*.tsv")} == {"step_seconds", "samples_per_second", "mfu"}
+    assert {p.stem for p in traces.glob("*.tsv")} == {"step_seconds", "samples_per_second", "mfu", "val_seconds"}
     assert len((traces / "mfu.tsv").read_text().split()) == 2 + 2 * 18  # header + (step, value) per step
     assert "throughput" not in meta["final"]  # timing stays out of the bridge, which must reproduce
+    # Validation on the fixed val subset at steps 8, 16 and the last, beside the training curves
+    val_dir = dirs.metrics / "train" / "vlap" / "plots" / "metrics" / "val"
+    assert {p.stem for p in val_dir.glob("*.tsv")} == {"loss_cap", "loss_ap", "loss_nce", "cosine_i2t_R@1",
+                                                       "assignment_i2t_R@1", "centred_i2t_R@1"}
+    points = [line.split("\t") for line in (val_dir / "loss_cap.tsv").read_text().splitlines()[1:]]
+    assert [int(step) for step, _ in points] == [7, 15, 17]  # dvclive counts steps from 0
+    val_cap = [float(v) for _, v in points]
+    assert val_cap[-1] < val_cap[0] - 0.5, val_cap  # the held-out captions get likelier too
+    val_final = meta["final"]["val"]
+    assert val_final["loss_cap"] == pytest.approx(val_cap[-1]) and val_final["loss_ap"] > 0
+    assert all(0.0 <= val_final[f"{s}_i2t_R@1"] <= 100.0 for s in ("cosine", "assignment", "centred"))
+    val_seconds = (dirs.reports / "train" / "vlap" / "plots" / "metrics" / "throughput" / "val_seconds.tsv")
+    assert len(val_seconds.read_text().split()) == 2 + 2 * 3  # its cost, timed at each point
 
 
 @pytest.mark.slow
