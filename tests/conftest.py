@@ -1,6 +1,7 @@
 """Shared fixtures: the real packaged models (loaded once per session) and small real data."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 
@@ -9,6 +10,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Each test process (one per pytest-xdist worker) and the flows it starts get their own Prefect home: two
 # temporary Prefect servers never share one SQLite database, and the user's ~/.prefect is left alone.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="vlap-test-prefect-")
+# Under pytest-xdist (`make test`: one worker per core) each worker and the processes it starts compute on one
+# thread: the workers share the cores instead of oversubscribing them. Set before torch is imported.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 from pipeline.runtime import pin_cpu_kernels  # noqa: E402
 
@@ -85,7 +90,10 @@ def tiny_pipeline(tmp_path_factory, easyvqa_splits, smollm2):
         ids = {r.image_id for r in split.images[rows]}
         questions = [q for q in split.questions if q["image_id"] in ids]
         write_split(dirs.prepared, Split(name, split.image_root, split.images[rows], questions))
+    # no validation while training (the one test of it turns it on): the other tests time and count other things
     cfg = Config()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, validation=dataclasses.replace(cfg.train.validation, every=0)))
     extract.run(cfg, dirs)
     prototypes.run(cfg, dirs, lm=smollm2)
     return cfg, dirs

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.errors import DiskFullError
 from pipeline.extraction import extract_split
@@ -78,8 +79,10 @@ def test_extraction_on_a_full_disk_keeps_its_shards_and_resumes_byte_identical(
     features = small_disk / "features"
 
     def extract() -> subprocess.CompletedProcess:
+        # the reference's thread count: CPU kernels may sum in another order with another count
+        env = os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())}
         return subprocess.run([sys.executable, "-c", EXTRACT, str(prepared), str(easyvqa_root), str(features)],
-                              cwd=REPO, capture_output=True, text=True, timeout=300)
+                              cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
 
     # Room for the shard parts (about the file's size) but not for the assembled file as well: the disk
     # fills while the file is written.

@@ -76,6 +76,7 @@ def test_vlap_lowers_both_losses(tiny_pipeline, smollm2, tmp_path):
     cfg, dirs = tiny_pipeline
     cfg = small(cfg, steps=18, batch_size=8, lr=1e-2, warmup_steps=2, checkpoint_every=100,
                 validation=dataclasses.replace(cfg.train.validation, every=8, samples=12, fit_images=48))
+    assert Config().train.validation.every == 10  # on by default; the shared fixture turns it off
     dirs = dirs.sharing_inputs(tmp_path / "data")
     result = train.run(cfg, dirs, "vlap", lm=smollm2)
     assert result["finished"] and result["steps"] == 18
