@@ -3,8 +3,9 @@ from the committed params.yaml and changes only the prepare keys the README name
 read out of the README's own yaml block), plus the cost keys every repro test shrinks (tiny local models).
 
 COCO in Karpathy's split file runs to the summary; CC3M (TSV + img2dataset files) trains and NoCaps tests,
-with CIDEr per NoCaps domain; then, as the README says, switching the test source to VQAv2 with
-`dvc exp run -S` extracts the new test images and reuses the trained bridges."""
+with CIDEr per NoCaps domain; then, as the README says, switching the test source with `dvc exp run -S` (to
+VQAv2, and to COCO's Karpathy file as the README's yaml names it) encodes only the new test images and
+trains the same bridges again."""
 from __future__ import annotations
 
 import json
@@ -139,3 +140,24 @@ def test_switching_the_test_source_to_vqav2_gives_the_same_bridges(paper_repo):
     vqa = metrics_of(work, "vqa")
     assert vqa["applicable"] is True and vqa["questions"] == 2 * n_images
     assert 0.0 <= vqa["0shot_closed_accuracy"] <= 100.0 and "0shot_closed_yes_no_accuracy" in vqa
+
+
+def test_switching_the_test_source_to_karpathy_coco_as_the_readme_yaml_says(paper_repo):
+    """The README's yaml block itself: `test_source: karpathy` with COCO's `dataset_coco.json`; the test split is
+    the file's own test entries, every reference of an image counts, and the bridge is trained as before."""
+    work, env, _, root, _, _ = paper_repo
+    images, split_file, _ = write_karpathy(root / "coco-test")
+    recipe = readme_paper_params()["prepare"]
+    assert recipe["test_source"] == "karpathy" and recipe["test_annotations"].endswith("dataset_coco.json")
+    sh(["git", "add", "-A"], work, env)
+    sh(["git", "commit", "-qm", "before the karpathy test source", "--allow-empty"], work, env)
+    before = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    out = sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "prepare.test_source=karpathy",
+              "-S", f"prepare.test_folder={images}", "-S", f"prepare.test_annotations={split_file}",
+              "-S", "prepare.test_questions=", "evaluate_caption@vlap"], work, env, timeout=900)
+    after = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    assert trained(after["train@vlap"]) == trained(before["train@vlap"]), out[-3000:]
+    caption = metrics_of(work, "caption")
+    assert caption["applicable"] and caption["images"] == 9  # the split file's test entries
+    references = json.loads((work / "data" / "plots" / "caption" / "vlap" / "captions.json").read_text())
+    assert {len(r["references"]) for r in references.values()} == {2}
