@@ -1,7 +1,8 @@
 """Summary stage: every method x every task's headline metric in one table and one bar plot.
 
 Reads  data/metrics/<task>/<method>.json for all tasks and methods, data/prepared/report.json (whether the
-       zero-shot split was made), and the committed study's verdicts.
+       zero-shot split was made), and the committed study's verdicts, shown only where the study was made
+       with this run's setting (data, models, budget: pipeline.tasks.summary.study_setting).
 Writes data/metrics/summary.md, data/metrics/summary.json, data/plots/summary.png.
        A task the data has no inputs for shows "n/a" with its reason; so does a zero-shot split it cannot hold.
 
@@ -19,13 +20,15 @@ from pipeline.io import write_json_atomic
 from pipeline.report import write_markdown
 from pipeline.paths import Dirs
 from pipeline.tasks.registry import HEADLINES
-from pipeline.tasks.summary import bar_plot, collect, markdown_table, study_verdicts
+from pipeline.tasks.summary import (bar_plot, collect, markdown_table, study_mismatch, study_setting,
+                                    study_verdicts)
 from stages.common import Out, StageSpec, stage_main
 
 STUDY = "results/study-easyvqa/study.json"  # the committed study: which differences are real
 STAGE = StageSpec(
     name="summarize", description=__doc__.splitlines()[0],
-    params=(),
+    params=("prepare.source", "prepare.test_source", "prepare.heldout", "extract.encoder", "prototypes.llm",
+            "train.steps", "train.epochs", "train.batch_size"),  # the setting a study's verdicts must match
     deps=("prepared/report.json", *(f"metrics/{task}" for task in HEADLINES)),
     files=(STUDY,),
     outs=(Out("metrics/summary.md", cache=False), Out("metrics/summary.json", cache=False),
@@ -47,7 +50,10 @@ def run(cfg: Config, dirs: Dirs, method: None = None, *, lm=None) -> dict:
         (("_in", "_near", "_out"), "Rows ending in _in / _near / _out are the test source's domains (NoCaps: in-, "
                                    "near- and out-of-domain). "))
         if any(c.endswith(suffixes) for c in columns))
-    verdicts = study_verdicts(Path(STUDY))
+    mismatch = study_mismatch(Path(STUDY), study_setting(cfg))
+    verdicts = {} if mismatch else study_verdicts(Path(STUDY))
+    if mismatch:
+        reasons["study verdicts"] = f"{STUDY} is not shown: {mismatch}"
     text = ("# VLAP vs baselines (headline metrics; higher is better)\n\n"
             "Retrieval rows compare every method under the same scorer. " + groups +
             "`chance`: a random caption, answer or ranking. " + (f"The last column: the differences the committed "

@@ -76,6 +76,9 @@ def test_karpathy_coco_as_the_readme_says(tmp_path, smollm2):
     assert metrics_of(work, "vqa")["applicable"] is False
     assert metrics_of(work, "arithmetic")["word_swap_queries"] > 0
     assert metrics_of(work, "retrieval")["distinct_texts"] == 18  # two references for each of 9 images
+    summary = (work / "data" / "metrics" / "summary.md").read_text()  # easy-VQA's study is not this data's
+    assert "study.json is not shown: it was made with source 'easyvqa' (this run: 'karpathy')" in summary
+    assert "real differences" not in summary
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from graph_runner import cut_easyvqa
 from pipeline.bridge import load_bridge
 from pipeline.config import parse_config
 from pipeline.paths import Dirs
+from dvc_repo import REPO
 from stages import extract, prepare, prototypes
 from stages.common import run_stage
 from tiny_models import save_tiny_clip_vision, save_tiny_opt
@@ -112,3 +113,26 @@ def test_a_study_without_cached_inputs_fails_in_one_line(tmp_path):
 
     with pytest.raises(MissingInputError, match="run `dvc repro prototypes` first"):
         run_study(parse_config({}), Dirs.under(tmp_path / "data"), tmp_path / "study", [0], ["vlap"])
+
+
+def test_a_study_is_shown_only_beside_a_run_of_its_setting(tmp_path):
+    """The summary's verdict column comes from a study made with this run's data, models and budget; the
+    committed study records its setting, and the defaults are that setting."""
+    import dataclasses
+    import json
+
+    from pipeline.config import load_config
+    from pipeline.tasks.summary import study_mismatch, study_setting
+    from stages.summarize import STUDY
+
+    cfg = load_config(REPO / "params.yaml")
+    assert study_mismatch(REPO / STUDY, study_setting(cfg)) is None  # the committed study is the default's
+    coco = dataclasses.replace(cfg, prepare=dataclasses.replace(cfg.prepare, source="karpathy", heldout=()))
+    why = study_mismatch(REPO / STUDY, study_setting(coco))
+    assert "source 'easyvqa' (this run: 'karpathy')" in why and "heldout" in why
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=3000))
+    assert "steps 40 (this run: 3000)" in study_mismatch(REPO / STUDY, study_setting(longer))
+    old = tmp_path / "study.json"
+    old.write_text(json.dumps({"metrics": {}}))
+    assert study_mismatch(old, study_setting(cfg)) == "it records no setting (data, models, budget)"
+    assert study_mismatch(tmp_path / "none.json", study_setting(cfg)) is None

@@ -33,7 +33,7 @@ from pipeline.io import write_json_atomic
 from pipeline.report import figure, save_figure, write_markdown
 from pipeline.paths import Dirs
 from pipeline.tasks.registry import HEADLINES, TASKS
-from pipeline.tasks.summary import headline_values
+from pipeline.tasks.summary import headline_values, study_setting
 from pipeline.train import method_lr
 from stages.common import run_stage
 from stages.graph import Node, RunRecord, graph
@@ -183,6 +183,20 @@ def plot(report: dict, path: Path, chance: dict[str, float] | None = None) -> No
     save_figure(fig, path, dpi=100)
 
 
+def code_revision() -> str | None:
+    """The git commit the study ran from (with "+changes" when the tree had uncommitted edits), or None."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def run_study(cfg: Config, base: Dirs, out: Path, seeds: list[int], methods: list[str], steps: int | None = None,
               test_images: int | None = None, vqa_questions: int | None = None, n_boot: int = 2000,
               command: str = "vlap study", lm=None, vqa_shots: int | None = None) -> dict:
@@ -211,6 +225,7 @@ def run_study(cfg: Config, base: Dirs, out: Path, seeds: list[int], methods: lis
               f"encoder {cfg.extract.encoder}, LLM {cfg.prototypes.llm}.")
     out = Path(out)
     write_json_atomic(out / "study.json", {"command": command, "seeds": seeds, "methods": methods,
+                                           "setting": study_setting(run_cfg), "code_revision": code_revision(),
                                            "train": section_values(run_cfg.train), "metrics": report})
     chance = chance_levels(roots[0], methods[0])
     write_markdown(out / "report.md", markdown(report, header, chance))

@@ -63,6 +63,25 @@ def collect(metrics_dir: Path, methods: list[str]
     return table, reasons, chance
 
 
+def study_setting(cfg) -> dict:
+    """What a study's verdicts belong to: the data, the models and the training budget. A summary shows a
+    study's verdicts only beside a run of the same setting."""
+    return {"source": cfg.prepare.source, "test_source": cfg.prepare.test_source,
+            "heldout": list(cfg.prepare.heldout), "encoder": cfg.extract.encoder, "llm": cfg.prototypes.llm,
+            "steps": cfg.train.steps, "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size}
+
+
+def study_mismatch(study_json: Path, setting: dict) -> str | None:
+    """Why the study at `study_json` is not this run's (None when it is, or when there is no study)."""
+    if not Path(study_json).exists():
+        return None
+    recorded = json.loads(Path(study_json).read_text()).get("setting")
+    if recorded is None:
+        return "it records no setting (data, models, budget)"
+    differs = [f"{k} {recorded.get(k)!r} (this run: {v!r})" for k, v in setting.items() if recorded.get(k) != v]
+    return f"it was made with {'; '.join(differs)}" if differs else None
+
+
 def study_verdicts(study_json: Path) -> dict[str, str]:
     """task/metric -> the committed study's real differences ("vlap > limber; vlap < contrastive"),
     or "none" where every interval holds zero. Empty without a study."""
