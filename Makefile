@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml
 run: setup
 	dvc repro
 
-# Two pytest workers per core count (pytest-xdist), each test module on one worker: the dvc repro modules run
-# side by side, and a module's shared repo fixture is built once.
+# One pytest worker per core (pytest-xdist), each test module on one worker: the dvc repro modules run side by
+# side, and a module's shared repo fixture is built once.
 test: setup
 	$(PY) -m pytest -q -n auto --dist loadscope
 

@@ -1,4 +1,4 @@
-"""Validation while training: every `train.eval_every` steps, the losses and retrieval of a fixed subset of
+"""Validation while training: every `train.validation.every` steps, the losses and retrieval of a fixed subset of
 the val split (never test), logged to dvclive under `val/` beside the training curves.
 
 - `val/loss_cap`: the captioning loss of each subset image's first caption (a token mean, as in training);
@@ -11,13 +11,15 @@ the val split (never test), logged to dvclive under `val/` beside the training c
 
 The subset is the first `train.validation.samples` val images with features and a caption, the same for every
 method and every point of a run, so the points compare. Its tokens are read once and held: a bounded
-`val_samples` x N x d_v in float16. Its cost per point is timed and logged with the throughput.
+`samples` x N x d_v in float16. Everything on the text side (z_t, the gallery, the fitted text columns) is
+fixed while training, so it is computed once, when the set is loaded; a point bridges the images only. Its cost per point is timed and logged with the throughput.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pipeline.bridge import visual_representation
@@ -36,14 +38,18 @@ from pipeline.tasks.retrieval_metrics import rank_of_first_relevant, relevance_f
 class ValidationSet:
     tokens: torch.Tensor  # (n, N, d_v) float16, the fixed val subset
     captions: list[str]  # (n,) each image's first caption: the captioning loss's target, the alignment's text
-    references: list[list[str]]  # (n,) every caption of each image: relevance in retrieval
+    z_t: torch.Tensor  # (n, D) the captions' cached text representations
+    text_ids: torch.Tensor  # (n,) each caption's index in the gallery (InfoNCE's multi-positive ids)
+    gallery: torch.Tensor  # (m, D) z_t of the subset's distinct captions (every reference)
+    relevant: np.ndarray  # (n, m) image i has text j among its references
     # (f, 1, d_v) float32: each fit image's tokens averaged. The bridge is linear, so bridging the mean token
     # gives the mean of the bridged tokens, i.e. z_v exactly, at 1/N of the memory and the work.
     fit_mean_tokens: torch.Tensor
-    fit_captions: list[str]  # the fit images' captions (every reference): the text side of the fit
+    fit_mean_t: torch.Tensor  # (D,) the fit captions' mean z_t (the centred scorer)
+    fit_log_b_t: torch.Tensor  # (K,) their OT columns (the assignment scorer)
 
 
-def load_validation_set(cfg: Config, dirs: Dirs) -> ValidationSet | None:
+def load_validation_set(cfg: Config, dirs: Dirs, protos: Prototypes) -> ValidationSet | None:
     """The fixed subset, or None where there is nothing to validate on (`every` 0, no val split or no
     val image with features and a caption)."""
     vcfg = cfg.train.validation
@@ -55,19 +61,24 @@ def load_validation_set(cfg: Config, dirs: Dirs) -> ValidationSet | None:
     manifest = read_manifest(dirs.prepared, "val")
     with FeatureCache(val_path) as cache:
         ids = select_test_images(manifest, cache, vcfg.samples)
-        tokens = torch.from_numpy(cache.tokens(ids)) if ids else None
-    if not ids:
-        return None
+        if not ids:
+            return None
+        tokens = torch.from_numpy(cache.tokens(ids))
     train = read_manifest(dirs.prepared, "train")
-    fit_ids, fit_means = [], []
+    fit_means = []
     with FeatureCache(features_file(dirs.features, "train")) as cache:
         fit_ids = select_test_images(train, cache, vcfg.fit_images)
         for i in range(0, len(fit_ids), 256):  # bounded reads: a block of images at a time
             fit_means.append(torch.from_numpy(cache.tokens(fit_ids[i:i + 256])).float().mean(1, keepdim=True))
     references, train_captions = manifest.captions_by_id, train.captions_by_id
-    return ValidationSet(tokens=tokens, captions=[references[i][0] for i in ids],
-                         references=[references[i] for i in ids], fit_mean_tokens=torch.cat(fit_means),
-                         fit_captions=[c for i in fit_ids for c in train_captions[i]])
+    captions = [references[i][0] for i in ids]
+    texts = list(dict.fromkeys(c for i in ids for c in references[i]))
+    fit_z_t = protos.text_reps([c for i in fit_ids for c in train_captions[i]])
+    return ValidationSet(tokens=tokens, captions=captions, z_t=protos.text_reps(captions),
+                         text_ids=torch.tensor([texts.index(c) for c in captions]), gallery=protos.text_reps(texts),
+                         relevant=relevance_from_texts([references[i] for i in ids], texts),
+                         fit_mean_tokens=torch.cat(fit_means), fit_mean_t=fit_z_t.mean(0),
+                         fit_log_b_t=fit_columns(fit_z_t, protos, vcfg.epsilon, vcfg.sinkhorn_iters))
 
 
 @torch.no_grad()
@@ -75,31 +86,25 @@ def validate(cfg: Config, lm, bridge: torch.nn.Module, protos: Prototypes, val: 
              prompt_ids: torch.Tensor) -> dict[str, float]:
     """The val/ metrics of the bridge as it stands (see the module's docstring), and `seconds` it took."""
     t0, device = time.perf_counter(), lm.device
-    vcfg = cfg.train.validation
+    vcfg, batch = cfg.train.validation, cfg.train.batch_size
     loss_sum, n_tokens, z_v = 0.0, 0, []
-    for i in range(0, len(val.captions), cfg.train.batch_size):
-        V = bridge(val.tokens[i:i + cfg.train.batch_size].to(device, torch.float32))
-        caption_ids, mask = lm.tokenize_captions(val.captions[i:i + cfg.train.batch_size],
-                                                 cfg.train.max_caption_tokens, cfg.train.prompt)
+    for i in range(0, len(val.captions), batch):
+        V = bridge(val.tokens[i:i + batch].to(device, torch.float32))
+        caption_ids, mask = lm.tokenize_captions(val.captions[i:i + batch], cfg.train.max_caption_tokens,
+                                                 cfg.train.prompt)
         loss_sum += captioning_loss(lm, V, prompt_ids, caption_ids, mask, "sum").item()
         n_tokens += int(mask.sum())
         z_v.append(visual_representation(V.float()))
-    z_v = torch.cat(z_v)
-    z_t = protos.text_reps(val.captions).to(device)
+    z_v, z_t = torch.cat(z_v), val.z_t.to(device)
     ap = assignment_prediction_loss(z_v, z_t, protos.prototypes, protos.prior, epsilon=vcfg.epsilon,
                                     n_iters=vcfg.sinkhorn_iters, tau=vcfg.tau)
-    texts = list(dict.fromkeys(c for refs in val.references for c in refs))
-    text_ids = torch.tensor([texts.index(c) for c in val.captions])
     out = {"loss_cap": loss_sum / max(1, n_tokens), "loss_ap": ap.total.item(),
-           "loss_nce": info_nce_loss(z_v, z_t, 1.0 / vcfg.nce_temperature, text_ids).item()}
+           "loss_nce": info_nce_loss(z_v, z_t, 1.0 / vcfg.nce_temperature, val.text_ids).item()}
     fit_z_v = visual_representation(bridge(val.fit_mean_tokens.to(device)).float())
-    fit_z_t = protos.text_reps(val.fit_captions).to(device)
-    fit = TrainingFit(mean_v=fit_z_v.mean(0), mean_t=fit_z_t.mean(0),
+    fit = TrainingFit(mean_v=fit_z_v.mean(0), mean_t=val.fit_mean_t.to(device),
                       log_b_v=fit_columns(fit_z_v, protos, vcfg.epsilon, vcfg.sinkhorn_iters),
-                      log_b_t=fit_columns(fit_z_t, protos, vcfg.epsilon, vcfg.sinkhorn_iters), epsilon=vcfg.epsilon)
-    relevant = relevance_from_texts(val.references, texts)
-    gallery = protos.text_reps(texts).to(device)
-    for scorer, similarity in scorer_similarities(z_v, gallery, protos, fit, SCORERS).items():
-        ranks = rank_of_first_relevant(similarity.float().cpu().numpy(), relevant)
+                      log_b_t=val.fit_log_b_t.to(device), epsilon=vcfg.epsilon)
+    for scorer, similarity in scorer_similarities(z_v, val.gallery.to(device), protos, fit, SCORERS).items():
+        ranks = rank_of_first_relevant(similarity.float().cpu().numpy(), val.relevant)
         out[f"{scorer}_i2t_R@1"] = 100.0 * float((ranks <= 1).mean())
     return out | {"seconds": time.perf_counter() - t0}

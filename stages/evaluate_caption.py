@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.manifest import has_captions, read_manifest
+from pipeline.manifest import has_captions, read_manifest, report_group
 from pipeline.config import Config
 from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
-from pipeline.manifest import report_group
 from pipeline.tasks.caption_metrics import chance_scores, cider_by_domain, start_meteor, write_examples_html
 from pipeline.tasks.captioning import evaluate_captioning
 from pipeline.tasks.inputs import load_eval_inputs

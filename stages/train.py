@@ -50,7 +50,8 @@ def run(cfg: Config, dirs: Dirs, method: str, *, lm: LanguageModel | None = None
         checkpoint = dirs.models / "checkpoints" / f"{method}.pt"  # not a DVC out: survives a re-run
         result = train_bridge(method, cfg, train_data, lm, protos, dirs.models / method,
                               dirs.metrics / "train" / method, dirs.reports / "train" / method, checkpoint,
-                              stop_after=stop_after, ranks=ranks, val=load_validation_set(cfg, dirs))
+                              stop_after=stop_after, ranks=ranks,
+                              val=load_validation_set(cfg, dirs, protos) if ranks.is_main else None)
         # The other ranks wait while rank 0 writes, so no process group is torn down under a live one
         # (a rank leaving early was seen to abort at exit: "terminate called without an active exception").
         distributed.barrier()
