@@ -113,6 +113,9 @@ class TrainConfig:
     weight_decay: NonNegative = 0.01
     warmup_steps: NonNegativeInt = 5  # used when epochs is 0
     warmup_epochs: NonNegative = 0.0  # used when epochs > 0
+    # cosine: warm-up, then cosine decay to 0 at the last step; constant: warm-up, then flat (learning curves:
+    # a flat end then means the loss stopped improving, not that the learning rate reached 0)
+    schedule: Literal["cosine", "constant"] = "cosine"
     prompt: Str = "A picture of"
     max_caption_tokens: PositiveInt = 16
     precision: Literal["auto", "fp32", "bf16"] = "auto"

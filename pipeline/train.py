@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -117,10 +118,12 @@ def run_length(tcfg: TrainConfig, n_samples: int) -> tuple[int, int]:
     return max(1, round(tcfg.epochs * per_epoch)), round(tcfg.warmup_epochs * per_epoch)
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0 at `total`."""
+def lr_factor(step: int, warmup: int, total: int, schedule: str = "cosine") -> float:
+    """Linear warm-up to 1, then cosine decay to 0 at `total` (or 1 throughout, `constant`)."""
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -165,27 +168,32 @@ def run_fingerprint(method: str, cfg: Config, data: TrainData, protos: Prototype
 
 def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, protos: Prototypes, out_dir: Path,
                  live_dir: Path, throughput_dir: Path, checkpoint: Path, stop_after: int | None = None,
-                 ranks: Ranks = Ranks(), val: ValidationSet | None = None) -> dict:
+                 ranks: Ranks = Ranks(), val: ValidationSet | None = None,
+                 until: Callable[[list[dict]], bool] | None = None) -> dict:
     """Train one method; write the bridge folder out_dir (model.safetensors, config.json) and dvclive logs
     under live_dir.
 
     `stop_after` ends the run after that many steps (leaving the checkpoint), as an interruption would.
     With `val`, every `train.validation.every` steps and at the last, rank 0 logs the val/ metrics
-    (pipeline/validation.py) into the same curves.
+    (pipeline/validation.py) into the same curves; `until(history)`, asked after each such point, ends the
+    run there when it answers True (a checkpoint is left at that step: `vlap curves` stops at a plateau).
     Under torchrun (`ranks.world` > 1) every process trains on its part of each global batch through
     DDP, and only rank 0 writes.
     """
     precision = resolve_precision(cfg.train.precision, lm.device)
     with lm.attention(training_attention(precision, lm.device)):
         return _train_bridge(method, cfg, data, lm, protos, out_dir, live_dir, throughput_dir, checkpoint, stop_after,
-                             ranks, precision, val)
+                             ranks, precision, val, until)
 
 
 def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, protos: Prototypes, out_dir: Path,
                   live_dir: Path, throughput_dir: Path, checkpoint: Path, stop_after: int | None,
-                  ranks: Ranks, precision: str, val: ValidationSet | None) -> dict:
+                  ranks: Ranks, precision: str, val: ValidationSet | None,
+                  until: Callable[[list[dict]], bool] | None = None) -> dict:
     from dvclive import Live
 
+    if until is not None and (ranks.world > 1 or val is None):
+        raise ValueError("train_bridge(until=...) needs validation and one process")
     tcfg, device = cfg.train, lm.device
     steps, warmup = run_length(tcfg, len(data.rows))
     check_batch(tcfg.batch_size, len(data.rows), ranks)
@@ -201,7 +209,7 @@ def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, 
     if scale is not None and mcfg.learn_temperature:
         groups.append({"params": [scale.log_scale], "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=method_lr(cfg, method), weight_decay=tcfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps, tcfg.schedule))
     start, history = 0, []
     if checkpoint.exists():
         state = read_checkpoint(checkpoint, device)
@@ -284,8 +292,12 @@ def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, 
                 timing.log_metric("throughput/val_seconds", row["val"].pop("seconds"))
             timing.next_step()
             _log_step(live, row)
-            if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == steps:
+            stop = until is not None and "val" in row and step + 1 < steps and until(history)
+            if stop or (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == steps:
                 _save_checkpoint(checkpoint, fingerprint, step + 1, bridge, optimizer, schedule, history, scale)
+            if stop:
+                log.info("train %s: stopped at step %d (until)", method, step + 1)
+                break
     steps_done = len(history)
     if not ranks.is_main:
         return {"finished": steps_done >= steps, "steps": steps_done}

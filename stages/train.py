@@ -36,8 +36,9 @@ log = logging.getLogger("stages.train")
 
 
 def run(cfg: Config, dirs: Dirs, method: str, *, lm: LanguageModel | None = None,
-        stop_after: int | None = None) -> dict:
-    """Train one method; `stop_after` ends the run after that many steps, as an interruption would."""
+        stop_after: int | None = None, until=None) -> dict:
+    """Train one method; `stop_after` ends the run after that many steps, as an interruption would;
+    `until(history)` may end it at a validation point (pipeline.train.train_bridge)."""
     ranks, device = distributed.start(cfg.train.device)
     try:
         train_data = load_train_data(cfg, dirs)
@@ -50,7 +51,7 @@ def run(cfg: Config, dirs: Dirs, method: str, *, lm: LanguageModel | None = None
         checkpoint = dirs.models / "checkpoints" / f"{method}.pt"  # not a DVC out: survives a re-run
         result = train_bridge(method, cfg, train_data, lm, protos, dirs.models / method,
                               dirs.metrics / "train" / method, dirs.reports / "train" / method, checkpoint,
-                              stop_after=stop_after, ranks=ranks,
+                              stop_after=stop_after, ranks=ranks, until=until,
                               val=load_validation_set(cfg, dirs, protos) if ranks.is_main else None)
         # The other ranks wait while rank 0 writes, so no process group is torn down under a live one
         # (a rank leaving early was seen to abort at exit: "terminate called without an active exception").

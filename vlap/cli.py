@@ -6,6 +6,7 @@
     vlap ask IMAGE "what color is the shape?" --answers red,green,blue   # best of the given answers
     vlap search "a blue circle" [--top 5] [--split test] [--scorer auto]   # ranked by the method's best scorer
     vlap study [--seeds 0 1 2] [--steps 200]        # seeds x methods with confidence intervals (vlap/study.py)
+    vlap curves [--max-steps 3000]                  # each method to its validation plateau (vlap/curves.py)
     vlap tune [--apply]                             # each method's lr and weight on the validation split (vlap/tune.py)
     vlap ablate [--factor KEY=V1,V2] [--set KEY=V]  # VLAP's settings one at a time as DVC experiments (vlap/ablate.py)
     vlap preset NAME                                # write a preset's values into params.yaml (vlap/params_file.py)
@@ -197,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("study", help="seeds x methods at one budget on the cached features: mean and 95%% intervals, "
                                  "paired differences (vlap study --help)")
 
+    sub.add_parser("curves", help="each method at a constant lr until its validation loss plateaus: curves and "
+                                  "the steps each needed (vlap curves --help)")
+
     sub.add_parser("tune", help="every method's lr and alignment weight on the validation split, the same grid "
                                 "for each (vlap tune --help)")
 
@@ -239,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         from vlap import study
 
         return study.main(argv[1:])
+    if argv[:1] == ["curves"]:  # its own parser (vlap/curves.py)
+        from vlap import curves
+
+        return curves.main(argv[1:])
     if argv[:1] == ["tune"]:  # its own parser (vlap/tune.py)
         from vlap import tune
 
