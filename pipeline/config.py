@@ -200,12 +200,20 @@ class ArithmeticEvalConfig:
 
 
 @section
+class TaxonomyEvalConfig:
+    min_images: PositiveInt = 5  # a label class (a colour, a shape) counts with at least this many test images
+    bootstrap: PositiveInt = 1000  # resamples of the images within each class: the RSA interval
+    permutations: PositiveInt = 1000  # class words shuffled: the RSA p-value
+
+
+@section
 class EvaluateConfig:
     common: EvalCommonConfig = field(default_factory=EvalCommonConfig)
     caption: CaptionEvalConfig = field(default_factory=CaptionEvalConfig)
     vqa: VqaEvalConfig = field(default_factory=VqaEvalConfig)
     retrieval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
     arithmetic: ArithmeticEvalConfig = field(default_factory=ArithmeticEvalConfig)
+    taxonomy: TaxonomyEvalConfig = field(default_factory=TaxonomyEvalConfig)
 
 
 # The paper's settings (docs/method.md#presets says which values are the paper's and which ours).

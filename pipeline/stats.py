@@ -11,6 +11,7 @@ the interval of VLAP − baseline is narrower than the two separate intervals su
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,3 +59,39 @@ def paired_difference(a: np.ndarray, b: np.ndarray, level: float = 0.95, n_boot:
     if a.shape != b.shape:
         raise ValueError(f"paired values need equal shapes, got {a.shape} and {b.shape}")
     return interval(a - b, level, n_boot, seed)
+
+
+def paired_test(a: np.ndarray, b: np.ndarray, level: float = 0.95, n_boot: int = 2000, seed: int = 0
+                ) -> tuple[Interval, float]:
+    """mean(a − b), its percentile interval, and the two-sided p-value of "no difference" from the same
+    bootstrap: a Wald test on the bootstrap's standard error (a percentile count cannot go below
+    1 / n_boot, which a correction over many tests would need)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need equal shapes, got {a.shape} and {b.shape}")
+    diff = a - b
+    means = bootstrap_means(diff, n_boot, seed)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    mean, se = float(diff.mean()), float(means.std(ddof=1))
+    p = float(math.erfc(abs(mean) / se / math.sqrt(2))) if se > 0 else float(mean == 0)
+    return Interval(mean, float(low), float(high)), p
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error): the k-th smallest p times (m − k + 1), made
+    monotone and capped at 1. scipy has Benjamini–Hochberg (below) but not Holm."""
+    m = len(p_values)
+    order = np.argsort(p_values, kind="stable")
+    adjusted, running = np.empty(m), 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (m - k) * p_values[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
+
+
+def benjamini_hochberg(p_values: list[float]) -> list[float]:
+    """Benjamini–Hochberg adjusted p-values (false discovery rate)."""
+    from scipy.stats import false_discovery_control
+
+    return false_discovery_control(np.asarray(p_values, dtype=np.float64), method="bh").tolist() if p_values else []

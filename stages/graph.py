@@ -34,7 +34,8 @@ PACKAGES = ("pipeline", "stages")
 DATA = "data"  # dvc.yaml's data root
 # In DAG order: a stage's inputs are written by stages before it.
 MODULES = ("sources", "prepare", "extract", "prototypes", "train",
-           "evaluate_caption", "evaluate_vqa", "evaluate_retrieval", "evaluate_arithmetic", "summarize")
+           "evaluate_caption", "evaluate_vqa", "evaluate_retrieval", "evaluate_arithmetic",
+           "evaluate_taxonomy", "summarize")
 # Plots drawn from several stages' outputs in one figure.
 PLOTS = [{f"retrieval_recall_at_k_{scorer}": {  # one figure per scorer: the methods under the same scorer
     "template": "linear", "x": "k",

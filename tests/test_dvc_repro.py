@@ -86,7 +86,9 @@ def check_every_task(work: Path, n_images: int, out: str) -> dict:
     # the committed zero-shot split is easy-VQA's: skipped with its reason, never a stop
     assert report["zero_shot"]["applicable"] is False and "colour and shape labels" in report["zero_shot"]["reason"]
     metrics = {t: json.loads((work / "data" / "metrics" / t / "vlap.json").read_text())
-               for t in ("caption", "vqa", "retrieval", "arithmetic")}
+               for t in ("caption", "vqa", "retrieval", "arithmetic", "taxonomy")}
+    # a folder has no label classes: the gap is measured, the RSA is n/a with its reason
+    assert metrics["taxonomy"]["applicable"] and metrics["taxonomy"]["rsa_applicable"] is False
     assert metrics["vqa"]["applicable"] is False and "no test questions" in metrics["vqa"]["reason"]
     assert metrics["caption"]["applicable"] is True and metrics["caption"]["images"] == report["test"]["images"]
     assert 0.0 <= metrics["caption"]["CIDEr"] and 0.0 <= metrics["caption"]["BLEU-1"] <= 1.0

@@ -58,7 +58,7 @@ def test_flow_runs_what_dvc_runs():
     assert flow.upstream(nodes, node("evaluate_vqa"), "limber", dirs) == ["prepare", "extract", "prototypes",
                                                                           "train@limber"]
     assert set(flow.upstream(nodes, node("summarize"), None, dirs)) == {"prepare"} | {  # prepare: the zero-shot note
-        f"evaluate_{t}@{m}" for t in ("caption", "vqa", "retrieval", "arithmetic") for m in METHODS}
+        f"evaluate_{t}@{m}" for t in ("caption", "vqa", "retrieval", "arithmetic", "taxonomy") for m in METHODS}
 
 
 def test_key_follows_declared_params_only(tmp_path):

@@ -21,7 +21,7 @@ from vlap.params_file import preset_values
 from tiny_models import save_tiny_beit, save_tiny_clip_vision, save_tiny_opt, save_tiny_t5
 
 PAPER_PRESETS = [p for p in PRESETS if p != "default"]
-TASKS = ("caption", "vqa", "retrieval", "arithmetic")
+TASKS = ("caption", "vqa", "retrieval", "arithmetic", "taxonomy")
 
 
 @pytest.fixture(scope="module")

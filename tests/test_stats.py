@@ -47,3 +47,32 @@ def test_bad_shapes_are_refused():
         interval(np.zeros(5))
     with pytest.raises(ValueError, match="equal shapes"):
         paired_difference(np.zeros((2, 3)), np.zeros((2, 4)))
+
+
+def test_holm_and_benjamini_hochberg_by_hand():
+    from pipeline.stats import benjamini_hochberg, holm
+
+    p = [0.01, 0.04, 0.03, 0.005]
+    # Holm: sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 -> 0.02, 0.03, 0.06, 0.06 (monotone)
+    assert holm(p) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # BH: sorted p_(k) * m / k = 0.02, 0.02, 0.04, 0.04, then the running minimum from the top
+    assert benjamini_hochberg(p) == pytest.approx([0.02, 0.04, 0.04, 0.02])
+    assert holm([]) == [] and benjamini_hochberg([]) == []
+
+
+def test_paired_test_p_value_agrees_with_its_interval_and_with_normal_theory():
+    from pipeline.stats import paired_test
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(1, 400))
+    shifted, p = paired_test(a + 0.3, a + rng.normal(scale=1.0, size=(1, 400)), n_boot=2000)
+    assert shifted.excludes_zero and p < 0.01
+    same, p_same = paired_test(a, a + rng.normal(scale=1.0, size=(1, 400)), n_boot=2000)
+    assert p_same > 0.05 and not same.excludes_zero
+    # One seed of iid items: the Wald p uses the bootstrap SE, close to the t-test's p
+    from scipy.stats import ttest_1samp
+
+    d = rng.normal(loc=0.1, size=(1, 300))
+    _, p_boot = paired_test(d, np.zeros_like(d), n_boot=4000)
+    assert p_boot == pytest.approx(ttest_1samp(d[0], 0.0).pvalue, rel=0.35)
+    assert paired_test(np.ones((2, 5)), np.ones((2, 5)))[1] == 1.0

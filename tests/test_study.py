@@ -16,6 +16,7 @@ from stages import extract, prepare, prototypes
 from stages.common import run_stage
 from tiny_models import save_tiny_clip_vision, save_tiny_opt
 from pipeline.digests import tree_digest
+from pipeline.tasks.registry import PRIMARY
 from vlap.study import per_item_scores, run_study
 
 pytestmark = pytest.mark.slow  # 2 seeds x 2 methods trained and evaluated
@@ -30,7 +31,8 @@ def study(tmp_path_factory, smollm2):
         "prototypes": {"llm": f"hf:{opt}"},
         "train": {"batch_size": 4, "warmup_steps": 1, "checkpoint_every": 10, "loader_workers": 0},
         "evaluate": {"common": {"batch_size": 4}, "caption": {"max_new_tokens": 3, "examples": 1},
-                     "vqa": {"shots": 1, "max_new_tokens": 2}, "arithmetic": {"queries": 4, "examples": 1}},
+                     "vqa": {"shots": 1, "max_new_tokens": 2}, "arithmetic": {"queries": 4, "examples": 1},
+                     "taxonomy": {"min_images": 1, "bootstrap": 50, "permutations": 50}},
     })
     base = Dirs.under(root / "data")
     run_stage(prepare, cfg, base)
@@ -78,10 +80,14 @@ def test_report_has_intervals_and_paired_differences(study):
         for base, d in entry["vlap_minus"].items():
             assert d["mean"] == pytest.approx(entry["methods"]["vlap"]["mean"] - entry["methods"][base]["mean"])
             assert d["excludes_zero"] == (d["low"] > 0 or d["high"] < 0)
+            assert 0 <= d["p"] <= d["p_adjusted"] <= 1 and d["real"] == (d["p_adjusted"] < 0.05)
             assert 0 <= d["seeds_agreeing"] <= d["seeds"] == 2
+        assert entry["primary"] == (metric in PRIMARY)
     text = (out / "report.md").read_text()
-    assert "| caption/CIDEr | 10 |" in text and "vlap − limber" in text and "vlap − contrastive" not in text
-    assert "| chance |" in text
+    assert "vlap − limber" in text and "vlap − contrastive" not in text
+    assert "| chance |" in text and "| **caption/CIDEr** | 10 |" in text and "Holm" in text
+    assert {"taxonomy/rsa", "taxonomy/modality_gap", "taxonomy/paired_minus_unpaired_cosine"} <= report.keys()
+    assert report["taxonomy/rsa"]["items"] == 1 and report["taxonomy/paired_minus_unpaired_cosine"]["items"] == 10
     assert (out / "intervals.png").stat().st_size > 1000
     assert json.loads((out / "study.json").read_text())["seeds"] == [0, 1]
 
@@ -116,8 +122,8 @@ def test_a_study_without_cached_inputs_fails_in_one_line(tmp_path):
 
 
 def test_a_study_is_shown_only_beside_a_run_of_its_setting(tmp_path):
-    """The summary's verdict column comes from a study made with this run's data, models and budget; the
-    committed study records its setting, and the defaults are that setting."""
+    """The summary's verdict column comes from a study made with this run's data, models and budget, whose
+    verdicts are corrected for multiplicity."""
     import dataclasses
     import json
 
@@ -126,12 +132,18 @@ def test_a_study_is_shown_only_beside_a_run_of_its_setting(tmp_path):
     from stages.summarize import STUDY
 
     cfg = load_config(REPO / "params.yaml")
-    assert study_mismatch(REPO / STUDY, study_setting(cfg)) is None  # the committed study is the default's
+    study = tmp_path / "study.json"
+    study.write_text(json.dumps({"setting": study_setting(cfg), "correction": "Holm", "metrics": {}}))
+    assert study_mismatch(study, study_setting(cfg)) is None
     coco = dataclasses.replace(cfg, prepare=dataclasses.replace(cfg.prepare, source="karpathy", heldout=()))
-    why = study_mismatch(REPO / STUDY, study_setting(coco))
+    why = study_mismatch(study, study_setting(coco))
     assert "source 'easyvqa' (this run: 'karpathy')" in why and "heldout" in why
     longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=3000))
-    assert "steps 40 (this run: 3000)" in study_mismatch(REPO / STUDY, study_setting(longer))
+    assert "steps 40 (this run: 3000)" in study_mismatch(study, study_setting(longer))
+    uncorrected = tmp_path / "uncorrected.json"
+    uncorrected.write_text(json.dumps({"setting": study_setting(cfg), "metrics": {}}))
+    assert "not corrected for multiplicity" in study_mismatch(uncorrected, study_setting(cfg))
+    assert study_mismatch(REPO / STUDY, study_setting(cfg)) is not None  # the committed study is either
     old = tmp_path / "study.json"
     old.write_text(json.dumps({"metrics": {}}))
     assert study_mismatch(old, study_setting(cfg)) == "it records no setting (data, models, budget)"

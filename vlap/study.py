@@ -32,7 +32,7 @@ from pipeline.methods import BASELINES, PROPOSED
 from pipeline.io import write_json_atomic
 from pipeline.report import figure, save_figure, write_markdown
 from pipeline.paths import Dirs
-from pipeline.tasks.registry import HEADLINES, TASKS
+from pipeline.tasks.registry import HEADLINES, PRIMARY, TASKS
 from pipeline.tasks.summary import headline_values, study_setting
 from pipeline.train import method_lr
 from stages.common import run_stage
@@ -110,31 +110,49 @@ def score_matrices(roots: list[Dirs], methods: list[str]) -> dict[str, dict[str,
 
 
 # ---------------------------------------------------------------- report
+ALPHA = 0.05
+CORRECTION = ("Holm over the primary metrics (one per task, pipeline.tasks.registry.PRIMARY) × the baselines; "
+              "Benjamini–Hochberg over every other row × baseline; p-values: a Wald test on the paired "
+              "bootstrap's standard error; a difference is real when its adjusted p < 0.05")
+
+
 def summarise(matrices: dict[str, dict[str, np.ndarray]], n_boot: int) -> dict:
     report = {}
     for metric, by_method in matrices.items():
-        entry = {"items": int(next(iter(by_method.values())).shape[1]),
+        entry = {"items": int(next(iter(by_method.values())).shape[1]), "primary": metric in PRIMARY,
                  "methods": {m: stats.interval(v, n_boot=n_boot).as_dict() | {"per_seed": v.mean(1).tolist()}
                              for m, v in by_method.items()}}
         if PROPOSED in by_method:
             entry["vlap_minus"] = {}
             for base in (b for b in BASELINES if b in by_method):
-                diff = stats.paired_difference(by_method[PROPOSED], by_method[base], n_boot=n_boot)
+                diff, p = stats.paired_test(by_method[PROPOSED], by_method[base], n_boot=n_boot)
                 per_seed = by_method[PROPOSED].mean(1) - by_method[base].mean(1)  # (seeds,)
                 agree = int((np.sign(per_seed) == np.sign(diff.mean)).sum()) if diff.mean else 0
-                entry["vlap_minus"][base] = diff.as_dict() | {"excludes_zero": diff.excludes_zero,
+                entry["vlap_minus"][base] = diff.as_dict() | {"excludes_zero": diff.excludes_zero, "p": p,
                                                               "seeds_agreeing": agree, "seeds": len(per_seed)}
         report[metric] = entry
+    correct(report)
     return report
+
+
+def correct(report: dict) -> None:
+    """Adjust every contrast's p for multiplicity (CORRECTION) and mark the real ones, in place."""
+    for family, adjust in ((True, stats.holm), (False, stats.benjamini_hochberg)):
+        tests = [d for e in report.values() if e["primary"] is family for d in e.get("vlap_minus", {}).values()]
+        for d, q in zip(tests, adjust([d["p"] for d in tests])):
+            d["p_adjusted"], d["real"] = q, bool(q < ALPHA)
 
 
 def markdown(report: dict, header: str, chance: dict[str, float] | None = None) -> str:
     methods = list(next(iter(report.values()))["methods"]) if report else []
     bases = [b for b in BASELINES if any(b in e.get("vlap_minus", {}) for e in report.values())]
     lines = [header, "",
-             "Each cell: mean [95% interval], bootstrap over seeds and test items (pipeline/stats.py). "
-             "A difference marked **real** has an interval that excludes zero; (s/S) counts the seeds whose own "
+             "Each cell: mean [95% interval], bootstrap over seeds and test items (pipeline/stats.py); the "
+             "intervals are uncorrected. Each difference shows its raw p and its p adjusted for multiplicity: "
+             f"{CORRECTION}. Rows in bold are the primary metrics. (s/S) counts the seeds whose own "
              "difference has the same sign. `chance`: a random caption, answer, ranking or retrieved image. "
+             "Taxonomy rsa and modality_gap are whole-set statistics (items 1): their intervals are over "
+             "seeds only. "
              "Rows ending in _seen / _unseen: test items whose colour-shape combination training did / did not "
              "show (the zero-shot split).", "",
              "| metric | items | " + " | ".join(methods) + " | chance | " + " | ".join(f"vlap − {b}" for b in bases)
@@ -150,9 +168,10 @@ def markdown(report: dict, header: str, chance: dict[str, float] | None = None) 
         diffs = []
         for b in bases:
             d = e.get("vlap_minus", {}).get(b)
-            diffs.append("–" if d is None else fmt(d, True) + (" **real**" if d["excludes_zero"] else " noise")
-                         + f" ({d['seeds_agreeing']}/{d['seeds']})")
-        lines.append(f"| {metric} | {e['items']} | " + " | ".join(cells + diffs) + " |")
+            diffs.append("–" if d is None else fmt(d, True) + f" p {d['p']:.2g}, adj. {d['p_adjusted']:.2g}"
+                         + (" **real**" if d["real"] else " noise") + f" ({d['seeds_agreeing']}/{d['seeds']})")
+        name = f"**{metric}**" if e.get("primary") else metric
+        lines.append(f"| {name} | {e['items']} | " + " | ".join(cells + diffs) + " |")
     lines += ["", "Per seed (mean over items):", "", "| metric | method | " + "per-seed means |", "| --- | --- | --- |"]
     for metric, e in report.items():
         for m in methods:
@@ -225,6 +244,7 @@ def run_study(cfg: Config, base: Dirs, out: Path, seeds: list[int], methods: lis
               f"encoder {cfg.extract.encoder}, LLM {cfg.prototypes.llm}.")
     out = Path(out)
     write_json_atomic(out / "study.json", {"command": command, "seeds": seeds, "methods": methods,
+                                           "correction": CORRECTION, "primary": list(PRIMARY),
                                            "setting": study_setting(run_cfg), "code_revision": code_revision(),
                                            "train": section_values(run_cfg.train), "metrics": report})
     chance = chance_levels(roots[0], methods[0])

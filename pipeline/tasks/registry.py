@@ -34,6 +34,7 @@ class Task:
     headlines: tuple[str, ...]
     chance_key: Callable[[str], str | None]  # headline metric -> its chance level's key in the metrics file
     per_item: Callable[[Path, Path, str], ItemScores]  # (plots dir, prepared dir, method) -> scores, domains
+    primary: str = ""  # the one headline a claim about this task is read on (the study corrects these as a family)
 
 
 def caption_items(plots: Path, prepared: Path, method: str) -> ItemScores:
@@ -77,14 +78,31 @@ def arithmetic_items(plots: Path, prepared: Path, method: str) -> ItemScores:
     return scores, domains
 
 
+def taxonomy_items(plots: Path, prepared: Path, method: str) -> ItemScores:
+    """Each image's paired − unpaired cosine; RSA and the centroid gap are whole-set statistics: one item each
+    (a study's interval for them is over seeds only)."""
+    items = read_applicable(plots / "taxonomy" / method / "items.json")
+    if not items:
+        return {}, {}
+    key = "taxonomy/paired_minus_unpaired_cosine"
+    scores = {key: items["paired_minus_unpaired_cosine"]}
+    scores |= {f"taxonomy/{name}": {"all": items[name]} for name in ("rsa", "modality_gap") if name in items}
+    by_id = {r.image_id: report_group(r.labels) for r in read_manifest(prepared, "test").images}
+    return scores, {key: {i: by_id[i] for i in scores[key] if by_id.get(i)}}
+
+
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("caption", ("CIDEr", "METEOR", "BLEU-1"),
-         lambda metric: f"chance_{metric}" if metric in ("CIDEr", "BLEU-1") else None, caption_items),
+         lambda metric: f"chance_{metric}" if metric in ("CIDEr", "BLEU-1") else None, caption_items, "CIDEr"),
     Task("vqa", ("0shot_open_accuracy", "0shot_closed_accuracy", "nshot_open_accuracy", "nshot_closed_accuracy"),
-         lambda metric: "chance_accuracy", vqa_items),
+         lambda metric: "chance_accuracy", vqa_items, "0shot_open_accuracy"),
     Task("retrieval", tuple(f"{scorer}_{d}_R@1" for scorer in ("cosine", "assignment", "centred") for d in ("i2t", "t2i")),
-         lambda metric: "chance_" + metric.split("_", 1)[1], retrieval_items),  # the same for every scorer
+         lambda metric: "chance_" + metric.split("_", 1)[1], retrieval_items,  # the same for every scorer
+         "cosine_i2t_R@1"),  # the scorer nothing is fitted for
     Task("arithmetic", ("color_swap_top1", "shape_swap_top1", "word_swap_top1"),
-         lambda metric: f"chance_{metric}", arithmetic_items),
+         lambda metric: f"chance_{metric}", arithmetic_items, "word_swap_top1"),  # any captions have word swaps
+    Task("taxonomy", ("rsa", "paired_minus_unpaired_cosine", "modality_gap"),
+         lambda metric: f"chance_{metric}", taxonomy_items, "rsa"),
 )}
 HEADLINES = {name: list(task.headlines) for name, task in TASKS.items()}  # task -> its headline metric keys
+PRIMARY = tuple(f"{name}/{task.primary}" for name, task in TASKS.items())  # each task's primary metric

@@ -75,22 +75,25 @@ def study_mismatch(study_json: Path, setting: dict) -> str | None:
     """Why the study at `study_json` is not this run's (None when it is, or when there is no study)."""
     if not Path(study_json).exists():
         return None
-    recorded = json.loads(Path(study_json).read_text()).get("setting")
+    study = json.loads(Path(study_json).read_text())
+    recorded = study.get("setting")
     if recorded is None:
         return "it records no setting (data, models, budget)"
+    if "correction" not in study:
+        return "its verdicts are not corrected for multiplicity (re-run `vlap study`)"
     differs = [f"{k} {recorded.get(k)!r} (this run: {v!r})" for k, v in setting.items() if recorded.get(k) != v]
     return f"it was made with {'; '.join(differs)}" if differs else None
 
 
 def study_verdicts(study_json: Path) -> dict[str, str]:
-    """task/metric -> the committed study's real differences ("vlap > limber; vlap < contrastive"),
-    or "none" where every interval holds zero. Empty without a study."""
+    """task/metric -> the committed study's real differences after its multiplicity correction ("vlap > limber;
+    vlap < contrastive"), or "none". Empty without a study."""
     if not Path(study_json).exists():
         return {}
     out = {}
     for metric, entry in json.loads(Path(study_json).read_text())["metrics"].items():
         real = [f"vlap {'>' if d['mean'] > 0 else '<'} {base}" for base, d in entry.get("vlap_minus", {}).items()
-                if d["excludes_zero"]]
+                if d["real"]]
         out[metric] = "; ".join(real) or "none"
     return out
 
@@ -109,7 +112,7 @@ def markdown_table(table: dict[str, dict[str, float | str | None]], reasons: dic
              "| --- |" + " ---: |" * (len(table) + 1) + (" --- |" if verdicts else "")]
     for col in columns:
         cells = [table[m].get(col) for m in table] + [chance.get(col)]
-        fmt = "{:.3f}" if col.startswith("caption/") else "{:.1f}"  # COCO scores vs percentages
+        fmt = "{:.3f}" if col.startswith(("caption/", "taxonomy/")) else "{:.1f}"  # scores, cosines vs percentages
         verdict = f" {verdicts.get(col, 'not in study')} |" if verdicts else ""
         lines.append(f"| {col} | " + " | ".join(cell(v, fmt) for v in cells) + " |" + verdict)
     notes = [f"* {task}: n/a, {why}" for task, why in sorted((reasons or {}).items())]
