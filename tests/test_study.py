@@ -1,6 +1,7 @@
 """`vlap study`: seeds × methods on the same cached inputs, scored per item, with intervals."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -41,8 +42,10 @@ def study(tmp_path_factory, smollm2):
     run_stage(prototypes, cfg, base)
     before = {name: tree_digest(getattr(base, name)) for name in ("features", "prototypes", "prepared")}
     out = root / "data" / "study"
+    released = dataclasses.replace(cfg, methods=dataclasses.replace(cfg.methods, vlap=dataclasses.replace(
+        cfg.methods.vlap, target="released")), prototypes=dataclasses.replace(cfg.prototypes, prior="released"))
     report = run_study(cfg, base, out, seeds=[0, 1], methods=["vlap", "limber"], steps=3,
-                       test_images=10, vqa_questions=6, n_boot=200)
+                       test_images=10, vqa_questions=6, n_boot=200, variants={"released": released})
     return cfg, base, out, report, before
 
 
@@ -89,7 +92,24 @@ def test_report_has_intervals_and_paired_differences(study):
     assert {"taxonomy/rsa", "taxonomy/modality_gap", "taxonomy/paired_minus_unpaired_cosine"} <= report.keys()
     assert report["taxonomy/rsa"]["items"] == 1 and report["taxonomy/paired_minus_unpaired_cosine"]["items"] == 10
     assert (out / "intervals.png").stat().st_size > 1000
-    assert json.loads((out / "study.json").read_text())["seeds"] == [0, 1]
+    saved = json.loads((out / "study.json").read_text())
+    assert saved["seeds"] == [0, 1]
+    assert saved["variants"] == {"released": {"methods.vlap.target": "released", "prototypes.prior": "released"}}
+    assert "vlap − released" in text and "variant released: vlap with prototypes.prior=released, methods.vlap.target=released" in text
+
+
+def test_a_variant_trains_vlap_with_its_params_on_its_own_prototypes(study):
+    """The released variant: its own prototypes (the authors' prior), the shared features, and a bridge
+    that differs from VLAP's of the same seed."""
+    _, base, out, report, _ = study
+    root = out / "runs" / "seed-0" / "variant-released"
+    assert (root / "features").is_symlink() and not (root / "prototypes").is_symlink()
+    bridge, meta = load_bridge(root / "models" / "vlap")
+    assert meta["method_config"]["target"] == "released"
+    assert not torch.equal(bridge.proj.weight, load_bridge(out / "runs" / "seed-0" / "models" / "vlap")[0].proj.weight)
+    for entry in report.values():
+        assert set(entry["methods"]) == {"vlap", "limber", "released"} and set(entry["vlap_minus"]) == {"limber",
+                                                                                                      "released"}
 
 
 def test_a_rerun_runs_only_the_stages_whose_inputs_changed(study):

@@ -16,7 +16,6 @@ GRID: lambda, epsilon, Sinkhorn iterations, the prior and the prototype subset.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pipeline.report import figure, save_figure, write_markdown
 from pipeline.methods import PROPOSED
 from pipeline.tasks.registry import HEADLINES, TASKS
 from pipeline.tasks.summary import headline_values
+from vlap.params_file import parse_assignment, with_overrides
 
 log = logging.getLogger("vlap.ablate")
 
@@ -72,29 +72,6 @@ class Setting:
     def overrides(self, sets: list[str]) -> list[str]:
         return list(sets) + ([] if self.key is None else [f"{self.key}={self.value}"]) + (
             [] if self.seed is None else [f"train.seed={self.seed}"])
-
-
-def parse_assignment(text: str) -> tuple[str, list[str]]:
-    key, sep, values = text.partition("=")
-    if not sep or not key or not values:
-        raise ConfigError(f"{text!r}: expected key=value[,value...], e.g. methods.vlap.ap_weight=0.01,1")
-    return key.strip(), [v.strip() for v in values.split(",") if v.strip()]
-
-
-def with_overrides(raw: dict, overrides: list[str]) -> dict:
-    """params (as loaded from YAML) with each dotted `key=value` set; the value is read as YAML."""
-    raw = copy.deepcopy(raw)
-    for item in overrides:
-        key, (value, *_) = parse_assignment(item)
-        node, *path = raw, *key.split(".")
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"{key}: not a params key (no section {part!r})")
-            node = node[part]
-        if path[-1] not in node:
-            raise ConfigError(f"{key}: not a params key")
-        node[path[-1]] = yaml.safe_load(value)
-    return raw
 
 
 def plan(params: Path, grid: dict[str, list[str]], sets: list[str], seeds: list[int] | None) -> list[Setting]:

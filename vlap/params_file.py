@@ -10,12 +10,43 @@ and `dvc params diff` / `dvc exp show` show it. A preset is a set of values, wri
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import yaml as pyyaml
 
 from pipeline.config import PRESET_KEYS, PRESETS, Config, load_config, parse_config, plain, value_at
-from pipeline.errors import report_user_errors
+from pipeline.errors import ConfigError, report_user_errors
+
+
+def parse_assignment(text: str) -> tuple[str, list[str]]:
+    key, sep, values = text.partition("=")
+    if not sep or not key or not values:
+        raise ConfigError(f"{text!r}: expected key=value[,value...], e.g. methods.vlap.ap_weight=0.01,1")
+    return key.strip(), [v.strip() for v in values.split(",") if v.strip()]
+
+
+def with_overrides(raw: dict, overrides: list[str]) -> dict:
+    """params (as loaded from YAML) with each dotted `key=value` set; the value is read as YAML."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, (value, *_) = parse_assignment(item)
+        node, *path = raw, *key.split(".")
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{key}: not a params key (no section {part!r})")
+            node = node[part]
+        if path[-1] not in node:
+            raise ConfigError(f"{key}: not a params key")
+        node[path[-1]] = pyyaml.safe_load(value)
+    return raw
+
+
+def load_config_with(params: Path, sets: list[str]) -> Config:
+    """params.yaml with each `key=value` of `sets` set (`vlap study --set train.batch_size=32`), validated."""
+    raw = pyyaml.safe_load(Path(params).read_text()) if sets else None
+    return parse_config(with_overrides(raw, sets), source=f"{params} with {', '.join(sets)}") if sets else \
+        load_config(params)
 
 
 def update_params(params: Path, values: dict[str, object]) -> None:

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import stats
-from pipeline.config import METHODS, Config, load_config, section_values
-from pipeline.errors import MissingInputError, report_user_errors
-from pipeline.methods import BASELINES, PROPOSED
+from pipeline.config import METHODS, Config, section_values
+from pipeline.errors import ConfigError, MissingInputError, report_user_errors
+from pipeline.methods import PROPOSED
 from pipeline.io import write_json_atomic
 from pipeline.report import figure, save_figure, write_markdown
 from pipeline.paths import Dirs
@@ -37,6 +37,7 @@ from pipeline.tasks.summary import headline_values, study_setting
 from pipeline.train import method_lr
 from stages.common import run_stage
 from stages.graph import Node, RunRecord, graph
+from vlap.params_file import load_config_with
 
 log = logging.getLogger("vlap.study")
 STAGES = ("train", *(f"evaluate_{task}" for task in TASKS))
@@ -98,14 +99,15 @@ def chance_levels(dirs: Dirs, method: str) -> dict[str, float]:
     return chance
 
 
-def score_matrices(roots: list[Dirs], methods: list[str]) -> dict[str, dict[str, np.ndarray]]:
-    """metric -> method -> (seeds × items) on the items every seed and method was scored on."""
-    scores = {m: [per_item_scores(d, m) for d in roots] for m in methods}
+def score_matrices(runs: dict[str, list[tuple[Dirs, str]]]) -> dict[str, dict[str, np.ndarray]]:
+    """metric -> row -> (seeds × items) on the items every seed and row was scored on; `runs`: row (a method or
+    a variant) -> its (data root, method) per seed."""
+    scores = {row: [per_item_scores(d, m) for d, m in seeds] for row, seeds in runs.items()}
     metrics = sorted(set.intersection(*(set(s) for runs in scores.values() for s in runs)))
     out = {}
     for metric in metrics:
         items = sorted(set.intersection(*(set(s[metric]) for runs in scores.values() for s in runs)))
-        out[metric] = {m: np.array([[s[metric][i] for i in items] for s in scores[m]]) for m in methods}
+        out[metric] = {m: np.array([[s[metric][i] for i in items] for s in scores[m]]) for m in runs}
     return out
 
 
@@ -124,7 +126,7 @@ def summarise(matrices: dict[str, dict[str, np.ndarray]], n_boot: int) -> dict:
                              for m, v in by_method.items()}}
         if PROPOSED in by_method:
             entry["vlap_minus"] = {}
-            for base in (b for b in BASELINES if b in by_method):
+            for base in (b for b in by_method if b != PROPOSED):  # the baselines, then VLAP's variants
                 diff, p = stats.paired_test(by_method[PROPOSED], by_method[base], n_boot=n_boot)
                 per_seed = by_method[PROPOSED].mean(1) - by_method[base].mean(1)  # (seeds,)
                 agree = int((np.sign(per_seed) == np.sign(diff.mean)).sum()) if diff.mean else 0
@@ -145,7 +147,7 @@ def correct(report: dict) -> None:
 
 def markdown(report: dict, header: str, chance: dict[str, float] | None = None) -> str:
     methods = list(next(iter(report.values()))["methods"]) if report else []
-    bases = [b for b in BASELINES if any(b in e.get("vlap_minus", {}) for e in report.values())]
+    bases = list(dict.fromkeys(b for e in report.values() for b in e.get("vlap_minus", {})))
     lines = [header, "",
              "Each cell: mean [95% interval], bootstrap over seeds and test items (pipeline/stats.py); the "
              "intervals are uncorrected. Each difference shows its raw p and its p adjusted for multiplicity: "
@@ -190,7 +192,7 @@ def plot(report: dict, path: Path, chance: dict[str, float] | None = None) -> No
         means = [by_method[m]["mean"] for m in names]
         err = [[by_method[m]["mean"] - by_method[m]["low"] for m in names],
                [by_method[m]["high"] - by_method[m]["mean"] for m in names]]
-        ax.bar(names, means, yerr=err, capsize=4, color=["C0", "C1", "C2"][: len(names)])
+        ax.bar(names, means, yerr=err, capsize=4, color=[f"C{i}" for i in range(len(names))])
         if chance and metric in chance:
             ax.axhline(chance[metric], color="k", linestyle="--", linewidth=1, label="chance")
             ax.legend(fontsize=6)
@@ -200,6 +202,18 @@ def plot(report: dict, path: Path, chance: dict[str, float] | None = None) -> No
         ax.axis("off")
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
+
+
+def variant_overrides(cfg: Config, variant: Config) -> dict[str, object]:
+    """The params a variant sets differently from the study's own: dotted key -> value."""
+    def flat(section: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in section.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        return out
+
+    base, new = flat(section_values(cfg)), flat(section_values(variant))
+    return {k: v for k, v in new.items() if base.get(k) != v}
 
 
 def code_revision() -> str | None:
@@ -216,9 +230,29 @@ def code_revision() -> str | None:
     return rev.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
+def variant_dirs(base: Dirs, root: Path, cfg: Config, variant: Config) -> Dirs:
+    """A variant's data root: the prepared data and features linked; the prototypes too unless the variant
+    changes how they are made (then its own, built by the prototypes stage in that root)."""
+    own = section_values(variant.prototypes) != section_values(cfg.prototypes)
+    dirs = base.sharing_inputs(root, ("prepared", "features") + (() if own else ("prototypes",)))
+    if own:
+        import stages.prototypes
+
+        record = RunRecord(dirs.root / RECORD)
+        node = next(n for n in graph() if n.spec.name == "prototypes")
+        if not record.up_to_date(node, None, variant, dirs):
+            run_stage(stages.prototypes, variant, dirs)
+            record.record(node, None, variant, dirs)
+    return dirs
+
+
 def run_study(cfg: Config, base: Dirs, out: Path, seeds: list[int], methods: list[str], steps: int | None = None,
               test_images: int | None = None, vqa_questions: int | None = None, n_boot: int = 2000,
-              command: str = "vlap study", lm=None, vqa_shots: int | None = None) -> dict:
+              command: str = "vlap study", lm=None, vqa_shots: int | None = None,
+              variants: dict[str, Config] | None = None) -> dict:
+    """Every seed trains and evaluates each method, and each of VLAP's `variants` (name -> the config VLAP
+    trains with instead: another target, prior, lambda), all on the same cached inputs."""
+    variants = variants or {}
     if not (base.features / "index.json").exists() or not base.prototypes.exists():
         raise MissingInputError(f"{base.root}: no cached features or prototypes (run `dvc repro prototypes` first)")
     if lm is None:  # one LLM for every training and evaluation of the study
@@ -226,24 +260,33 @@ def run_study(cfg: Config, base: Dirs, out: Path, seeds: list[int], methods: lis
         from pipeline.lms import load_lm
 
         lm = load_lm(cfg.prototypes.llm, resolve_device(cfg.train.device))
-    roots = []
+    runs: dict[str, list[tuple[Dirs, str]]] = {row: [] for row in [*methods, *variants]}
     for seed in seeds:
         run_cfg = study_config(cfg, seed, steps, test_images, vqa_questions, vqa_shots)
         dirs = base.sharing_inputs(Path(out) / "runs" / f"seed-{seed}")
         for method in methods:
             train_and_evaluate(run_cfg, dirs, method, lm)
-        roots.append(dirs)
-    report = summarise(score_matrices(roots, methods), n_boot)
+            runs[method].append((dirs, method))
+        for name, variant in variants.items():
+            variant_cfg = study_config(variant, seed, steps, test_images, vqa_questions, vqa_shots)
+            vdirs = variant_dirs(base, Path(out) / "runs" / f"seed-{seed}" / f"variant-{name}", cfg, variant_cfg)
+            train_and_evaluate(variant_cfg, vdirs, PROPOSED, lm)
+            runs[name].append((vdirs, PROPOSED))
+    roots = [d for d, _ in runs[methods[0]]]
+    report = summarise(score_matrices(runs), n_boot)
     run_cfg = study_config(cfg, seeds[0], steps, test_images, vqa_questions, vqa_shots)
     header = (f"# Study: {len(seeds)} seeds × {len(methods)} methods, {run_cfg.train.steps} steps of batch "
               f"{run_cfg.train.batch_size}\n\nCommand: `{command}`  \n"
               f"Seeds {seeds}; test images {run_cfg.evaluate.common.test_images or 'all'}; VQA questions "
               f"{run_cfg.evaluate.vqa.questions or 'all'} (shots: {run_cfg.evaluate.vqa.shots}); "
               f"lr {', '.join(f'{m} {method_lr(run_cfg, m):g}' for m in methods)}, "
-              f"precision {run_cfg.train.precision}; "
+              f"precision {run_cfg.train.precision}, schedule {run_cfg.train.schedule}; "
+              + "".join(f"variant {name}: vlap with {', '.join(f'{k}={v}' for k, v in variant_overrides(cfg, v).items())}; "
+                        for name, v in variants.items()) +
               f"encoder {cfg.extract.encoder}, LLM {cfg.prototypes.llm}.")
     out = Path(out)
     write_json_atomic(out / "study.json", {"command": command, "seeds": seeds, "methods": methods,
+                                           "variants": {name: variant_overrides(cfg, v) for name, v in variants.items()},
                                            "correction": CORRECTION, "primary": list(PRIMARY),
                                            "setting": study_setting(run_cfg), "code_revision": code_revision(),
                                            "train": section_values(run_cfg.train), "metrics": report})
@@ -266,13 +309,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vqa-shots", type=int, default=None, help="n of the n-shot VQA setting, 0 = 0-shot only "
                    "(default: params)")
     p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                   help="a params value for every run of the study, e.g. train.batch_size=32 (repeatable)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="one more row: VLAP with these params, e.g. released:methods.vlap.target=released,"
+                        "prototypes.prior=released (repeatable)")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     command = " ".join(["vlap study", *argv])
-    return report_user_errors(lambda: run_study(
-        load_config(args.params), Dirs.under(args.data), args.out or args.data / "study", args.seeds, args.methods,
-        args.steps, args.test_images, args.vqa_questions, args.boot, command, vqa_shots=args.vqa_shots))
+
+    def go() -> None:
+        cfg = load_config_with(args.params, args.sets)
+        variants = {}
+        for text in args.variant:
+            name, sep, assignments = text.partition(":")
+            if not sep or not name or not assignments:
+                raise ConfigError(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
+            variants[name] = load_config_with(args.params, args.sets + assignments.split(","))
+        run_study(cfg, Dirs.under(args.data), args.out or args.data / "study", args.seeds, args.methods, args.steps,
+                  args.test_images, args.vqa_questions, args.boot, command, vqa_shots=args.vqa_shots,
+                  variants=variants)
+
+    return report_user_errors(go)
 
 
 if __name__ == "__main__":
