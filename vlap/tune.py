@@ -27,12 +27,12 @@ from pathlib import Path
 
 from pipeline.manifest import manifest_splits, read_manifest
 from pipeline.features import features_file
-from pipeline.config import METHODS, Config, load_config
+from pipeline.config import METHODS, Config
 from pipeline.methods import REGISTRY
 from pipeline.errors import ConfigError, MissingInputError, report_user_errors
 from pipeline.io import write_json_atomic
 from pipeline.report import write_markdown
-from vlap.params_file import update_params
+from vlap.params_file import load_config_with, update_params
 from pipeline.paths import Dirs
 from pipeline.tasks.captioning import evaluate_captioning
 from pipeline.tasks.inputs import load_eval_inputs
@@ -175,11 +175,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="contrastive: initial temperatures of its learnable logit scale (default: params.yaml's)")
     p.add_argument("--val-images", type=int, default=200, help="validation images scored, 0 = all")
     p.add_argument("--apply", action="store_true", help="write the chosen settings into --params")
+    p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                   help="a params value for every setting tried, e.g. train.steps=1000 (a budget other than params')")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     def go() -> None:
-        report = run_tune(load_config(args.params), Dirs.under(args.data), args.out or args.data / "tune",
+        if args.apply and args.sets:
+            raise ConfigError("--apply with --set would write into params.yaml values tuned at another setting; "
+                              "pass the chosen values on (e.g. vlap study --set methods.vlap.lr=...)")
+        report = run_tune(load_config_with(args.params, args.sets), Dirs.under(args.data), args.out or args.data / "tune",
                           args.methods, args.lr, args.weight, args.val_images, temperatures=args.temperature)
         for method, c in report["chosen"].items():
             print(f"{method}: lr {c['lr']:g}" + ("" if c["weight"] is None else f", {WEIGHT_KEY[method]} {c['weight']:g}")
