@@ -176,7 +176,8 @@ def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, p
     `stop_after` ends the run after that many steps (leaving the checkpoint), as an interruption would.
     With `val`, every `train.validation.every` steps and at the last, rank 0 logs the val/ metrics
     (pipeline/validation.py) into the same curves; `until(history)`, asked after each such point, ends the
-    run there when it answers True (a checkpoint is left at that step: `vlap curves` stops at a plateau).
+    run there when it answers True: the bridge is written as it stands and a checkpoint is left at that step,
+    so a later run can go on (`vlap curves` stops at a plateau).
     Under torchrun (`ranks.world` > 1) every process trains on its part of each global batch through
     DDP, and only rank 0 writes.
     """
@@ -242,7 +243,7 @@ def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, 
     meter = Throughput(device, torch.bfloat16 if precision == "bf16" else torch.float32) if ranks.is_main else None
     timing = (Live(dir=str(throughput_dir), dvcyaml=None, save_dvc_exp=False, report=None, resume=start > 0)
               if ranks.is_main else None)
-    t0 = time.perf_counter()
+    t0, stopped = time.perf_counter(), False
     batches = StepBatches(data, tcfg.batch_size, tcfg.seed, start, steps, ranks)
     if meter and start < steps:  # this rank's FLOPs of one step, counted on a dry run of the first batch
         # its own reader: the loader's workers must not inherit an open HDF5 file
@@ -297,6 +298,7 @@ def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, 
                 _save_checkpoint(checkpoint, fingerprint, step + 1, bridge, optimizer, schedule, history, scale)
             if stop:
                 log.info("train %s: stopped at step %d (until)", method, step + 1)
+                stopped = True
                 break
     steps_done = len(history)
     if not ranks.is_main:
@@ -309,7 +311,7 @@ def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, 
                  throughput["step_gflop"], precision, throughput["peak_gflop_per_second"])
     live.end()
     timing.end()
-    if steps_done < steps:
+    if steps_done < steps and not stopped:
         return {"finished": False, "steps": steps_done, "throughput": throughput}
     config = {"bridge": "linear", "d_vision": data.d_vision, "d_model": lm.hidden_size, "method": method,
               "llm": cfg.prototypes.llm, "encoder": data.encoder, "prompt": tcfg.prompt,
@@ -317,11 +319,14 @@ def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, 
               "features_key": data.features_key, "encoder_weights_sha256": data.encoder_weights_sha256,
               "prototypes_key": protos.key, "train": section_values(tcfg), "precision": precision,
               "method_config": section_values(method_config(cfg, method)), "samples": len(data.captions),
-              "steps": steps, "warmup_steps": warmup, "processes": ranks.world, "final": history[-1]}
+              "steps": steps_done, "warmup_steps": warmup, "processes": ranks.world, "final": history[-1]}
+    if stopped:  # the bridge where `until` ended the run; its checkpoint stays, so the run can go on
+        config["stopped_by_until_of"] = steps
     save_bridge(out_dir, bridge.cpu(), config)
-    checkpoint.unlink(missing_ok=True)
-    return {"finished": True, "steps": steps_done, "seconds": time.perf_counter() - t0, "final": history[-1],
-            "throughput": throughput}
+    if not stopped:
+        checkpoint.unlink(missing_ok=True)
+    return {"finished": not stopped, "stopped": stopped, "steps": steps_done, "seconds": time.perf_counter() - t0,
+            "final": history[-1], "throughput": throughput}
 
 
 def _log_step(live, row: dict) -> None:

@@ -5,6 +5,9 @@ import json
 
 import pytest
 
+import torch
+
+from pipeline.bridge import load_bridge
 from pipeline.plateau import plateau
 from pipeline.train import lr_factor, read_checkpoint
 from vlap.curves import Criterion, curve_config, read_curves, run_curves, val_points
@@ -52,6 +55,9 @@ def test_curves_stop_at_the_plateau_resume_and_report(tiny_pipeline, smollm2, tm
     assert 4 <= stopped < 40 and stopped % 2 == 0
     checkpoint = read_checkpoint(work / "limber" / "models" / "checkpoints" / "limber.pt", smollm2.device)
     assert checkpoint["step"] == stopped and val_points(checkpoint["history"])[-1][0] == stopped
+    bridge, meta = load_bridge(work / "limber" / "models" / "limber")  # the plateau's bridge, for `vlap`
+    assert (meta["steps"], meta["stopped_by_until_of"]) == (stopped, 40)
+    assert torch.equal(bridge.proj.weight, checkpoint["bridge"]["proj.weight"])
     assert [s for s, _ in read_curves(work / "limber" / "metrics" / "train" / "limber")["val/loss_cap"]] == \
         list(range(2, stopped + 1, 2))
     saved = json.loads((out / "curves.json").read_text())

@@ -14,7 +14,9 @@ of the steps, from `--min-steps` on), or at `--max-steps` with its remaining slo
 Every method runs with the same batch, learning rate, schedule and validation subset, on the pipeline's
 cached features and prototypes (linked, never re-made; `dvc repro prototypes` first), one seed. Each run
 lives in `<data>/curves/<method>/` and checkpoints at every point: a killed or stopped `vlap curves`
-resumes each method from its last point, and a method already at its plateau is not trained again.
+resumes each method from its last point, and a method already at its plateau is not trained again. The
+bridge at the plateau (or the last step) is written to `<data>/curves/<method>/models/<method>/`, a data
+root the `vlap` command reads: `vlap search "a blue circle" --method vlap --data data/curves/vlap`.
 Writes `<out>/curves.json` (each point of every val/ metric and the mean train loss between points,
 the verdict, the settings), `<out>/curves.png` and `<out>/report.md`.
 """
@@ -96,14 +98,14 @@ def run_method(cfg: Config, base: Dirs, work: Path, method: str, criterion: Crit
 
     dirs = base.sharing_inputs(work / method)
     checkpoint = dirs.models / "checkpoints" / f"{method}.pt"
-    if (dirs.models / method / "model.safetensors").exists():
-        log.info("curves %s: ran to its last step before; kept", method)
-        return
     if checkpoint.exists():
         verdict = criterion.verdict(val_points(read_checkpoint(checkpoint, lm.device)["history"]))
-        if verdict and verdict.reached:
+        if verdict and verdict.reached and (dirs.models / method / "model.safetensors").exists():
             log.info("curves %s: at its plateau since step %d; kept", method, verdict.step)
             return
+    elif (dirs.models / method / "model.safetensors").exists():
+        log.info("curves %s: ran to its last step before; kept", method)
+        return
     stages.train.run(cfg, dirs, method, lm=lm, until=lambda history: bool(
         (v := criterion.verdict(val_points(history))) and v.reached))
 
