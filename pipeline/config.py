@@ -259,14 +259,26 @@ METHODS = tuple(f.name for f in dataclasses.fields(MethodsConfig))
 def load_config(path: str | Path = PARAMS_FILE) -> Config:
     """Read and validate params.yaml once."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    raw = read_params_file(path)
     check_resolved(raw, str(path))
     return parse_config(raw, source=str(path))
+
+
+def read_params_file(path: Path) -> Any:
+    """A params file's YAML, with each way it can be unreadable made one line naming it."""
+    try:
+        raw = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
+        return {} if raw is None else raw  # an empty file; anything else not a mapping is refused by parse_config
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a params file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read") from None
 
 
 def check_resolved(raw: Any, source: str) -> None:

@@ -18,12 +18,12 @@ from pipeline.manifest import has_captions
 from pipeline.paths import Dirs
 from pipeline.tasks.inputs import load_eval_inputs
 from pipeline.tasks.taxonomy import evaluate_taxonomy
-from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, NO_TEST_CAPTIONS, Out, StageSpec, stage_main,
-                           write_metrics, write_not_applicable)
+from stages.common import EVALUATION_DEPS, NO_TEST_CAPTIONS, Out, StageSpec, stage_main, write_metrics, write_not_applicable
 
 STAGE = StageSpec(
     name="evaluate_taxonomy", description=__doc__.splitlines()[0], per_method=True,
-    params=EVALUATION_PARAMS + ("evaluate.taxonomy", "evaluate.common.seed"),
+    params=("evaluate.common.test_images", "evaluate.common.batch_size", "evaluate.common.device",
+            "evaluate.common.seed", "evaluate.taxonomy"),  # no example page: no image root
     deps=EVALUATION_DEPS,
     outs=(Out("metrics/taxonomy/{method}.json", kind="metrics", cache=False),
           Out("plots/taxonomy/{method}/items.json", cache=False)),
@@ -35,7 +35,8 @@ def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
         return write_not_applicable(STAGE, dirs, method, NO_TEST_CAPTIONS)
     inputs = load_eval_inputs(cfg, method, dirs, lm=lm)
     t = cfg.evaluate.taxonomy
-    metrics, items = evaluate_taxonomy(inputs, t.min_images, t.bootstrap, t.permutations, cfg.evaluate.common.seed)
+    metrics, items = evaluate_taxonomy(inputs, t.min_images, t.bootstrap, t.permutations, cfg.evaluate.common.seed,
+                                       cfg.evaluate.common.batch_size)
     write_json_atomic(dirs.plots / "taxonomy" / method / "items.json", items)
     return write_metrics(dirs, "taxonomy", method, metrics)
 

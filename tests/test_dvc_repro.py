@@ -116,6 +116,22 @@ def test_every_stage_runs_on_a_folder_of_photos(repo):
     assert stale_stages(work, env) == ALWAYS_RUN
 
 
+def test_an_edit_to_the_params_schema_leaves_every_stage_up_to_date(repo):
+    """pipeline/config.py is in no stage's code deps: a new source name and a new optional section in the
+    schema re-run nothing (params.yaml, which DVC tracks, holds every value a stage reads)."""
+    work, env, _, _ = repo
+    schema = work / "pipeline" / "config.py"
+    before = schema.read_text()
+    assert '"webdataset", "cc3m", "nocaps", "vqav2"]' in before
+    try:
+        schema.write_text(before.replace('"webdataset", "cc3m", "nocaps", "vqav2"]',
+                                         '"webdataset", "cc3m", "nocaps", "vqav2", "laion"]', 1)
+                          + "\n\n@section\nclass NewTaskConfig:\n    size: PositiveInt = 3\n")
+        assert stale_stages(work, env) == ALWAYS_RUN
+    finally:
+        schema.write_text(before)
+
+
 def every_output(dirs: Dirs) -> dict[str, str]:
     """sha256 of every file in every stage output under `dirs`, by path."""
     found = {}

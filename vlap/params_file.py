@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml as pyyaml
 
-from pipeline.config import PRESET_KEYS, PRESETS, Config, load_config, parse_config, plain, value_at
+from pipeline.config import PRESET_KEYS, PRESETS, Config, load_config, parse_config, plain, read_params_file, value_at
 from pipeline.errors import ConfigError, report_user_errors
 
 
@@ -44,7 +44,7 @@ def with_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def load_config_with(params: Path, sets: list[str]) -> Config:
     """params.yaml with each `key=value` of `sets` set (`vlap study --set train.batch_size=32`), validated."""
-    raw = pyyaml.safe_load(Path(params).read_text()) if sets else None
+    raw = read_params_file(Path(params)) if sets else None
     return parse_config(with_overrides(raw, sets), source=f"{params} with {', '.join(sets)}") if sets else \
         load_config(params)
 

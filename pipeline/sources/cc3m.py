@@ -1,7 +1,6 @@
 """CC3M: the caption/URL TSV with the images img2dataset downloaded beside it (its `files` output)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pipeline.config import PrepareConfig
@@ -9,7 +8,7 @@ from pipeline.errors import DatasetError
 from pipeline.images import path_problem
 from pipeline.manifest import Split
 from pipeline.sources.common import (TRAIN_ROLE, CaptionScreen, Role, existing_folder, field_of, image_row,
-                                     require_keys, split_by_content, split_counts)
+                                     load_json, require_keys, split_by_content, split_counts)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -48,10 +47,7 @@ def img2dataset_files(folder: Path) -> dict[str, str]:
         problem = path_problem(folder, meta_path.relative_to(folder).as_posix())
         if problem:
             raise DatasetError(f"{meta_path}: is {problem} (refused, nothing was read)")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DatasetError(f"{meta_path}: not valid JSON ({err})") from None
+        meta = load_json(meta_path)
         url = field_of(meta, "url", meta_path, "img2dataset metadata", str)
         if meta.get("status", "success") != "success":
             continue

@@ -131,11 +131,33 @@ def split_counts(splits: list[Split]) -> dict[str, dict[str, int]]:
 def read_json(path: Path, key: str) -> object:
     """A JSON file named by params `key`; a missing or unparsable file is one line naming it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return load_json(path)
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found ({key})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{path}: not valid JSON ({err})") from None
+
+
+def load_json(path: Path) -> object:
+    """A user's JSON file, parsed; anything that is not UTF-8 JSON Python can hold is one line naming the file
+    (FileNotFoundError is left to the caller, which knows which params key named the file)."""
+    data = path.read_bytes()
+    try:
+        return parse_json(data.decode("utf-8"), path)
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def parse_json(text: str | bytes, path: Path | str) -> object:
+    """json.loads, with each way a hostile file breaks it made one line naming `path`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except RecursionError:  # e.g. "[" * 100_000: deeper than the parser's recursion limit
+        raise DatasetError(f"{path}: JSON nested too deeply to read") from None
+    except ValueError as err:  # e.g. an integer over Python's 4,300-digit conversion limit
+        raise DatasetError(f"{path}: JSON holds a value Python cannot read ({str(err).splitlines()[0]})") from None
 
 
 def field_of(obj: object, name: str, path: Path, where: str, kind: type | tuple[type, ...]) -> object:

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.manifest import Split
 from pipeline.sources.common import (TRAIN_ROLE, CaptionScreen, Role, existing_folder, image_row,
-                                     refuse_outside, split_by_content, split_counts, split_name)
+                                     load_json, refuse_outside, split_by_content, split_counts, split_name)
 
 
 def read_caption_rows(folder: Path) -> tuple[Path, list[dict]]:
@@ -25,10 +24,7 @@ def read_caption_rows(folder: Path) -> tuple[Path, list[dict]]:
                                        "(need image, caption[, split])")
                 return csv_path, list(reader)
         if json_path.exists():
-            try:
-                rows = json.loads(json_path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"{json_path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+            rows = load_json(json_path)
             if not isinstance(rows, list) or not all(isinstance(r, dict) and {"image", "caption"} <= r.keys()
                                                      for r in rows):
                 raise DatasetError(f"{json_path}: expected a list of objects with keys image, caption[, split]")

@@ -1,14 +1,13 @@
 """COCO / Flickr30k in Karpathy's split file (dataset_coco.json)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path, PurePosixPath
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import DatasetError
 from pipeline.manifest import Split
-from pipeline.sources.common import (TRAIN_ROLE, CaptionScreen, Role, image_row, refuse_outside, require_keys,
-                                     split_counts, split_name)
+from pipeline.sources.common import (TRAIN_ROLE, CaptionScreen, Role, image_row, load_json, refuse_outside,
+                                     require_keys, split_counts, split_name)
 
 
 def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict]:
@@ -20,7 +19,7 @@ def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict
     path, root = Path(cfg.annotations), Path(cfg.folder)
     screen = CaptionScreen()
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))["images"]
+        entries = load_json(path)["images"]
         rows = [(i, str(PurePosixPath(e.get("filepath", "")) / e["filename"]), e["split"],
                  [c for j, s in enumerate(e["sentences"])
                   if (c := screen(s["raw"], f"{path}: images[{i}].sentences[{j}]")) is not None])
@@ -29,7 +28,7 @@ def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict
         raise DatasetError(f"{path}: annotations file not found") from None
     except UnicodeDecodeError as err:
         raise DatasetError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (KeyError, TypeError) as err:
         raise DatasetError(f"{path}: not a Karpathy split file ({type(err).__name__}: {err})") from None
     by_split: dict[str, list] = {}
     first_entry: dict[str, int] = {}

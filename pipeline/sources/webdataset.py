@@ -49,7 +49,7 @@ def caption_of(sample: dict) -> object:
     if sample.get("json"):
         try:
             meta = json.loads(sample["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, too deep, a number too long: no caption
             return None
         for name in CAPTION_FIELDS:
             if isinstance(meta, dict) and isinstance(meta.get(name), str) and meta[name].strip():

@@ -16,6 +16,7 @@ from typing import Callable
 
 from pipeline.manifest import read_manifest, report_group
 from pipeline.tasks.caption_metrics import cider_per_image
+from pipeline.tasks.retrieval_metrics import SCORERS
 
 ItemScores = tuple[dict[str, dict[str, float]], dict[str, dict[str, str]]]
 
@@ -96,7 +97,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          lambda metric: f"chance_{metric}" if metric in ("CIDEr", "BLEU-1") else None, caption_items, "CIDEr"),
     Task("vqa", ("0shot_open_accuracy", "0shot_closed_accuracy", "nshot_open_accuracy", "nshot_closed_accuracy"),
          lambda metric: "chance_accuracy", vqa_items, "0shot_open_accuracy"),
-    Task("retrieval", tuple(f"{scorer}_{d}_R@1" for scorer in ("cosine", "assignment", "centred") for d in ("i2t", "t2i")),
+    Task("retrieval", tuple(f"{scorer}_{d}_R@1" for scorer in SCORERS for d in ("i2t", "t2i")),
          lambda metric: "chance_" + metric.split("_", 1)[1], retrieval_items,  # the same for every scorer
          "cosine_i2t_R@1"),  # the scorer nothing is fitted for
     Task("arithmetic", ("color_swap_top1", "shape_swap_top1", "word_swap_top1"),

@@ -33,10 +33,8 @@ from pipeline.manifest import Manifest, report_group
 from pipeline.ot import assign_with_columns, sinkhorn
 from pipeline.prototypes import Prototypes
 from pipeline.tasks.inputs import EvalInputs, select_test_images
-from pipeline.tasks.retrieval_metrics import (chance_metrics, rank_of_first_relevant, relevance_from_texts,
-                                              retrieval_metrics)
-
-SCORERS = ("cosine", "assignment", "centred")  # every one inductive; reported for every method
+from pipeline.tasks.retrieval_metrics import (SCORERS, chance_metrics, rank_of_first_relevant,
+                                              relevance_from_texts, retrieval_metrics)
 
 
 @dataclass(frozen=True)

@@ -90,10 +90,10 @@ def gap_metrics(z_v: torch.Tensor, z_t: torch.Tensor) -> tuple[dict[str, float],
             "chance_paired_minus_unpaired_cosine": 0.0}, per_image
 
 
-def evaluate_taxonomy(inputs: EvalInputs, min_images: int, n_boot: int, n_perm: int, seed: int
+def evaluate_taxonomy(inputs: EvalInputs, min_images: int, n_boot: int, n_perm: int, seed: int, batch_size: int = 64
                       ) -> tuple[dict, dict]:
     """(metrics, per-item record: each image's paired − unpaired cosine, the classes and the whole-set rsa)."""
-    z_v = inputs.z_v()  # (n, D) normalised
+    z_v = inputs.z_v(batch_size)  # (n, D) normalised
     z_t = inputs.protos.text_reps([inputs.captions[i][0] for i in inputs.image_ids]).to(z_v.device)
     metrics, per_image = gap_metrics(z_v.float(), F.normalize(z_t.float(), dim=-1))
     record = {"paired_minus_unpaired_cosine": dict(zip(inputs.image_ids, per_image.tolist())),
