@@ -1,13 +1,15 @@
 """Hostile and broken inputs, written for real: image paths that leave their folder (`..`, absolute,
 symlinks out), tar members with such names, duplicate ids, odd captions, and generated captions files
-and params. Each is refused in one line or skipped with its reason in the prepare report; a refused
-path is never opened (Python's audit hook sees every open)."""
+and params, and files that break a parser (non-UTF-8, nested 100,000 deep, a 5,000-digit number, binary) through
+the real commands in a subprocess. Each is refused in one line or skipped with its reason in the prepare
+report, never a traceback; a refused path is never opened (Python's audit hook sees every open)."""
 from __future__ import annotations
 
 import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 from contextlib import contextmanager
@@ -257,3 +259,55 @@ def test_generated_params_load_or_fail_in_one_line(tmp_path, changes, extra):
         load_config(path)
     except ConfigError as err:
         assert "\n" not in str(err) and str(err).startswith(str(path))
+
+
+# ---------------------------------------------------------------- files that break a parser, as commands see them
+HOSTILE_JSON = {
+    "deeply nested": "[" * 100_000,
+    "not UTF-8": b'[{"image": "a.png", "caption": "caf\xe9"}]',
+    "a huge number": '[{"image": "a.png", "caption": "x", "split": ' + "9" * 5000 + "}]",
+    "binary": bytes(range(256)) * 4,
+    "empty": b"",
+}
+HOSTILE_PARAMS = {
+    "not UTF-8": b"train:\n  lr: 0.01 \xff\n",
+    "deeply nested": "[" * 100_000,
+    "binary": bytes(range(256)),
+    "empty list": "[]",
+}
+
+
+def run_python(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def one_line_naming(proc: subprocess.CompletedProcess, name: str) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and name in errors[0], proc.stderr[-2000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_PARAMS))
+def test_a_hostile_params_file_is_one_line(tmp_path, case):
+    params = tmp_path / "params.yaml"
+    content = HOSTILE_PARAMS[case]
+    params.write_bytes(content if isinstance(content, bytes) else content.encode())
+    line = one_line_naming(run_python(["-m", "vlap.cli", "config", "--params", str(params)], tmp_path), str(params))
+    assert case != "not UTF-8" or "not UTF-8 text" in line
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_JSON))
+def test_a_hostile_captions_json_stops_prepare_in_one_line(tmp_path, case):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    content = HOSTILE_JSON[case]
+    (photos / "captions.json").write_bytes(content if isinstance(content, bytes) else content.encode())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prepare"] |= {"source": "folder", "folder": str(photos), "heldout": []}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    line = one_line_naming(run_python(["-m", "stages.prepare"], tmp_path), str(photos / "captions.json"))
+    assert {"deeply nested": "nested too deeply", "not UTF-8": "not UTF-8 text",
+            "a huge number": "cannot read"}.get(case, "") in line
+    assert not (tmp_path / "data" / "prepared" / "train.parquet").exists()
