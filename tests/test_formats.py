@@ -227,6 +227,9 @@ def test_vqav2_malformed_files_name_the_file_and_field(tmp_path):
     questions["questions"][2]["image_id"] = 99
     q_path.write_text(json.dumps(questions))
     one_line_error(lambda: vqav2.load(cfg), str(q_path), "COCO_val2014_000000000099.jpg not found")
+    questions["data_subtype"] = "../../outside"  # names files and a folder: refused before any path is looked at
+    q_path.write_text(json.dumps(questions))
+    one_line_error(lambda: vqav2.load(cfg), str(q_path), "data_subtype '../../outside'", "plain name")
     del questions["data_subtype"]
     q_path.write_text(json.dumps(questions))
     one_line_error(lambda: vqav2.load(cfg), str(q_path), "missing field 'data_subtype'")

@@ -1,6 +1,7 @@
 """VQAv2: a questions JSON and its annotations, over COCO images."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -44,6 +45,9 @@ def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict
     answers_of, a_subtype = vqav2_answers(a_path, role.key('annotations'))
     doc = read_json(q_path, role.key("questions"))
     subtype = field_of(doc, "data_subtype", q_path, "top level", str)
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", subtype):  # it names image files and a folder: checked before any stat
+        raise DatasetError(f"{q_path}: data_subtype {subtype!r}: expected a plain name like val2014 (refused, no path "
+                           "was looked at)")
     if a_subtype is not None and a_subtype != subtype:
         raise DatasetError(f"{a_path}: data_subtype {a_subtype!r} differs from the questions file's {subtype!r}")
     questions, image_ids = [], {}

@@ -11,6 +11,7 @@ Split by image hash (prepare.test_fraction), as a folder without a split column.
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 from pipeline.config import PrepareConfig
@@ -87,11 +88,25 @@ def list_samples(folder: Path, pattern: str, screen: CaptionScreen) -> tuple[lis
         caption = caption_of(sample)
         samples.append({"key": key, "shard": shard, "member": f"{key}.{ext}", "sha256": sha256_bytes(sample[ext]),
                         "caption": None if caption is None else screen(caption, image_id)})
+    for shard_path in shards:  # webdataset passes over links silently: list them, unread
+        skipped += [{"image_id": f"{shard_path.relative_to(folder).as_posix()}/{name}", "reason": reason}
+                    for name, reason in link_members(shard_path)]
     for entry in skipped:  # name the shard of a shard-level failure
         if not entry["image_id"]:
             entry["image_id"] = next((p.relative_to(folder).as_posix() for p in shards if str(p) in entry["reason"]),
                                      "shard")
     return samples, skipped
+
+
+def link_members(shard: Path) -> list[tuple[str, str]]:
+    """(name, reason) of the shard's symbolic- and hard-link members: never read (a link may point anywhere);
+    an unreadable shard is webdataset's to report."""
+    try:
+        with tarfile.open(shard, mode="r:") as tar:
+            return [(info.name, "a symbolic link member (not read)" if info.issym() else "a hard link member (not read)")
+                    for info in tar if info.issym() or info.islnk()]
+    except (tarfile.TarError, OSError):
+        return []
 
 
 def load(cfg: PrepareConfig, role: Role = TRAIN_ROLE) -> tuple[list[Split], dict]:
