@@ -2,6 +2,7 @@
 
     from pipeline.api import Bridge
     bridge = Bridge.load("data/models/vlap")             # model.safetensors + config.json
+    bridge = Bridge.from_pretrained("user/vlap-bridge")  # a folder, or a Hub repo (bridge.push_to_hub(...))
     bridge.caption([Image.open("cat.png")])              # ["a cat on a sofa"]
     bridge.ask(Image.open("cat.png"), "what color is the cat?", answers=["black", "white"])
 
@@ -11,15 +12,17 @@ and `vlap ask` commands are this class.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from pipeline.bridge import load_bridge
+from pipeline.bridge import load_bridge, save_bridge
 from pipeline.device import resolve_device
 from pipeline.encoders import VisionEncoder, load_encoder
 from pipeline.errors import ConfigError, MismatchError
+from pipeline.hub import hub_folder, push_folder, write_model_card
 from pipeline.generation import greedy_decode, left_pad, rank_candidates, text_embeds
 from pipeline.lms import LanguageModel, load_lm
 from pipeline.tasks.captioning import decode_captions
@@ -43,6 +46,27 @@ class Bridge:
         device = resolve_device(device) if isinstance(device, str) else device
         module, config = load_bridge(folder, device)
         return cls(module, config, device, encoder)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "auto", encoder: str | None = None,
+                        revision: str | None = None, cache_dir: str | Path | None = None) -> "Bridge":
+        """A bridge folder, or a Hugging Face Hub model repository holding one (`push_to_hub`), fetched into the
+        local Hugging Face cache (with HF_HUB_OFFLINE=1, read from it)."""
+        folder = Path(name_or_path)
+        if not folder.is_dir():
+            folder = hub_folder(str(name_or_path), revision, cache_dir)
+        return cls.load(folder, device, encoder)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """The bridge folder (model.safetensors, config.json) with a model card (README.md)."""
+        save_bridge(folder, self.module, self.config)
+        write_model_card(folder, self.config)
+        return Path(folder)
+
+    def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = False) -> str:
+        """Upload the bridge and its model card to a Hub model repository (created if needed); its commit URL."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return push_folder(self.save_pretrained(tmp), repo_id, token, private)
 
     @property
     def method(self) -> str:

@@ -154,3 +154,39 @@ def test_unreadable_image_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     (line,) = proc.stderr.splitlines()
     assert line.startswith(f"error: {garbage}: not a readable image")
+
+
+def test_a_bridge_saved_with_its_card_loads_from_a_folder_and_from_the_hugging_face_cache(bridge_data, test_image,
+                                                                                         tmp_path, monkeypatch, lite0,
+                                                                                         smollm2):
+    """save_pretrained writes the folder and a model card; from_pretrained reads a folder, or a Hub repo id from
+    the local Hugging Face cache (its real layout, read offline by huggingface_hub); an unknown id is one line."""
+    from pipeline.errors import MissingInputError
+
+    _, _, root = bridge_data
+    _, path, evaluated = test_image
+    bridge = Bridge.load(Dirs.under(root).models / "limber", "cpu", encoder=lite0)
+    folder = bridge.save_pretrained(tmp_path / "saved")
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: vlap-pipeline\n") and "pipeline_tag: image-to-text" in card
+    assert "(limber)" in card and "Bridge.from_pretrained" in card and f"{bridge.config['steps']} steps" in card
+    assert (folder / "model.safetensors").read_bytes() == (Dirs.under(root).models / "limber" /
+                                                           "model.safetensors").read_bytes()
+    # the Hugging Face cache's layout: models--<owner>--<name>/refs/main -> snapshots/<commit>/<files>
+    cache, commit = tmp_path / "hf-cache", "0" * 40
+    snapshot = cache / "models--someone--vlap-bridge" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in ("model.safetensors", "config.json", "README.md"):
+        (snapshot / name).write_bytes((folder / name).read_bytes())
+    (cache / "models--someone--vlap-bridge" / "refs").mkdir()
+    (cache / "models--someone--vlap-bridge" / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hub = Bridge.from_pretrained("someone/vlap-bridge", "cpu", cache_dir=cache, encoder=lite0)
+    hub._lm = smollm2
+    assert torch.equal(hub.module.proj.weight, bridge.module.proj.weight) and hub.config == bridge.config
+    assert hub.caption([cli.read_image(path)])[0].strip() == evaluated.strip()
+    with pytest.raises(MissingInputError, match="someone/other: not a bridge folder here, and not in the local"):
+        Bridge.from_pretrained("someone/other", "cpu", cache_dir=cache)
