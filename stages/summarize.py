@@ -54,7 +54,7 @@ def run(cfg: Config, dirs: Dirs, method: None = None, *, lm=None) -> dict:
     verdicts = {} if mismatch else study_verdicts(Path(STUDY))
     if mismatch:
         reasons["study verdicts"] = f"{STUDY} is not shown: {mismatch}"
-    text = ("# VLAP vs baselines (headline metrics; higher is better)\n\n"
+    text = ("# VLAP vs baselines (headline metrics; higher is better, except taxonomy/modality_gap, a distance)\n\n"
             "Retrieval rows compare every method under the same scorer. " + groups +
             "`chance`: a random caption, answer or ranking. " + (f"The last column: the differences the committed "
             f"study ({STUDY}: several seeds, 95% intervals) found real; a one-seed run can order the others "
