@@ -12,6 +12,7 @@ import yaml
 from PIL import Image
 
 from pipeline.api import Bridge
+from pipeline.manifest import read_manifest
 from vlap import cli
 from vlap.params_file import as_dict
 from pipeline.paths import Dirs
@@ -190,3 +191,26 @@ def test_a_bridge_saved_with_its_card_loads_from_a_folder_and_from_the_hugging_f
     assert hub.caption([cli.read_image(path)])[0].strip() == evaluated.strip()
     with pytest.raises(MissingInputError, match="someone/other: not a bridge folder here, and not in the local"):
         Bridge.from_pretrained("someone/other", "cpu", cache_dir=cache)
+
+
+def test_showcase_page_has_each_hit_with_its_reference_and_the_captions_vlap_prints(bridge_data, test_image, capsys,
+                                                                                   tmp_path):
+    from vlap import showcase
+
+    cfg, params, root = bridge_data
+    _, path, evaluated = test_image
+    out = tmp_path / "page.md"
+    assert showcase.main(["--params", str(params), "--data", str(root), "--methods", "limber", "--text",
+                          "a blue circle", "--top", "3", "--images", "2", "--out", str(out)]) == 0
+    page = out.read_text()
+    code, searched, _ = vlap(capsys, "search", "a blue circle", "--top", 3, "--method", "limber", "--params", params,
+                             "--data", root)
+    reference = {r.image_id: r.captions[0] for r in read_manifest(Dirs.under(root).prepared, "test").images
+                 if r.captions}
+    for line in searched.splitlines():  # the same ranking `vlap search` prints, each with its own caption
+        rank, image_id, score, _ = line.split("\t")
+        assert f"| {rank} | {image_id} | {score} | {reference[image_id]} |" in page
+    first = next(r for r in read_manifest(Dirs.under(root).prepared, "test").images if r.captions)
+    code, printed, _ = vlap(capsys, "caption", path, "--method", "limber", "--params", params, "--data", root)
+    assert Path(path).stem == first.image_id
+    assert f"| {first.image_id} | {first.captions[0]} | {printed.split(chr(9))[1].strip()} |" in page
