@@ -8,6 +8,7 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # t
 import importlib.util
 import json
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -170,6 +171,48 @@ def test_prepare_task_runs_once_then_is_a_cache_hit(prefect_server, tmp_path):
     write_captions(tmp_path / "images", [("red.png", "", "a crimson square", "train")])  # new source content
     changed = run_prepare()
     assert changed.name == "Completed" and changed.result() == {"train": {"images": 1, "captions": 1}}
+
+
+@pytest.mark.slow
+def test_a_transient_failure_is_tried_again_and_bad_input_is_not(prefect_server, tmp_path, monkeypatch):
+    """An output another run keeps locked past the wait (VLAP_LOCK_TIMEOUT) fails the try; the lock let go
+    during the retry delay, the next try runs the stage. A params file naming a missing folder fails once."""
+    import threading
+
+    from pipeline.locks import locked
+
+    cfg = folder_dataset(tmp_path / "images")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"prepare": {"source": "folder", "folder": str(tmp_path / "images")}}))
+    dirs, prepare = Dirs.under(tmp_path / "data"), node("prepare")
+    monkeypatch.setenv("VLAP_LOCK_TIMEOUT", "1")
+    assert flow.stage_task(node("sources"), None, cfg, dirs)("sources", str(params), str(dirs.root), None,
+                                                             return_state=True).name == "Completed"
+    held, release = threading.Event(), threading.Event()
+
+    def other_run() -> None:  # another run writing prepare's outputs
+        with locked(dirs.root, prepare.spec.out_paths(dirs, None), holder="another run"):
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=other_run)
+    holder.start()
+    held.wait(30)
+    threading.Timer(3.0, release.set).start()  # lets go during the first retry delay
+    started = time.monotonic()
+    state = flow.stage_task(prepare, None, cfg, dirs, retries=2, retry_delay_s=4)(
+        "prepare", str(params), str(dirs.root), None, return_state=True)
+    holder.join()
+    assert state.name == "Completed" and (dirs.prepared / "train.parquet").is_file()
+    assert time.monotonic() - started >= 5  # the 1 s wait that failed, then the 4 s retry delay
+
+    nowhere = replace(cfg, prepare=replace(cfg.prepare, folder=str(tmp_path / "nowhere")))
+    params.write_text(yaml.safe_dump({"prepare": {"source": "folder", "folder": str(tmp_path / "nowhere")}}))
+    started = time.monotonic()
+    bad = flow.stage_task(prepare, None, nowhere, Dirs.under(tmp_path / "other"), retries=2, retry_delay_s=30)(
+        "prepare", str(params), str(tmp_path / "other"), None, return_state=True)
+    assert bad.is_failed() and "nowhere" in str(bad.result(raise_on_failure=False))
+    assert time.monotonic() - started < 30  # failed once: no retry delay was waited
 
 
 class WritesOnUnpickle:

@@ -47,7 +47,7 @@ from prefect.context import get_run_context  # noqa: E402
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.errors import ConfigError, LockTimeoutError, UserError, report_user_errors  # noqa: E402
+from pipeline.errors import USER_ERRORS, ConfigError, LockTimeoutError, UserError, report_user_errors  # noqa: E402
 from pipeline.io import write_json_atomic  # noqa: E402
 from pipeline.locks import lock_timeout  # noqa: E402
 from pipeline.paths import Dirs  # noqa: E402
@@ -55,9 +55,27 @@ from pipeline.runtime import keep_freed_memory  # noqa: E402
 from stages.common import run_stage  # noqa: E402
 from stages.graph import ROOT, Node, graph  # noqa: E402
 
-# One task at a time in threads: each stage already uses every core for its tensor maths.
-# Under DaskTaskRunner (--dask) tasks run side by side, each in its own worker process.
+# One task at a time in threads by default: each stage already uses every core for its tensor maths
+# (--workers N runs up to N side by side, e.g. one per GPU's worth of evaluations). Under DaskTaskRunner
+# (--dask) tasks run side by side, each in its own worker process.
 MAX_WORKERS = 1
+# A failed stage run is tried again this often, after this wait, when its failure may pass (transient).
+RETRIES, RETRY_DELAY_S = 2, 10
+
+
+def transient(_task, _task_run, state) -> bool:
+    """Whether a failed stage run is worth another try: not for bad input (a UserError fails the same way
+    again), yes for the rest (out of memory, a lost worker or file system) and for an output another run
+    kept locked past the wait (VLAP_LOCK_TIMEOUT)."""
+    try:
+        state.result()
+    except LockTimeoutError:
+        return True
+    except USER_ERRORS:
+        return False
+    except Exception:  # noqa: BLE001  (any other failure may pass)
+        return True
+    return False
 
 
 # ---------------------------------------------------------------- task keys and outputs
@@ -142,7 +160,8 @@ def run_stage_task(stage: str, params: str, data: str, method: str | None) -> An
 # the file): a result file from elsewhere can at worst be wrong data, never code that runs.
 RESULTS_AS_JSON = JSONSerializer(object_encoder=None, object_decoder=None)
 STAGE_TASK: Task = task(run_stage_task, persist_result=True, cache_result_in_memory=False,
-                        result_serializer=RESULTS_AS_JSON)
+                        result_serializer=RESULTS_AS_JSON, retries=RETRIES, retry_delay_seconds=RETRY_DELAY_S,
+                        retry_condition_fn=transient)
 
 
 def trusted_result_key(key: str, store: Path) -> str:
@@ -167,13 +186,16 @@ def trusted_result_key(key: str, store: Path) -> str:
     return key
 
 
-def stage_task(node: Node, method: str | None, cfg: Config, dirs: Dirs) -> Task:
+def stage_task(node: Node, method: str | None, cfg: Config, dirs: Dirs, retries: int = RETRIES,
+               retry_delay_s: float = RETRY_DELAY_S) -> Task:
     """The task of one stage run: keyed on its inputs (evaluated when it starts, after its upstream),
-    results kept under <data>/.prefect-results, forced to re-run when an output is missing or was changed."""
+    results kept under <data>/.prefect-results, forced to re-run when an output is missing or was changed;
+    a transient failure is tried again `retries` times."""
     stale = node.spec.always_changed or outputs_stale(node, method, dirs)
     store = dirs.root / ".prefect-results"
     return STAGE_TASK.with_options(
-        name=node.spec.name, task_run_name=node.spec.label(method), result_storage=store,
+        name=node.spec.name, task_run_name=node.spec.label(method), result_storage=store, retries=retries,
+        retry_delay_seconds=retry_delay_s,
         cache_key_fn=lambda _ctx, _params: trusted_result_key(node.inputs_key(method, cfg, dirs), store),
         refresh_cache=True if stale else None)
 
@@ -191,7 +213,7 @@ def upstream(nodes: list[Node], node: Node, method: str | None, dirs: Dirs) -> l
 
 
 @flow(name="vlap-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS))
-def vlap_pipeline(params: str = "params.yaml", data: str = "data") -> dict:
+def vlap_pipeline(params: str = "params.yaml", data: str = "data", retries: int = RETRIES) -> dict:
     """The whole graph; returns {stage label: what its run returned}."""
     cfg, root = load_config(params), Path(data).resolve()
     dirs = Dirs.under(root)
@@ -200,7 +222,7 @@ def vlap_pipeline(params: str = "params.yaml", data: str = "data") -> dict:
     for node in nodes:  # graph order is DAG order: a FIFO pool never holds a task whose upstream is queued
         for method in node.instances():
             wait_for = [futures[u] for u in upstream(nodes, node, method, dirs)]
-            futures[node.spec.label(method)] = stage_task(node, method, cfg, dirs).submit(
+            futures[node.spec.label(method)] = stage_task(node, method, cfg, dirs, retries).submit(
                 node.spec.name, str(params), str(root), method, wait_for=wait_for)
     # Results in DAG order: the first failure raised is the cause, not a downstream "NotReady".
     return {label: f.result() for label, f in futures.items()}
@@ -239,11 +261,12 @@ def server_start_error(err: RuntimeError) -> ServerStartError | None:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
 
 
-def run_flow(params: str, data: str, dask: bool) -> dict:
+def run_flow(params: str, data: str, dask: bool, workers: int = MAX_WORKERS, retries: int = RETRIES) -> dict:
     """The flow, returning once its result is known and its history is recorded; a failed run raises."""
-    runnable = vlap_pipeline.with_options(task_runner=dask_runner()) if dask else vlap_pipeline
+    runner = dask_runner(workers) if dask else ThreadPoolTaskRunner(max_workers=workers)
+    runnable = vlap_pipeline.with_options(task_runner=runner)
     try:
-        state = runnable(params=params, data=data, return_state=True)
+        state = runnable(params=params, data=data, retries=retries, return_state=True)
     except RuntimeError as err:
         raise (server_start_error(err) or err) from None
     if state.is_completed():  # a failed run's unstarted tasks never reach a final state: nothing to wait for
@@ -251,13 +274,15 @@ def run_flow(params: str, data: str, dask: bool) -> dict:
     return state.result()  # raises the first failure
 
 
-def dask_runner() -> TaskRunner:
-    """prefect-dask's runner on a local Dask cluster; imported only when asked for."""
+def dask_runner(workers: int = MAX_WORKERS) -> TaskRunner:
+    """prefect-dask's runner on a local Dask cluster (`workers` processes; 1: Dask's own choice); imported only
+    when asked for."""
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
         raise ConfigError("--dask needs the prefect-dask package (pip install prefect-dask)") from None
-    return DaskTaskRunner(cluster_kwargs={"threads_per_worker": 1})  # parallel processes, not threads
+    return DaskTaskRunner(cluster_kwargs={"threads_per_worker": 1}  # parallel processes, not threads
+                          | ({"n_workers": workers} if workers > 1 else {}))
 
 
 def serve_deployment(params: str, data: str) -> None:
@@ -273,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="data", help="root of the stage folders (default: data)")
     p.add_argument("--dask", action="store_true", help="run tasks on a Dask cluster (needs prefect-dask)")
     p.add_argument("--deploy", action="store_true", help="serve the deployment vlap-default instead (blocks)")
+    p.add_argument("--workers", type=int, default=MAX_WORKERS, help="stage runs at once (threads; with --dask, "
+                   "Dask worker processes)")
+    p.add_argument("--retries", type=int, default=RETRIES, help="further tries of a stage run whose failure may pass "
+                   "(not bad input)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     keep_freed_memory()  # as the dvc stages do
@@ -282,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.deploy:
             serve_deployment(args.params, args.data)
         else:
-            run_flow(args.params, args.data, args.dask)
+            run_flow(args.params, args.data, args.dask, args.workers, args.retries)
 
     return report_user_errors(body)
 
