@@ -79,10 +79,12 @@ def study_mismatch(study_json: Path, setting: dict) -> str | None:
     recorded = study.get("setting")
     if recorded is None:
         return "it records no setting (data, models, budget)"
+    differs = [f"{k} {recorded.get(k)!r} (this run: {v!r})" for k, v in setting.items() if recorded.get(k) != v]
+    if differs:
+        return f"it was made with {'; '.join(differs)}"
     if "correction" not in study:
         return "its verdicts are not corrected for multiplicity (re-run `vlap study`)"
-    differs = [f"{k} {recorded.get(k)!r} (this run: {v!r})" for k, v in setting.items() if recorded.get(k) != v]
-    return f"it was made with {'; '.join(differs)}" if differs else None
+    return None
 
 
 def study_verdicts(study_json: Path) -> dict[str, str]:
