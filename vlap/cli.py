@@ -72,11 +72,16 @@ def load_bridge_for(cfg: Config, method: str, data_dir: Path) -> Bridge:
 
 def best_scorer(dirs: Dirs, method: str) -> str:
     """The method's best inductive scorer: the highest mean of image->text and text->image R@1 in its
-    retrieval evaluation (data/metrics/retrieval/<method>.json); cosine when there is none."""
+    retrieval evaluation (data/metrics/retrieval/<method>.json), else the highest image->text R@1 of its last
+    validation point while training; cosine when there is neither."""
     path = dirs.metrics / "retrieval" / f"{method}.json"
     metrics = json.loads(path.read_text()) if path.exists() else {}
     scored = {s: metrics[f"{s}_i2t_R@1"] + metrics[f"{s}_t2i_R@1"] for s in SCORERS
               if f"{s}_i2t_R@1" in metrics and f"{s}_t2i_R@1" in metrics}
+    if not scored:  # no retrieval evaluation (a `vlap curves` run): the last validation point's image->text R@1
+        path = dirs.metrics / "train" / method / "metrics.json"
+        val = json.loads(path.read_text()).get("val", {}) if path.exists() else {}
+        scored = {s: val[f"{s}_i2t_R@1"] for s in SCORERS if f"{s}_i2t_R@1" in val}
     return max(scored, key=scored.get) if scored else "cosine"
 
 

@@ -136,16 +136,19 @@ def report(records: dict[str, dict], settings: dict, criterion: Criterion, comma
              f"{settings['val_samples']} val images.", "",
              f"Plateau: val/{LOSS} improved by less than {criterion.tolerance:.0%} over the last "
              f"{criterion.window:.0%} of the steps (from step {criterion.min_steps} on; pipeline/plateau.py).", "",
-             "| method | status | steps (epochs) | val loss_cap | improvement over the last window | slope per 1k "
-             "steps | val R@1 (cosine / assignment / centred) |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+             "| method | status | steps (epochs) | val loss_cap | lowest val loss_cap (step) | improvement over the last "
+             "window | slope per 1k steps | val R@1 (cosine / assignment / centred) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for method, r in records.items():
         v = r["verdict"]
         r1 = " / ".join(f"{r['val'][f'{s}_i2t_R@1'][-1][1]:.1f}" if r["val"].get(f"{s}_i2t_R@1") else "–"
                         for s in ("cosine", "assignment", "centred"))
         if v is None:
-            lines.append(f"| {method} | {r['status']} | – | – | – | – | {r1} |")
+            lines.append(f"| {method} | {r['status']} | – | – | – | – | – | {r1} |")
             continue
+        best_step, best = min(r["val"][LOSS], key=lambda point: point[1])
         lines.append(f"| {method} | {r['status']} | {v['step']} ({v['step'] / per_epoch:.1f}) | {v['loss']:.4f} | "
+                     f"{best:.4f} ({best_step}) | "
                      f"{100 * v['improvement']:.2f}% (from step {v['reference_step']}) | {v['slope_per_1k']:+.4f} | "
                      f"{r1} |")
     lines += ["", "![curves](curves.png)", ""]
@@ -168,6 +171,8 @@ def plot(records: dict[str, dict], path: Path, per_epoch: int) -> None:
             v = r["verdict"]
             if v and v["reached"] and name == LOSS:
                 ax.axvline(v["step"], color=f"C{i}", linewidth=0.8, linestyle="--")
+        if name == LOSS:
+            ax.set_yscale("log")  # the first points are 30x the last: on a linear axis the end looks flat
         ax.set_title(f"{name} ({'val and train' if name.startswith('loss_cap') else 'val'})", fontsize=9)
         ax.set_xlabel(f"step ({per_epoch} per epoch)", fontsize=8)
         ax.tick_params(labelsize=7)
