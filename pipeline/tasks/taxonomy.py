@@ -1,7 +1,7 @@
 """The semantic-taxonomy claim and the modality gap, measured on the test split.
 
 Taxonomy (RSA, representational similarity analysis). Classes are the values of the test images' labels
-(easy-VQA: every colour and every shape; a folder source's `label` column); a class needs at least
+(easy-VQA: every colour and every shape; no other source labels its images yet); a class needs at least
 `evaluate.taxonomy.min_images` evaluated images. Each class has
   - a visual representation: the mean z_v (the bridged tokens' normalised mean, as retrieval uses) of its
     images, normalised;
@@ -64,11 +64,10 @@ def taxonomy_metrics(z_v: np.ndarray, classes: dict[tuple[str, str], list[int]],
                      n_perm: int, seed: int) -> dict[str, float]:
     groups = list(classes.values())
     rng = np.random.default_rng(seed)
-    out = {"classes": len(groups), "pairs": len(groups) * (len(groups) - 1) // 2,
-           "rsa": rsa(class_means(z_v, groups), words)}
+    means = class_means(z_v, groups)
+    out = {"classes": len(groups), "pairs": len(groups) * (len(groups) - 1) // 2, "rsa": rsa(means, words)}
     boot = [rsa(class_means(z_v, [rng.choice(rows, len(rows)) for rows in groups]), words) for _ in range(n_boot)]
     out["rsa_low"], out["rsa_high"] = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
-    means = class_means(z_v, groups)
     null = [rsa(means, words[rng.permutation(len(words))]) for _ in range(n_perm)]
     out["rsa_p"] = float((1 + sum(v >= out["rsa"] for v in null)) / (1 + n_perm))
     for kind in sorted({k for k, _ in classes}):
@@ -108,7 +107,7 @@ def evaluate_taxonomy(inputs: EvalInputs, min_images: int, n_boot: int, n_perm: 
         record["rsa"] = metrics["rsa"]
     else:
         metrics["rsa_applicable"] = False
-        metrics["rsa_reason"] = record["rsa_reason"] = (f"the test images have {len(classes)} label classes with at least {min_images} "
-                                "images each; RSA needs 3 (labels: easy-VQA's colour and shape, a folder's label "
-                                "column)")
+        metrics["rsa_reason"] = record["rsa_reason"] = (
+            f"the test images have {len(classes)} label classes with at least {min_images} images each; RSA needs 3 "
+            "(of the sources, only easy-VQA labels its images: colour and shape)")
     return metrics, record
