@@ -30,6 +30,7 @@ from pipeline.features import FeatureCache
 from pipeline.images import load_image
 from pipeline.io import atomic_path, sha256_json
 from pipeline.manifest import ImageRow, Manifest
+from pipeline.model_ids import model_id
 from pipeline.runtime import keep_freed_memory
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ def _assemble(parts: Path, n_blocks: int, final: Path, key: str, split: str, enc
                          track_times=False)
         f.attrs["cache_key"] = key
         f.attrs["split"] = split
-        f.attrs["encoder"] = encoder.spec if not encoder.spec.startswith("hf:") else "hf"
+        f.attrs["encoder"] = model_id(encoder.spec)  # a Hub id or a name, never a machine path
         f.attrs["encoder_weights_sha256"] = encoder.weights_sha256
         f.attrs["preprocessing"] = json.dumps(encoder.preprocessing, sort_keys=True)
         f.attrs["dtype"] = dtype

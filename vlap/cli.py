@@ -11,11 +11,15 @@
     vlap ablate [--factor KEY=V1,V2] [--set KEY=V]  # VLAP's settings one at a time as DVC experiments (vlap/ablate.py)
     vlap preset NAME                                # write a preset's values into params.yaml (vlap/params_file.py)
     vlap config                                     # print every param as resolved
+    vlap push you/vlap-easyvqa [--study results/study-easyvqa] [--save-to DIR]   # the bridge + model card to the Hub
 
 Reads  --params (default params.yaml: extract.encoder, evaluate.* devices, lengths and test images),
        the bridge <data>/models/<method>/, and for search the test features, manifest and prototypes
        under --data (default data). Writes nothing (study: its folder); prints the answer on stdout.
 Bad input (unreadable image, missing bridge, unknown method) -> one line on stderr, exit code 2.
+`vlap push` uploads <data>/models/<method>/ with a model card (README.md: encoder, LLM, training data and
+budget, and the primary metrics: the bridge's own evaluation under <data>/metrics/, and a study's 95%
+intervals with --study); the token is HF_TOKEN's or the saved login's; --save-to DIR writes that folder instead.
 """
 from __future__ import annotations
 
@@ -42,7 +46,8 @@ from pipeline.prototypes import caption_representations
 from pipeline.features import features_file
 from pipeline.tasks.inputs import load_eval_inputs
 from pipeline.tasks.retrieval import SCORERS, fit_on_training, scorer_similarities
-from pipeline.errors import USER_ERRORS, ConfigError, DatasetError
+from pipeline.errors import USER_ERRORS, ConfigError, DatasetError, MismatchError
+from pipeline.hub import check_repo_id
 
 
 log = logging.getLogger("vlap")
@@ -65,9 +70,10 @@ def read_image(path: Path) -> Image.Image:
 
 
 def load_bridge_for(cfg: Config, method: str, data_dir: Path) -> Bridge:
-    """The method's trained bridge, with the encoder of params (its weights must be the bridge's)."""
+    """The method's trained bridge; its encoder is the one config.json records, loaded from params'
+    extract.encoder where that names it, or where the record is only a name (its weights must be the bridge's)."""
     folder = Dirs.under(data_dir).models / method
-    return Bridge.load(folder, resolve_device(cfg.evaluate.common.device), encoder=cfg.extract.encoder)
+    return Bridge.load(folder, resolve_device(cfg.evaluate.common.device), local_encoder=cfg.extract.encoder)
 
 
 def best_scorer(dirs: Dirs, method: str) -> str:
@@ -176,6 +182,31 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    """The bridge and its model card to the Hub (or, with --save-to, to a folder): prints the commit URL (the
+    folder)."""
+    repo_id, cfg, dirs = check_repo_id(args.repo_id), load_config(args.params), Dirs.under(args.data)
+    bridge = Bridge.load(dirs.models / args.method, "cpu")  # no model is loaded: only the weights travel
+    card = {"study": args.study, "metrics": None if args.no_metrics else dirs.metrics,
+            "data": training_data(cfg, dirs, bridge)}
+    if args.save_to:
+        print(bridge.save_pretrained(args.save_to, repo_id=repo_id, **card))
+    else:
+        print(bridge.push_to_hub(repo_id, private=args.private, endpoint=args.endpoint, **card))
+    return 0
+
+
+def training_data(cfg: Config, dirs: Dirs, bridge: Bridge) -> dict:
+    """params' data source and held-out pairs, when the data root's training features are the bridge's (else the
+    params may describe data the bridge never saw: one line saying so)."""
+    index = dirs.features / "index.json"
+    trained_on = json.loads(index.read_text()).get("train", {}).get("key") if index.exists() else None
+    if trained_on != bridge.config.get("features_key"):
+        raise MismatchError(f"{dirs.models / bridge.method}: trained on other training features than {dirs.features} "
+                            "holds (run dvc repro, or name the --data root it was trained in)")
+    return {"source": cfg.prepare.source, "test_source": cfg.prepare.test_source, "heldout": list(cfg.prepare.heldout)}
+
+
 def answer_list(text: str) -> list[str]:
     answers = [a.strip() for a in text.split(",") if a.strip()]
     if not answers:
@@ -239,6 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     search_cmd.add_argument("--split", default="test", help="which cached split to search (default: test)")
     search_cmd.add_argument("--scorer", default="auto", choices=("auto",) + SCORERS,
                             help="how to rank (default auto: the method's best scorer in its retrieval evaluation)")
+    push = model_command("push", "upload the bridge with a model card to the Hugging Face Hub", cmd_push)
+    push.add_argument("repo_id", help="the Hub model repository, owner/name (created if needed)")
+    push.add_argument("--study", type=Path,
+                      help="a vlap study (study.json or its folder) at the bridge's setting: its 95%% intervals "
+                           "on the card")
+    push.add_argument("--no-metrics", action="store_true",
+                      help="leave out the bridge's own evaluation (<data>/metrics/<task>/<method>.json)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--endpoint", help="another Hub (default: HF_ENDPOINT, else https://huggingface.co)")
+    push.add_argument("--save-to", type=Path, metavar="DIR",
+                      help="write the folder that would be uploaded (card included) to DIR; upload nothing")
     return p
 
 
