@@ -102,7 +102,7 @@ def run_stage(module: ModuleType, cfg: Config, dirs: Dirs, method: str | None = 
     label, outs = spec.label(method), spec.out_paths(dirs, method)
     with locked(dirs.root, outs, holder=label) as waited:
         written = WrittenOutputs(dirs.root / LOCK_DIR / "written.json")
-        inputs = inputs_key(spec, method, cfg, dirs)
+        inputs = whole_config_and_deps_digest(spec, method, cfg, dirs)
         if waited and written.holds(label, inputs, outs):
             logging.getLogger("stages").info("%s: the run waited for wrote these outputs from the same inputs; "
                                              "not run again", label)
@@ -112,19 +112,23 @@ def run_stage(module: ModuleType, cfg: Config, dirs: Dirs, method: str | None = 
         return result
 
 
-def inputs_key(spec: "StageSpec", method: str | None, cfg: Config, dirs: Dirs) -> str:
-    """The whole config and the stage's data deps' content: what two runs on one data folder, from one
-    checkout, may differ in. (The whole config, not the declared params alone: reading those here would
-    count as the stage reading them, and a run whose unrelated params differ only runs again.)"""
+def whole_config_and_deps_digest(spec: "StageSpec", method: str | None, cfg: Config, dirs: Dirs) -> str:
+    """Hash of the whole config and the stage's data deps' content: what two runs on one data folder, from
+    one checkout, may differ in (so no code). The whole config, not the declared params alone (as
+    stages.graph.Node.declared_inputs_digest hashes): reading those here would count as the stage reading
+    them (tests/graph_runner.py records every field read), and a run whose unrelated params differ only
+    runs again."""
     return sha256_json({"params": plain(cfg) if dataclasses.is_dataclass(cfg) else repr(type(cfg)),
                         "deps": {str(p.relative_to(dirs.root)): tree_digest(p) if p.exists() else None
                                  for p in spec.dep_paths(dirs, method)}})
 
 
 class WrittenOutputs:
-    """{label: {"inputs": inputs key, "files": {path: [size, mtime_ns]}}} of the last run of each stage
-    under a data root: enough to tell whether outputs are still exactly what that run wrote, without
-    reading them."""
+    """{label: {"inputs": whole_config_and_deps_digest, "files": {path: [size, mtime_ns]}}} of the last run
+    of each stage under a data root, whoever ran it (dvc repro, the flow, the study): enough for a run that
+    waited on the output locks to tell whether the outputs are still exactly what the run it waited for
+    wrote, without reading them. DVC and Prefect decide to run a stage before it waits, and neither sees
+    the other's runs, so neither can tell this."""
 
     def __init__(self, path: Path):
         self.path = path

@@ -64,16 +64,16 @@ def test_flow_runs_what_dvc_runs():
 
 def test_key_follows_declared_params_only(tmp_path):
     cfg, dirs, train = Config(), Dirs.under(tmp_path), node("train")
-    keys = {m: train.inputs_key(m, cfg, dirs) for m in METHODS}
+    keys = {m: train.declared_inputs_digest(m, cfg, dirs) for m in METHODS}
     assert len(set(keys.values())) == len(METHODS)
     lam = replace(cfg, methods=replace(cfg.methods, vlap=replace(cfg.methods.vlap, ap_weight=0.5)))
-    assert train.inputs_key("vlap", lam, dirs) != keys["vlap"]
-    assert train.inputs_key("limber", lam, dirs) == keys["limber"]  # methods.vlap is not limber's param
+    assert train.declared_inputs_digest("vlap", lam, dirs) != keys["vlap"]
+    assert train.declared_inputs_digest("limber", lam, dirs) == keys["limber"]  # methods.vlap is not limber's param
     other_eval = replace(cfg, evaluate=replace(cfg.evaluate, common=replace(cfg.evaluate.common, test_images=3)))
-    assert train.inputs_key("vlap", other_eval, dirs) == keys["vlap"]
+    assert train.declared_inputs_digest("vlap", other_eval, dirs) == keys["vlap"]
     arith, tokens = node("evaluate_arithmetic"), replace(cfg.evaluate.caption, max_new_tokens=3)
-    assert arith.inputs_key("vlap", replace(cfg, evaluate=replace(cfg.evaluate, caption=tokens)), dirs) != \
-        arith.inputs_key("vlap", cfg, dirs)  # arithmetic decodes with the caption length
+    assert arith.declared_inputs_digest("vlap", replace(cfg, evaluate=replace(cfg.evaluate, caption=tokens)), dirs) != \
+        arith.declared_inputs_digest("vlap", cfg, dirs)  # arithmetic decodes with the caption length
 
 
 def test_key_hashes_data_deps_by_content(tmp_path):
@@ -83,14 +83,14 @@ def test_key_hashes_data_deps_by_content(tmp_path):
         for path in (dirs.models / "vlap" / "model.safetensors", dirs.features / "index.json", dirs.prepared / "t.parquet"):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"v1")
-    key = ev.inputs_key("vlap", cfg, a)
-    assert ev.inputs_key("vlap", cfg, b) == key  # same bytes elsewhere: same key
+    key = ev.declared_inputs_digest("vlap", cfg, a)
+    assert ev.declared_inputs_digest("vlap", cfg, b) == key  # same bytes elsewhere: same key
     (b.models / "vlap" / "model.safetensors").write_bytes(b"retrained")
-    assert ev.inputs_key("vlap", cfg, b) != key
+    assert ev.declared_inputs_digest("vlap", cfg, b) != key
     (b.models / "vlap" / "model.safetensors").write_bytes(b"v1")
     (b.metrics / "vqa").mkdir(parents=True)
     (b.metrics / "vqa" / "vlap.json").write_text("{}")  # not a dep of captioning
-    assert ev.inputs_key("vlap", cfg, b) == key
+    assert ev.declared_inputs_digest("vlap", cfg, b) == key
 
 
 def test_code_edit_changes_the_key(tmp_path, monkeypatch):
@@ -100,10 +100,10 @@ def test_code_edit_changes_the_key(tmp_path, monkeypatch):
         shutil.copy(REPO / name, tmp_path / name)
     monkeypatch.setattr(graph, "ROOT", tmp_path)
     dirs = Dirs.under(tmp_path / "data")
-    key = summarize.inputs_key(None, Config(), dirs)
+    key = summarize.declared_inputs_digest(None, Config(), dirs)
     with open(tmp_path / "pipeline" / "tasks" / "summary.py", "a") as f:  # a module summarize imports
         f.write("\n# an edit\n")
-    assert summarize.inputs_key(None, Config(), dirs) != key
+    assert summarize.declared_inputs_digest(None, Config(), dirs) != key
 
 
 def test_prepare_key_follows_every_file_a_prepare_key_names(tmp_path):
@@ -118,17 +118,17 @@ def test_prepare_key_follows_every_file_a_prepare_key_names(tmp_path):
                                        test_folder=str(tmp_path / "images"), **{k: str(f) for k, f in files.items()}))
     (tmp_path / "images" / "a.png").write_bytes(b"v1")
     sources.run(cfg, dirs)
-    key = prepare.inputs_key(None, cfg, dirs)
+    key = prepare.declared_inputs_digest(None, cfg, dirs)
     sources.run(cfg, dirs)
-    assert prepare.inputs_key(None, cfg, dirs) == key  # the same data: the same key
+    assert prepare.declared_inputs_digest(None, cfg, dirs) == key  # the same data: the same key
     for name, f in files.items():
         f.write_text('{"changed": "%s"}' % name)
         sources.run(cfg, dirs)
-        assert prepare.inputs_key(None, cfg, dirs) != key, name
-        key = prepare.inputs_key(None, cfg, dirs)
+        assert prepare.declared_inputs_digest(None, cfg, dirs) != key, name
+        key = prepare.declared_inputs_digest(None, cfg, dirs)
     (tmp_path / "images" / "a.png").write_bytes(b"v2")
     sources.run(cfg, dirs)
-    assert prepare.inputs_key(None, cfg, dirs) != key
+    assert prepare.declared_inputs_digest(None, cfg, dirs) != key
 
 
 @pytest.mark.slow
@@ -148,7 +148,7 @@ def test_prepare_task_runs_once_then_is_a_cache_hit(prefect_server, tmp_path):
     assert first.name == "Completed"
     report = first.result()
     assert report == {"train": {"images": 3, "captions": 3}, "test": {"images": 1, "captions": 1}}
-    record = dirs.root / ".prefect-results" / prepare.inputs_key(None, cfg, dirs)
+    record = dirs.root / ".prefect-results" / prepare.declared_inputs_digest(None, cfg, dirs)
     stored = json.loads(record.read_bytes())  # plain JSON, the result itself too: no pickle anywhere
     assert stored["metadata"]["serializer"]["type"] == "json" and json.loads(stored["result"]) == report
     written = (dirs.prepared / "train.parquet").stat().st_mtime_ns
@@ -159,6 +159,8 @@ def test_prepare_task_runs_once_then_is_a_cache_hit(prefect_server, tmp_path):
 
     (dirs.prepared / "test.parquet").unlink()  # an output went missing: re-run despite the key hit
     assert run_prepare().name == "Completed" and (dirs.prepared / "test.parquet").is_file()
+    (dirs.prepared / "report.json").write_text("{}")  # an output changed since (another run, a hand edit)
+    assert run_prepare().name == "Completed" and json.loads((dirs.prepared / "report.json").read_text())
 
     # A result file from elsewhere under the same key, holding a pickle that would write a file if loaded:
     # moved aside unread, and the stage runs.

@@ -12,12 +12,14 @@ sources task, like its `always_changed` DVC stage, runs every time: it digests t
 into sources.json, which prepare's key hashes like any data dep.
 Prefect's own defaults would not do: the default policy includes the flow run id, and INPUTS
 hashes a path by its string, not its content. Results (small dicts) persist as
-JSON under <data>/.prefect-results; a task whose outputs are missing, or changed since its last flow run,
-re-runs even on a key hit. On the repo's own data/ and params.yaml, a stage that dvc.lock calls
-up to date (`dvc repro` made its outputs) is not run again.
+JSON under <data>/.prefect-results; a task whose outputs are missing, or changed since its last flow run
+(the RunRecord <data>/.prefect-results/stages.lock.json says), re-runs even on a key hit. On the repo's
+own data/ and params.yaml, a stage that dvc.lock calls up to date (`dvc repro` made its outputs) is not
+run again. docs/up-to-date.md tells which record decides what.
 
 Reads  params.yaml (or --params) and what each stage reads under --data.
-Writes what each stage writes under --data, plus <data>/.prefect-results/<key> (one per task run).
+Writes what each stage writes under --data, plus <data>/.prefect-results/<key> (one per inputs digest)
+       and <data>/.prefect-results/stages.lock.json.
 """
 from __future__ import annotations
 
@@ -48,12 +50,11 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.errors import USER_ERRORS, ConfigError, LockTimeoutError, UserError, report_user_errors  # noqa: E402
-from pipeline.io import write_json_atomic  # noqa: E402
 from pipeline.locks import lock_timeout  # noqa: E402
 from pipeline.paths import Dirs  # noqa: E402
 from pipeline.runtime import keep_freed_memory  # noqa: E402
 from stages.common import run_stage  # noqa: E402
-from stages.graph import ROOT, Node, graph  # noqa: E402
+from stages.graph import ROOT, RUN_RECORD, Node, RunRecord, graph  # noqa: E402
 
 # One task at a time in threads by default: each stage already uses every core for its tensor maths
 # (--workers N runs up to N side by side, e.g. one per GPU's worth of evaluations). Under DaskTaskRunner
@@ -79,17 +80,13 @@ def transient(_task, _task_run, state) -> bool:
 
 
 # ---------------------------------------------------------------- task keys and outputs
-def outputs_record(node: Node, method: str | None, dirs: Dirs) -> Path:
-    return dirs.root / ".prefect-results" / f"{node.spec.label(method)}.outputs.json"
+RESULTS = ".prefect-results"  # under the data root: Prefect's results, and the flow's RunRecord
 
 
-def outputs_stale(node: Node, method: str | None, dirs: Dirs) -> bool:
-    """An output is missing, or differs from what this stage's last flow run wrote (as DVC's outs check)."""
-    outputs = node.outputs_digest(method, dirs)
-    if None in outputs.values():
-        return True
-    record = outputs_record(node, method, dirs)
-    return record.exists() and json.loads(record.read_text()) != outputs
+def run_record(dirs: Dirs) -> RunRecord:
+    """What each stage's last flow run under `dirs` ran on and wrote. Prefect's cache knows only the key: this
+    tells when outputs changed under it (another run with other params, a hand edit), as DVC's outs check."""
+    return RunRecord(dirs.root / RESULTS / RUN_RECORD)
 
 
 class DvcStatus:
@@ -141,18 +138,17 @@ class DvcStatus:
 
 def run_stage_task(stage: str, params: str, data: str, method: str | None) -> Any:
     """One stage run, as dvc.yaml's command would do it (params read and validated here)."""
-    node, dirs = next(n for n in graph() if n.spec.name == stage), Dirs.under(data)
+    node, dirs, cfg = next(n for n in graph() if n.spec.name == stage), Dirs.under(data), load_config(params)
     label, flow_run = node.spec.label(method), str(get_run_context().task_run.flow_run_id)
     before = node.outputs_digest(method, dirs)
     if DvcStatus.up_to_date(label, Path(params), dirs, flow_run):
         get_run_logger().info("%s: up to date in dvc.lock, not run", label)
         result = {"up_to_date_in_dvc": True}
     else:
-        result = run_stage(node.module, load_config(params), dirs, method)
-    after = node.outputs_digest(method, dirs)
-    if after != before:  # what dvc said of the stages downstream may no longer hold
+        result = run_stage(node.module, cfg, dirs, method)
+    if node.outputs_digest(method, dirs) != before:  # what dvc said of the stages downstream may no longer hold
         DvcStatus.forget(flow_run)
-    write_json_atomic(outputs_record(node, method, dirs), after)
+    run_record(dirs).record(node, method, cfg, dirs)
     return result
 
 
@@ -191,12 +187,12 @@ def stage_task(node: Node, method: str | None, cfg: Config, dirs: Dirs, retries:
     """The task of one stage run: keyed on its inputs (evaluated when it starts, after its upstream),
     results kept under <data>/.prefect-results, forced to re-run when an output is missing or was changed;
     a transient failure is tried again `retries` times."""
-    stale = node.spec.always_changed or outputs_stale(node, method, dirs)
-    store = dirs.root / ".prefect-results"
+    stale = node.spec.always_changed or run_record(dirs).outputs_changed(node, method, dirs)
+    store = dirs.root / RESULTS
     return STAGE_TASK.with_options(
         name=node.spec.name, task_run_name=node.spec.label(method), result_storage=store, retries=retries,
         retry_delay_seconds=retry_delay_s,
-        cache_key_fn=lambda _ctx, _params: trusted_result_key(node.inputs_key(method, cfg, dirs), store),
+        cache_key_fn=lambda _ctx, _params: trusted_result_key(node.declared_inputs_digest(method, cfg, dirs), store),
         refresh_cache=True if stale else None)
 
 

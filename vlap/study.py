@@ -36,12 +36,11 @@ from pipeline.tasks.registry import HEADLINES, PRIMARY, TASKS
 from pipeline.tasks.summary import headline_values, study_setting
 from pipeline.train import method_lr
 from stages.common import run_stage
-from stages.graph import Node, RunRecord, graph
+from stages.graph import RUN_RECORD, Node, RunRecord, graph
 from vlap.params_file import load_config_with
 
 log = logging.getLogger("vlap.study")
 STAGES = ("train", *(f"evaluate_{task}" for task in TASKS))
-RECORD = "stages.lock.json"  # per seed root: what each stage run last ran on (dvc.lock's role for data/)
 
 
 def study_config(cfg: Config, seed: int, steps: int | None, test_images: int | None,
@@ -58,7 +57,7 @@ def study_config(cfg: Config, seed: int, steps: int | None, test_images: int | N
 def train_and_evaluate(cfg: Config, dirs: Dirs, method: str, lm) -> None:
     """One (seed, method): its training and evaluation stages, each run unless what it last ran on (its
     declared params, data deps and code, as DVC hashes them) and its outputs are unchanged."""
-    record = RunRecord(dirs.root / RECORD)
+    record = RunRecord(dirs.root / RUN_RECORD)  # dvc.lock's role: DVC runs no stage in a seed root
     for node in study_nodes():
         if record.up_to_date(node, method, cfg, dirs):
             log.info("study: %s seed %d up to date, kept", node.spec.label(method), cfg.train.seed)
@@ -238,7 +237,7 @@ def variant_dirs(base: Dirs, root: Path, cfg: Config, variant: Config) -> Dirs:
     if own:
         import stages.prototypes
 
-        record = RunRecord(dirs.root / RECORD)
+        record = RunRecord(dirs.root / RUN_RECORD)
         node = next(n for n in graph() if n.spec.name == "prototypes")
         if not record.up_to_date(node, None, variant, dirs):
             run_stage(stages.prototypes, variant, dirs)
