@@ -16,12 +16,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import common  # noqa: F401  (offline, repo root, allocator)
 import yaml  # noqa: E402
 
+from harness import time_call  # noqa: E402
 from pipeline.bridge import load_bridge  # noqa: E402
 from pipeline.paths import Dirs  # noqa: E402
 
@@ -32,9 +32,10 @@ def run(params: Path, root: Path, method: str, processes: int) -> float:
     cmd = ([python.parent / "torchrun", "--standalone", f"--nproc-per-node={processes}"] if processes > 1
            else [python]) + ["-m", "stages.train", "--method", method, "--params", str(params), "--data", str(root)]
     threads = max(1, (os.cpu_count() or 1) // processes)  # the same cores either way
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, env=os.environ | {"OMP_NUM_THREADS": str(threads)})
-    return time.perf_counter() - t0
+    # one wall time per run: the start-up it includes cancels out between the two step counts (main)
+    return time_call(lambda: subprocess.run(cmd, check=True, capture_output=True,
+                                            env=os.environ | {"OMP_NUM_THREADS": str(threads)}),
+                     repeats=1, warmup=0).median
 
 
 def main() -> int:

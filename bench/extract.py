@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import common  # noqa: F401  (offline, repo root, allocator)
@@ -27,6 +25,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from flops import matmul_gflops  # noqa: E402
+from harness import time_call  # noqa: E402
 from pipeline.extraction import extract_split  # noqa: E402
 from pipeline.features import FeatureCache  # noqa: E402
 from pipeline.config import PrepareConfig  # noqa: E402
@@ -66,54 +65,55 @@ def main() -> None:
     peak = matmul_gflops(torch.float32)
     encoder.encode([load_image(paths[0])] * args.batch_size)  # warm-up (allocator, oneDNN kernels)
 
-    # The two paths alternate over chunks of the images so both see the same machine load.
+    # The two paths alternate over chunks of the images so both see the same machine load; each chunk is
+    # other images, so each timing is one call (no repeats) and the chunks' seconds add up.
     size = -(-n // args.chunks)
     naive, cached, seconds = [], None, {"naive": 0.0, "extract": 0.0}
     for lo in range(0, n, size):
-        start = time.perf_counter()
-        naive += [encoder.encode([load_image(path)]) for path in paths[lo : lo + size]]  # (1, N, d_v) each
-        seconds["naive"] += time.perf_counter() - start
+        encoded = time_call(lambda: [encoder.encode([load_image(path)]) for path in paths[lo : lo + size]],
+                            repeats=1, warmup=0)
+        naive += encoded.result  # (1, N, d_v) each
+        seconds["naive"] += encoded.median
         with tempfile.TemporaryDirectory() as tmp:
             chunk = Manifest("train", train.image_root, manifest.images[lo : lo + size])
-            start = time.perf_counter()
-            result = extract_split(chunk, root, encoder, Path(tmp), "float16", args.batch_size)
-            seconds["extract"] += time.perf_counter() - start
+            extracted = time_call(lambda: extract_split(chunk, root, encoder, Path(tmp), "float16", args.batch_size),
+                                  repeats=1, warmup=0)
+            result = extracted.result
+            seconds["extract"] += extracted.median
             if cached is None:
                 with FeatureCache(result.path) as cache:
                     first = [r.image_id for r in chunk.images[:CHECKED]]
                     cached = torch.from_numpy(cache.tokens(first)).float()
     rows = [("naive: load_image + encode([img]) per image", n, seconds["naive"]),
             (f"extract_split, batch {args.batch_size} (+ HDF5 cache)", n, seconds["extract"])]
-    reference = torch.cat(naive[:CHECKED])
+    reference = torch.cat(naive[:len(cached)])  # the first chunk may hold fewer than CHECKED images
     diff = (cached - reference).abs()
     # float16 keeps 11 significant bits: allow one rounding step (2^-11 relative) plus a little fp32 noise.
     bound = reference.abs() * 2**-10 + 1e-4
     assert (diff <= bound).all(), f"paths disagree: max abs diff {diff.max():.3g}"
 
-    start = time.perf_counter()
-    for path in paths:
-        encoder.preprocess([load_image(path)])
-    rows.append(("  breakdown: load_image + preprocess only", n, time.perf_counter() - start))
+
+    def preprocess_all() -> None:  # each image's pixels dropped at once, not kept (~0.6 MB each)
+        for path in paths:
+            encoder.preprocess([load_image(path)])
+
+    rows.append(("  breakdown: load_image + preprocess only", n, time_call(preprocess_all, repeats=1, warmup=0).median))
     pixels = encoder.preprocess([load_image(path) for path in paths[: args.batch_size]])
-    times = []
     with torch.inference_mode():
-        for _ in range(3):
-            start = time.perf_counter()
-            encoder.forward_tokens(pixels)
-            times.append(time.perf_counter() - start)
-    rows.append((f"  breakdown: forward_tokens only, batch {len(pixels)} (median of 3)", len(pixels),
-                 statistics.median(times)))
+        forward = time_call(lambda: encoder.forward_tokens(pixels), repeats=3, warmup=0)
+    rows.append((f"  breakdown: forward_tokens only, batch {len(pixels)} (median of 3)", len(pixels), forward.median))
     # bf16 autocast (this CPU's avx512_bf16): faster only if its error stays within the cache's float16 rounding
-    times = []
+
+    def forward_bf16() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return encoder.forward_tokens(pixels).float()
+
     with torch.inference_mode():
         fp32 = encoder.forward_tokens(pixels)
-        for _ in range(3):
-            start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                bf16 = encoder.forward_tokens(pixels).float()
-            times.append(time.perf_counter() - start)
+        forward = time_call(forward_bf16, repeats=3, warmup=0)
+    bf16 = forward.result
     rows.append((f"  breakdown: forward_tokens only, bf16 autocast, batch {len(pixels)} (median of 3)", len(pixels),
-                 statistics.median(times)))
+                 forward.median))
     bf16_error = ((bf16 - fp32).abs() / (fp32.abs() * 2**-11 + 1e-4)).max().item()
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, EfficientNet-Lite0 224x224, "

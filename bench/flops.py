@@ -8,10 +8,10 @@ and prints the median GFLOP/s (2 n^3 FLOPs per product). Also imported by the ot
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+
+from harness import time_call
 
 
 def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 10) -> float:
@@ -20,14 +20,7 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats:
     a = torch.randn(size, size, generator=g).to(dtype)
     b = torch.randn(size, size, generator=g).to(dtype)
     out = torch.empty(size, size, dtype=dtype)
-    for _ in range(2):
-        torch.matmul(a, b, out=out)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b, out=out)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times) / 1e9
+    return 2 * size**3 / time_call(lambda: torch.matmul(a, b, out=out), repeats=repeats, warmup=2).median / 1e9
 
 
 def bf16_native() -> bool:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import common  # noqa: F401  (offline, repo root, allocator)
 import torch  # noqa: E402
 
+from harness import time_call  # noqa: E402
 from pipeline.bridge import LinearBridge, load_bridge  # noqa: E402
 from pipeline.features import FeatureCache, features_file  # noqa: E402
 from pipeline.generation import greedy_decode, text_embeds  # noqa: E402
@@ -62,12 +62,11 @@ def main() -> None:
             out.append(tok.decode(ids[0], skip_special_tokens=True).strip())
         return out
 
-    batched()  # warm-up
+    batched()  # warm-up (kernels, allocator); each path is then timed once
     timings = {}
     for name, fn in (("one-at-a-time generate", one_at_a_time), ("batched greedy_decode", batched)):
-        start = time.perf_counter()
-        captions = fn()
-        timings[name] = (time.perf_counter() - start, captions)
+        run = time_call(fn, repeats=1, warmup=0)
+        timings[name] = (run.median, run.result)
     (t_ref, ref), (t_ours, ours) = timings.values()
     same = sum(a == b for a, b in zip(ref, ours))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, SmolLM2-135M, {which}, "

@@ -13,13 +13,13 @@ import dataclasses
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import common  # noqa: F401  (offline, repo root, allocator)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from harness import time_call  # noqa: E402
 from pipeline.manifest import Split, read_manifest, write_split  # noqa: E402
 from pipeline.features import FeatureCache, features_file  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -32,16 +32,6 @@ def on_device(cfg, device: str, steps: int):
         cfg, extract=dataclasses.replace(cfg.extract, device=device),
         prototypes=dataclasses.replace(cfg.prototypes, device=device),
         train=dataclasses.replace(cfg.train, device=device, steps=steps, epochs=0.0, checkpoint_every=steps))
-
-
-def timed(fn) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def main() -> int:
@@ -68,10 +58,12 @@ def main() -> int:
         dirs = shared.sharing_inputs(root / f"{len(results)}-{device}", names=("prepared",))
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        t_extract = timed(lambda: extract.run(cfg, dirs))
-        t_protos = timed(lambda: prototypes.run(cfg, dirs))
-        out = {}
-        t_train = timed(lambda: out.update(train.run(cfg, dirs, "vlap")))
+        # each stage once (a stage run is a one-off: a second would find its outputs); the harness waits for
+        # queued CUDA kernels before each clock read
+        t_extract = time_call(lambda: extract.run(cfg, dirs), repeats=1, warmup=0).median
+        t_protos = time_call(lambda: prototypes.run(cfg, dirs), repeats=1, warmup=0).median
+        trained = time_call(lambda: train.run(cfg, dirs, "vlap"), repeats=1, warmup=0)
+        t_train, out = trained.median, trained.result
         results[len(results)] = {"extract_s": t_extract, "prototypes_s": t_protos, "train_s": t_train,
                            "final_loss": out["final"]["loss"], "throughput": out.get("throughput", {}),
                            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0}

@@ -6,9 +6,9 @@ and extraction inline vs on 2 Dask workers, same run.
 
 Training: synthetic caches of N samples written straight into the cache format (random float16
 tokens, 49 x 1280, Fletcher-32 chunks; captions cycled from easy-VQA's), prototypes of the real
-SmolLM2. Each (size, loader) runs in its own process: the VLAP step of pipeline.train
-(compute_losses + backward + AdamW, bf16 autocast as the default) for --steps steps after one
-warm-up, batches a pure function of (seed, step). Loaders:
+SmolLM2. Each (size, loader) runs in its own process: pipeline.train.train_step (method vlap, on the
+run pipeline.train.build_training builds, at train.precision and in train_bridge's attention and
+compile contexts) for --steps steps after one warm-up, batches a pure function of (seed, step). Loaders:
 - streaming: pipeline.train.StepBatches through a DataLoader with 1 worker (the default), which
   reads only each batch's chunks;
 - memory (the reference, the loader before the streaming store): every token of the split read
@@ -23,12 +23,9 @@ oversubscription of the cores, but other CPU kernels); same shard size; files co
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
-import resource
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import common  # noqa: F401  (offline, repo root, allocator)
@@ -36,11 +33,12 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from harness import children_peak_rss_mib, peak_rss_mib, report, run_child, time_call  # noqa: E402
 from pipeline.manifest import Manifest, resolve_image_root  # noqa: E402
 from pipeline.sources import easyvqa  # noqa: E402
 from pipeline.extraction import FORMAT_VERSION  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.device import resolve_precision, training_attention, training_autocast  # noqa: E402
+from pipeline.device import resolve_precision, training_attention  # noqa: E402
 
 N_TOKENS, D_VISION, BLOCK = 49, 1280, 1000
 
@@ -67,11 +65,11 @@ def write_synthetic_cache(path: Path, n: int, seed: int = 0) -> None:
 
 
 def child(args) -> None:
-    """One training measurement; prints a JSON line."""
-    from pipeline.bridge import LinearBridge
+    """One training measurement; reports a JSON line."""
+    from pipeline.distributed import Ranks
     from pipeline.lms import load_lm
     from pipeline.prototypes import build_prototypes, load_prototypes
-    from pipeline.train import StepBatches, TrainData, batch_indices, compute_losses
+    from pipeline.train import StepBatches, TrainData, batch_indices, build_training, train_step
 
     cfg = load_config()
     lm = load_lm(cfg.prototypes.llm, torch.device("cpu"))
@@ -81,7 +79,8 @@ def child(args) -> None:
     n = args.size
     train = TrainData(features_path=Path(args.workdir) / f"{n}.h5", rows=np.arange(n),
                       captions=[captions[i % len(captions)] for i in range(n)], image_ids=[f"s{i}" for i in range(n)],
-                      d_vision=D_VISION, features_key="synthetic", encoder="synthetic", encoder_weights_sha256="0")
+                      d_vision=D_VISION, n_tokens=N_TOKENS, feature_dtype="float16", features_key="synthetic",
+                      encoder="synthetic", encoder_weights_sha256="0")
     total = args.steps + 1
     if args.loader == "memory":
         with h5py.File(train.features_path, "r") as f:
@@ -89,29 +88,23 @@ def child(args) -> None:
         batches = ((s, idx, everything[idx]) for s in range(total)
                    for idx in [batch_indices(n, args.batch_size, cfg.train.seed, s)])
     else:
-        batches = torch.utils.data.DataLoader(StepBatches(train, args.batch_size, cfg.train.seed, 0, total),
+        batches = torch.utils.data.DataLoader(StepBatches(train, args.batch_size, cfg.train.seed, 0, total, Ranks()),
                                               batch_size=None, num_workers=1, prefetch_factor=2)
-    torch.manual_seed(0)
-    bridge = LinearBridge(D_VISION, lm.hidden_size)
-    optimizer = torch.optim.AdamW(bridge.parameters(), lr=cfg.train.lr)
-    prompt_ids = lm.prompt_ids(cfg.train.prompt)
-    precision = resolve_precision(cfg.train.precision, torch.device("cpu"))
-    autocast = training_autocast(precision, lm.device)
-    with lm.attention(training_attention(precision, lm.device)):  # as train_bridge
-        start = None
-        for step, idx, tokens in batches:
-            if step == 1:
-                start = time.perf_counter()  # after the warm-up step
-            with autocast:
-                terms = compute_losses("vlap", cfg, lm, bridge, protos, tokens.float(),
-                                       [train.captions[i] for i in idx.tolist()], prompt_ids)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
-    seconds = time.perf_counter() - start
-    print(json.dumps({"size": n, "loader": args.loader, "samples_per_s": args.steps * args.batch_size / seconds,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+    precision = resolve_precision(cfg.train.precision, lm.device)
+    # the lr schedule scales the step size only, not the work: it spans the steps run here, without warm-up
+    run = build_training("vlap", cfg, lm, protos, D_VISION, total, 0, Ranks(), precision)
+    todo = iter(batches)
+
+    def step() -> None:  # the next batch from the loader, then one step: the loader's wait is part of the time
+        _, idx, tokens = next(todo)
+        train_step(run, tokens, [train.captions[i] for i in idx.tolist()])
+
+    with lm.attention(training_attention(precision, lm.device)), lm.compiled(cfg.train.compile):  # as train_bridge
+        steps = time_call(step, repeats=args.steps, warmup=1)
+    # the loader's end: its worker exits and is waited for, so RUSAGE_CHILDREN below counts it
+    assert next(todo, None) is None, "batches left over"
+    report({"size": n, "loader": args.loader, "samples_per_s": args.steps * args.batch_size / steps.total,
+            "peak_rss_mb": peak_rss_mib(), "worker_peak_rss_mb": children_peak_rss_mib()})
 
 
 def training(args) -> None:
@@ -120,18 +113,15 @@ def training(args) -> None:
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     rows = []
     for n in args.sizes:
-        t = time.perf_counter()
-        write_synthetic_cache(workdir / f"{n}.h5", n)
-        print(f"cache of {n} samples ready ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+        written = time_call(lambda: write_synthetic_cache(workdir / f"{n}.h5", n), repeats=1, warmup=0)
+        print(f"cache of {n} samples ready ({written.median:.0f} s)", file=sys.stderr)
         for loader in ("streaming", "memory"):
             if loader == "memory" and n * N_TOKENS * D_VISION * 2 > 0.6 * available:
                 rows.append({"size": n, "loader": loader, "skipped": f"needs {n * N_TOKENS * D_VISION * 2 / 2**30:.1f} "
                                                                      f"GiB of {available / 2**30:.1f} GiB free"})
                 continue
-            out = subprocess.run([sys.executable, __file__, "--child", "--size", str(n), "--loader", loader,
-                                  "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                                  "--workdir", str(workdir)], capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(run_child(__file__, "--child", "--size", n, "--loader", loader, "--steps", args.steps,
+                                  "--batch-size", args.batch_size, "--workdir", workdir))
             print(rows[-1], file=sys.stderr)
     base = {r["loader"]: r for r in rows if r["size"] == args.sizes[0] and "skipped" not in r}
     print(f"\nVLAP step, batch {args.batch_size}, {args.steps} timed steps after 1 warm-up, torch threads "
@@ -162,23 +152,27 @@ def extraction(args) -> None:
     manifest = Manifest("train", train.image_root, train.images[: args.images])
     root = resolve_image_root(manifest.image_root, PrepareConfig())
     encoder = load_encoder("efficientnet-lite0", torch.device("cpu"))
+
+    def on_cluster(out: Path, threads: int | None = None) -> tuple[float, object]:
+        """(seconds to start the cluster, the extraction result) on 2 Dask workers."""
+        with contextlib.ExitStack() as stack:
+            started = time_call(lambda: stack.enter_context(ShardCluster(workers=2)), repeats=1, warmup=0)
+            cluster = started.result
+            if threads:
+                cluster.threads = threads  # one thread per core: no oversubscription, but not the inline run's kernels
+            return started.median, extract_split(manifest, root, encoder, out, batch_size=64, block_size=128,
+                                                 cluster=cluster)
+
     with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        inline = extract_split(manifest, root, encoder, Path(tmp) / "inline", batch_size=64, block_size=128)
-        inline_s = time.perf_counter() - t
-        t = time.perf_counter()
-        with ShardCluster(workers=2) as cluster:
-            startup = time.perf_counter() - t
-            sharded = extract_split(manifest, root, encoder, Path(tmp) / "dask", batch_size=64, block_size=128,
-                                    cluster=cluster)
-        dask_s = time.perf_counter() - t
+        # each path once, into a fresh folder of its own
+        inline_run = time_call(lambda: extract_split(manifest, root, encoder, Path(tmp) / "inline", batch_size=64,
+                                                     block_size=128), repeats=1, warmup=0)
+        inline, inline_s = inline_run.result, inline_run.median
+        dask_run = time_call(lambda: on_cluster(Path(tmp) / "dask"), repeats=1, warmup=0)  # incl. start and close
+        (startup, sharded), dask_s = dask_run.result, dask_run.median
         same = filecmp.cmp(inline.path, sharded.path, shallow=False)
-        t = time.perf_counter()
-        with ShardCluster(workers=2) as cluster:
-            cluster.threads = 1  # one thread per core: no oversubscription, but not the inline run's kernels
-            single = extract_split(manifest, root, encoder, Path(tmp) / "dask1", batch_size=64, block_size=128,
-                                   cluster=cluster)
-        single_s = time.perf_counter() - t
+        single_run = time_call(lambda: on_cluster(Path(tmp) / "dask1", threads=1), repeats=1, warmup=0)
+        (_, single), single_s = single_run.result, single_run.median
         same_single = filecmp.cmp(inline.path, single.path, shallow=False)
     print(f"\n{args.images} easy-VQA images, EfficientNet-Lite0, shards of 128, batch 64, {os.cpu_count()} cores\n")
     print("| path | seconds | images/s | ratio to inline |")

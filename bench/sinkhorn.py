@@ -16,8 +16,6 @@ bandwidth, both measured here.
 """
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 from typing import Callable
 
@@ -25,7 +23,8 @@ import common  # noqa: F401  (offline, repo root, allocator)
 import ot as pot
 import torch
 
-from pipeline.ot import _log_domain, sinkhorn  # noqa: E402
+from harness import time_call, time_calls  # noqa: E402
+from pipeline.ot import LOCAL, _log_domain, sinkhorn  # noqa: E402
 
 B, D = 256, 576
 VOCAB_SIZES = (49_152, 50_272)
@@ -51,30 +50,26 @@ def ours(scores: torch.Tensor, mu: torch.Tensor, n_iters: int) -> torch.Tensor:
 
 
 def ours_log_domain(scores: torch.Tensor, mu: torch.Tensor, n_iters: int) -> torch.Tensor:
-    return _log_domain((scores / EPSILON).contiguous(), mu, n_iters)[0]
+    return _log_domain((scores / EPSILON).contiguous(), mu, n_iters, LOCAL)[0]
 
 
 def read_bandwidth(n_bytes: int = 1 << 29) -> float:
     """Bytes/s of a sum over a float32 tensor far larger than the caches (median of 5)."""
     x = torch.ones(n_bytes // 4)
-    x.sum()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - start)
-    return n_bytes / statistics.median(times)
+    return n_bytes / time_call(x.sum, repeats=5, warmup=1).median
 
 
 def exp_rate(n: int = 1 << 16, repeats: int = 400) -> float:
     """exps/s of torch.exp on a cache-resident float32 block (no memory traffic to speak of), large
     enough for torch to split it over every thread."""
     x, y = torch.randn(n), torch.empty(n)
-    torch.exp(x, out=y)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch.exp(x, out=y)
-    return n * repeats / (time.perf_counter() - start)
+    torch.exp(x, out=y)  # warm-up: one call, not one more loop
+
+    def loop() -> None:  # timed as one block: a single exp is too short for a clock read of its own
+        for _ in range(repeats):
+            torch.exp(x, out=y)
+
+    return n * repeats / time_call(loop, repeats=1, warmup=0).median
 
 
 def reference(scores: torch.Tensor, mu: torch.Tensor, n_iters: int) -> torch.Tensor:
@@ -87,14 +82,7 @@ def reference(scores: torch.Tensor, mu: torch.Tensor, n_iters: int) -> torch.Ten
 
 def median_seconds(fns: list[Callable[[], torch.Tensor]]) -> list[tuple[float, torch.Tensor]]:
     """Median wall time and last output of each fn, timed in alternation so both see the same load."""
-    outs = [fn() for fn in fns]  # warm-up
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(REPEATS):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            outs[i] = fn()
-            times[i].append(time.perf_counter() - start)
-    return [(statistics.median(t), out) for t, out in zip(times, outs)]
+    return [(t.median, t.result) for t in time_calls(fns, repeats=REPEATS, warmup=1)]
 
 
 def main() -> None:

@@ -3,12 +3,13 @@
     python bench/train_step.py [--profile] [--compile] [--batch-size 32] [--steps 3] [--threads T]
                                [--precisions fp32 bf16]
 
-One step = pipeline.train.compute_losses (method vlap, default params.yaml) + backward + AdamW on a
-LinearBridge(1280, 576), with the real SmolLM2-135M, exactly as pipeline.train.train_bridge runs it
-(bf16 = the same torch.autocast("cpu", dtype=torch.bfloat16) around compute_losses, and the same eager
-attention, `pipeline.device.training_attention`; `--compile` as `train.compile: true`). Visual tokens
-are the cached train features when data/features/index.json exists, else random tokens (the output
-says which); prototypes from data/prototypes.
+One step = pipeline.train.train_step (method vlap, default params.yaml: compute_losses under the
+precision's autocast, backward, AdamW, the method's after-step hook, the lr schedule) on the run
+pipeline.train.build_training builds (LinearBridge(1280, 576)), with the real SmolLM2-135M, inside the
+same attention and compile contexts as pipeline.train.train_bridge (`pipeline.device.training_attention`;
+`--compile` as `train.compile: true`). Visual tokens are the cached train features when
+data/features/index.json exists, else random tokens (the output says which); prototypes from
+data/prototypes.
 
 Floor: the FLOPs of the frozen-LLM forward plus its input-gradient backward for one batch (matmuls
 counted with torch's FlopCounterMode on captioning_loss + backward w.r.t. the bridged tokens V, plus
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import common  # noqa: F401  (offline, repo root, allocator)
 import torch  # noqa: E402
@@ -39,45 +39,44 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from flops import bf16_native, matmul_gflops  # noqa: E402
+from harness import time_call, time_calls  # noqa: E402
+from pipeline.distributed import Ranks  # noqa: E402
 from pipeline.paths import Dirs  # noqa: E402
-from pipeline.bridge import LinearBridge  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.device import training_attention, training_autocast  # noqa: E402
 from pipeline.lms import load_lm  # noqa: E402
 from pipeline.losses import captioning_loss  # noqa: E402
 from pipeline.prototypes import load_prototypes, prototypes_file  # noqa: E402
-from pipeline.train import batch_indices, compute_losses, load_train_data  # noqa: E402
+from pipeline.train import Training, batch_indices, build_training, load_train_data, train_step  # noqa: E402
 
 D_VISION, N_TOKENS = 1280, 49
 METHOD = "vlap"
 PRECISIONS = ("fp32", "bf16")
 
 
-def training_batches(cfg, protos, batch_size: int, count: int) -> tuple[str, list]:
-    """`count` (tokens, captions) batches: cached features if present, else random tokens."""
+def training_batches(cfg, protos, batch_size: int, count: int) -> tuple[str, int, list]:
+    """(source, d_vision, `count` (tokens, captions) batches): cached features if present, else random tokens."""
     if (Dirs().features / "index.json").exists():
         data = load_train_data(cfg, Dirs())
         source = f"cached train features ({len(data.captions)} pairs, key {data.features_key[:12]})"
         picks = [batch_indices(len(data.captions), batch_size, cfg.train.seed, s) for s in range(count)]
-        return source, [(data.tokens(i).float(), [data.captions[j] for j in i.tolist()]) for i in picks]
+        return source, data.d_vision, [(data.tokens(i).float(), [data.captions[j] for j in i.tolist()])
+                                       for i in picks]
     texts = sorted(protos.text_index)
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(batch_size, N_TOKENS, D_VISION, generator=g),
                 [texts[j] for j in torch.randint(len(texts), (batch_size,), generator=g).tolist()])
                for _ in range(count)]
-    return "random tokens (no data/features/index.json)", batches
+    return "random tokens (no data/features/index.json)", D_VISION, batches
 
 
-def train_step(cfg, lm, bridge, optimizer, protos, batch, prompt_ids, precision: str, compile: bool = False) -> None:
+def step(run: Training, batch, compile: bool = False) -> dict[str, float]:
+    """pipeline.train.train_step in train_bridge's contexts: its attention kernel for this precision
+    (eager for CPU bf16) and train.compile's compiled body when asked. Entered per step, since the
+    precisions alternate and each has its own attention."""
     tokens, captions = batch
-    autocast = training_autocast(precision, lm.device)
-    # as train_bridge: eager attention for CPU bf16, and train.compile's compiled body when asked
-    with lm.attention(training_attention(precision, lm.device)), lm.compiled(compile):
-        with autocast:
-            terms = compute_losses(METHOD, cfg, lm, bridge, protos, tokens, captions, prompt_ids)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
+    with run.lm.attention(training_attention(run.precision, run.lm.device)), run.lm.compiled(compile):
+        return train_step(run, tokens, captions)
 
 
 def llm_gflops(cfg, lm, batch, prompt_ids) -> tuple[float, float]:
@@ -141,13 +140,12 @@ def llm_gemm_seconds(cfg, lm, batch, prompt_ids, precision: str, repeats: int = 
             else:
                 args.append(a)
         replay.append((func, args, kwargs))
-    times = []
-    for _ in range(repeats + 1):  # the first pass warms the kernels
-        start = time.perf_counter()
+
+    def products() -> None:
         for func, args, kwargs in replay:
             func(*args, **kwargs)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:]), len(replay)
+
+    return time_call(products, repeats=repeats, warmup=1).median, len(replay)  # the warm-up pass warms kernels
 
 
 def main() -> None:
@@ -171,34 +169,36 @@ def main() -> None:
     device = torch.device("cpu")
     lm = load_lm(cfg.prototypes.llm, device)
     protos = load_prototypes(prototypes_file(Dirs().prototypes), device)
-    source, batches = training_batches(cfg, protos, args.batch_size, args.steps + 1)
+    source, d_vision, batches = training_batches(cfg, protos, args.batch_size, args.steps + 1)
     prompt_ids = lm.prompt_ids(cfg.train.prompt)
     matmul_gflop, attention_gflop = llm_gflops(cfg, lm, batches[0], prompt_ids)
     floor_gflop = matmul_gflop + attention_gflop
 
-    runs = {}  # precision -> (bridge, optimizer, dtype of its matmul peak)
-    for precision in precisions:
-        torch.manual_seed(cfg.train.seed)
-        bridge = LinearBridge(D_VISION, lm.hidden_size)
-        optimizer = torch.optim.AdamW(bridge.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        runs[precision] = (bridge, optimizer, torch.bfloat16 if precision == "bf16" else torch.float32)
+    # The pipeline's run per precision (seeded bridge, method, AdamW, schedule). The lr schedule only
+    # scales the step size, not the work: it spans the steps run here, without warm-up.
+    total = len(batches) + (2 if args.compile else 0) + (1 if args.profile else 0)
+    runs = {precision: build_training(METHOD, cfg, lm, protos, d_vision, total, 0, Ranks(), precision)
+            for precision in precisions}
     gemms = {precision: llm_gemm_seconds(cfg, lm, batches[0], prompt_ids, precision) for precision in precisions}
-    step_gflop, times, peaks = {}, {k: [] for k in precisions}, {k: [] for k in precisions}
-    for precision, (bridge, optimizer, _) in runs.items():  # warm-up step, FLOPs counted
+    step_gflop = {}
+    for precision, run in runs.items():  # warm-up step, FLOPs counted
         with FlopCounterMode(display=False) as counter:
-            train_step(cfg, lm, bridge, optimizer, protos, batches[0], prompt_ids, precision)
+            step(run, batches[0])
         step_gflop[precision] = counter.get_total_flops() / 1e9
         # Compiled: eager under the counter (its module hooks would be traced into the graph), then two
         # compiling steps; a second caption width recompiles once with dynamic shapes, out of the timing.
         for batch in batches[:2] if args.compile else []:
-            train_step(cfg, lm, bridge, optimizer, protos, batch, prompt_ids, precision, args.compile)
-    # Timed rounds: each times the matmul peak and one step of every precision, so all see the same load.
-    for batch in batches[1:]:
-        for precision, (bridge, optimizer, dtype) in runs.items():
-            peaks[precision].append(matmul_gflops(dtype, repeats=3))
-            start = time.perf_counter()
-            train_step(cfg, lm, bridge, optimizer, protos, batch, prompt_ids, precision, args.compile)
-            times[precision].append(time.perf_counter() - start)
+            step(run, batch, args.compile)
+    # Timed rounds: each measures the matmul peak and then one step of every precision (each round its
+    # next batch), so all see the same load. The peak calls' own timings are not used.
+    peaks = {precision: [] for precision in precisions}
+    calls = []
+    for precision, run in runs.items():
+        dtype, todo = torch.bfloat16 if precision == "bf16" else torch.float32, iter(batches[1:])
+        calls += [lambda dtype=dtype, out=peaks[precision]: out.append(matmul_gflops(dtype, repeats=3)),
+                  lambda run=run, todo=todo: step(run, next(todo), args.compile)]
+    timings = time_calls(calls, repeats=args.steps, warmup=0)
+    times = dict(zip(precisions, timings[1::2]))
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {lm.spec}, method {METHOD}, "
           f"batch {args.batch_size}, {source}, {'LLM body compiled, ' if args.compile else ''}median of "
@@ -211,16 +211,15 @@ def main() -> None:
           "| LLM GEMMs alone s (count) | GEMMs / floor | step / GEMMs |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for precision in precisions:
-        seconds, peak = statistics.median(times[precision]), statistics.median(peaks[precision])
+        seconds, peak = times[precision].median, statistics.median(peaks[precision])
         floor = floor_gflop / peak
         gemm_seconds, gemm_count = gemms[precision]
         print(f"| {precision} | {seconds:.2f} | {args.batch_size / seconds:.1f} | {step_gflop[precision]:.1f} | "
               f"{peak:.1f} | {floor:.2f} | {seconds / floor:.2f} | {gemm_seconds:.2f} ({gemm_count}) | "
               f"{gemm_seconds / floor:.2f} | {seconds / gemm_seconds:.2f} |")
     if args.profile:
-        for precision, (bridge, optimizer, _) in runs.items():
-            profile_step(precision, lambda: train_step(cfg, lm, bridge, optimizer, protos, batches[-1], prompt_ids,
-                                                       precision))
+        for precision, run in runs.items():
+            profile_step(precision, lambda: step(run, batches[-1]))
 
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_scaled_dot_product")

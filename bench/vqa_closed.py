@@ -17,16 +17,14 @@ phrases (60 / 30 / 10 %) of single-token words from SmolLM2's vocabulary. The pr
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import common  # noqa: F401  (offline, repo root, allocator)
 import torch  # noqa: E402
 
+from harness import ChildFailed, report, run_child, time_call  # noqa: E402
 sys.path.insert(0, str(common.ROOT / "tests"))  # the reference ranking lives with the tests that check it
 
 HERE = Path(__file__).resolve()
@@ -76,11 +74,9 @@ def child(impl: str, n_candidates: int, n_questions: int, prefix: int, scores_pa
         footprint = torch.cuda.memory_allocated() / 1024
     else:
         footprint = rss_kb("VmRSS")
-    t0 = time.perf_counter()
-    scores = rank(lm, embeds, mask, cands)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    # one timed call: a repeat would find the allocator's pages already resident, and the peak is this call's
+    ranked = time_call(lambda: rank(lm, embeds, mask, cands), repeats=1, warmup=0)
+    scores, seconds = ranked.result, ranked.median
     peak = torch.cuda.max_memory_allocated() / 1024 if cuda else rss_kb("VmHWM")
     if scores_path:
         torch.save(scores.cpu(), scores_path)
@@ -89,12 +85,11 @@ def child(impl: str, n_candidates: int, n_questions: int, prefix: int, scores_pa
 
 
 def measure(impl: str, C: int, Q: int, prefix: int, scores_path: Path | None = None, device: str = "cpu") -> dict:
-    cmd = [sys.executable, str(HERE), "--child", impl, "--candidates", str(C), "--questions", str(Q),
-           "--prefix", str(prefix), "--device", device] + (["--scores", str(scores_path)] if scores_path else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:  # the kernel's OOM killer, or an allocation failure
-        return {"impl": impl, "candidates": C, "questions": Q, "failed": f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    args = ["--child", impl, "--candidates", C, "--questions", Q, "--prefix", prefix, "--device", device]
+    try:
+        return run_child(HERE, *args, *(["--scores", scores_path] if scores_path else []))
+    except ChildFailed as failed:  # the kernel's OOM killer, or an allocation failure
+        return {"impl": impl, "candidates": C, "questions": Q, "failed": f"exit {failed.returncode}"}
 
 
 def main() -> None:
@@ -109,7 +104,7 @@ def main() -> None:
     p.add_argument("--scores", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.candidates, args.questions, args.prefix, args.scores, args.device)))
+        report(child(args.child, args.candidates, args.questions, args.prefix, args.scores, args.device))
         return
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, SmolLM2-135M on {args.device}, prefix "
           f"{args.prefix} random soft tokens; peak = {'GPU' if args.device != 'cpu' else 'resident'} memory above "

@@ -14,11 +14,11 @@ the same open answers and the same closed answers, and prints seconds and the ra
 from __future__ import annotations
 
 import argparse
-import time
 
 import common  # noqa: F401  (offline, repo root, allocator)
 import torch  # noqa: E402
 
+from harness import time_calls  # noqa: E402
 from pipeline.manifest import read_questions  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.generation import greedy_decode, left_pad, rank_candidates, text_embeds  # noqa: E402
@@ -60,15 +60,19 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, smollm2-135m, trained vlap bridge, "
           f"{len(questions)} questions, {args.shots} shot(s), batch {args.batch_size}, "
           f"{len(answer_set)} candidate answers, <= {max_new} new tokens\n")
-    timings = {}
-    for round_ in range(2):  # alternate, twice: both paths see the same load; the second round is reported
-        start = time.perf_counter()
+    prefix = None
+
+    def ours_path() -> list[dict]:
+        nonlocal prefix  # the reference runs on the shots' embeddings this path just computed
         prefix = shots_prefix(inputs.lm, shot_tokens, shots, inputs.bridge)
-        records = answer_questions(inputs, questions, prefix, answer_set, args.batch_size, max_new)
-        timings["ours"] = time.perf_counter() - start
-        start = time.perf_counter()
-        reference = whole_sequences(inputs, questions, prefix.embeds, answer_set, args.batch_size, max_new)
-        timings["reference"] = time.perf_counter() - start
+        return answer_questions(inputs, questions, prefix, answer_set, args.batch_size, max_new)
+
+    # alternated, a warm-up round then a timed one: both paths see the same load; the timed round is reported
+    ours_run, reference_run = time_calls(
+        [ours_path, lambda: whole_sequences(inputs, questions, prefix.embeds, answer_set, args.batch_size, max_new)],
+        repeats=1, warmup=1)
+    timings = {"ours": ours_run.median, "reference": reference_run.median}
+    records, reference = ours_run.result, reference_run.result
     ours = [(r["open"], r["closed"]) for r in records]
     same_open = sum(a[0] == b[0] for a, b in zip(ours, reference))
     same_closed = sum(a[1] == b[1] for a, b in zip(ours, reference))

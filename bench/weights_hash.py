@@ -13,13 +13,12 @@ time saved per `dvc repro` for a 5.3 GB OPT-1.3B folder loaded by 16 stages (pro
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import common  # noqa: F401  (offline, repo root)
 
+from harness import time_call
 from pipeline.io import sha256_file
 from pipeline.lms import SMOLLM2_GGUF
 from pipeline.paths import LM_CACHE, package_dir
@@ -27,15 +26,6 @@ from pipeline.digests import file_digests
 from pipeline.weights import WEIGHT_SUFFIXES
 
 OPT_BYTES, STAGES_LOADING_THE_LLM = 5.3e9, 16
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -51,11 +41,11 @@ def main() -> None:
     size = sum(f.stat().st_size for f in files)
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "weights.json"
-        full = timed(lambda: [sha256_file(f) for f in files], args.repeats)
-        t = time.perf_counter()
-        cold = file_digests(files, table)
-        cold_s = time.perf_counter() - t
-        warm = timed(lambda: file_digests(files, table), args.repeats)
+        # every call hashes every byte: no untimed warm-up
+        full = time_call(lambda: [sha256_file(f) for f in files], repeats=args.repeats, warmup=0).median
+        first = time_call(lambda: file_digests(files, table), repeats=1, warmup=0)  # cold: once, by definition
+        cold, cold_s = first.result, first.median
+        warm = time_call(lambda: file_digests(files, table), repeats=args.repeats, warmup=0).median
         assert cold == [sha256_file(f) for f in files] == file_digests(files, table)
     rate = size / full
     print(f"{len(files)} files, {size / 1e6:.0f} MB; median of {args.repeats}\n")
