@@ -11,53 +11,30 @@ import dataclasses
 import typing
 from dataclasses import field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
-from pydantic import BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError
-from pydantic.dataclasses import dataclass as pydantic_dataclass
+from pydantic import TypeAdapter, ValidationError
 
 from pipeline.errors import ConfigError
+from pipeline.methods import NAMES as METHOD_NAMES, method_sections
+from pipeline.schema import Bool, Fraction, Int, NonNegative, NonNegativeInt, Positive, PositiveInt, Str, section
+from pipeline.sources import SOURCES
 
 PARAMS_FILE = Path("params.yaml")
-section = pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
-
-
-def _number(value: Any) -> Any:
-    """A float field takes ints and numeric strings (YAML reads 1e-8, without a dot, as a string), never bools."""
-    if isinstance(value, bool):
-        raise ValueError("a bool")
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
-
-
-# Field types; `description` is the range a message states ("expected a number > 0, got -1").
-Number = Annotated[float, BeforeValidator(_number)]
-Int = StrictInt
-Str = StrictStr
-Bool = StrictBool
-PositiveInt = Annotated[StrictInt, Field(gt=0, description="an integer > 0")]
-NonNegativeInt = Annotated[StrictInt, Field(ge=0, description="a value >= 0")]
-Positive = Annotated[Number, Field(gt=0, description="a number > 0")]
-NonNegative = Annotated[Number, Field(ge=0, description="a value >= 0")]
-Fraction = Annotated[Number, Field(ge=0, le=1, description="a value in [0, 1]")]
-OptionalPositive = Optional[Annotated[Number, Field(gt=0, description="a number > 0, or null")]]
+TEST_SOURCES = tuple(name for name, source in SOURCES.items() if source.test_source)
 
 
 @section
 class PrepareConfig:
-    source: Literal["easyvqa", "folder", "karpathy", "webdataset", "cc3m", "nocaps", "vqav2"] = "easyvqa"
+    source: Literal[tuple(SOURCES)] = "easyvqa"  # type: ignore[valid-type]
     folder: Str = ""  # every source but easyvqa: the image root (folder: also holds captions.csv / captions.json)
     shards: Str = ""  # webdataset: brace pattern of tar shards under folder, e.g. "{00000..00127}.tar"
     annotations: Str = ""  # karpathy: split JSON; cc3m: caption/URL TSV; nocaps: COCO-style JSON; vqav2: annotations JSON
     questions: Str = ""  # vqav2: the questions JSON matching `annotations`
     test_fraction: Fraction = 0.2  # sources without their own split
     # An evaluation source: its test split replaces the training source's (e.g. train on CC3M, test on NoCaps).
-    test_source: Literal["", "folder", "karpathy", "nocaps", "vqav2"] = ""
+    test_source: Literal[("", *TEST_SOURCES)] = ""  # type: ignore[valid-type]
     test_folder: Str = ""  # test_source's image root
     test_annotations: Str = ""  # test_source's annotations (as `annotations` for that source)
     test_questions: Str = ""  # test_source vqav2: its questions JSON
@@ -127,39 +104,10 @@ class TrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
-@section
-class VlapMethodConfig:
-    lr: OptionalPositive = None  # null: train.lr (tuning sets it)
-    caption_weight: NonNegative = 1.0
-    ap_weight: NonNegative = 0.1  # lambda
-    epsilon: Positive = 0.01  # Sinkhorn entropy weight
-    sinkhorn_iters: PositiveInt = 3
-    tau: Positive = 0.01  # softmax temperature of p_v, p_t
-    # transport: the paper's OT problem (batch-coupled, word marginal mu); released: the authors' script's
-    # per-sample target, each row ∝ exp(S/eps) · mu^sinkhorn_iters (docs/method.md#the-objective)
-    target: Literal["transport", "released"] = "transport"
-
-
-@section
-class LimberMethodConfig:
-    lr: OptionalPositive = None  # null: train.lr (tuning sets it)
-    caption_weight: Positive = 1.0
-
-
-@section
-class ContrastiveMethodConfig:
-    lr: OptionalPositive = None  # null: train.lr (tuning sets it)
-    caption_weight: NonNegative = 1.0
-    nce_weight: NonNegative = 0.1
-    temperature: Positive = 0.01  # the initial one when learned (CLIP: 0.07)
-    learn_temperature: Bool = True  # CLIP's learnable logit scale (init 1 / temperature, at most 100)
-
-
-@section
-class MethodsConfig:
-    vlap: VlapMethodConfig = field(default_factory=VlapMethodConfig)
-    limber: LimberMethodConfig = field(default_factory=LimberMethodConfig)
-    contrastive: ContrastiveMethodConfig = field(default_factory=ContrastiveMethodConfig)
+# methods.<name>: each registered method's own section (pipeline/methods/<name>.py declares it)
+_METHOD_SECTIONS = method_sections()
+MethodsConfig = section(type("MethodsConfig", (), {"__annotations__": dict(_METHOD_SECTIONS), "__module__": __name__}
+                             | {name: field(default_factory=c) for name, c in _METHOD_SECTIONS.items()}))
 
 
 @section
@@ -253,7 +201,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
-METHODS = tuple(f.name for f in dataclasses.fields(MethodsConfig))
+METHODS = METHOD_NAMES
 
 
 def load_config(path: str | Path = PARAMS_FILE) -> Config:
@@ -292,8 +240,8 @@ def check_resolved(raw: Any, source: str) -> None:
     for key in PRESET_KEYS:
         node = raw
         *sections, name = key.split(".")
-        for section in sections:
-            node = node.get(section) if isinstance(node, dict) else None
+        for part in sections:
+            node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and name in node and node[name] is None:
             raise ConfigError(f"{source}: {key}: null; give a value (`vlap preset NAME` writes a preset's values)")
 

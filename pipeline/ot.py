@@ -22,6 +22,8 @@ import torch
 
 from pipeline.distributed import Ranks
 
+LOCAL = Ranks()  # one process: for a row update (each rank's own rows), and the one-process default
+
 # float64 exp underflows below e^-745: a kernel whose rows span less than this (in units of eps)
 # keeps every entry of its row-stabilised exp(S / eps) positive, so the scaling domain is exact.
 # Cosine scores span at most 2, i.e. any eps >= 2 / SCALING_SPAN (~0.003).
@@ -112,7 +114,7 @@ def assign_with_columns(scores: torch.Tensor, log_b: torch.Tensor, epsilon: floa
 
 
 def _scaling_domain(scores: torch.Tensor, row_max: torch.Tensor, epsilon: float, mu: torch.Tensor, n_iters: int,
-                    ranks: Ranks = Ranks()) -> tuple[torch.Tensor, torch.Tensor]:
+                    ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
     """Assignments (..., B, K) in float64 from Q = diag(a) G diag(b), G = exp((S - row max) / eps).
 
     One exponential per entry, then per iteration one column and one row matrix-vector product:
@@ -141,7 +143,7 @@ def _float32_kernel(scores: torch.Tensor, epsilon: float) -> tuple[torch.Tensor,
 
 
 def _scaling_domain_float32(G: torch.Tensor, row_max: torch.Tensor, epsilon: float, mu: torch.Tensor,
-                            n_iters: int, ranks: Ranks = Ranks()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            n_iters: int, ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Assignments (..., b, K) in float32 (overwriting the float32 kernel G = exp((S - row max) / eps),
     each row's largest entry 1, every entry >= e^-FLOAT32_SPAN), log b and the plan's column sums.
 
@@ -178,7 +180,7 @@ def _row_products(G: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return row_sums
 
 
-def _log_domain(log_K: torch.Tensor, mu: torch.Tensor, n_iters: int, ranks: Ranks = Ranks()
+def _log_domain(log_K: torch.Tensor, mu: torch.Tensor, n_iters: int, ranks: Ranks
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Assignments (..., b, K) by log-domain updates, for kernels beyond float64's range."""
     B = log_K.shape[-2] * ranks.world
@@ -189,12 +191,12 @@ def _log_domain(log_K: torch.Tensor, mu: torch.Tensor, n_iters: int, ranks: Rank
     for _ in range(n_iters):
         # u is finite, so the column logsumexp is finite and a -inf in log_b stays a zero-mass column.
         v = log_b - _logsumexp_(torch.add(log_K, u, out=scratch), dim=-2, ranks=ranks)  # (..., 1, K) columns to mu
-        u = log_a - _logsumexp_(torch.add(log_K, v, out=scratch), dim=-1)  # (..., B, 1) rows to 1/B
+        u = log_a - _logsumexp_(torch.add(log_K, v, out=scratch), dim=-1, ranks=LOCAL)  # (..., B, 1) rows to 1/B
     # (log_K + v) + u: the same rounded sum as the last row update, so rows stay exact in float32.
     return torch.add(log_K, v, out=scratch).add_(u).sub_(log_a).exp_(), v
 
 
-def _logsumexp_(x: torch.Tensor, dim: int, ranks: Ranks = Ranks()) -> torch.Tensor:
+def _logsumexp_(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Tensor:
     """logsumexp over dim (keepdim) that overwrites x; ~2x faster than torch.logsumexp(a + b) here.
     Over the row dim under several ranks, the max and the sum run over every rank's rows."""
     m = ranks.all_max(x.amax(dim, keepdim=True))

@@ -29,8 +29,9 @@ from pipeline.distributed import Ranks, check_batch
 from pipeline.errors import CacheError, DatasetError
 from pipeline.io import atomic_path, sha256_json
 from pipeline.lms import LanguageModel
-from pipeline.losses import LogitScale, captioning_loss
-from pipeline.methods import REGISTRY
+from pipeline.losses import captioning_loss
+from pipeline.methods import method_class
+from pipeline.methods.base import Method, MethodConfig
 from pipeline.paths import Dirs
 from pipeline.prototypes import Prototypes
 from pipeline.throughput import Throughput
@@ -67,7 +68,7 @@ class StepBatches(torch.utils.data.Dataset):
     the batch and the prefetch depth, never by the size of the split.
     """
 
-    def __init__(self, data: TrainData, batch_size: int, seed: int, start: int, steps: int, ranks: Ranks = Ranks()):
+    def __init__(self, data: TrainData, batch_size: int, seed: int, start: int, steps: int, ranks: Ranks):
         self.data, self.batch_size, self.seed, self.start, self.steps = data, batch_size, seed, start, steps
         self.ranks = ranks  # under torchrun each process reads only its part of every global batch
         self.reader: TokenReader | None = None  # opened lazily, in the process that reads
@@ -128,7 +129,7 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str = "cosine") -> f
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def method_config(cfg: Config, method: str):
+def method_config(cfg: Config, method: str) -> MethodConfig:
     return getattr(cfg.methods, method)
 
 
@@ -137,23 +138,31 @@ def method_lr(cfg: Config, method: str) -> float:
     return method_config(cfg, method).lr or cfg.train.lr
 
 
-def compute_losses(method: str, cfg: Config, lm: LanguageModel, bridge, protos: Prototypes, tokens, captions,
-                   prompt_ids, ranks: Ranks = Ranks(), logit_scale: LogitScale | None = None) -> dict[str, torch.Tensor]:
+def build_method(method: str, cfg: Config, protos: Prototypes, ranks: Ranks) -> Method:
+    """The registered method `method`, from its params section, in the world of `ranks` (fixed here)."""
+    return method_class(method)(method_config(cfg, method), protos, ranks)
+
+
+def compute_losses(method: Method, tcfg: TrainConfig, lm: LanguageModel, bridge, tokens, captions,
+                   prompt_ids) -> dict[str, torch.Tensor]:
     """All loss terms of this process's part of one global batch; 'loss' is the one to minimise.
 
     Each term is this rank's share: the shares of all ranks add up to the term of the global batch
-    (in one process, the term itself)."""
-    mcfg = method_config(cfg, method)
+    (in one process, the term itself). A method without captioning weight never runs the LLM here."""
+    ranks = method.ranks
     V = bridge(tokens)  # (b, N, D)
-    caption_ids, caption_mask = lm.tokenize_captions(captions, cfg.train.max_caption_tokens, cfg.train.prompt)
-    tokens_in_batch = ranks.total(caption_mask.sum())  # the mean is over the global batch's caption tokens
-    terms = {"loss_cap": captioning_loss(lm, V, prompt_ids, caption_ids, caption_mask, "sum") / tokens_in_batch}
-    loss = mcfg.caption_weight * terms["loss_cap"]
+    terms, loss = {}, None
+    if method.captions:
+        caption_ids, caption_mask = lm.tokenize_captions(captions, tcfg.max_caption_tokens, tcfg.prompt)
+        tokens_in_batch = ranks.total(caption_mask.sum())  # the mean is over the global batch's caption tokens
+        terms["loss_cap"] = captioning_loss(lm, V, prompt_ids, caption_ids, caption_mask, "sum") / tokens_in_batch
+        loss = method.config.caption_weight * terms["loss_cap"]
     z_v = visual_representation(V.float())  # (b, D)
     # Cosine scores divided by tau = 0.01 need float32: bf16 keeps ~3 digits.
     with torch.autocast(V.device.type, enabled=False):
-        loss = loss + REGISTRY[method].alignment(mcfg, protos, z_v, captions, terms, ranks, logit_scale)
-    terms["loss"] = loss
+        alignment, alignment_terms = method(z_v, captions)
+    terms |= alignment_terms
+    terms["loss"] = alignment if loss is None else loss + alignment
     return terms
 
 
@@ -164,6 +173,82 @@ def run_fingerprint(method: str, cfg: Config, data: TrainData, protos: Prototype
                         "method_cfg": section_values(method_config(cfg, method)),
                         "features": data.features_key, "prototypes": protos.key, "llm": lm.weights_sha256,
                         "n": len(data.captions)})
+
+
+@dataclass
+class Training:
+    """One run's trained state and how it steps. Built once (build_training), resumed from a checkpoint
+    (resume), advanced one optimiser step at a time (train_step), saved (save_checkpoint, the bridge).
+    The pipeline's loop and the benches step through the same object."""
+
+    method: Method
+    bridge: torch.nn.Module
+    trained: torch.nn.Module  # the bridge, or its DDP wrapper under torchrun
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    tcfg: TrainConfig
+    lm: LanguageModel
+    prompt_ids: torch.Tensor
+    precision: str
+
+    @property
+    def ranks(self) -> Ranks:
+        return self.method.ranks
+
+
+def build_training(method: str, cfg: Config, lm: LanguageModel, protos: Prototypes, d_vision: int, steps: int,
+                   warmup: int, ranks: Ranks, precision: str) -> Training:
+    """A fresh run: the seeded bridge, the method (with its own parameters), AdamW and the lr schedule."""
+    tcfg, device = cfg.train, lm.device
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG state
+        torch.manual_seed(tcfg.seed)
+        bridge = build_bridge("linear", d_vision, lm.hidden_size).to(device)
+    built = build_method(method, cfg, protos, ranks).to(device)
+    groups = [{"params": list(bridge.parameters())}]
+    own = [p for p in built.parameters() if p.requires_grad]
+    if own:  # e.g. CLIP's logit scale: trained with the bridge, without weight decay (as in CLIP)
+        groups.append({"params": own, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=method_lr(cfg, method), weight_decay=tcfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps, tcfg.schedule))
+    trained = bridge
+    if ranks.world > 1:  # all-reduces (averages) the gradients; every rank starts from rank 0's weights
+        trained = torch.nn.parallel.DistributedDataParallel(bridge, device_ids=[device] if device.type == "cuda" else None)
+    return Training(built, bridge, trained, optimizer, schedule, tcfg, lm, lm.prompt_ids(tcfg.prompt), precision)
+
+
+def train_step(run: Training, tokens: torch.Tensor, captions: list[str]) -> dict[str, float]:
+    """One optimiser step on this rank's part of a global batch; its logged row (global terms and the lr)."""
+    tokens = tokens.to(device=run.lm.device, dtype=torch.float32, non_blocking=True)
+    with training_autocast(run.precision, run.lm.device):
+        terms = compute_losses(run.method, run.tcfg, run.lm, run.trained, tokens, captions, run.prompt_ids)
+    run.optimizer.zero_grad(set_to_none=True)
+    # Shares add up to the global loss, and DDP averages gradients over ranks: scale back to the sum.
+    (terms["loss"] * run.ranks.world).backward()
+    run.optimizer.step()
+    run.method.after_optimizer_step()
+    row = {k: run.ranks.total(v).item() for k, v in terms.items()} | {"lr": run.schedule.get_last_lr()[0]}
+    run.schedule.step()
+    return row
+
+
+def resume(run: Training, checkpoint: Path, fingerprint: str, label: str) -> tuple[int, list[dict]]:
+    """(the step to go on from, the logged rows so far): from `checkpoint` when it was left by this run's
+    settings, else from step 0."""
+    if not checkpoint.exists():
+        return 0, []
+    state = read_checkpoint(checkpoint, run.lm.device)
+    if state["fingerprint"] != fingerprint:
+        log.warning("train %s: %s was left by other settings (step %d of another run); starting from step 0, "
+                    "it is replaced at the first checkpoint", label, checkpoint, state["step"])
+        return 0, []
+    run.bridge.load_state_dict(state["bridge"])
+    # the method's own state; checkpoints written before methods were modules hold the logit scale alone
+    legacy = {f"logit_scale.{k}": v for k, v in (state.get("logit_scale") or {}).items()}
+    run.method.load_state_dict(state.get("method", legacy))
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.schedule.load_state_dict(state["schedule"])
+    log.info("train %s: resuming from step %d", label, state["step"])
+    return state["step"], state["history"]
 
 
 def train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, protos: Prototypes, out_dir: Path,
@@ -198,43 +283,14 @@ def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, 
     tcfg, device = cfg.train, lm.device
     steps, warmup = run_length(tcfg, len(data.rows))
     check_batch(tcfg.batch_size, len(data.rows), ranks)
+    run = build_training(method, cfg, lm, protos, data.d_vision, steps, warmup, ranks, precision)
     fingerprint = run_fingerprint(method, cfg, data, protos, lm, precision)
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG state
-        torch.manual_seed(tcfg.seed)
-        bridge = build_bridge("linear", data.d_vision, lm.hidden_size).to(device)
-    mcfg = method_config(cfg, method)
-    # contrastive: CLIP's logit scale, trained with the bridge (no weight decay on it, as in CLIP)
-    learns_scale = REGISTRY[method].learns_logit_scale
-    scale = LogitScale(mcfg.temperature, mcfg.learn_temperature).to(device) if learns_scale else None
-    groups = [{"params": list(bridge.parameters())}]
-    if scale is not None and mcfg.learn_temperature:
-        groups.append({"params": [scale.log_scale], "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=method_lr(cfg, method), weight_decay=tcfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps, tcfg.schedule))
-    start, history = 0, []
-    if checkpoint.exists():
-        state = read_checkpoint(checkpoint, device)
-        if state["fingerprint"] == fingerprint:
-            bridge.load_state_dict(state["bridge"])
-            if scale is not None:
-                scale.load_state_dict(state["logit_scale"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            start, history = state["step"], state["history"]
-            log.info("train %s: resuming from step %d", method, start)
-        else:
-            log.warning("train %s: %s was left by other settings (step %d of another run); starting from step 0, "
-                        "it is replaced at the first checkpoint", method, checkpoint, state["step"])
-    prompt_ids = lm.prompt_ids(tcfg.prompt)
-    autocast = training_autocast(precision, device)
+    start, history = resume(run, checkpoint, fingerprint, method)
     if ranks.is_main:
         log.info("train %s: %s on %s (train.precision: %s)", method, precision, device, tcfg.precision)
         if tcfg.compile and not lm.is_encoder_decoder:
             log.info("train %s: train.compile: the first step compiles the LLM's body (a minute or more on a CPU)",
                      method)
-    trained = bridge
-    if ranks.world > 1:  # all-reduces (averages) the gradients; every rank starts from rank 0's weights
-        trained = torch.nn.parallel.DistributedDataParallel(bridge, device_ids=[device] if device.type == "cuda" else None)
     live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None) if ranks.is_main else None
     for row in history if live else []:  # replay logged steps so the curves are whole after a resume
         _log_step(live, row)
@@ -248,16 +304,17 @@ def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, 
     if meter and start < steps:  # this rank's FLOPs of one step, counted on a dry run of the first batch
         # its own reader: the loader's workers must not inherit an open HDF5 file
         _, idx, tokens = StepBatches(data, tcfg.batch_size, tcfg.seed, start, steps, ranks)[0]
+        # the bare bridge and a one-process method: no collective runs on rank 0 alone
+        local = build_method(method, cfg, protos, Ranks()).to(device)
 
         def forward_backward() -> None:
-            captions = [data.captions[i] for i in idx.tolist()]
-            with autocast:  # the bare bridge and one rank: no collective runs on rank 0 alone
-                dry = compute_losses(method, cfg, lm, bridge, protos, tokens.to(device=device, dtype=torch.float32),
-                                     captions, prompt_ids, Ranks(), scale)
+            with training_autocast(precision, device):
+                dry = compute_losses(local, tcfg, lm, run.bridge, tokens.to(device=device, dtype=torch.float32),
+                                     [data.captions[i] for i in idx.tolist()], run.prompt_ids)
             dry["loss"].backward()
 
         meter.count(forward_backward)
-        optimizer.zero_grad(set_to_none=True)
+        run.optimizer.zero_grad(set_to_none=True)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=tcfg.loader_workers,
                                          prefetch_factor=2 if tcfg.loader_workers else None,
                                          pin_memory=device.type == "cuda")
@@ -269,18 +326,7 @@ def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, 
                 break
             if meter:
                 meter.start()
-            tokens = tokens.to(device=device, dtype=torch.float32, non_blocking=True)
-            captions = [data.captions[i] for i in idx.tolist()]
-            with autocast:
-                terms = compute_losses(method, cfg, lm, trained, protos, tokens, captions, prompt_ids, ranks, scale)
-            optimizer.zero_grad(set_to_none=True)
-            # Shares add up to the global loss, and DDP averages gradients over ranks: scale back to the sum.
-            (terms["loss"] * ranks.world).backward()
-            optimizer.step()
-            if scale is not None:
-                scale.clamp_()
-            row = {k: ranks.total(v).item() for k, v in terms.items()} | {"lr": schedule.get_last_lr()[0]}
-            schedule.step()
+            row = train_step(run, tokens, [data.captions[i] for i in idx.tolist()])
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
             if not ranks.is_main:
@@ -289,13 +335,13 @@ def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, 
                 timing.log_metric(f"throughput/{key}", value)
             every = tcfg.validation.every
             if val is not None and every and ((step + 1) % every == 0 or step + 1 == steps):
-                row["val"] = validate(cfg, lm, bridge, protos, val, prompt_ids)
+                row["val"] = validate(cfg, lm, run.bridge, protos, val, run.prompt_ids)
                 timing.log_metric("throughput/val_seconds", row["val"].pop("seconds"))
             timing.next_step()
             _log_step(live, row)
             stop = until is not None and "val" in row and step + 1 < steps and until(history)
             if stop or (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == steps:
-                _save_checkpoint(checkpoint, fingerprint, step + 1, bridge, optimizer, schedule, history, scale)
+                save_checkpoint(checkpoint, fingerprint, step + 1, run, history)
             if stop:
                 log.info("train %s: stopped at step %d (until)", method, step + 1)
                 stopped = True
@@ -322,7 +368,7 @@ def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, 
               "steps": steps_done, "warmup_steps": warmup, "processes": ranks.world, "final": history[-1]}
     if stopped:  # the bridge where `until` ended the run; its checkpoint stays, so the run can go on
         config["stopped_by_until_of"] = steps
-    save_bridge(out_dir, bridge.cpu(), config)
+    save_bridge(out_dir, run.bridge.cpu(), config)
     if not stopped:
         checkpoint.unlink(missing_ok=True)
     return {"finished": not stopped, "stopped": stopped, "steps": steps_done, "seconds": time.perf_counter() - t0,
@@ -353,12 +399,12 @@ def read_checkpoint(path: Path, device: torch.device) -> dict:
                          f"delete it to train from step 0") from None
 
 
-def _save_checkpoint(path: Path, fingerprint, step, bridge, optimizer, schedule, history, scale=None) -> None:
+def save_checkpoint(path: Path, fingerprint: str, step: int, run: Training, history: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()  # serialised in memory, then written by Python: a full disk is then an OSError that
     # names it (torch's own file writer reports only "file write failed")
-    torch.save({"fingerprint": fingerprint, "step": step, "bridge": bridge.state_dict(),
-                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "history": history,
-                "logit_scale": scale.state_dict() if scale is not None else None}, buffer)
+    torch.save({"fingerprint": fingerprint, "step": step, "bridge": run.bridge.state_dict(),
+                "optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(), "history": history,
+                "method": run.method.state_dict()}, buffer)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getvalue())

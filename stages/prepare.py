@@ -15,7 +15,7 @@ import logging
 import sys
 
 from pipeline.manifest import write_split
-from pipeline.sources import prepare_splits
+from pipeline.sources.prepare import prepare_splits
 from pipeline.config import Config
 from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs

@@ -19,7 +19,7 @@ from pipeline.config import Config
 from pipeline.digests import tree_digest
 from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
-from pipeline.sources import SOURCE_KEYS, source_paths
+from pipeline.sources.prepare import SOURCE_KEYS, source_paths
 from stages.common import Out, StageSpec, stage_main
 
 STAGE = StageSpec(

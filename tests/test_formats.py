@@ -12,7 +12,8 @@ from pipeline.errors import ConfigError, DatasetError
 from pipeline.images import load_image
 from pipeline.io import sha256_file
 from pipeline.manifest import has_captions, has_questions, manifest_splits, read_manifest, read_questions, resolve_image_root
-from pipeline.sources import cc3m, load_source, nocaps, vqav2
+from pipeline.sources import cc3m, nocaps, vqav2
+from pipeline.sources.prepare import load_source
 from pipeline.sources.common import split_by_content
 from pipeline.config import Config, PrepareConfig, parse_config
 from pipeline.paths import Dirs

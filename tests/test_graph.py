@@ -40,17 +40,53 @@ def test_dvc_yaml_is_generated_from_the_specs():
     assert check.returncode == 0
 
 
+def loaded_project_files(module: str) -> set[str]:
+    """The project files a fresh interpreter loads to import `module` (empty package __init__ files left out)."""
+    probe = (f"import sys, {module}; print('\\n'.join(sorted(getattr(m, '__file__', '') or '' "
+             f"for n, m in sys.modules.items() if n.split('.')[0] in ('pipeline', 'stages', 'vlap'))))")
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.split()
+    files = {Path(f).resolve().relative_to(REPO).as_posix() for f in loaded}
+    return {f for f in files if not (f.endswith("__init__.py") and (REPO / f).stat().st_size == 0)}
+
+
 def test_code_deps_are_what_the_stage_imports():
-    """A fresh interpreter that imports the stage loads exactly the declared project modules."""
+    """A fresh interpreter that imports the stage loads exactly the declared project modules, and the method
+    modules the params schema reads the methods' sections from (a method module's code runs only in its own
+    train stage, which depends on it)."""
+    schema = loaded_project_files("pipeline.config") - set(graph.NO_OUTPUT_EFFECT)
+    by_methods = {f for m in METHODS for f in graph.code_deps(graph.METHOD_MODULE.format(method=m))}
+    assert schema <= by_methods | {graph.METHOD_MODULE.format(method=m) for m in METHODS}, schema - by_methods
     for node in graph.graph():
-        probe = (f"import sys, {node.module.__name__}; print('\\n'.join(sorted(getattr(m, '__file__', '') or '' "
-                 f"for n, m in sys.modules.items() if n.split('.')[0] in ('pipeline', 'stages', 'vlap'))))")
-        loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.split()
-        files = {Path(f).resolve().relative_to(REPO).as_posix() for f in loaded}
-        files = {f for f in files if not (f.endswith("__init__.py") and (REPO / f).stat().st_size == 0)}
-        assert files - set(graph.NO_OUTPUT_EFFECT) <= set(node.code), (node.spec.name, files - set(node.code))
+        files = loaded_project_files(node.module.__name__) - set(graph.NO_OUTPUT_EFFECT) - schema
+        assert files <= set(node.code), (node.spec.name, files - set(node.code))
         assert "stages/graph.py" not in node.code  # editing one stage's spec re-runs only that stage
+    train = next(n for n in graph.graph() if n.spec.name == "train")
+    assert train.code_of("limber")[-1] == "pipeline/methods/limber.py"
+    assert not any(f.startswith("pipeline/methods/") and f != "pipeline/methods/base.py" for f in train.code)
+
+
+def test_a_run_record_is_stale_when_an_output_or_a_declared_input_changed(tmp_path):
+    """The record the study and the flow keep where there is no dvc.lock: an output missing or changed, a
+    declared param or a data dep changed make the run stale; an undeclared param does not."""
+    node, cfg = next(n for n in graph.graph() if n.spec.name == "prepare"), Config()
+    dirs = Dirs.under(tmp_path / "data")
+    record = graph.RunRecord(tmp_path / "record" / graph.RUN_RECORD)
+    assert record.outputs_changed(node, None, dirs)  # missing, whatever is recorded
+    dirs.prepared.mkdir(parents=True)
+    (dirs.prepared / "train.parquet").write_bytes(b"v1")
+    (dirs.root / "sources.json").write_text('{"easyvqa": "a"}')
+    assert not record.outputs_changed(node, None, dirs) and not record.up_to_date(node, None, cfg, dirs)
+    record.record(node, None, cfg, dirs)
+    assert record.up_to_date(node, None, cfg, dirs)
+    assert record.up_to_date(node, None, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.5)), dirs)
+    split = dataclasses.replace(cfg, prepare=dataclasses.replace(cfg.prepare, validation_fraction=0.25))
+    assert not record.up_to_date(node, None, split, dirs) and not record.outputs_changed(node, None, dirs)
+    (dirs.root / "sources.json").write_text('{"easyvqa": "b"}')  # the source data moved
+    assert not record.up_to_date(node, None, cfg, dirs) and not record.outputs_changed(node, None, dirs)
+    (dirs.root / "sources.json").write_text('{"easyvqa": "a"}')
+    (dirs.prepared / "train.parquet").write_bytes(b"edited")
+    assert record.outputs_changed(node, None, dirs) and not record.up_to_date(node, None, cfg, dirs)
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +145,11 @@ def test_a_stage_process_computes_with_the_pinned_cpu_kernels():
 
 def test_registries_name_every_method_section_and_every_evaluation_stage():
     from pipeline.config import METHODS
-    from pipeline.methods import BASELINES, PROPOSED, REGISTRY
+    from pipeline.methods import BASELINES, NAMES, PROPOSED, method_class
     from pipeline.tasks.registry import TASKS
 
-    assert tuple(REGISTRY) == METHODS and PROPOSED not in BASELINES and set(BASELINES) | {PROPOSED} == set(METHODS)
+    assert NAMES == METHODS and PROPOSED not in BASELINES and set(BASELINES) | {PROPOSED} == set(METHODS)
+    assert all(method_class(name).name == name for name in NAMES)
     evaluations = [n.spec.name for n in graph.graph() if n.spec.name.startswith("evaluate_")]
     assert evaluations == [f"evaluate_{task}" for task in TASKS]
     assert {f"metrics/{task}" for task in TASKS} <= set(next(n for n in graph.graph()

@@ -5,6 +5,8 @@ import ot as pot
 import pytest
 import torch
 
+from pipeline.distributed import Ranks
+
 from pipeline import ot as ot_module
 from pipeline.ot import sinkhorn
 
@@ -79,9 +81,9 @@ def test_scaling_and_log_domains_give_the_same_plan(epsilon: float) -> None:
     mu = mu / mu.sum()
     both = torch.stack([scores, scores.flip(0)])
     log_K = both / epsilon
-    truth = ot_module._log_domain(log_K.double(), mu.double(), 3)[0]
-    scaling = ot_module._scaling_domain(both, both.amax(-1, keepdim=True), epsilon, mu, 3)[0].float()
-    log_domain = ot_module._log_domain(log_K, mu, 3)[0]
+    truth = ot_module._log_domain(log_K.double(), mu.double(), 3, Ranks())[0]
+    scaling = ot_module._scaling_domain(both, both.amax(-1, keepdim=True), epsilon, mu, 3, Ranks())[0].float()
+    log_domain = ot_module._log_domain(log_K, mu, 3, Ranks())[0]
     for plan in (scaling, log_domain):
         torch.testing.assert_close(plan.double(), truth, rtol=1e-5, atol=1e-6)
         assert (plan[..., :10] == 0).all()
@@ -112,7 +114,7 @@ def test_float32_blocks_stay_within_float32_rounding_of_pot_in_float64() -> None
         ref = _pot_plan(scores[problem].double()[:, keep], mu_kept, epsilon, 3) * 64
         assert (res.assignments[problem][:, keep].double() - ref).abs().max() < 1e-6
     # the same iterations as the float64 kernel: the log potentials agree too
-    float64_kernel = ot_module._scaling_domain(scores, scores.amax(-1, keepdim=True), epsilon, mu, 3)
+    float64_kernel = ot_module._scaling_domain(scores, scores.amax(-1, keepdim=True), epsilon, mu, 3, Ranks())
     torch.testing.assert_close(res.log_b[..., 10:].double(), float64_kernel[1].squeeze(-2)[..., 10:], rtol=0, atol=1e-5)
     # float64 scores are solved in float64 (a plan within float64 rounding of POT's)
     exact = sinkhorn(scores[0].double(), mu.double(), epsilon, 3).assignments

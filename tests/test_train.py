@@ -14,7 +14,8 @@ from pipeline.config import Config
 from pipeline.device import resolve_precision
 from pipeline.errors import CacheError
 from pipeline.prototypes import build_prototypes, load_prototypes, prototypes_file
-from pipeline.train import batch_indices, compute_losses, lr_factor
+from pipeline.distributed import Ranks
+from pipeline.train import batch_indices, build_method, compute_losses, lr_factor
 from stages import train
 
 
@@ -62,8 +63,8 @@ def test_only_the_bridge_receives_gradients(tiny_pipeline, smollm2):
     bridge = torch.nn.Linear(1280, 576)
     prompt_ids = smollm2.prompt_ids(cfg.train.prompt)
     tokens = data.tokens(torch.arange(4)).float()
-    terms = compute_losses("vlap", cfg, smollm2, bridge, protos, tokens, data.captions[:4],
-                           prompt_ids)
+    method = build_method("vlap", cfg, protos, Ranks())
+    terms = compute_losses(method, cfg.train, smollm2, bridge, tokens, data.captions[:4], prompt_ids)
     terms["loss"].backward()
     assert bridge.weight.grad is not None and bridge.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in smollm2.model.parameters())

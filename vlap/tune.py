@@ -28,7 +28,7 @@ from pathlib import Path
 from pipeline.manifest import manifest_splits, read_manifest
 from pipeline.features import features_file
 from pipeline.config import METHODS, Config
-from pipeline.methods import REGISTRY
+from pipeline.methods import NAMES, method_class
 from pipeline.errors import ConfigError, MissingInputError, report_user_errors
 from pipeline.io import write_json_atomic
 from pipeline.report import write_markdown
@@ -41,7 +41,8 @@ from stages import train
 from stages.common import run_stage
 
 log = logging.getLogger("vlap.tune")
-WEIGHT_KEY = {name: m.weight_key for name, m in REGISTRY.items() if m.weight_key}  # each method's alignment weight
+WEIGHT_KEY = {name: method_class(name).weight_key for name in NAMES
+              if method_class(name).weight_key}  # each method's alignment weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,7 @@ class Setting:
 
     def config(self, cfg: Config) -> Config:
         changes = ({"lr": self.lr} | ({} if self.weight is None else {WEIGHT_KEY[self.method]: self.weight})
-                   | ({} if self.temperature is None else {"temperature": self.temperature}))
+                   | ({} if self.temperature is None else {method_class(self.method).temperature_key: self.temperature}))
         method_cfg = dataclasses.replace(getattr(cfg.methods, self.method), **changes)
         return dataclasses.replace(cfg, methods=dataclasses.replace(cfg.methods, **{self.method: method_cfg}))
 
@@ -68,7 +69,7 @@ def grid(methods: list[str], lrs: list[float], weights: list[float], temperature
     """lr x alignment weight for every method; contrastive also x the initial temperature of its logit scale
     (CLIP's 1/0.07 moves little in a short run, and the captions' z_t are nearly parallel)."""
     return [Setting(m, lr, w, t) for m in methods for lr in lrs for w in ([None] if m not in WEIGHT_KEY else weights)
-            for t in (temperatures or [None] if REGISTRY[m].learns_logit_scale else [None])]
+            for t in (temperatures or [None] if method_class(m).temperature_key else [None])]
 
 
 def validation_score(scores: dict) -> float:
