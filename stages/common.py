@@ -40,6 +40,7 @@ class Out:
     cache: bool = True  # False: a small file git tracks (metrics, plot data), as DVC expects for experiments
     persist: bool = False  # kept across runs (content-keyed caches of other settings, resume state)
     x: str | None = None  # plots: the x axis column
+    items: bool = False  # an evaluation's per-item scores, which the study bootstraps over (pipeline.tasks.registry)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,11 @@ class StageSpec:
 
     def out_paths(self, dirs: Dirs, method: str | None) -> list[Path]:
         return [dirs.root / self.expand(o.path, method) for o in self.outs]
+
+    def items_path(self, dirs: Dirs, method: str | None) -> Path:
+        """Its per-item scores file: the one output marked `items`, where the stage writes and the study reads."""
+        (out,) = [o for o in self.outs if o.items]
+        return dirs.root / self.expand(out.path, method)
 
     def dep_paths(self, dirs: Dirs, method: str | None) -> list[Path]:
         return [dirs.root / self.expand(d, method) for d in self.deps]

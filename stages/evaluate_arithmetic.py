@@ -27,7 +27,7 @@ STAGE = StageSpec(
     params=EVALUATION_PARAMS + ("evaluate.arithmetic", "evaluate.caption.max_new_tokens"),
     deps=EVALUATION_DEPS,
     outs=(Out("metrics/arithmetic/{method}.json", kind="metrics", cache=False),
-          Out("plots/arithmetic/{method}/queries.json", cache=False),
+          Out("plots/arithmetic/{method}/queries.json", cache=False, items=True),
           Out("pages/arithmetic/{method}.html")),
 )
 
@@ -40,7 +40,7 @@ def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
     if not metrics:
         return write_not_applicable(STAGE, dirs, method, "no test image pair differs in exactly one attribute word "
                                                          "(see README: visual semantic arithmetic)")
-    write_json_atomic(dirs.plots / "arithmetic" / method / "queries.json", per_query)
+    write_json_atomic(STAGE.items_path(dirs, method), per_query)
     write_examples_html(dirs.pages / "arithmetic" / f"{method}.html", examples,
                         f"Visual semantic arithmetic with the {method} bridge")
     return write_metrics(dirs, "arithmetic", method, metrics)

@@ -27,7 +27,7 @@ STAGE = StageSpec(
     params=EVALUATION_PARAMS + ("evaluate.caption", "evaluate.common.seed"),  # seed: the chance-level captions
     deps=EVALUATION_DEPS,
     outs=(Out("metrics/caption/{method}.json", kind="metrics", cache=False),
-          Out("plots/caption/{method}/captions.json", cache=False),
+          Out("plots/caption/{method}/captions.json", cache=False, items=True),
           Out("pages/caption/{method}.html")),
 )
 
@@ -42,7 +42,7 @@ def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
     domains = {i: report_group(a) for i, a in inputs.attributes.items() if report_group(a)}
     if domains:
         metrics |= cider_by_domain(inputs.captions, generated, domains)
-    write_json_atomic(dirs.plots / "caption" / method / "captions.json",
+    write_json_atomic(STAGE.items_path(dirs, method),
                       {i: {"generated": generated[i], "references": inputs.captions[i]} for i in generated})
     rows = [{"image_path": inputs.image_paths[i], "generated": generated[i], "references": inputs.captions[i]}
             for i in inputs.image_ids[: cfg.evaluate.caption.examples]]

@@ -31,7 +31,7 @@ STAGE = StageSpec(
     deps=EVALUATION_DEPS,
     outs=(Out("metrics/retrieval/{method}.json", kind="metrics", cache=False),
           Out("plots/retrieval/{method}/recall_at_k.json", kind="plots", cache=False),
-          Out("plots/retrieval/{method}/ranks.json", cache=False)),
+          Out("plots/retrieval/{method}/ranks.json", cache=False, items=True)),
 )
 
 
@@ -46,7 +46,7 @@ def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
                           cfg.evaluate.retrieval, cfg.evaluate.common.batch_size)
     metrics, curve, per_query = evaluate_retrieval(inputs, cfg, fit)
     write_json_atomic(dirs.plots / "retrieval" / method / "recall_at_k.json", curve)
-    write_json_atomic(dirs.plots / "retrieval" / method / "ranks.json", per_query)
+    write_json_atomic(STAGE.items_path(dirs, method), per_query)
     return write_metrics(dirs, "retrieval", method, metrics)
 
 

@@ -26,7 +26,7 @@ STAGE = StageSpec(
             "evaluate.common.seed", "evaluate.taxonomy"),  # no example page: no image root
     deps=EVALUATION_DEPS,
     outs=(Out("metrics/taxonomy/{method}.json", kind="metrics", cache=False),
-          Out("plots/taxonomy/{method}/items.json", cache=False)),
+          Out("plots/taxonomy/{method}/items.json", cache=False, items=True)),
 )
 
 
@@ -37,7 +37,7 @@ def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
     t = cfg.evaluate.taxonomy
     metrics, items = evaluate_taxonomy(inputs, t.min_images, t.bootstrap, t.permutations, cfg.evaluate.common.seed,
                                        cfg.evaluate.common.batch_size)
-    write_json_atomic(dirs.plots / "taxonomy" / method / "items.json", items)
+    write_json_atomic(STAGE.items_path(dirs, method), items)
     return write_metrics(dirs, "taxonomy", method, metrics)
 
 

@@ -29,7 +29,7 @@ STAGE = StageSpec(
     params=("evaluate.common", "evaluate.vqa", "prepare.folder", "prepare.test_folder"),
     deps=EVALUATION_DEPS,
     outs=(Out("metrics/vqa/{method}.json", kind="metrics", cache=False),
-          Out("plots/vqa/{method}/answers.json", cache=False)),
+          Out("plots/vqa/{method}/answers.json", cache=False, items=True)),
 )
 
 
@@ -62,7 +62,7 @@ def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
         records[f"{n}shot"] = answer_questions(inputs, questions, prefix, answer_set, common.batch_size,
                                                vcfg.max_new_tokens)
         metrics |= summarise(records[f"{n}shot"], f"{n}shot")
-    write_json_atomic(dirs.plots / "vqa" / method / "answers.json", records)
+    write_json_atomic(STAGE.items_path(dirs, method), records)
     return write_metrics(dirs, "vqa", method, metrics)
 
 

@@ -68,7 +68,7 @@ def test_stage_on_easyvqa_labels_and_the_study_items(tiny_pipeline, smollm2, tmp
     assert -1 <= saved["rsa_low"] <= saved["rsa_high"] <= 1 and -1 <= saved["rsa"] <= 1 and 0 < saved["rsa_p"] <= 1
     items = json.loads((work.plots / "taxonomy" / "limber" / "items.json").read_text())
     assert sum(n for k, n in items["classes"].items() if k.startswith("shape:")) == 32  # every test image, once
-    scores, domains = TASKS["taxonomy"].per_item(work.plots, work.prepared, "limber")
+    scores, domains = TASKS["taxonomy"].per_item(evaluate_taxonomy.STAGE.items_path(work, "limber"), work.prepared)
     assert np.mean(list(scores["taxonomy/paired_minus_unpaired_cosine"].values())) == \
         pytest.approx(saved["paired_minus_unpaired_cosine"], abs=1e-4)
     assert scores["taxonomy/rsa"] == {"all": pytest.approx(saved["rsa"], abs=1e-4)}

@@ -77,8 +77,9 @@ def per_item_scores(dirs: Dirs, method: str) -> dict[str, dict[str, float]]:
     and `<metric>_<domain>` over the items of each domain (zero-shot seen / unseen, NoCaps' domains)."""
     out: dict[str, dict[str, float]] = {}
     domains: dict[str, dict[str, str]] = {}  # metric -> {item: domain}
-    for task in TASKS.values():
-        scores, item_domains = task.per_item(dirs.plots, dirs.prepared, method)
+    stages = {node.spec.name: node.spec for node in graph()}
+    for name, task in TASKS.items():
+        scores, item_domains = task.per_item(stages[f"evaluate_{name}"].items_path(dirs, method), dirs.prepared)
         out |= scores
         domains |= item_domains
     for key, item_domain in domains.items():

@@ -1,11 +1,11 @@
-"""The evaluation tasks, each one object (the registry summary, study and ablation iterate).
+"""The evaluation tasks, each one object (the registry the graph, summary, study and ablation iterate).
 
 A task is its name (its stage `evaluate_<name>`, its metrics file `metrics/<name>/<method>.json` and
 plot folder `plots/<name>/<method>/`), its headline metrics (all "higher is better"), where each
 headline's chance level is in the metrics file, and its per-item scores (what the study bootstraps
-over): metric -> {test item: score}, and metric -> {test item: domain} where items have one.
-Adding a task: its stage module (stages/evaluate_<name>.py, listed in stages.graph.MODULES) and one
-`Task` here.
+over): metric -> {test item: score}, and metric -> {test item: domain} where items have one, read
+from the file its stage marks as its items (`Out(..., items=True)`).
+Adding a task: its stage module (stages/evaluate_<name>.py) and one `Task` here (docs/extending.md).
 """
 from __future__ import annotations
 
@@ -34,12 +34,13 @@ class Task:
     name: str
     headlines: tuple[str, ...]
     chance_key: Callable[[str], str | None]  # headline metric -> its chance level's key in the metrics file
-    per_item: Callable[[Path, Path, str], ItemScores]  # (plots dir, prepared dir, method) -> scores, domains
+    # (its per-item file, as its stage declares it: StageSpec.items_path; the prepared dir) -> scores, domains
+    per_item: Callable[[Path, Path], ItemScores]
     primary: str = ""  # the one headline a claim about this task is read on (the study corrects these as a family)
 
 
-def caption_items(plots: Path, prepared: Path, method: str) -> ItemScores:
-    captions = read_applicable(plots / "caption" / method / "captions.json")
+def caption_items(path: Path, prepared: Path) -> ItemScores:
+    captions = read_applicable(path)
     if not captions:
         return {}, {}
     refs = {i: r["references"] for i, r in captions.items()}
@@ -48,9 +49,9 @@ def caption_items(plots: Path, prepared: Path, method: str) -> ItemScores:
     return scores, {"caption/CIDEr": {i: by_id[i] for i in captions if by_id.get(i)}}
 
 
-def vqa_items(plots: Path, prepared: Path, method: str) -> ItemScores:
+def vqa_items(path: Path, prepared: Path) -> ItemScores:
     scores, domains = {}, {}
-    for setting, records in (read_applicable(plots / "vqa" / method / "answers.json") or {}).items():
+    for setting, records in (read_applicable(path) or {}).items():
         for mode in ("open", "closed"):
             key = f"vqa/{setting}_{mode}_accuracy"
             scores[key] = {r["question_id"]: 100.0 * r[f"{mode}_accuracy"] for r in records}
@@ -58,8 +59,8 @@ def vqa_items(plots: Path, prepared: Path, method: str) -> ItemScores:
     return scores, domains
 
 
-def retrieval_items(plots: Path, prepared: Path, method: str) -> ItemScores:
-    ranks = read_applicable(plots / "retrieval" / method / "ranks.json")
+def retrieval_items(path: Path, prepared: Path) -> ItemScores:
+    ranks = read_applicable(path)
     scores, domains = {}, {}
     for direction, keys in (("i2t", ranks["image_ids"]), ("t2i", ranks["texts"])) if ranks else ():
         item_domain = dict(zip(keys, ranks.get("domains", {}).get(direction, [None] * len(keys))))
@@ -70,19 +71,19 @@ def retrieval_items(plots: Path, prepared: Path, method: str) -> ItemScores:
     return scores, domains
 
 
-def arithmetic_items(plots: Path, prepared: Path, method: str) -> ItemScores:
+def arithmetic_items(path: Path, prepared: Path) -> ItemScores:
     scores, domains = {}, {}
-    for kind, rows in (read_applicable(plots / "arithmetic" / method / "queries.json") or {}).items():
+    for kind, rows in (read_applicable(path) or {}).items():
         key = f"arithmetic/{kind}_swap_top1"
         scores[key] = {f"{q['query']}:{q['a']}>{q['b']}": 100.0 * q["hit"] for q in rows}
         domains[key] = {f"{q['query']}:{q['a']}>{q['b']}": q["domain"] for q in rows if q.get("domain")}
     return scores, domains
 
 
-def taxonomy_items(plots: Path, prepared: Path, method: str) -> ItemScores:
+def taxonomy_items(path: Path, prepared: Path) -> ItemScores:
     """Each image's paired − unpaired cosine; RSA and the centroid gap are whole-set statistics: one item each
     (a study's interval for them is over seeds only)."""
-    items = read_applicable(plots / "taxonomy" / method / "items.json")
+    items = read_applicable(path)
     if not items:
         return {}, {}
     key = "taxonomy/paired_minus_unpaired_cosine"
