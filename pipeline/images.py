@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import tarfile
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 
@@ -83,8 +85,25 @@ def read_image_bytes(path: Path) -> bytes:
 
 def load_image(path: Path) -> Image.Image:
     """Decode an image to RGB; raises FileNotFoundError when it is not there, OSError/ValueError with
-    the reason if unreadable."""
+    the reason if unreadable. An image past Pillow's decompression-bomb limit (MAX_IMAGE_PIXELS, 89M
+    pixels) is refused before it is decoded, as one too large to be a photo."""
     member = split_member_path(path)
-    with Image.open(io.BytesIO(read_member(*member)) if member else path) as img:
-        img.load()
-        return img.convert("RGB")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(read_member(*member)) if member else path) as img:
+            img.load()
+            return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. Pillow's own conversion clips 16-bit, 32-bit and float pixels to 0..255, which turns a
+    16-bit scan white: those are scaled instead (16-bit to 8 by 1/257; float taken as 0..1). Alpha is
+    dropped, as image processors do; palette, CMYK, LA and 1-bit convert as Pillow does."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            values = values * 255.0 if np.nanmax(values, initial=0.0) <= 1.0 else values
+        elif img.mode.startswith("I;16") or np.max(values, initial=0) > 255:
+            values = values / 257.0
+        img = Image.fromarray(np.nan_to_num(values).clip(0, 255).round().astype(np.uint8))  # 2-D: mode L
+    return img.convert("RGB")

@@ -162,3 +162,58 @@ def test_a_damaged_shard_part_or_cache_file_is_discarded_and_made_again(extracte
     again = extract_split(manifest32, easyvqa_root, lite0, tmp_path, batch_size=16, block_size=8)
     assert not again.hit and again.n_encoded == 32 and "discarded, extracting it again" in caplog.text
     assert filecmp.cmp(result.path, again.path, shallow=False)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims width x height: a decompression bomb to a decoder that believes it."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    return bytes(data)
+
+
+def test_unexpected_modes_decode_and_hostile_files_are_skipped_with_their_reason(manifest32, easyvqa_root, lite0,
+                                                                                 tmp_path):
+    """CMYK, 16-bit, palette with transparency, grey with alpha and 1-bit images are encoded (16-bit scaled to 8,
+    not clipped white); a zero-byte file, a truncated one and decompression bombs are skipped, each with a
+    reason naming it."""
+    from PIL import Image
+
+    from pipeline.images import load_image
+
+    rgb = Image.open(easyvqa_root / manifest32.images[0].image_path).convert("RGB")
+    grey16 = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+    palette = rgb.convert("P")
+    palette.info["transparency"] = 0
+    modes = {"cmyk.jpg": rgb.convert("CMYK"), "grey16.png": grey16, "palette.png": palette,
+             "grey_alpha.png": rgb.convert("LA"), "bits.png": rgb.convert("1")}
+    root = tmp_path / "images"
+    root.mkdir()
+    for name, img in modes.items():
+        img.save(root / name, **({"transparency": 0} if name == "palette.png" else {}))
+    good = (root / "grey_alpha.png").read_bytes()
+    hostile = {"empty.png": b"", "truncated.png": good[: len(good) // 2],
+               "bomb.png": png_claiming(20_000, 20_000), "near_bomb.png": png_claiming(10_000, 10_000)}
+    for name, data in hostile.items():
+        (root / name).write_bytes(data)
+    assert np.abs(np.asarray(load_image(root / "grey16.png"), dtype=int)
+                  - np.asarray(rgb.convert("L").convert("RGB"), dtype=int)).max() <= 1
+    rows = [dataclasses.replace(manifest32.images[i], image_id=name, image_path=name)
+            for i, name in enumerate([*modes, *hostile])]
+    result = extract_split(Manifest("train", manifest32.image_root, rows), root, lite0, tmp_path / "features",
+                           batch_size=4, block_size=4)
+    reasons = {f["image_id"]: f["reason"] for f in result.failed}
+    assert set(reasons) == set(hostile)
+    assert all(reason.startswith(f"unreadable image {name}:") for name, reason in reasons.items())
+    assert "DecompressionBomb" in reasons["bomb.png"] and "DecompressionBomb" in reasons["near_bomb.png"]
+    with FeatureCache(result.path) as cache:
+        assert sorted(cache.ids) == sorted(modes) and np.isfinite(cache.tokens()).all()

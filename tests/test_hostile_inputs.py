@@ -318,3 +318,40 @@ def test_a_hostile_captions_json_stops_prepare_in_one_line(tmp_path, case):
     assert {"deeply nested": "nested too deeply", "not UTF-8": "not UTF-8 text",
             "a huge number": "cannot read"}.get(case, "") in line
     assert not (tmp_path / "data" / "prepared" / "train.parquet").exists()
+
+
+HOSTILE_CSV = {  # captions.csv beside one real image, a.png
+    "an embedded NUL": b"image,caption\na.png,a blue\x00 circle\n",
+    "an unclosed quote": b'image,caption\na.png,"a blue circle\nb.png,a red square\n',
+    "a short row": b"image,caption\na.png\n",
+    "a long row": b"image,caption\na.png,a blue circle,extra,more\n",
+    "a field past the csv limit": b"image,caption\na.png," + b"x" * 200_000 + b"\n",
+    "a million columns": b"image,caption," + b",".join(b"c%d" % i for i in range(1_000_000)) + b"\na.png,a blue circle\n",
+    "only a header": b"image,caption\n",
+    "not CSV at all": bytes(range(1, 256)) * 10,
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_CSV))
+def test_a_hostile_captions_csv_is_one_line_or_reported(tmp_path, case, easyvqa_root):
+    """prepare as a subprocess: a captions.csv it cannot use is one line naming it; one it can use prepares, with
+    what it skipped in the report. Never a traceback."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(next(easyvqa_root.rglob("*.png")), photos / "a.png")
+    (photos / "captions.csv").write_bytes(HOSTILE_CSV[case])
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prepare"] |= {"source": "folder", "folder": str(photos), "heldout": [], "validation_fraction": 0.0,
+                          "test_fraction": 0.0}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = run_python(["-m", "stages.prepare"], tmp_path)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    if proc.returncode:
+        one_line_naming(proc, str(photos / "captions.csv"))
+        assert not (tmp_path / "data" / "prepared" / "train.parquet").exists()
+        assert case in ("an unclosed quote", "a field past the csv limit", "only a header", "not CSV at all"), case
+    else:
+        report = json.loads((tmp_path / "data" / "prepared" / "report.json").read_text())
+        skipped = {"a short row": "not text", "an embedded NUL": "control character"}.get(case)
+        assert report["train"] == {"images": 1, "captions": 0 if skipped else 1}, (case, report)
+        assert skipped is None or report["captions_skipped"]["reasons"] == {skipped: 1}

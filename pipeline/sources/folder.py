@@ -17,17 +17,23 @@ def read_caption_rows(folder: Path) -> tuple[Path, list[dict]]:
     try:
         if csv_path.exists():
             with open(csv_path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
+                # strict: a quote left open is an error, not a field that swallows the rest of the file
+                reader = csv.DictReader(f, strict=True)
                 missing = {"image", "caption"} - set(reader.fieldnames or [])
                 if missing:
                     raise DatasetError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))} "
                                        "(need image, caption[, split])")
-                return csv_path, list(reader)
+                rows = list(reader)
+            if not rows:
+                raise DatasetError(f"{csv_path}: a header and no rows (need one row per image and caption)")
+            return csv_path, rows
         if json_path.exists():
             rows = load_json(json_path)
             if not isinstance(rows, list) or not all(isinstance(r, dict) and {"image", "caption"} <= r.keys()
                                                      for r in rows):
                 raise DatasetError(f"{json_path}: expected a list of objects with keys image, caption[, split]")
+            if not rows:
+                raise DatasetError(f"{json_path}: an empty list (need one object per image and caption)")
             return json_path, rows
     except UnicodeDecodeError as err:
         path = csv_path if csv_path.exists() else json_path
