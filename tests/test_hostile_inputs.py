@@ -244,20 +244,61 @@ def test_generated_captions_files_load_or_fail_in_one_line(data, rows, as_csv, j
             assert all(c and c == " ".join(c.split()) for c in row.captions)
 
 
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10)
+    | st.sampled_from(["imgs/0.png", "../x.png", "a caption"]),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.sampled_from(["image", "caption", "split"]) | st.text(max_size=5), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=json_values)
+@example(content=[{"image": "imgs/0.png", "caption": [{"caption": "a"}]}])
+@example(content=[{"image": {"image": "imgs/0.png"}, "caption": "a"}])
+def test_generated_nested_captions_json_loads_or_fails_in_one_line(data, content):
+    """Any JSON structure in captions.json (nested lists and objects, wrong types at any depth)."""
+    (data / "captions.csv").unlink(missing_ok=True)
+    (data / "captions.json").write_text(json.dumps(content))
+    try:
+        folder.load(PrepareConfig(source="folder", folder=str(data)))
+    except DatasetError as err:
+        assert "\n" not in str(err) and str(data) in str(err)
+
+
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
-KEYS = [(section, key) for section, values in PARAMS.items() if isinstance(values, dict)
-        for key in values if not isinstance(values[key], dict)]
+
+
+def params_keys(node: dict, prefix: tuple = ()) -> list[tuple[str, ...]]:
+    """Every key of params.yaml as a path, sections and their fields at every depth."""
+    return [k for key, value in node.items()
+            for k in [prefix + (key,)] + (params_keys(value, prefix + (key,)) if isinstance(value, dict) else [])]
+
+
+KEYS = params_keys(PARAMS)
 values = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20),
                    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_the_generated_params_cover_every_key_of_the_schema():
+    from pipeline.config import Config, plain
+
+    assert set(params_keys(plain(Config()))) - {("preset",)} <= set(KEYS)
+    assert {("methods", "contrastive", "learn_temperature"), ("evaluate", "taxonomy", "bootstrap"),
+            ("train", "validation", "every")} <= set(KEYS)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(changes=st.lists(st.tuples(st.sampled_from(KEYS), values), min_size=1, max_size=3),
        extra=st.one_of(st.none(), st.text(min_size=1, max_size=10)))
 def test_generated_params_load_or_fail_in_one_line(tmp_path, changes, extra):
     params = json.loads(json.dumps(PARAMS))
-    for (section, key), value in changes:
-        params[section][key] = value
+    for path, value in changes:
+        node = params
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):  # (an earlier change may have replaced the section)
+            node[path[-1]] = value
     if extra:
         params[extra] = 1
     path = tmp_path / "params.yaml"
