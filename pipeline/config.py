@@ -52,7 +52,11 @@ class ExtractConfig:
     device: Str = "auto"  # auto | cpu | cuda | cuda:N
     shard_size: PositiveInt = 256  # images per resumable unit of work
     workers: NonNegativeInt = 0  # 0: inline; N: a local Dask cluster of N processes
-    scheduler: Str = ""  # tcp://host:port of an existing Dask scheduler (overrides workers)
+    scheduler: Str = ""  # tcp:// or tls://host:port of an existing Dask scheduler (overrides workers)
+    # tls:// schedulers: the cluster's CA certificate, and this machine's certificate and key (PEM files)
+    tls_ca_file: Str = ""
+    tls_cert: Str = ""
+    tls_key: Str = ""
 
 
 @section
@@ -101,6 +105,11 @@ class TrainConfig:
     checkpoint_every: PositiveInt = 10
     loader_workers: NonNegativeInt = 1  # processes reading batches from the cache
     device: Str = "auto"
+    # Data-parallel training (pipeline.distributed.LAUNCH_KEYS): more than one process in all runs the stage under
+    # torchrun. How many processes train a bridge, not what it is trained on: config.json records "processes".
+    nproc_per_node: PositiveInt = 1  # processes per machine (one GPU each where the processes train on GPUs)
+    nnodes: PositiveInt = 1  # machines; node 0 runs the stage, the others join (stages.train --node-rank K)
+    rdzv_endpoint: Str = ""  # nnodes > 1: host:port on node 0 that the other machines reach
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 

@@ -5,16 +5,25 @@ WORLD_SIZE and LOCAL_RANK set; each one trains on its own slice of every global 
 DDP all-reduces the bridge's gradients. Losses are written as sums of per-rank shares that
 add up to the one-process loss of the global batch, so N processes train the bridge that
 one process would (docs/method.md#training-on-several-gpus).
+
+`train.nproc_per_node` / `train.nnodes` > 1 make the train stage start those processes itself (`launch`),
+so `dvc repro`, `dvc exp run` and the Prefect flow train on N processes and record the bridge rank 0 wrote.
 """
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, UserError
 
 
 @dataclass(frozen=True)
@@ -78,7 +87,7 @@ def start(device_spec: str) -> tuple[Ranks, str]:
     if world == 1:
         return Ranks(), device_spec
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = (torch.cuda.is_available() and device_spec == "auto") or device_spec.startswith("cuda")
+    use_cuda = uses_cuda(device_spec)
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device_spec = f"cuda:{local_rank}"
@@ -107,3 +116,122 @@ def barrier() -> None:
 def stop() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def uses_cuda(device_spec: str) -> bool:
+    """Whether processes given `device_spec` train on GPUs (one each, by LOCAL_RANK)."""
+    return (torch.cuda.is_available() and device_spec == "auto") or device_spec.startswith("cuda")
+
+
+# ---------------------------------------------------------------- launching the processes from the stage
+# The train.* keys that say how many processes train, not what they train: left out of the bridge's config.json
+# (its "processes" tells the count) and of the resume fingerprint, so the one-process bridge's files are what they
+# were before these keys existed, and a checkpoint resumes under another process count.
+LAUNCH_KEYS = ("nproc_per_node", "nnodes", "rdzv_endpoint")
+BAD_INPUT = 2  # a stage's exit code for bad input (pipeline.errors.report_user_errors)
+ROOT = Path(__file__).resolve().parents[1]  # holds pipeline/ and stages/: what the launched processes import
+
+
+def without_launch(train_values: dict) -> dict:
+    """train.* values less LAUNCH_KEYS."""
+    return {k: v for k, v in train_values.items() if k not in LAUNCH_KEYS}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How many processes train: train.nproc_per_node on each of train.nnodes machines."""
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    rdzv_endpoint: str = ""
+
+    @classmethod
+    def of(cls, tcfg) -> "Launch":
+        """From the train section; every field is read (they are the stage's declared params), bad ones in one line."""
+        launch = cls(tcfg.nproc_per_node, tcfg.nnodes, tcfg.rdzv_endpoint)
+        if launch.nnodes > 1:
+            host, _, port = launch.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError(f"params.yaml: train.rdzv_endpoint: expected host:port on node 0 (the machine that "
+                                  f"runs dvc repro or the flow), which train.nnodes {launch.nnodes} needs; "
+                                  f"got {launch.rdzv_endpoint!r}")
+        return launch
+
+    @property
+    def world(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+def launched() -> bool:
+    """Whether this process is one of torchrun's (started by `launch`, or by hand): it trains, never launches."""
+    return "WORLD_SIZE" in os.environ
+
+
+def check_devices(device_spec: str, launch: Launch) -> None:
+    """One GPU for each of this machine's processes, where they train on GPUs."""
+    if uses_cuda(device_spec) and launch.nproc_per_node > torch.cuda.device_count():
+        raise ConfigError(f"params.yaml: train.nproc_per_node: {launch.nproc_per_node} processes take one GPU each, "
+                          f"and this machine has {torch.cuda.device_count()} (train.device: {device_spec})")
+
+
+def torchrun_args(spec: Launch, node_rank: int) -> list[str]:
+    args = [f"--nproc-per-node={spec.nproc_per_node}"]
+    if spec.nnodes == 1:
+        # a rendezvous on a free port of this machine: runs side by side (queued experiments, flow workers) never meet
+        return args + ["--standalone"]
+    # static rendezvous: node K's processes are ranks K * nproc_per_node.., so rank 0, which writes, is on node 0
+    # (c10d's dynamic rendezvous numbers the nodes in the order they join)
+    return args + [f"--nnodes={spec.nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=static",
+                   f"--rdzv-endpoint={spec.rdzv_endpoint}"]
+
+
+def launch(spec: Launch, node_rank: int, module: str, args: list[str], what: str,
+           env: dict[str, str] | None = None) -> None:
+    """Run `python -m module args` in spec.nproc_per_node processes on this machine under torchrun (node
+    `node_rank` of spec.nnodes) and wait for them. They print their own errors; a failure raises one line
+    here, a UserError when they stopped on bad input."""
+    # this checkout's code (a queued experiment's copy too), from the working folder relative params are read from
+    child_env = os.environ | (env or {}) | {"PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    # the machine's cores shared among its processes (torchrun would give each one thread)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    child_env.setdefault("OMP_NUM_THREADS", str(max(1, cores // spec.nproc_per_node)))
+    # a launcher process of our own (torchrun's machinery, below): the flow's threads and workers stay out of it
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.distributed", *torchrun_args(spec, node_rank),
+                             "-m", module, *args], env=child_env)
+    try:
+        code = proc.wait()
+    except BaseException:  # interrupted: torchrun stops its processes on SIGTERM
+        proc.terminate()
+        proc.wait()
+        raise
+    if code == BAD_INPUT:
+        raise UserError(f"{what}: its {spec.world} torchrun processes stopped on bad input (their error lines above)")
+    if code:
+        raise RuntimeError(f"{what}: its torchrun processes failed (exit code {code}; their errors are above)")
+
+
+def _launcher(argv: list[str]) -> int:
+    """torchrun's launcher (`torch.distributed.run`) with the exit code a stage gives: BAD_INPUT when the
+    processes stopped on bad input, else 1; and it stops its processes when its parent goes."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    def stop_with_parent(parent: int) -> None:
+        # a parent killed outright (SIGKILL) cannot stop us: without this its processes would train on and write
+        # outputs nobody holds the locks of
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's handler stops the processes
+
+    threading.Thread(target=stop_with_parent, args=(os.getppid(),), daemon=True).start()
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as err:
+        # the first process to fail tells why; torchrun then stopped the others (their SIGTERM is listed too)
+        return BAD_INPUT if err.get_first_failure()[1].exitcode == BAD_INPUT else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_launcher(sys.argv[1:]))

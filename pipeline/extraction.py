@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.encoders import VisionEncoder, load_encoder
-from pipeline.errors import CacheError, DiskFullError
+from pipeline.errors import CacheError, ConfigError, DiskFullError
 from pipeline.features import FeatureCache
 from pipeline.images import load_image
 from pipeline.io import atomic_path, sha256_json
@@ -169,13 +170,16 @@ def _encode_block(rows, image_root, encoder, dtype, batch_size, out: Path, bar) 
 
 
 class ShardCluster:
-    """Shards encoded as Dask tasks: `workers` local processes, or the cluster at `scheduler`."""
+    """Shards encoded as Dask tasks: `workers` local processes, or the cluster at `scheduler` (a
+    ``tls://`` one with this machine's CA file, certificate and key: `tls_ca_file`, `tls_cert`, `tls_key`)."""
 
-    def __init__(self, workers: int = 0, scheduler: str = ""):
+    def __init__(self, workers: int = 0, scheduler: str = "", tls_ca_file: str = "", tls_cert: str = "",
+                 tls_key: str = ""):
         from distributed import Client, LocalCluster
 
+        security = tls_security(scheduler, tls_ca_file, tls_cert, tls_key)
         if scheduler:
-            self.cluster, self.client = None, Client(scheduler)
+            self.cluster, self.client = None, Client(scheduler, security=security)
         else:
             self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                         dashboard_address=None)
@@ -188,9 +192,12 @@ class ShardCluster:
         """Encode shards `todo` into `parts`; retried, then listed in one error if they still fail."""
         from distributed import as_completed
 
+        # A fresh token per run: the client hands back a live future of the same key instead of submitting
+        # it again, so a re-run in this process (after a failure) would otherwise get the old error back.
+        run = uuid.uuid4().hex[:8]
         futures = {self.client.submit(encode_shard, encoder.spec, str(encoder.device), blocks[b], str(image_root),
                                       dtype, batch_size, str(_block_path(parts, b)), self.threads,
-                                      key=f"extract-{parts.name}-{b}", retries=SHARD_RETRIES, pure=False): b
+                                      key=f"extract-{parts.name}-{run}-{b}", retries=SHARD_RETRIES, pure=False): b
                    for b in todo}
         encoded, failed = 0, []
         for future in as_completed(futures):
@@ -216,6 +223,32 @@ class ShardCluster:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def tls_security(scheduler: str, tls_ca_file: str = "", tls_cert: str = "", tls_key: str = ""):
+    """Dask's security settings for the `extract.scheduler` address: None for ``tcp://``, and for
+    ``tls://`` the CA that the scheduler's certificate must be signed by plus this machine's certificate
+    and key (Dask's TLS is mutual: the scheduler checks the client too). Encryption is required, so no
+    message can fall back to plain TCP. Anything missing or misplaced is one line naming the key."""
+    given = {"tls_ca_file": tls_ca_file, "tls_cert": tls_cert, "tls_key": tls_key}
+    if not scheduler.startswith("tls://"):
+        if any(given.values()):
+            raise ConfigError(f"extract.{', extract.'.join(k for k, v in given.items() if v)}: only used with a "
+                              f"tls:// extract.scheduler, got {scheduler or 'none'!r}; clear them or use the "
+                              "scheduler's tls:// address")
+        return None
+    missing = [k for k, v in given.items() if not v]
+    if missing:
+        raise ConfigError(f"extract.scheduler: {scheduler} is a TLS address, which needs extract.tls_ca_file, "
+                          f"extract.tls_cert and extract.tls_key (empty: extract.{', extract.'.join(missing)}); "
+                          "give the cluster's CA file and this machine's certificate and key")
+    for name, path in given.items():
+        if not Path(path).is_file():
+            raise ConfigError(f"extract.{name}: {path}: no such file")
+    from distributed.security import Security
+
+    return Security(tls_ca_file=tls_ca_file, tls_client_cert=tls_cert, tls_client_key=tls_key,
+                    require_encryption=True)
 
 
 @lru_cache(maxsize=2)

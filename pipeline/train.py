@@ -8,7 +8,7 @@ ends equal to an uninterrupted one.
 """
 from __future__ import annotations
 
-import io
+import json
 import logging
 import math
 import time
@@ -25,7 +25,7 @@ from pipeline.bridge import build_bridge, save_bridge, visual_representation
 from pipeline.features import FeatureCache, TokenReader, features_file
 from pipeline.config import Config, TrainConfig, section_values
 from pipeline.device import resolve_precision, training_attention, training_autocast
-from pipeline.distributed import Ranks, check_batch
+from pipeline.distributed import Ranks, check_batch, without_launch
 from pipeline.errors import CacheError, DatasetError
 from pipeline.io import atomic_path, sha256_json
 from pipeline.lms import LanguageModel
@@ -169,7 +169,7 @@ def compute_losses(method: Method, tcfg: TrainConfig, lm: LanguageModel, bridge,
 def run_fingerprint(method: str, cfg: Config, data: TrainData, protos: Prototypes, lm: LanguageModel,
                     precision: str) -> str:
     """What a checkpoint must match to be resumed."""
-    return sha256_json({"method": method, "train": section_values(cfg.train), "precision": precision,
+    return sha256_json({"method": method, "train": without_launch(section_values(cfg.train)), "precision": precision,
                         "method_cfg": section_values(method_config(cfg, method)),
                         "features": data.features_key, "prototypes": protos.key, "llm": lm.weights_sha256,
                         "n": len(data.captions)})
@@ -242,9 +242,7 @@ def resume(run: Training, checkpoint: Path, fingerprint: str, label: str) -> tup
                     "it is replaced at the first checkpoint", label, checkpoint, state["step"])
         return 0, []
     run.bridge.load_state_dict(state["bridge"])
-    # the method's own state; checkpoints written before methods were modules hold the logit scale alone
-    legacy = {f"logit_scale.{k}": v for k, v in (state.get("logit_scale") or {}).items()}
-    run.method.load_state_dict(state.get("method", legacy))
+    run.method.load_state_dict(state["method"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.schedule.load_state_dict(state["schedule"])
     log.info("train %s: resuming from step %d", label, state["step"])
@@ -363,7 +361,7 @@ def _train_bridge(method: str, cfg: Config, data: TrainData, lm: LanguageModel, 
               "llm": cfg.prototypes.llm, "encoder": data.encoder, "prompt": tcfg.prompt,
               "feature_shape": [data.n_tokens, data.d_vision], "feature_dtype": data.feature_dtype,
               "features_key": data.features_key, "encoder_weights_sha256": data.encoder_weights_sha256,
-              "prototypes_key": protos.key, "train": section_values(tcfg), "precision": precision,
+              "prototypes_key": protos.key, "train": without_launch(section_values(tcfg)), "precision": precision,
               "method_config": section_values(method_config(cfg, method)), "samples": len(data.captions),
               "steps": steps_done, "warmup_steps": warmup, "processes": ranks.world, "final": history[-1]}
     if stopped:  # the bridge where `until` ended the run; its checkpoint stays, so the run can go on
@@ -385,26 +383,63 @@ def _log_step(live, row: dict) -> None:
     live.next_step()
 
 
+CHECKPOINT_FORMAT = 1  # safetensors: every tensor; its metadata: one JSON document with everything else
+
+
+def checkpoint_file(models: Path, method: str) -> Path:
+    """Where a method's resume checkpoint lives (under the models folder, in no DVC output)."""
+    return models / "checkpoints" / f"{method}.safetensors"
+
+
 def read_checkpoint(path: Path, device: torch.device) -> dict:
-    """A resume checkpoint, read as tensors and plain values only (never code); a damaged one is one
-    line naming it."""
+    """A resume checkpoint: tensors from safetensors, the rest from its JSON metadata; no pickle is read, so
+    a file from anywhere cannot run code. A damaged one is one line naming it."""
+    from safetensors import safe_open
+
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
-        missing = {"fingerprint", "step", "bridge", "optimizer", "schedule", "history"} - set(state)
-        if missing:
-            raise KeyError(f"no {', '.join(sorted(missing))}")
-        return state
-    except Exception as err:  # truncated zip, unpickling refused, missing keys: all mean unusable
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = json.loads((f.metadata() or {})["vlap_checkpoint"])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+
+        def part(prefix: str) -> dict:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        state = {int(i): {name: scalar for name, scalar in values.items()} for i, values in meta["optimizer_scalars"].items()}
+        for key, value in part("optimizer.state.").items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        return {"fingerprint": meta["fingerprint"], "step": meta["step"], "history": meta["history"],
+                "schedule": meta["schedule"], "bridge": part("bridge."), "method": part("method."),
+                "optimizer": {"state": state, "param_groups": meta["optimizer_param_groups"]}}
+    except Exception as err:  # not safetensors, truncated, no or other metadata: all mean unusable
         raise CacheError(f"{path}: unreadable resume checkpoint ({type(err).__name__}: {str(err).splitlines()[0]}); "
                          f"delete it to train from step 0") from None
 
 
 def save_checkpoint(path: Path, fingerprint: str, step: int, run: Training, history: list[dict]) -> None:
+    """The run's whole state at `step`: the bridge's, the method's and the optimiser's tensors in safetensors,
+    the optimiser's settings and scalars, the lr schedule's state, the logged rows and the fingerprint in
+    its metadata. Serialised in memory, then written atomically by Python: a full disk is then an OSError
+    that names the file."""
+    from safetensors.torch import save
+
+    optimizer = run.optimizer.state_dict()
+    tensors = {f"bridge.{k}": v for k, v in run.bridge.state_dict().items()}
+    tensors |= {f"method.{k}": v for k, v in run.method.state_dict().items()}
+    scalars: dict[str, dict] = {}
+    for index, values in optimizer["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.state.{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    meta = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "step": step, "history": history,
+            "schedule": run.schedule.state_dict(), "optimizer_param_groups": optimizer["param_groups"],
+            "optimizer_scalars": scalars}
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                metadata={"vlap_checkpoint": json.dumps(meta)})
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()  # serialised in memory, then written by Python: a full disk is then an OSError that
-    # names it (torch's own file writer reports only "file write failed")
-    torch.save({"fingerprint": fingerprint, "step": step, "bridge": run.bridge.state_dict(),
-                "optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(), "history": history,
-                "method": run.method.state_dict()}, buffer)
     with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+        tmp.write_bytes(data)

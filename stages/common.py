@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from filelock import FileLock
 
@@ -94,6 +94,11 @@ def check_method(spec: StageSpec, method: str | None) -> None:
         raise ConfigError(f"{spec.name}: takes no --method (got {method!r})")
 
 
+# Set for the processes a stage run starts to do its work (the train stage's under torchrun) to that run's label:
+# the run that started them holds the outputs' locks and records what they write, so they take neither.
+LOCKS_HELD_BY = "VLAP_LOCKS_HELD_BY"
+
+
 def run_stage(module: ModuleType, cfg: Config, dirs: Dirs, method: str | None = None, **kwargs) -> Any:
     """`module.run(cfg, dirs, method)` while holding the locks of the stage's outputs.
 
@@ -103,9 +108,10 @@ def run_stage(module: ModuleType, cfg: Config, dirs: Dirs, method: str | None = 
     stage's outputs before it runs it: the stage then writes them again, the same bytes)."""
     spec: StageSpec = module.STAGE
     check_method(spec, method)
-    if os.environ.get("RANK", "0") != "0":  # a torchrun process other than rank 0 writes nothing
-        return module.run(cfg, dirs, method, **kwargs)
     label, outs = spec.label(method), spec.out_paths(dirs, method)
+    # a torchrun process other than rank 0 writes nothing; a launched rank 0's parent holds the locks
+    if os.environ.get("RANK", "0") != "0" or os.environ.get(LOCKS_HELD_BY) == label:
+        return module.run(cfg, dirs, method, **kwargs)
     with locked(dirs.root, outs, holder=label) as waited:
         written = WrittenOutputs(dirs.root / LOCK_DIR / "written.json")
         inputs = whole_config_and_deps_digest(spec, method, cfg, dirs)
@@ -113,9 +119,20 @@ def run_stage(module: ModuleType, cfg: Config, dirs: Dirs, method: str | None = 
             logging.getLogger("stages").info("%s: the run waited for wrote these outputs from the same inputs; "
                                              "not run again", label)
             return {"written_by_the_run_waited_for": True}
+        remove_leftover_temps(outs)
         result = module.run(cfg, dirs, method, **kwargs)
         written.record(label, inputs, outs)
         return result
+
+
+def remove_leftover_temps(outs: list[Path]) -> None:
+    """Temp files a killed run left in its outputs (pipeline.io.atomic_path names them `.<name>.*.tmp`):
+    never renamed, so never an output, only disk. Removed while this run holds the outputs' locks, so no
+    other run is writing them."""
+    for out in outs:
+        found = out.rglob(".*.tmp") if out.is_dir() else out.parent.glob(f".{out.name}.*.tmp")
+        for tmp in list(found):
+            tmp.unlink(missing_ok=True)
 
 
 def whole_config_and_deps_digest(spec: "StageSpec", method: str | None, cfg: Config, dirs: Dirs) -> str:
@@ -166,10 +183,13 @@ class WrittenOutputs:
             write_json_atomic(self.path, entries)
 
 
-def stage_main(module: ModuleType, argv: list[str] | None) -> int:
-    """main() of every stage: --params, --data (and --method for a per-method stage); one-line errors."""
+def stage_main(module: ModuleType, argv: list[str] | None, parents: tuple[argparse.ArgumentParser, ...] = (),
+               body: Callable[[argparse.Namespace, Config, Dirs], Any] | None = None) -> int:
+    """main() of every stage: --params, --data (and --method for a per-method stage); one-line errors.
+    A stage with options of its own passes their `parents` parsers and the `body` that reads them."""
     spec: StageSpec = module.STAGE
-    p = argparse.ArgumentParser(prog=f"python -m {module.__name__}", description=spec.description)
+    p = argparse.ArgumentParser(prog=f"python -m {module.__name__}", description=spec.description,
+                                parents=list(parents))
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--data", default="data", type=Path, help="root of the stage folders (default: data)")
     if spec.per_method:
@@ -177,8 +197,8 @@ def stage_main(module: ModuleType, argv: list[str] | None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     keep_freed_memory()
-    return report_user_errors(lambda: run_stage(module, load_config(args.params), Dirs.under(args.data),
-                                                getattr(args, "method", None)))
+    body = body or (lambda args, cfg, dirs: run_stage(module, cfg, dirs, getattr(args, "method", None)))
+    return report_user_errors(lambda: body(args, load_config(args.params), Dirs.under(args.data)))
 
 
 def write_metrics(dirs: Dirs, task: str, method: str, metrics: dict) -> dict:

@@ -14,7 +14,7 @@ import logging
 import sys
 
 from pipeline.manifest import manifest_splits, read_manifest, resolve_image_root
-from pipeline.extraction import ShardCluster, extract_split
+from pipeline.extraction import ShardCluster, extract_split, tls_security
 from pipeline.config import Config
 from pipeline.device import resolve_device
 from pipeline.encoders import load_encoder
@@ -43,7 +43,9 @@ def run(cfg: Config, dirs: Dirs, method: None = None, *, lm=None) -> dict:
     encoder = load_encoder(xcfg.encoder, resolve_device(xcfg.device))
     index, report, timings = {}, {}, {}
     with contextlib.ExitStack() as stack:
-        cluster = (stack.enter_context(ShardCluster(xcfg.workers, xcfg.scheduler))
+        tls_security(xcfg.scheduler, xcfg.tls_ca_file, xcfg.tls_cert, xcfg.tls_key)  # bad TLS settings stop even an inline run
+        cluster = (stack.enter_context(ShardCluster(xcfg.workers, xcfg.scheduler, xcfg.tls_ca_file, xcfg.tls_cert,
+                                                    xcfg.tls_key))
                    if xcfg.workers or xcfg.scheduler else None)
         results = {}
         for split in splits:

@@ -53,7 +53,7 @@ def test_curves_stop_at_the_plateau_resume_and_report(tiny_pipeline, smollm2, tm
     assert r["status"] == "plateau" and r["verdict"]["reached"]
     stopped = r["verdict"]["step"]
     assert 4 <= stopped < 40 and stopped % 2 == 0
-    checkpoint = read_checkpoint(work / "limber" / "models" / "checkpoints" / "limber.pt", smollm2.device)
+    checkpoint = read_checkpoint(work / "limber" / "models" / "checkpoints" / "limber.safetensors", smollm2.device)
     assert checkpoint["step"] == stopped and val_points(checkpoint["history"])[-1][0] == stopped
     bridge, meta = load_bridge(work / "limber" / "models" / "limber")  # the plateau's bridge, for `vlap`
     assert (meta["steps"], meta["stopped_by_until_of"]) == (stopped, 40)

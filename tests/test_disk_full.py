@@ -110,7 +110,7 @@ def test_training_on_a_full_disk_keeps_its_last_checkpoint_and_resumes_to_the_sa
     train.run(cfg, reference, "contrastive", lm=smollm2)
     run = dirs.sharing_inputs(small_disk / "run")
     assert not train.run(cfg, run, "contrastive", lm=smollm2, stop_after=1)["finished"]
-    checkpoint = run.models / "checkpoints" / "contrastive.pt"
+    checkpoint = run.models / "checkpoints" / "contrastive.safetensors"
     step_1 = checkpoint.read_bytes()
     leave_free(small_disk, len(step_1) // 2)  # the logs fit; the next checkpoint does not
     with pytest.raises(DiskFullError) as err:

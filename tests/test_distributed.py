@@ -76,7 +76,7 @@ def test_two_gloo_processes_train_the_one_process_bridge(trained_inputs, tmp_pat
     # Rank 0 alone wrote: one set of logs, no checkpoint left behind.
     curves = json.loads((two.metrics / "train" / method / "metrics.json").read_text())
     assert curves["step"] == 3
-    assert not (two.models / "checkpoints" / f"{method}.pt").exists()
+    assert not (two.models / "checkpoints" / f"{method}.safetensors").exists()
 
 
 def load_bridge_init(cfg, meta) -> torch.Tensor:

@@ -81,3 +81,19 @@ def test_two_runs_of_a_stage_started_together_write_its_outputs_once(tmp_path):
     assert proc.returncode == 0 and "not run again" not in proc.stderr
     assert (data.prepared / "report.json").read_text() != "{}"
     assert all(p.stat().st_mtime_ns != t for p, t in written.items() if p.name == "report.json")
+
+
+def test_a_killed_runs_temp_files_are_removed_by_the_next_run_of_its_stage(tmp_path):
+    """Temp files of unfinished atomic writes (what a SIGKILL mid-write leaves) go when the stage next runs
+    under its outputs' locks; other files, and other outputs' temps, stay."""
+    from stages.common import remove_leftover_temps
+
+    folder, single = tmp_path / "features", tmp_path / "metrics" / "vlap.json"
+    (folder / "sub").mkdir(parents=True)
+    single.parent.mkdir()
+    left = [folder / ".a.h5.x1.tmp", folder / "sub" / ".b.json.x2.tmp", single.parent / ".vlap.json.x3.tmp"]
+    kept = [folder / "a.h5", single.parent / ".limber.json.x4.tmp", single.parent / "limber.json"]
+    for path in left + kept:
+        path.write_bytes(b"x")
+    remove_leftover_temps([folder, single])
+    assert not any(p.exists() for p in left) and all(p.exists() for p in kept)

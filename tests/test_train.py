@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,7 +162,7 @@ def test_resumed_run_equals_uninterrupted(tiny_pipeline, smollm2, tmp_path):
     train.run(cfg, full_dirs, "contrastive", lm=smollm2)
     partial = train.run(cfg, resumed_dirs, "contrastive", lm=smollm2, stop_after=2)
     assert not partial["finished"] and partial["steps"] == 2
-    assert (resumed_dirs.models / "checkpoints" / "contrastive.pt").exists()
+    assert (resumed_dirs.models / "checkpoints" / "contrastive.safetensors").exists()
     done = train.run(cfg, resumed_dirs, "contrastive", lm=smollm2)
     assert done["finished"] and done["steps"] == 4
     full, _ = load_bridge(full_dirs.models / "contrastive")
@@ -228,18 +230,34 @@ def test_prototype_cache_key_follows_llm_captions_and_prior_and_switching_back_h
     assert not hit and second != first and hit_back and back == first
 
 
+class Runs:
+    """Unpickling it creates the file at `path`: what a pickle from elsewhere could do."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
 def test_a_damaged_checkpoint_stops_in_one_line_and_one_from_other_settings_is_reported(
         tiny_pipeline, smollm2, tmp_path, caplog):
     cfg, dirs = tiny_pipeline
     cfg = small(cfg, steps=2, batch_size=4, checkpoint_every=1, warmup_steps=1)
     dirs = dirs.sharing_inputs(tmp_path / "run")
-    checkpoint = dirs.models / "checkpoints" / "contrastive.pt"
+    checkpoint = dirs.models / "checkpoints" / "contrastive.safetensors"
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"PK\x03\x04 a zip cut short")
     with pytest.raises(CacheError) as err:
         train.run(cfg, dirs, "contrastive", lm=smollm2)
     assert str(err.value).startswith(f"{checkpoint}: unreadable resume checkpoint") and "\n" not in str(err.value)
     assert "delete it to train from step 0" in str(err.value) and checkpoint.read_bytes().endswith(b"cut short")
+    # a pickle that would run code when unpickled: refused unread (no pickle is ever loaded)
+    marker = tmp_path / "ran"
+    checkpoint.write_bytes(pickle.dumps(Runs(str(marker))))
+    with pytest.raises(CacheError):
+        train.run(cfg, dirs, "contrastive", lm=smollm2)
+    assert not marker.exists()
     checkpoint.unlink()
     assert not train.run(cfg, dirs, "contrastive", lm=smollm2, stop_after=1)["finished"]
     caplog.set_level(logging.WARNING, logger="pipeline.train")

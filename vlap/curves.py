@@ -94,10 +94,10 @@ def train_means(points: list[tuple[int, float]], at: list[int]) -> list[tuple[in
 def run_method(cfg: Config, base: Dirs, work: Path, method: str, criterion: Criterion, lm) -> None:
     """Train `method` until its plateau or the last step, resuming from its last point."""
     import stages.train
-    from pipeline.train import read_checkpoint
+    from pipeline.train import checkpoint_file, read_checkpoint
 
     dirs = base.sharing_inputs(work / method)
-    checkpoint = dirs.models / "checkpoints" / f"{method}.pt"
+    checkpoint = checkpoint_file(dirs.models, method)
     if checkpoint.exists():
         verdict = criterion.verdict(val_points(read_checkpoint(checkpoint, lm.device)["history"]))
         if verdict and verdict.reached and (dirs.models / method / "model.safetensors").exists():

@@ -28,6 +28,7 @@ from pathlib import Path
 from pipeline.manifest import manifest_splits, read_manifest
 from pipeline.features import features_file
 from pipeline.config import METHODS, Config
+from pipeline.distributed import without_launch
 from pipeline.methods import NAMES, method_class
 from pipeline.errors import ConfigError, MissingInputError, report_user_errors
 from pipeline.io import write_json_atomic
@@ -109,7 +110,7 @@ def run_tune(cfg: Config, base: Dirs, out: Path, methods: list[str], lrs: list[f
     for setting in grid(methods, lrs, weights, temperatures):
         key = f"{setting.method}/{setting.name}"
         run_cfg = setting.config(cfg)
-        fingerprint = {"train": dataclasses.asdict(run_cfg.train),
+        fingerprint = {"train": without_launch(dataclasses.asdict(run_cfg.train)),  # any process count alike
                        "method": dataclasses.asdict(getattr(run_cfg.methods, setting.method)), "val_images": val_images}
         if done.get(key, {}).get("fingerprint") == fingerprint:
             log.info("tune: %s done before, kept", key)

@@ -14,7 +14,6 @@ import html
 import mimetypes
 import os
 import re
-import tempfile
 import threading
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from pipeline.images import read_image_bytes
+from pipeline.io import atomic_path
 
 
 def caption_scores(
@@ -146,11 +146,10 @@ def write_examples_html(path: str | os.PathLike, rows: list[dict], title: str) -
 
     Each row: `image_path` (any image file) or `image_b64` (base64 PNG bytes),
     `generated` (str), `references` (list[str]), optional `label` (str heading).
-    Written to a temp file in the same directory, then os.replace, so a reader
-    (or an interrupted run) never sees a half-written page.
+    Written atomically (pipeline.io.atomic_path), so a reader (or an interrupted run) never sees a
+    half-written page.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = "\n".join(_row_html(r) for r in rows)
     page = (
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
@@ -159,14 +158,8 @@ def write_examples_html(path: str | os.PathLike, rows: list[dict], title: str) -
         "width:260px;margin:8px} .ex img{width:256px;image-rendering:pixelated}"
         f"</style></head><body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
     )
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return path
 
 
