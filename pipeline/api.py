@@ -8,7 +8,7 @@
 
 The bridge folder names the LLM and the encoder it was trained between; both are loaded on first use from
 those ids (a Hub id from the local Hugging Face cache). An encoder that was a local folder is recorded by
-name only (pipeline.hub.model_id): pass `encoder="hf:<folder>"`. The `vlap caption` and `vlap ask` commands
+name only (pipeline.model_ids.model_id): pass `encoder="hf:<folder>"`. The `vlap caption` and `vlap ask` commands
 are this class; `vlap push` writes the model card and uploads.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pipeline.bridge import load_bridge, save_bridge
 from pipeline.device import resolve_device
 from pipeline.encoders import VisionEncoder, load_encoder
 from pipeline.errors import ConfigError, MismatchError
-from pipeline.hub import (CARD, hub_folder, locatable, model_card, model_id, push_folder, read_metrics, read_study,
-                          unlocated_encoder)
+from pipeline.hub import CARD, hub_folder, model_card, push_folder, read_metrics, read_study, unlocated_encoder
+from pipeline.model_ids import locatable, model_id
 from pipeline.io import write_text_atomic
 from pipeline.weights import WeightsNotFound
 from pipeline.generation import greedy_decode, left_pad, rank_candidates, text_embeds

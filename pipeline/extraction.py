@@ -170,14 +170,12 @@ def _encode_block(rows, image_root, encoder, dtype, batch_size, out: Path, bar) 
 
 
 class ShardCluster:
-    """Shards encoded as Dask tasks: `workers` local processes, or the cluster at `scheduler` (a
-    ``tls://`` one with this machine's CA file, certificate and key: `tls_ca_file`, `tls_cert`, `tls_key`)."""
+    """Shards encoded as Dask tasks: `workers` local processes, or the cluster at `scheduler` (a ``tls://``
+    one with the `security` settings tls_security gives)."""
 
-    def __init__(self, workers: int = 0, scheduler: str = "", tls_ca_file: str = "", tls_cert: str = "",
-                 tls_key: str = ""):
+    def __init__(self, workers: int = 0, scheduler: str = "", security=None):
         from distributed import Client, LocalCluster
 
-        security = tls_security(scheduler, tls_ca_file, tls_cert, tls_key)
         if scheduler:
             self.cluster, self.client = None, Client(scheduler, security=security)
         else:

@@ -14,7 +14,7 @@ import yaml
 
 from pipeline.bridge import CONFIG, WEIGHTS
 from pipeline.errors import CacheError, ConfigError, MismatchError, MissingInputError, UserError
-from pipeline.model_ids import HUB_ID, LEGACY_HF, LOCAL_FOLDER, hub_id, locatable, model_id  # noqa: F401
+from pipeline.model_ids import HUB_ID, LEGACY_HF, LOCAL_FOLDER, hub_id, locatable, model_id
 
 CARD = "README.md"
 

@@ -406,7 +406,7 @@ def read_checkpoint(path: Path, device: torch.device) -> dict:
         def part(prefix: str) -> dict:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-        state = {int(i): {name: scalar for name, scalar in values.items()} for i, values in meta["optimizer_scalars"].items()}
+        state = {int(i): dict(values) for i, values in meta["optimizer_scalars"].items()}
         for key, value in part("optimizer.state.").items():
             index, name = key.split(".", 1)
             state.setdefault(int(index), {})[name] = value

@@ -43,9 +43,8 @@ def run(cfg: Config, dirs: Dirs, method: None = None, *, lm=None) -> dict:
     encoder = load_encoder(xcfg.encoder, resolve_device(xcfg.device))
     index, report, timings = {}, {}, {}
     with contextlib.ExitStack() as stack:
-        tls_security(xcfg.scheduler, xcfg.tls_ca_file, xcfg.tls_cert, xcfg.tls_key)  # bad TLS settings stop even an inline run
-        cluster = (stack.enter_context(ShardCluster(xcfg.workers, xcfg.scheduler, xcfg.tls_ca_file, xcfg.tls_cert,
-                                                    xcfg.tls_key))
+        security = tls_security(xcfg.scheduler, xcfg.tls_ca_file, xcfg.tls_cert, xcfg.tls_key)  # checked inline too
+        cluster = (stack.enter_context(ShardCluster(xcfg.workers, xcfg.scheduler, security))
                    if xcfg.workers or xcfg.scheduler else None)
         results = {}
         for split in splits:

@@ -20,7 +20,7 @@ import pytest
 from distributed import get_task_stream
 
 from pipeline.errors import CacheError, ConfigError
-from pipeline.extraction import ShardCluster, extract_split
+from pipeline.extraction import ShardCluster, extract_split, tls_security
 from pipeline.manifest import Manifest
 
 DASK = str(Path(sys.executable).with_name("dask"))
@@ -138,17 +138,17 @@ def test_a_shard_that_fails_on_every_try_is_listed_then_resumed_once_fixed(clust
 
 def test_a_tls_scheduler_needs_its_certificates_and_tls_files_need_a_tls_scheduler(tmp_path):
     with pytest.raises(ConfigError) as err:
-        ShardCluster(scheduler="tls://10.0.0.1:8786", tls_ca_file=str(tmp_path / "ca.pem"))
+        tls_security("tls://10.0.0.1:8786", tls_ca_file=str(tmp_path / "ca.pem"))
     assert str(err.value) == (
         "extract.scheduler: tls://10.0.0.1:8786 is a TLS address, which needs extract.tls_ca_file, "
         "extract.tls_cert and extract.tls_key (empty: extract.tls_cert, extract.tls_key); give the cluster's "
         "CA file and this machine's certificate and key")
     with pytest.raises(ConfigError, match=r"^extract.tls_cert: .*cert.pem: no such file$"):
-        ShardCluster(scheduler="tls://10.0.0.1:8786", tls_ca_file=__file__, tls_cert=str(tmp_path / "cert.pem"),
+        tls_security("tls://10.0.0.1:8786", tls_ca_file=__file__, tls_cert=str(tmp_path / "cert.pem"),
                      tls_key=__file__)
     with pytest.raises(ConfigError, match=r"^extract.tls_key: only used with a tls:// extract.scheduler, "
                                           r"got 'tcp://10.0.0.1:8786'"):
-        ShardCluster(scheduler="tcp://10.0.0.1:8786", tls_key=__file__)
+        tls_security("tcp://10.0.0.1:8786", tls_key=__file__)
 
 
 @pytest.mark.slow
@@ -166,7 +166,8 @@ def test_extraction_through_a_tls_scheduler_gives_the_inline_file_byte_for_byte(
     inline = extract_split(manifest32, easyvqa_root, lite0, tmp_path / "inline", batch_size=8, block_size=8)
     with dask_cluster(tmp_path, 1, tls) as address:
         assert address.startswith("tls://")
-        with ShardCluster(scheduler=address, tls_ca_file=str(ca), tls_cert=str(cert), tls_key=str(key)) as shards:
+        security = tls_security(address, tls_ca_file=str(ca), tls_cert=str(cert), tls_key=str(key))
+        with ShardCluster(scheduler=address, security=security) as shards:
             shards.client.wait_for_workers(1, timeout=60)
             assert all(w.startswith("tls://") for w in shards.client.scheduler_info()["workers"])
             sharded = extract_split(manifest32, easyvqa_root, lite0, tmp_path / "dask", batch_size=8, block_size=8,

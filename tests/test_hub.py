@@ -31,7 +31,8 @@ from pipeline.errors import ConfigError, MismatchError
 from pipeline.extraction import extract_split
 from pipeline.encoders import load_encoder
 from pipeline.features import FeatureCache, features_file
-from pipeline.hub import HubError, model_id
+from pipeline.hub import HubError
+from pipeline.model_ids import model_id
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.paths import Dirs
 from pipeline.tasks.registry import PRIMARY
