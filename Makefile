@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	dvc repro
+	$(PY) -m vlap run
 
 # One pytest worker per core (pytest-xdist), each test module on one worker: the dvc repro modules run side by
 # side, and a module's shared repo fixture is built once.

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -120,8 +121,10 @@ def run_stage(module: ModuleType, cfg: Config, dirs: Dirs, method: str | None = 
                                              "not run again", label)
             return {"written_by_the_run_waited_for": True}
         remove_leftover_temps(outs)
+        started = time.time()
         result = module.run(cfg, dirs, method, **kwargs)
         written.record(label, inputs, outs)
+        RunJournal(dirs.root / LOCK_DIR / RUN_JOURNAL).append(label, inputs, started)
         return result
 
 
@@ -181,6 +184,44 @@ class WrittenOutputs:
             entries = self._read()
             entries[label] = {"inputs": inputs, "files": self.files(outs)}
             write_json_atomic(self.path, entries)
+
+
+RUN_JOURNAL = "runs.jsonl"  # under <data>/.locks
+
+
+class RunJournal:
+    """One line per finished stage run under a data root, appended by whoever ran it (dvc repro's stage
+    process, the flow, the study): {"stage", "inputs", "pid", "ppid", "started", "finished"}. Where
+    WrittenOutputs keeps only the last run of each stage, this keeps every run: how many times a stage
+    ran, and which process ran it, e.g. when two runs were started together. Append-only: a run killed
+    mid-line leaves a torn last line, which `entries` skips."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, label: str, inputs: str, started: float) -> None:
+        line = json.dumps({"stage": label, "inputs": inputs, "pid": os.getpid(), "ppid": os.getppid(),
+                           "started": round(started, 3), "finished": round(time.time(), 3)})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # one write() of one short line to an O_APPEND file: lines of runs appending together never interleave
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+
+    def entries(self) -> list[dict]:
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        found = []
+        for line in lines:
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                continue  # a torn line
+        return found
 
 
 def stage_main(module: ModuleType, argv: list[str] | None, parents: tuple[argparse.ArgumentParser, ...] = (),

@@ -1,27 +1,30 @@
 """Your own data through the real `dvc repro`: a folder of captioned images the test draws, tiny
 local hf: models, every stage run, VQA "not applicable", the rest measured; the Prefect flow on other
 data runs every stage and writes what `dvc repro` wrote, and on the repo's own data reuses what
-`dvc repro` made; `dvc repro` killed mid-stage, and started together with the flow, ends where one
-uninterrupted run would; then `vlap ablate` queues experiments whose metrics `dvc exp show` lists
-beside the baseline's. webdataset shards go through `dvc repro` as far as the features (what is
+`dvc repro` made; two `vlap run`s, and the flow with `vlap run`, started together, run each stage once
+and end where one run alone would; then `vlap ablate` queues experiments whose metrics `dvc exp show`
+lists beside the baseline's. webdataset shards go through `dvc repro` as far as the features (what is
 source-specific: reading the tars); everything after the features is the folder repo's."""
 from __future__ import annotations
 
 import json
-import os
+import re
 import subprocess
 import sys
-import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
 
+from pipeline.config import METHODS
 from pipeline.io import sha256_bytes
+from pipeline.locks import LOCK_DIR
 from pipeline.manifest import read_manifest
 from pipeline.paths import Dirs
 from dvc_repo import REPO, make_project, sh
 from stages import graph
+from stages.common import RUN_JOURNAL, RunJournal
 from own_data import shrink_cost, write_folder_dataset, write_webdataset
 from tiny_models import save_tiny_clip_vision, save_tiny_opt
 
@@ -230,37 +233,62 @@ def outs_hashes(work: Path) -> dict[str, list]:
     return {stage: sorted((o["path"], o.get("md5")) for o in entry.get("outs", [])) for stage, entry in lock.items()}
 
 
-def test_the_flow_and_dvc_repro_started_together_both_finish_and_write_what_one_run_writes(repo):
-    """A new λ makes VLAP's stages stale; `dvc repro` and the Prefect flow start together on the repo's own
-    data. Both finish; one waits for the other's locks and says so, then finds the outputs written from its
-    own inputs and does not run again; dvc.lock ends consistent with what is on disk."""
+# A change to the assignment scorer's fit makes the three retrievals and the summary stale, nothing else.
+FIT_CHANGE_STALE = {f"evaluate_retrieval@{m}" for m in METHODS} | {"summarize"}
+VLAP_RUN, FLOW = [sys.executable, "-m", "vlap", "run"], [sys.executable, "-m", "vlap.flow"]
+
+
+def change_the_fit(work: Path) -> None:
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["evaluate"]["retrieval"]["fit_images"] = 5
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def back_to_committed(work: Path, env: dict) -> None:
+    sh(["git", "checkout", "--", "."], work, env)
+    sh([sys.executable, "-m", "dvc", "checkout", "-f"], work, env)
+
+
+def runs_since(journal: RunJournal, start: int) -> Counter:
+    """How many times each stage ran since the journal's `start`-th line (the always-run sources left out)."""
+    return Counter(e["stage"] for e in journal.entries()[start:] if e["stage"] not in ALWAYS_RUN)
+
+
+def test_runs_started_together_run_each_stage_once_and_write_what_one_run_writes(repo):
+    """`vlap run` twice, and the flow with `vlap run`, each pair started at the same moment on the repo's
+    data after a change that makes four stages stale: both of a pair finish, the later says which run it
+    waits for, each stale stage ran once (counted from the stages' own run journal, with the pid that ran
+    it), and every output and dvc.lock are byte for byte what one run alone writes."""
     work, env, _, _ = repo
     sh(["git", "add", "-A"], work, env)
-    sh(["git", "commit", "-qm", "before the concurrent runs", "--allow-empty"], work, env)
-    before, params = outs_hashes(work), (work / "params.yaml").read_text()
+    sh(["git", "commit", "-qm", "before the runs at once", "--allow-empty"], work, env)
+    before = outs_hashes(work)
+    journal = RunJournal(work / "data" / LOCK_DIR / RUN_JOURNAL)
     try:
-        changed = yaml.safe_load(params)
-        changed["methods"]["vlap"]["ap_weight"] = 0.25
-        (work / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
-        # the flow starts once dvc repro is training: it asks dvc status while dvc runs the stages after
-        dvc_run = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        printed, deadline = b"", time.monotonic() + 600
-        while b"Running stage 'train@vlap'" not in printed and dvc_run.poll() is None and time.monotonic() < deadline:
-            printed += os.read(dvc_run.stdout.fileno(), 256)
-        flow_run = subprocess.Popen([sys.executable, "-m", "vlap.flow"], cwd=work, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT)
-        runs = [dvc_run, flow_run]
-        logs = [(printed + dvc_run.communicate(timeout=900)[0]).decode(errors="replace"),
-                flow_run.communicate(timeout=900)[0].decode(errors="replace")]
-        assert [run.returncode for run in runs] == [0, 0], "\n".join(log[-3000:] for log in logs)
-        both = "\n".join(logs)
-        assert "waiting for" in both, both[-3000:]  # DVC's lock, or a stage's output lock
-        # dvc.lock holds what is on disk, and the new λ trained another bridge
-        assert outs_hashes(work)["train@vlap"] != before["train@vlap"] and stale_stages(work, env) == ALWAYS_RUN
+        change_the_fit(work)
+        start = len(journal.entries())
+        sh(VLAP_RUN, work, env)  # one run alone: the reference
+        assert runs_since(journal, start) == {label: 1 for label in FIT_CHANGE_STALE}
+        alone, alone_lock = every_output(Dirs.under(work / "data")), outs_hashes(work)
+        for pair in ([VLAP_RUN, VLAP_RUN], [FLOW, VLAP_RUN]):
+            back_to_committed(work, env)
+            change_the_fit(work)
+            start = len(journal.entries())
+            runs = [subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True) for cmd in pair]
+            logs = [run.communicate(timeout=900)[0] for run in runs]
+            assert [run.returncode for run in runs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+            waited = [log for log in logs if "waiting for" in log]
+            assert len(waited) == 1 and re.search(r"waiting for `(vlap run|python -m vlap\.flow)` \(pid \d+, "
+                                                  r"started [\d:]+\), which is running on", waited[0]), logs
+            ran = [e for e in journal.entries()[start:] if e["stage"] not in ALWAYS_RUN]
+            assert runs_since(journal, start) == {label: 1 for label in FIT_CHANGE_STALE}, ran
+            if pair[0] == FLOW:  # whoever ran first ran all four: the flow in its own process, or dvc's stages
+                assert len({e["pid"] == runs[0].pid for e in ran}) == 1
+            assert every_output(Dirs.under(work / "data")) == alone
+            assert outs_hashes(work) == alone_lock and stale_stages(work, env) == ALWAYS_RUN
     finally:  # back to the committed state for the tests that follow
-        sh(["git", "checkout", "--", "."], work, env)
-        sh([sys.executable, "-m", "dvc", "checkout", "-f"], work, env)
+        back_to_committed(work, env)
     assert outs_hashes(work) == before and stale_stages(work, env) == ALWAYS_RUN
 
 

@@ -1,6 +1,6 @@
 """The `vlap` command: run the pipeline, or use a trained bridge on one image or one text.
 
-    vlap run [--flow]                               # dvc repro, or the Prefect flow (vlap.flow)
+    vlap run [--flow] [-- DVC_REPRO_ARGS]           # dvc repro (waits for other runs), or the Prefect flow
     vlap caption IMAGE... [--folder DIR]            # greedy captions, in batches: "path<TAB>caption" per image
     vlap ask IMAGE "what shape is in the image?"    # open-ended answer
     vlap ask IMAGE "what color is the shape?" --answers red,green,blue   # best of the given answers
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -141,7 +140,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                          + (["--dask"] if args.dask else []))
     if args.params or args.data or args.dask:
         raise ConfigError("--params, --data and --dask apply to --flow (dvc repro reads params.yaml, writes data/)")
-    return subprocess.run([sys.executable, "-m", "dvc", "repro"]).returncode
+    from vlap.repro import repro
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return repro(args.dvc_args)
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -224,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="vlap", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the pipeline: dvc repro, or the Prefect flow with --flow")
+    run = sub.add_parser("run", help="run the pipeline: dvc repro (after any other `vlap run` on the repo, and "
+                                     "waiting out other DVC runs' locks), or the Prefect flow with --flow")
+    run.add_argument("dvc_args", nargs="*", metavar="-- DVC_REPRO_ARGS",
+                     help="passed to dvc repro, after `--` (e.g. `vlap run -- train@vlap`)")
     run.add_argument("--flow", action="store_true", help="run the Prefect flow instead of dvc repro")
     run.add_argument("--dask", action="store_true", help="with --flow: tasks on Dask (needs prefect-dask)")
     run.add_argument("--params", help="with --flow: params file (default: params.yaml)")

@@ -15,7 +15,9 @@ hashes a path by its string, not its content. Results (small dicts) persist as
 JSON under <data>/.prefect-results; a task whose outputs are missing, or changed since its last flow run
 (the RunRecord <data>/.prefect-results/stages.lock.json says), re-runs even on a key hit. On the repo's
 own data/ and params.yaml, a stage that dvc.lock calls up to date (`dvc repro` made its outputs) is not
-run again. docs/up-to-date.md tells which record decides what.
+run again, a stage the flow runs is committed to dvc.lock (so a later `dvc repro` does not run it again),
+and the flow holds the repo's run lock, as `vlap run` does (vlap/repro.py): the two never run at once
+there. docs/up-to-date.md tells which record decides what.
 
 Reads  params.yaml (or --params) and what each stage reads under --data.
 Writes what each stage writes under --data, plus <data>/.prefect-results/<key> (one per inputs digest)
@@ -41,7 +43,7 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
 from prefect import Task, flow, get_run_logger, task  # noqa: E402
 from prefect.serializers import JSONSerializer  # noqa: E402
@@ -55,6 +57,7 @@ from pipeline.paths import Dirs  # noqa: E402
 from pipeline.runtime import keep_freed_memory  # noqa: E402
 from stages.common import run_stage  # noqa: E402
 from stages.graph import ROOT, RUN_RECORD, Node, RunRecord, graph  # noqa: E402
+from vlap.repro import repo_run_lock  # noqa: E402
 
 # One task at a time in threads by default: each stage already uses every core for its tensor maths
 # (--workers N runs up to N side by side, e.g. one per GPU's worth of evaluations). Under DaskTaskRunner
@@ -89,6 +92,11 @@ def run_record(dirs: Dirs) -> RunRecord:
     return RunRecord(dirs.root / RESULTS / RUN_RECORD)
 
 
+def on_repo_data(params: Path, dirs: Dirs) -> bool:
+    """The repo's own params.yaml and data/: where dvc.lock is the record of what was run."""
+    return params.resolve() == ROOT / "params.yaml" and dirs.root.resolve() == ROOT / "data"
+
+
 class DvcStatus:
     """`dvc status` of the repo's own pipeline, asked once per flow run and asked again only after a task
     changed an output: a status of the whole graph costs about what one stage's does (seconds each)."""
@@ -98,19 +106,26 @@ class DvcStatus:
 
     @classmethod
     def up_to_date(cls, label: str, params: Path, dirs: Dirs, flow_run: str) -> bool:
-        """The repo's own data and params, and dvc.lock says this stage is up to date: `dvc repro` made these
-        outputs."""
-        if params.resolve() != ROOT / "params.yaml" or dirs.root.resolve() != ROOT / "data":
+        """The repo's own data and params, and dvc.lock says this stage is up to date: `dvc repro` (or an
+        earlier flow run, which commits what it runs there) made these outputs."""
+        if not on_repo_data(params, dirs):
             return False
         with cls._lock:
             if flow_run not in cls._stale:
-                cls._stale[flow_run] = cls._ask_dvc(label)
+                cls._stale[flow_run] = cls._with_dvc(label, lambda repo: set(repo.status()))
             return label not in cls._stale[flow_run]
 
+    @classmethod
+    def commit(cls, label: str) -> None:
+        """Record the stage's run in dvc.lock (and its outputs in DVC's cache), as `dvc repro` would have:
+        a `dvc repro` after this flow then runs nothing it ran."""
+        cls._with_dvc(label, lambda repo: repo.commit(label, force=True))
+        logging.getLogger("vlap.flow").info("%s: recorded in dvc.lock", label)
+
     @staticmethod
-    def _ask_dvc(label: str) -> set[str]:
-        """The stages `dvc status` calls changed. While a `dvc repro` on the repo holds DVC's lock on a stage
-        it is running, status cannot be read: wait for it (saying so) as long as the output locks would."""
+    def _with_dvc(label: str, ask: Callable[[Any], Any]) -> Any:
+        """`ask(repo)` on the repo's DVC. While another dvc command holds DVC's lock (a `dvc repro` running a
+        stage), it cannot: wait for it (saying so) as long as the output locks would."""
         from dvc.lock import LockError
         from dvc.repo import Repo
 
@@ -119,7 +134,7 @@ class DvcStatus:
         while True:
             try:
                 with Repo(str(ROOT)) as repo:
-                    return set(repo.status())
+                    return ask(repo)
             except LockError as err:
                 if time.monotonic() > deadline:
                     raise LockTimeoutError(f"{ROOT}: dvc status: {str(err).splitlines()[0]}") from None
@@ -146,6 +161,8 @@ def run_stage_task(stage: str, params: str, data: str, method: str | None) -> An
         result = {"up_to_date_in_dvc": True}
     else:
         result = run_stage(node.module, cfg, dirs, method)
+        if on_repo_data(Path(params), dirs):
+            DvcStatus.commit(label)
     if node.outputs_digest(method, dirs) != before:  # what dvc said of the stages downstream may no longer hold
         DvcStatus.forget(flow_run)
     run_record(dirs).record(node, method, cfg, dirs)
@@ -306,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         load_config(args.params)  # a bad params file fails in one line, before Prefect starts
         if args.deploy:
             serve_deployment(args.params, args.data)
+        elif on_repo_data(Path(args.params), Dirs.under(args.data)):
+            with repo_run_lock(ROOT, "python -m vlap.flow"):  # one run at a time on the repo's data (vlap/repro.py)
+                run_flow(args.params, args.data, args.dask, args.workers, args.retries)
         else:
             run_flow(args.params, args.data, args.dask, args.workers, args.retries)
 
