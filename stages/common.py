@@ -24,7 +24,7 @@ from typing import Any, Callable, Literal
 from filelock import FileLock
 
 from pipeline.config import METHODS, Config, load_config, plain
-from pipeline.digests import tree_digest
+from pipeline.digests import tree_stamp
 from pipeline.errors import ConfigError, report_user_errors
 from pipeline.io import sha256_json, write_json_atomic, write_text_atomic
 from pipeline.locks import LOCK_DIR, locked
@@ -139,13 +139,16 @@ def remove_leftover_temps(outs: list[Path]) -> None:
 
 
 def whole_config_and_deps_digest(spec: "StageSpec", method: str | None, cfg: Config, dirs: Dirs) -> str:
-    """Hash of the whole config and the stage's data deps' content: what two runs on one data folder, from
-    one checkout, may differ in (so no code). The whole config, not the declared params alone (as
+    """Hash of the whole config and of the stage's data deps' file stamps (name, size, mtime): what two runs
+    on one data folder, from one checkout, may differ in (so no code). Stamps, not content: the two runs
+    see the same files, and reading them would cost every stage run a hash of its inputs wherever the
+    digest table does not know their paths (each queued DVC experiment runs in a new temporary copy:
+    bench/rehash.py). The whole config, not the declared params alone (as
     stages.graph.Node.declared_inputs_digest hashes): reading those here would count as the stage reading
     them (tests/graph_runner.py records every field read), and a run whose unrelated params differ only
     runs again."""
     return sha256_json({"params": plain(cfg) if dataclasses.is_dataclass(cfg) else repr(type(cfg)),
-                        "deps": {str(p.relative_to(dirs.root)): tree_digest(p) if p.exists() else None
+                        "deps": {str(p.relative_to(dirs.root)): tree_stamp(p) if p.exists() else None
                                  for p in spec.dep_paths(dirs, method)}})
 
 

@@ -24,3 +24,29 @@ def test_digests_follow_the_files_and_the_table_others_write(tmp_path):
     os.utime(table, ns=(1, 1))  # a stamp this process has not seen
     assert file_digests([b], table) == ["written by another process"]
     assert tree_digest(tmp_path / "missing", table) == "missing"
+
+
+def test_a_stage_runs_inputs_digest_reads_no_input_and_follows_rewrites(tmp_path):
+    """What run_stage compares two runs by: in a new copy of a data folder (a queued experiment's workspace)
+    it reads no file to hash it, and a rewritten input changes it."""
+    import shutil
+
+    from pipeline.config import Config
+    from pipeline.digests import HASHED
+    from pipeline.paths import Dirs
+    from stages import evaluate_caption
+    from stages.common import whole_config_and_deps_digest
+
+    dirs = Dirs.under(tmp_path / "data")
+    for dep in evaluate_caption.STAGE.dep_paths(dirs, "vlap"):
+        dep.parent.mkdir(parents=True, exist_ok=True)
+        (dep if dep.suffix else dep / "part.bin").parent.mkdir(parents=True, exist_ok=True)
+        (dep if dep.suffix else dep / "part.bin").write_bytes(os.urandom(1 << 20))
+    copy = Dirs.under(tmp_path / "copy" / "data")
+    shutil.copytree(dirs.root, copy.root, copy_function=shutil.copy2)  # same names, sizes and mtimes
+    read_before = dict(HASHED)
+    first = whole_config_and_deps_digest(evaluate_caption.STAGE, "vlap", Config(), dirs)
+    assert whole_config_and_deps_digest(evaluate_caption.STAGE, "vlap", Config(), copy) == first
+    assert HASHED == read_before  # not one byte read
+    (dirs.features / "part.bin").write_bytes(os.urandom(1 << 20))
+    assert whole_config_and_deps_digest(evaluate_caption.STAGE, "vlap", Config(), dirs) != first
