@@ -102,16 +102,17 @@ def extract_split(
         log.info("extract %s: resuming, %d of %d blocks already done", manifest.split, len(blocks) - len(todo), len(blocks))
     start, encoded = time.perf_counter(), 0
     bar = tqdm(total=sum(len(blocks[b]) for b in todo), unit="img", desc=f"extract {manifest.split}")
-    if cluster is not None:
-        encoded = cluster.encode(blocks, todo, image_root, encoder, dtype, batch_size, parts, bar)
-    else:
-        for count, b in enumerate(todo):
-            if stop_after_blocks is not None and count >= stop_after_blocks:
-                bar.close()
-                return ExtractResult(final, key, False, n, encoded, [], time.perf_counter() - start)
-            _encode_block(blocks[b], image_root, encoder, dtype, batch_size, _block_path(parts, b), bar)
-            encoded += len(blocks[b])
-    bar.close()
+    try:
+        if cluster is not None:
+            encoded = cluster.encode(blocks, todo, image_root, encoder, dtype, batch_size, parts, bar)
+        else:
+            for count, b in enumerate(todo):
+                if stop_after_blocks is not None and count >= stop_after_blocks:
+                    return ExtractResult(final, key, False, n, encoded, [], time.perf_counter() - start)
+                _encode_block(blocks[b], image_root, encoder, dtype, batch_size, _block_path(parts, b), bar)
+                encoded += len(blocks[b])
+    finally:
+        bar.close()  # now, not at exit: an error's one line is then the last one printed
     failed = _assemble(parts, len(blocks), final, key, manifest.split, encoder, dtype)
     shutil.rmtree(parts)
     return ExtractResult(final, key, False, n, encoded, failed, time.perf_counter() - start)
@@ -187,7 +188,8 @@ class ShardCluster:
         self.threads = torch.get_num_threads()
 
     def encode(self, blocks, todo, image_root, encoder, dtype, batch_size, parts, bar) -> int:
-        """Encode shards `todo` into `parts`; retried, then listed in one error if they still fail."""
+        """Encode shards `todo` into `parts`; retried, then listed in one error if they still fail. A part that
+        does not fit on the disk is not retried: the run ends in the DiskFullError an inline run gives."""
         from distributed import as_completed
 
         # A fresh token per run: the client hands back a live future of the same key instead of submitting
@@ -197,15 +199,19 @@ class ShardCluster:
                                       dtype, batch_size, str(_block_path(parts, b)), self.threads,
                                       key=f"extract-{parts.name}-{run}-{b}", retries=SHARD_RETRIES, pure=False): b
                    for b in todo}
-        encoded, failed = 0, []
+        encoded, failed, disk_full = 0, [], []
         for future in as_completed(futures):
             b = futures[future]
-            if future.status == "finished":
-                encoded += len(blocks[b])
-                bar.update(len(blocks[b]))
-            else:
+            if future.status != "finished":
                 err = future.exception()
                 failed.append(f"shard {b} ({type(err).__name__}: {err})")
+            elif isinstance(future.result(), str):  # its part did not fit on the disk
+                disk_full.append((b, future.result()))
+            else:
+                encoded += len(blocks[b])
+                bar.update(len(blocks[b]))
+        if disk_full:  # the one line an inline run gives, naming the first part that did not fit
+            raise DiskFullError(min(disk_full)[1])
         if failed:
             raise CacheError(f"{parts}: {len(failed)} of {len(todo)} shards failed after {SHARD_RETRIES} retries: "
                              f"{'; '.join(sorted(failed))}; finished shards are kept, re-run to resume")
@@ -255,11 +261,17 @@ def _worker_encoder(spec: str, device: str) -> VisionEncoder:
 
 
 def encode_shard(spec: str, device: str, rows: list[ImageRow], image_root: str, dtype: str, batch_size: int,
-                 out: str, threads: int) -> int:
-    """A Dask task: encode one shard into its part file (the encoder is loaded once per worker process)."""
+                 out: str, threads: int) -> int | str:
+    """A Dask task: encode one shard into its part file (the encoder is loaded once per worker process).
+
+    A full disk is returned as its one-line message rather than raised: a retry would encode the shard
+    again only to fail the same way, and Dask would log each failure with its traceback."""
     keep_freed_memory()
     torch.set_num_threads(threads)
-    _encode_block(rows, Path(image_root), _worker_encoder(spec, device), dtype, batch_size, Path(out), None)
+    try:
+        _encode_block(rows, Path(image_root), _worker_encoder(spec, device), dtype, batch_size, Path(out), None)
+    except DiskFullError as err:
+        return str(err)
     return len(rows)
 
 
