@@ -292,6 +292,45 @@ def test_runs_started_together_run_each_stage_once_and_write_what_one_run_writes
     assert outs_hashes(work) == before and stale_stages(work, env) == ALWAYS_RUN
 
 
+def test_features_move_through_a_dvc_remote_and_a_fresh_clone_extracts_nothing(repo, tmp_path):
+    """The README's remote recipe on a local-folder remote: `dvc push`, a fresh `git clone`, `dvc pull`, then
+    `dvc repro` runs no stage but the always-run sources (nothing is extracted or trained again) and every
+    output equals the original's. Then a machine that only evaluates pulls one feature key (the test
+    split's file, named in data/features/index.json) and what the evaluation reads, and `dvc repro -s`
+    runs that evaluation alone: extract never runs, and the metrics equal the original's byte for byte."""
+    work, env, _, _ = repo
+    remote = tmp_path / "remote"
+    dvc = [sys.executable, "-m", "dvc"]
+    sh(dvc + ["remote", "add", "-d", "store", str(remote)], work, env)
+    sh(["git", "add", "-A"], work, env)
+    sh(["git", "commit", "-qm", "a remote for the cache", "--allow-empty"], work, env)
+    sh(dvc + ["push"], work, env)
+    original = every_output(Dirs.under(work / "data"))
+
+    clone = tmp_path / "clone"
+    sh(["git", "clone", "-q", str(work), str(clone)], tmp_path, env)
+    sh(dvc + ["pull"], clone, env)
+    out = sh(dvc + ["repro"], clone, env)
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert ran == ALWAYS_RUN, out[-3000:]
+    assert every_output(Dirs.under(clone / "data")) == original
+    assert not (clone / "data" / ".locks" / RUN_JOURNAL).exists() or runs_since(
+        RunJournal(clone / "data" / ".locks" / RUN_JOURNAL), 0) == Counter()
+
+    evaluator = tmp_path / "evaluator"
+    sh(["git", "clone", "-q", str(work), str(evaluator)], tmp_path, env)
+    index = json.loads((work / "data" / "features" / "index.json").read_text())
+    needed = [f"data/features/{index['test']['file']}", "data/features/index.json", "data/prepared",
+              "data/prototypes", "train@vlap"]
+    sh(dvc + ["pull", *needed], evaluator, env)
+    assert sorted(p.name for p in (evaluator / "data" / "features").iterdir()) == sorted(
+        ["index.json", index["test"]["file"]])  # the other splits' features stayed on the remote
+    out = sh(dvc + ["repro", "-s", "evaluate_caption@vlap"], evaluator, env)
+    assert re.findall(r"Running stage '([^']+)'", out) == ["evaluate_caption@vlap"], out[-3000:]
+    assert ((evaluator / "data" / "metrics" / "caption" / "vlap.json").read_bytes()
+            == (work / "data" / "metrics" / "caption" / "vlap.json").read_bytes())
+
+
 def test_ablation_queues_dvc_experiments_and_tabulates_them(repo):
     """`vlap ablate` on one factor upstream of training (the prior: prototypes are rebuilt, then VLAP's
     stages re-run): two queued experiments run by DVC's queue; `dvc exp show` lists their metrics beside
