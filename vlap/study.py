@@ -1,7 +1,7 @@
 """`vlap study`: seeds × methods at one training budget on the same cached features, with intervals.
 
     vlap study [--seeds 0 1 2] [--steps 200] [--test-images 0] [--vqa-questions 500] [--vqa-shots 0]
-               [--out data/study]
+               [--out data/study] [--workers N | --scheduler ADDRESS] [--threads T]
 
 Each seed trains every method (the seed sets the bridge's initialisation and the batch order) and
 runs every evaluation, in its own data root under `<out>/runs/seed-<s>/` whose prepared data,
@@ -13,6 +13,10 @@ over seeds and test items) and the paired difference VLAP − each baseline with
 A re-run runs again only the stage runs whose inputs changed: each seed root keeps a record of what
 each training and evaluation last ran on (`stages.lock.json`: its declared params, data deps and code
 as dvc.lock hashes them, and its outputs' digests), and a stage whose record matches is kept.
+Each (seed, method or variant) is a cell: one after another in this process with one LLM, or with
+`--workers N` / `--scheduler ADDRESS` each cell a Dask task, each worker on its own GPU or share of the
+cores with its own LLM (vlap/cells.py); the outputs and the report are the same bytes either way when
+each cell computes on the same number of torch threads (`--threads`).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -37,6 +42,7 @@ from pipeline.tasks.summary import headline_values, study_setting
 from pipeline.train import method_lr
 from stages.common import run_stage
 from stages.graph import RUN_RECORD, Node, RunRecord, graph
+from vlap.cells import CellCluster, add_placement_options, cluster_for, recorded_command
 from vlap.params_file import load_config_with
 
 log = logging.getLogger("vlap.study")
@@ -246,32 +252,50 @@ def variant_dirs(base: Dirs, root: Path, cfg: Config, variant: Config) -> Dirs:
     return dirs
 
 
+def method_cell(cfg: Config, dirs: Dirs, method: str, lm) -> Dirs:
+    """One cell of a study: one seed's run of `method` in its seed root."""
+    train_and_evaluate(cfg, dirs, method, lm)
+    return dirs
+
+
+def variant_cell(base: Dirs, root: Path, cfg: Config, variant_cfg: Config, lm) -> Dirs:
+    """One cell of a study: one seed's run of VLAP with a variant's params, in the variant's own root."""
+    dirs = variant_dirs(base, root, cfg, variant_cfg)
+    train_and_evaluate(variant_cfg, dirs, PROPOSED, lm)
+    return dirs
+
+
 def run_study(cfg: Config, base: Dirs, out: Path, seeds: list[int], methods: list[str], steps: int | None = None,
               test_images: int | None = None, vqa_questions: int | None = None, n_boot: int = 2000,
               command: str = "vlap study", lm=None, vqa_shots: int | None = None,
-              variants: dict[str, Config] | None = None) -> dict:
+              variants: dict[str, Config] | None = None, cluster: CellCluster | None = None) -> dict:
     """Every seed trains and evaluates each method, and each of VLAP's `variants` (name -> the config VLAP
-    trains with instead: another target, prior, lambda), all on the same cached inputs."""
+    trains with instead: another target, prior, lambda), all on the same cached inputs. Each (seed, method or
+    variant) is a cell: run one after another here, or as tasks on `cluster`'s workers (vlap.cells)."""
     variants = variants or {}
     if not (base.features / "index.json").exists() or not base.prototypes.exists():
         raise MissingInputError(f"{base.root}: no cached features or prototypes (run `dvc repro prototypes` first)")
-    if lm is None:  # one LLM for every training and evaluation of the study
-        from pipeline.device import resolve_device
-        from pipeline.lms import load_lm
-
-        lm = load_lm(cfg.prototypes.llm, resolve_device(cfg.train.device))
-    runs: dict[str, list[tuple[Dirs, str]]] = {row: [] for row in [*methods, *variants]}
+    cells: list[tuple[str, str, Callable, tuple]] = []  # (row, its method, the cell, its arguments)
     for seed in seeds:
         run_cfg = study_config(cfg, seed, steps, test_images, vqa_questions, vqa_shots)
         dirs = base.sharing_inputs(Path(out) / "runs" / f"seed-{seed}")
-        for method in methods:
-            train_and_evaluate(run_cfg, dirs, method, lm)
-            runs[method].append((dirs, method))
+        cells += [(method, method, method_cell, (run_cfg, dirs, method)) for method in methods]
         for name, variant in variants.items():
             variant_cfg = study_config(variant, seed, steps, test_images, vqa_questions, vqa_shots)
-            vdirs = variant_dirs(base, Path(out) / "runs" / f"seed-{seed}" / f"variant-{name}", cfg, variant_cfg)
-            train_and_evaluate(variant_cfg, vdirs, PROPOSED, lm)
-            runs[name].append((vdirs, PROPOSED))
+            cells.append((name, PROPOSED, variant_cell, (base, Path(out) / "runs" / f"seed-{seed}" / f"variant-{name}",
+                                                         cfg, variant_cfg)))
+    if cluster is None:
+        if lm is None:  # one LLM for every training and evaluation of the study
+            from pipeline.device import resolve_device
+            from pipeline.lms import load_lm
+
+            lm = load_lm(cfg.prototypes.llm, resolve_device(cfg.train.device))
+        roots = [fn(*args, lm=lm) for _, _, fn, args in cells]
+    else:  # one LLM per worker, for every cell it runs
+        roots = cluster.map([(fn, args) for _, _, fn, args in cells], cfg.prototypes.llm, cfg.train.device)
+    runs: dict[str, list[tuple[Dirs, str]]] = {row: [] for row in [*methods, *variants]}
+    for (row, method, _, _), dirs in zip(cells, roots):
+        runs[row].append((dirs, method))
     roots = [d for d, _ in runs[methods[0]]]
     report = summarise(score_matrices(runs), n_boot)
     run_cfg = study_config(cfg, seeds[0], steps, test_images, vqa_questions, vqa_shots)
@@ -314,10 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="one more row: VLAP with these params, e.g. released:methods.vlap.target=released,"
                         "prototypes.prior=released (repeatable)")
+    add_placement_options(p)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    command = " ".join(["vlap study", *argv])
+    command = recorded_command("vlap study", argv)  # the same study whichever workers ran it
 
     def go() -> None:
         cfg = load_config_with(args.params, args.sets)
@@ -327,9 +352,14 @@ def main(argv: list[str] | None = None) -> int:
             if not sep or not name or not assignments:
                 raise ConfigError(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
             variants[name] = load_config_with(args.params, args.sets + assignments.split(","))
-        run_study(cfg, Dirs.under(args.data), args.out or args.data / "study", args.seeds, args.methods, args.steps,
-                  args.test_images, args.vqa_questions, args.boot, command, vqa_shots=args.vqa_shots,
-                  variants=variants)
+        cluster = cluster_for(args.workers, args.scheduler, cfg.extract, args.threads)
+        try:
+            run_study(cfg, Dirs.under(args.data), args.out or args.data / "study", args.seeds, args.methods,
+                      args.steps, args.test_images, args.vqa_questions, args.boot, command, vqa_shots=args.vqa_shots,
+                      variants=variants, cluster=cluster)
+        finally:
+            if cluster is not None:
+                cluster.close()
 
     return report_user_errors(go)
 

@@ -1,7 +1,7 @@
 """`vlap tune`: every method at its best, with the same budget, chosen on the validation split.
 
     vlap tune [--methods vlap limber contrastive] [--lr 3e-3 1e-2] [--weight 0.1 1.0] [--temperature 0.07 0.01]
-              [--val-images 200] [--apply] [--out data/tune]
+              [--val-images 200] [--apply] [--out data/tune] [--workers N | --scheduler ADDRESS] [--threads T]
 
 Every method gets the same grid: the learning rate, times its alignment weight (λ =
 `methods.vlap.ap_weight`, `methods.contrastive.nce_weight`; limber has none; `--temperature` also varies the initial
@@ -14,7 +14,8 @@ method is tuned for both what it shares with the others (captioning) and what it
 (retrieval). Writes `<out>/report.md` and `tune.json`; `--apply` writes each method's chosen settings
 into params.yaml (`methods.<m>.lr` and its weight), where `dvc repro`, the study and the ablation read
 them. Runs share the pipeline's cached features and prototypes (`dvc repro prototypes` first); a
-re-run keeps every setting it finished.
+re-run keeps every setting it finished. With `--workers N` / `--scheduler ADDRESS` the settings are
+Dask tasks, each worker on its own GPU or share of the cores with its own LLM (vlap/cells.py).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from pipeline.methods import NAMES, method_class
 from pipeline.errors import ConfigError, MissingInputError, report_user_errors
 from pipeline.io import write_json_atomic
 from pipeline.report import write_markdown
+from vlap.cells import CellCluster, add_placement_options, cluster_for
 from vlap.params_file import load_config_with, update_params
 from pipeline.paths import Dirs
 from pipeline.tasks.captioning import evaluate_captioning
@@ -94,19 +96,24 @@ def evaluate_on_validation(cfg: Config, dirs: Dirs, method: str, lm, val_images:
     return scores | {"final": final, "score": validation_score(scores)}
 
 
+def tune_cell(setting: Setting, cfg: Config, dirs: Dirs, val_images: int, lm) -> dict:
+    """One cell of the grid: train the setting's bridge, then score it on the validation split."""
+    run_stage(train, cfg, dirs, setting.method, lm=lm)
+    return evaluate_on_validation(cfg, dirs, setting.method, lm, val_images)
+
+
 def run_tune(cfg: Config, base: Dirs, out: Path, methods: list[str], lrs: list[float], weights: list[float],
-             val_images: int, lm=None, temperatures: list[float] | None = None) -> dict:
+             val_images: int, lm=None, temperatures: list[float] | None = None,
+             cluster: CellCluster | None = None) -> dict:
+    """Every setting of the grid trained and scored, one after another here or as tasks on `cluster`'s
+    workers (vlap.cells); a setting finished before with the same fingerprint is kept."""
     if not (base.features / "index.json").exists() or not base.prototypes.exists():
         raise MissingInputError(f"{base.root}: no cached features or prototypes (run `dvc repro prototypes` first)")
     if "val" not in manifest_splits(base.prepared):
         raise ConfigError("params.yaml: prepare.validation_fraction: 0 leaves no validation split to tune on")
-    if lm is None:
-        from pipeline.device import resolve_device
-        from pipeline.lms import load_lm
-
-        lm = load_lm(cfg.prototypes.llm, resolve_device(cfg.train.device))
     results_path = Path(out) / "tune.json"
     done = json.loads(results_path.read_text())["runs"] if results_path.exists() else {}
+    todo = []  # (key, setting, fingerprint, the cell's arguments)
     for setting in grid(methods, lrs, weights, temperatures):
         key = f"{setting.method}/{setting.name}"
         run_cfg = setting.config(cfg)
@@ -116,12 +123,27 @@ def run_tune(cfg: Config, base: Dirs, out: Path, methods: list[str], lrs: list[f
             log.info("tune: %s done before, kept", key)
             continue
         dirs = base.sharing_inputs(Path(out) / "runs" / setting.method / setting.name)
-        run_stage(train, run_cfg, dirs, setting.method, lm=lm)
+        todo.append((key, setting, fingerprint, (setting, run_cfg, dirs, val_images)))
+
+    def finished(i: int, scores: dict) -> None:
+        key, setting, fingerprint, _ = todo[i]
         done[key] = {"method": setting.method, "lr": setting.lr, "weight": setting.weight,
-                     "temperature": setting.temperature,
-                     "fingerprint": fingerprint} | evaluate_on_validation(run_cfg, dirs, setting.method, lm, val_images)
+                     "temperature": setting.temperature, "fingerprint": fingerprint} | scores
         write_json_atomic(results_path, {"runs": done})  # after every setting: an interrupted tune resumes
         log.info("tune: %s validation score %.2f", key, done[key]["score"])
+
+    if cluster is None:
+        if lm is None and todo:
+            from pipeline.device import resolve_device
+            from pipeline.lms import load_lm
+
+            lm = load_lm(cfg.prototypes.llm, resolve_device(cfg.train.device))
+        for i, (_, _, _, args) in enumerate(todo):
+            finished(i, tune_cell(*args, lm=lm))
+    elif todo:  # one LLM per worker, for every setting it runs
+        order = list(dict.fromkeys([*done, *(key for key, *_ in todo)]))  # as a serial run adds them (ties in max)
+        cluster.map([(tune_cell, args) for *_, args in todo], cfg.prototypes.llm, cfg.train.device, finished)
+        done = {key: done[key] for key in order}
     chosen = {m: max((r for r in done.values() if r["method"] == m), key=lambda r: r["score"]) for m in methods}
     report = {"runs": done, "chosen": {m: {"lr": r["lr"], "weight": r["weight"], "temperature": r.get("temperature"),
                                            "score": r["score"]} for m, r in chosen.items()},
@@ -179,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--apply", action="store_true", help="write the chosen settings into --params")
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
                    help="a params value for every setting tried, e.g. train.steps=1000 (a budget other than params')")
+    add_placement_options(p)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -186,8 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.apply and args.sets:
             raise ConfigError("--apply with --set would write into params.yaml values tuned at another setting; "
                               "pass the chosen values on (e.g. vlap study --set methods.vlap.lr=...)")
-        report = run_tune(load_config_with(args.params, args.sets), Dirs.under(args.data), args.out or args.data / "tune",
-                          args.methods, args.lr, args.weight, args.val_images, temperatures=args.temperature)
+        cfg = load_config_with(args.params, args.sets)
+        cluster = cluster_for(args.workers, args.scheduler, cfg.extract, args.threads)
+        try:
+            report = run_tune(cfg, Dirs.under(args.data), args.out or args.data / "tune", args.methods, args.lr,
+                              args.weight, args.val_images, temperatures=args.temperature, cluster=cluster)
+        finally:
+            if cluster is not None:
+                cluster.close()
         for method, c in report["chosen"].items():
             print(f"{method}: lr {c['lr']:g}" + ("" if c["weight"] is None else f", {WEIGHT_KEY[method]} {c['weight']:g}")
                   + f" (validation score {c['score']:.2f})")
