@@ -119,21 +119,29 @@ def greedy_decode(lm: LanguageModel, embeds: torch.Tensor, mask: torch.Tensor, m
     return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
 
-# Scoring memory per chunk of (question, candidate) rows, above the model and the prefixes' own cache.
+# Scoring memory per chunk, above the model and the prefixes' own cache.
 RANKING_MEMORY = 1 << 30
+# Most trie nodes one forward takes. Each node attends to the whole chunk under a mask (all but its own
+# ancestors masked out), so the wasted attention grows with the chunk: at 128 it is ~5% of a node's FLOPs
+# (SmolLM2-135M), and the chunk's rows (prefixes x nodes) are still enough for efficient matmuls.
+TRIE_CHUNK = 128
 
 
 @torch.inference_mode()
 def rank_candidates(lm: LanguageModel, embeds: torch.Tensor, mask: torch.Tensor, candidates: list[str],
                     cache: Any | None = None, memory: int = RANKING_MEMORY) -> torch.Tensor:
     """Log-likelihood of each candidate continuation after each prefix: (B, C). `cache`: as in
-    `greedy_decode` (decoder-only LMs).
+    `greedy_decode` (decoder-only LMs; it is consumed).
 
-    The prefixes run once: their next-token distributions score every candidate's first token (all
-    of a one-token candidate). Candidates of several tokens continue from that KV cache in chunks of
-    (prefix, candidate) rows of one token length, as many rows as `memory` bytes hold, so peak
-    memory stays one chunk whatever the number of candidates (3,129 for VQAv2's closed set). T5
-    scores candidates as decoder targets against one encoder pass, in chunks the same way.
+    A decoder-only LM does only the work the candidates do not share. The prefixes run once, and their
+    next-token distributions score every candidate's first token: a one-token candidate needs no other
+    forward. The candidates' tokens form a trie, and only its inner nodes (leading tokens that a longer
+    candidate continues) run through the LM: each once for all the candidates that share it, all the
+    prefixes' rows together, over the one prefix cache. A candidate scores the sum of the
+    log-probabilities along its path. Nodes run in chunks of at most TRIE_CHUNK, as many as `memory`
+    bytes hold, so peak memory stays one chunk whatever the number of candidates (3,129 for VQAv2's
+    closed set). T5 scores candidates as decoder targets against one encoder pass, in chunks of
+    (prefix, candidate) rows.
     """
     B, C = embeds.shape[0], len(candidates)
     ids, cand_mask = lm.tokenize(candidates)  # (C, L) right-padded
@@ -147,26 +155,119 @@ def rank_candidates(lm: LanguageModel, embeds: torch.Tensor, mask: torch.Tensor,
             logits = lm.model(encoder_outputs=(hidden[rows],), attention_mask=mask[rows], labels=target).logits
             scores[rows, cands] = _token_logp(logits, target).sum(-1)
         return scores
+    trie = _Trie([row[:n] for row, n in zip(ids.tolist(), lengths.tolist())])
+    device = ids.device
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) left padding -> positions start at 0
-    multi = (lengths > 1).nonzero().squeeze(1).tolist()  # candidates needing more than the next token
     done = 0 if cache is None else cache.get_seq_length()
     prefix = lm.model(inputs_embeds=embeds[:, done:], attention_mask=mask, position_ids=positions[:, done:],
-                      use_cache=len(multi) > 0, logits_to_keep=1, **with_cache(lm.model, cache))
+                      use_cache=bool(trie.inner), logits_to_keep=1, **with_cache(lm.model, cache))
+    # edge[:, v]: log p(node v's token | prefix, v's ancestors); the last column, 0, pads the paths
+    edge = embeds.new_zeros((B, len(trie.token) + 1), dtype=torch.float32)
     first = F.log_softmax(prefix.logits[:, -1].float(), -1)  # (B, K) next-token distribution after the prefix
-    scores = first[:, ids[:, 0]]  # (B, C) log p(first token); complete for one-token candidates
-    if not multi:
-        return scores
-    cache = prefix.past_key_values
-    cache_row = sum(t.numel() * t.element_size() for t in _cache_tensors(cache)) // B
-    per_row = _bytes_per_row(lm, embeds.shape[1], int(lengths.max()), cache_row // max(embeds.shape[1], 1))
-    for rows, cands, n in _chunks(B, lengths, multi, memory // per_row):
-        cand_ids = ids[cands, :n]  # (R, n), one length: no padding
-        full_mask = torch.cat([mask[rows], mask.new_ones((len(rows), n))], 1)
-        cand_pos = positions[rows, -1:] + 1 + torch.arange(n, device=ids.device)
-        out = lm.model(input_ids=cand_ids, attention_mask=full_mask, position_ids=cand_pos,
-                       **with_cache(lm.model, _cache_rows(cache, rows)))
-        scores[rows, cands] += _token_logp(out.logits[:, :-1], cand_ids[:, 1:]).sum(-1)
-    return scores
+    edge[:, trie.top] = first[:, torch.tensor([trie.token[v] for v in trie.top], device=device)]
+    if trie.inner:
+        cache, T = prefix.past_key_values, embeds.shape[1]
+        cache_token = sum(t.numel() * t.element_size() for t in _cache_tensors(cache)) // (B * T)
+        vocab = lm.model.get_output_embeddings().weight.shape[0]
+        # a node's logits three times (the model's, a float32 copy, logsumexp's temporary), its keys and
+        # values, its mask row; and once per chunk, the prefix cache its keys are appended to
+        per_node = B * (3 * 4 * vocab + cache_token + 4 * (T + TRIE_CHUNK))
+        size = min(TRIE_CHUNK, max(trie.depth_max, (memory - B * T * cache_token) // per_node))
+        for chunk in trie.chunks(size):
+            edge[:, chunk.children] = _score_chunk(lm, cache, chunk, mask, positions)
+    return edge[:, torch.tensor(trie.paths(), device=device)].sum(-1)  # (B, C, L) -> (B, C)
+
+
+@dataclass
+class _Chunk:
+    """Trie nodes for one forward (`tokens`, `depths`, `up`: each one's parent's index in the chunk, -1
+    if the parent is outside it) and the edges it scores: node `children[i]`, token `child_tokens[i]`,
+    read from the logits at the chunk's position `at[i]`."""
+
+    tokens: list[int]
+    depths: list[int]
+    up: list[int]
+    children: list[int]
+    child_tokens: list[int]
+    at: list[int]
+
+
+class _Trie:
+    """The candidates' token sequences as a trie. Node v is a distinct leading token sequence of some
+    candidate: `token[v]` its last token, `parent[v]` the node one token shorter (-1: none), `depth[v]`
+    its length. `inner` lists, depth first, the nodes that a longer candidate continues: only they run
+    through the LM, since a node's own token is scored from its parent's logits."""
+
+    def __init__(self, sequences: list[list[int]]):
+        if not all(sequences):
+            raise ValueError("a candidate answer tokenizes to no tokens")
+        self.sequences, self.node, self.kids = sequences, {}, {}
+        self.token, self.parent, self.depth = [], [], []
+        # in sorted order the nodes are created depth first (a sequence sorts before its extensions)
+        for seq in sorted(set(map(tuple, sequences))):
+            for k in range(1, len(seq) + 1):
+                if seq[:k] not in self.node:
+                    up = self.node[seq[: k - 1]] if k > 1 else -1
+                    self.node[seq[:k]] = v = len(self.token)
+                    self.token.append(seq[k - 1])
+                    self.parent.append(up)
+                    self.depth.append(k)
+                    self.kids.setdefault(up, []).append(v)
+        self.top = self.kids.get(-1, [])
+        self.inner = [v for v in range(len(self.token)) if v in self.kids]
+        self.depth_max = max((self.depth[v] for v in self.inner), default=0)
+
+    def paths(self) -> list[list[int]]:
+        """Each candidate's nodes, its first token's first, right-padded with len(token) (the zero column)."""
+        width, pad = max(map(len, self.sequences)), len(self.token)
+        return [[self.node[tuple(s[:k])] for k in range(1, len(s) + 1)] + [pad] * (width - len(s))
+                for s in self.sequences]
+
+    def chunks(self, size: int):
+        """Consecutive runs of `inner` of at most `size` nodes, each led by those ancestors of its first
+        node that it lacks. Depth first, these are all the ancestors a run lacks (a node's ancestors
+        precede it, and the nodes between an ancestor and it descend from that ancestor); they run
+        again, at most depth_max - 1 nodes a chunk, and their edges are not scored twice."""
+        start = 0
+        while start < len(self.inner):
+            lead, up = [], self.parent[self.inner[start]]
+            while up >= 0:
+                lead.insert(0, up)
+                up = self.parent[up]
+            run = self.inner[start : start + max(1, size - len(lead))]
+            start += len(run)
+            nodes = lead + run
+            local = {v: i for i, v in enumerate(nodes)}
+            edges = [(c, local[v]) for v in run for c in self.kids[v]]
+            yield _Chunk([self.token[v] for v in nodes], [self.depth[v] for v in nodes],
+                         [local.get(self.parent[v], -1) for v in nodes], [c for c, _ in edges],
+                         [self.token[c] for c, _ in edges], [i for _, i in edges])
+
+
+def _score_chunk(lm: LanguageModel, cache: Any, chunk: _Chunk, mask: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+    """One forward of a chunk of trie nodes, every prefix's row, after the prefix cache: the
+    log-probabilities of the chunk's scored edges, (B, len(chunk.children)). A node attends to its
+    prefix and, within the chunk, to its ancestors and itself (a 4D mask); its position is its prefix's
+    last plus its depth."""
+    B, n, device = mask.shape[0], len(chunk.tokens), mask.device
+    up = torch.tensor(chunk.up, device=device)
+    sees = torch.eye(n, dtype=torch.bool, device=device)  # sees[i, j]: node j is node i or an ancestor of it
+    reach = up
+    while bool((reach >= 0).any()):
+        rows = (reach >= 0).nonzero().squeeze(1)
+        sees[rows, reach[rows]] = True
+        reach = torch.where(reach >= 0, up[reach.clamp(min=0)], reach)
+    allowed = torch.cat([mask.bool()[:, None, None, :].expand(B, 1, n, -1), sees.expand(B, 1, n, n)], -1)
+    dtype = lm.model.dtype  # an additive float mask: the eager and SDPA attentions both take it as it is
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    tokens = torch.tensor(chunk.tokens, device=device).expand(B, n)
+    node_pos = positions[:, -1:] + torch.tensor(chunk.depths, device=device)
+    logits = lm.model(input_ids=tokens, attention_mask=additive, position_ids=node_pos,
+                      **with_cache(lm.model, _cache_view(cache))).logits.float()  # (B, n, K)
+    at = torch.tensor(chunk.at, device=device)
+    # log_softmax at the scored positions' chosen tokens only: logit - logsumexp (no (B, n, K) log-probs)
+    return logits[:, at, torch.tensor(chunk.child_tokens, device=device)] - torch.logsumexp(logits, -1)[:, at]
 
 
 def _token_logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -175,9 +276,9 @@ def _token_logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _bytes_per_row(lm: LanguageModel, prefix_len: int, max_len: int, cache_per_token: int) -> int:
-    """What one (prefix, candidate) row of a chunk holds at its peak: its copy of the prefix's KV cache
-    twice (the copy, and the copy extended by the candidate), and its vocabulary logits three times
-    (the model's, float32, log-softmax)."""
+    """What one (prefix, candidate) row of a T5 chunk holds at its peak: its copy of the prefix's encoder
+    states (`cache_per_token` bytes a position) twice, and its vocabulary logits three times (the
+    model's, float32, log-softmax)."""
     vocab = lm.model.get_output_embeddings().weight.shape[0]
     return max(1, 2 * cache_per_token * (prefix_len + max_len) + 3 * 4 * max_len * vocab)
 
@@ -202,12 +303,13 @@ def _cache_tensors(cache: Any) -> list[torch.Tensor]:
     return [*cache.key_cache, *cache.value_cache]
 
 
-def _cache_rows(cache: Any, rows: torch.Tensor) -> Any:
-    """A new cache of the given batch rows (repeats allowed); `cache` itself is left as it is."""
-    if hasattr(cache, "layers"):  # a shallow copy: selecting rows makes new tensors, never writes the old
-        out = copy.copy(cache)
+def _cache_view(cache: Any) -> Any:
+    """A cache that starts as `cache` and then grows on its own: new layer objects over the same tensors.
+    A forward appends to a dynamic cache by concatenation (new tensors), so `cache` is left as it is and
+    nothing is copied up front."""
+    out = copy.copy(cache)
+    if hasattr(cache, "layers"):
         out.layers = [copy.copy(layer) for layer in cache.layers]
     else:
-        out = copy.deepcopy(cache)
-    out.batch_select_indices(rows)
+        out.key_cache, out.value_cache = list(cache.key_cache), list(cache.value_cache)
     return out
