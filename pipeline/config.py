@@ -52,6 +52,7 @@ class ExtractConfig:
     device: Str = "auto"  # auto | cpu | cuda | cuda:N
     shard_size: PositiveInt = 256  # images per resumable unit of work
     workers: NonNegativeInt = 0  # 0: inline; N: a local Dask cluster of N processes
+    decode_workers: NonNegativeInt = 4  # threads decoding images ahead of the encoder (per Dask worker); 0: none
     scheduler: Str = ""  # tcp:// or tls://host:port of an existing Dask scheduler (overrides workers)
     # tls:// schedulers: the cluster's CA certificate, and this machine's certificate and key (PEM files)
     tls_ca_file: Str = ""
@@ -125,6 +126,9 @@ class EvalCommonConfig:
     batch_size: PositiveInt = 32
     seed: Int = 0
     device: Str = "auto"
+    # > 1: captioning, VQA and retrieval run under torchrun on this many processes of one machine (one GPU each
+    # where they run on GPUs), each on its shard of the items; rank 0 writes what one process would
+    nproc_per_node: PositiveInt = 1
 
 
 @section

@@ -8,20 +8,29 @@ one process would (docs/method.md#training-on-several-gpus).
 
 `train.nproc_per_node` / `train.nnodes` > 1 make the train stage start those processes itself (`launch`),
 so `dvc repro`, `dvc exp run` and the Prefect flow train on N processes and record the bridge rank 0 wrote.
+
+`evaluate.common.nproc_per_node` > 1 does the same for the evaluations that cost the most (captioning, VQA,
+retrieval): each rank works through its `shard` of the evaluation's batches, `gather_in_order` puts the results
+back in the items' order on rank 0, and rank 0 alone scores them and writes: the outputs of one process.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from pipeline.errors import ConfigError, UserError
 
@@ -118,6 +127,26 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
+T = TypeVar("T")
+
+
+def shard(items: Sequence[T], ranks: Ranks) -> Sequence[T]:
+    """This rank's contiguous part of `items` (the batches of an evaluation, say): the parts of rank 0, 1, ...
+    follow each other, their sizes differ by one at most, and a rank may get none when items are fewer than ranks."""
+    n = len(items)
+    return items[n * ranks.rank // ranks.world : n * (ranks.rank + 1) // ranks.world]
+
+
+def gather_in_order(local: list[T], ranks: Ranks) -> list[T] | None:
+    """Every rank's results for its `shard`, joined in rank order, i.e. the order of the items sharded, on
+    rank 0; None on the other ranks. Each rank's `local` is pickled (gather_object): keep tensors in it on the CPU."""
+    if ranks.world == 1:
+        return list(local)
+    parts: list[Any] | None = [None] * ranks.world if ranks.is_main else None
+    dist.gather_object(list(local), parts, dst=0)
+    return [x for part in parts for x in part] if parts is not None else None
+
+
 def uses_cuda(device_spec: str) -> bool:
     """Whether processes given `device_spec` train on GPUs (one each, by LOCAL_RANK)."""
     return (torch.cuda.is_available() and device_spec == "auto") or device_spec.startswith("cuda")
@@ -128,6 +157,7 @@ def uses_cuda(device_spec: str) -> bool:
 # (its "processes" tells the count) and of the resume fingerprint, so the one-process bridge's files are what they
 # were before these keys existed, and a checkpoint resumes under another process count.
 LAUNCH_KEYS = ("nproc_per_node", "nnodes", "rdzv_endpoint")
+log = logging.getLogger("pipeline.distributed")
 BAD_INPUT = 2  # a stage's exit code for bad input (pipeline.errors.report_user_errors)
 ROOT = Path(__file__).resolve().parents[1]  # holds pipeline/ and stages/: what the launched processes import
 
@@ -139,21 +169,26 @@ def without_launch(train_values: dict) -> dict:
 
 @dataclass(frozen=True)
 class Launch:
-    """How many processes train: train.nproc_per_node on each of train.nnodes machines."""
+    """How many processes run a stage: <section>.nproc_per_node on each of <section>.nnodes machines
+    (train.*; an evaluation runs on one machine)."""
 
     nproc_per_node: int = 1
     nnodes: int = 1
     rdzv_endpoint: str = ""
+    section: str = "train"  # the params section it was read from, which error lines name
 
     @classmethod
-    def of(cls, tcfg) -> "Launch":
-        """From the train section; every field is read (they are the stage's declared params), bad ones in one line."""
-        launch = cls(tcfg.nproc_per_node, tcfg.nnodes, tcfg.rdzv_endpoint)
+    def of(cls, section_cfg, section: str = "train") -> "Launch":
+        """From a params section with nproc_per_node (and nnodes, rdzv_endpoint where it has them); every field
+        is read (they are the stage's declared params), bad ones in one line."""
+        names = {f.name for f in dataclasses.fields(section_cfg)}
+        multi_node = (section_cfg.nnodes, section_cfg.rdzv_endpoint) if {"nnodes", "rdzv_endpoint"} <= names else ()
+        launch = cls(section_cfg.nproc_per_node, *multi_node, section=section)
         if launch.nnodes > 1:
             host, _, port = launch.rdzv_endpoint.rpartition(":")
             if not host or not port.isdigit():
-                raise ConfigError(f"params.yaml: train.rdzv_endpoint: expected host:port on node 0 (the machine that "
-                                  f"runs dvc repro or the flow), which train.nnodes {launch.nnodes} needs; "
+                raise ConfigError(f"params.yaml: {section}.rdzv_endpoint: expected host:port on node 0 (the machine "
+                                  f"that runs dvc repro or the flow), which {section}.nnodes {launch.nnodes} needs; "
                                   f"got {launch.rdzv_endpoint!r}")
         return launch
 
@@ -168,10 +203,15 @@ def launched() -> bool:
 
 
 def check_devices(device_spec: str, launch: Launch) -> None:
-    """One GPU for each of this machine's processes, where they train on GPUs."""
+    """One GPU for each of this machine's processes, where they run on GPUs."""
+    s = launch.section
     if uses_cuda(device_spec) and launch.nproc_per_node > torch.cuda.device_count():
-        raise ConfigError(f"params.yaml: train.nproc_per_node: {launch.nproc_per_node} processes take one GPU each, "
-                          f"and this machine has {torch.cuda.device_count()} (train.device: {device_spec})")
+        raise ConfigError(f"params.yaml: {s}.nproc_per_node: {launch.nproc_per_node} processes take one GPU each, "
+                          f"and this machine has {torch.cuda.device_count()} ({s}.device: {device_spec})")
+    if s != "train" and launch.world > 1 and device_spec.startswith("cuda:"):
+        # an evaluation's processes put their tensors on `device_spec`: one named GPU would take them all
+        raise ConfigError(f"params.yaml: {s}.device: {device_spec} names one GPU, and {s}.nproc_per_node "
+                          f"{launch.nproc_per_node} processes take one GPU each: use auto or cuda")
 
 
 def torchrun_args(spec: Launch, node_rank: int) -> list[str]:
@@ -209,6 +249,21 @@ def launch(spec: Launch, node_rank: int, module: str, args: list[str], what: str
         raise UserError(f"{what}: its {spec.world} torchrun processes stopped on bad input (their error lines above)")
     if code:
         raise RuntimeError(f"{what}: its torchrun processes failed (exit code {code}; their errors are above)")
+
+
+def launch_stage(spec: Launch, module: str, cfg, data_root: Path, method: str | None, what: str,
+                 env: dict[str, str] | None = None) -> None:
+    """`launch` stage `module` (`python -m module`) on this machine's spec.nproc_per_node processes, which read
+    `cfg` from a params file written for them (the config as given: the flow's, a study's, whatever file it came
+    from) and the stage folders under `data_root`; waits for them."""
+    from pipeline.config import plain  # pipeline.config imports the methods, whose losses import this module
+
+    log.info("%s: launching %d processes under torchrun", what, spec.nproc_per_node)
+    with tempfile.TemporaryDirectory(prefix="vlap-launch-") as tmp:
+        params = Path(tmp) / "params.yaml"
+        params.write_text(yaml.safe_dump({k: v for k, v in plain(cfg).items() if k != "preset"}, sort_keys=False))
+        args = ["--params", str(params), "--data", str(Path(data_root).resolve())]
+        launch(spec, 0, module, args + (["--method", method] if method else []), what=what, env=env)
 
 
 def _launcher(argv: list[str]) -> int:

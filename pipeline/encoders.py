@@ -35,7 +35,11 @@ class VisionEncoder:
 
     @torch.inference_mode()
     def encode(self, images: list[Image.Image]) -> torch.Tensor:
-        pixels = self.preprocess(images)
+        return self.encode_pixels(self.preprocess(images))  # (B, N, d_v)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Tokens of preprocessed pixels (B, 3, H, W), as `encode` gives for the images they came from."""
         if self.device.type == "cuda":  # a pinned copy lets the transfer overlap the previous batch's work
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         return self.forward_tokens(pixels).float()  # (B, N, d_v)

@@ -5,17 +5,23 @@ encoder's family, weights hash and preprocessing, the storage dtype and the form
 a training or evaluation setting. Extraction is resumable: images are encoded in shards of
 ``shard_size``, each shard saved atomically under ``<key>.parts/``; an interrupted run skips finished
 shards. Shards are encoded inline, or on a Dask cluster (a LocalCluster of N worker processes, or an
-existing scheduler: several GPU machines), each a task that is retried on failure. The final file is
-assembled from the shards in one deterministic pass (no timestamps), so a resumed or a distributed
-run ends byte-identical to an uninterrupted inline one. The read side is pipeline.features.
+existing scheduler: several GPU machines), each a task that is retried on failure; each worker picks its
+own device (worker_device) and torch thread count (worker_threads). Within a shard, images are decoded
+and preprocessed by a thread pool (`decode_workers`) a few batches ahead of the encoder's forward. The
+final file is assembled from the shards in one deterministic pass (no timestamps), so a resumed or a
+distributed run ends byte-identical to an uninterrupted inline one. The read side is pipeline.features.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +29,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from pipeline.encoders import VisionEncoder, load_encoder
@@ -39,6 +46,12 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: Fletcher-32 checksum per token chunk
 BLOCK_SIZE = 256  # default images per resumable shard (the final file does not depend on it)
 SHARD_RETRIES = 2  # a failed Dask shard is retried this many times before it is listed
+DECODE_WORKERS = 4  # default threads decoding images (extract.decode_workers); 0: in the encoding thread
+PREFETCH_BATCHES = 2  # batches decoded and preprocessed ahead of the one being encoded
+# A Dask worker never computes on one torch thread: single-threaded, ATen runs 1x1 convolutions of batches
+# under 16 with its own kernel instead of oneDNN's (EfficientNet-Lite0's tokens then differ in float16 from
+# a multi-threaded inline run's), while oneDNN's results did not change from 2 to 16 threads.
+MIN_WORKER_THREADS = 2
 
 
 def cache_key(manifest: Manifest, encoder: VisionEncoder, dtype: str) -> str:
@@ -73,10 +86,13 @@ def extract_split(
     block_size: int = BLOCK_SIZE,
     stop_after_blocks: int | None = None,
     cluster: "ShardCluster | None" = None,
+    decode_workers: int = DECODE_WORKERS,
 ) -> ExtractResult:
     """Encode every image of `manifest` into ``features_dir/<key>.h5`` (or reuse it).
 
-    `cluster` encodes the shards on Dask workers instead of inline. `stop_after_blocks` ends
+    `cluster` encodes the shards on Dask workers instead of inline. `decode_workers` threads decode and
+    preprocess the next batches while the encoder runs (0: one image after another, in this thread);
+    the file does not depend on it. `stop_after_blocks` ends
     the run early after that many shards, leaving the parts behind as an interruption would
     (used to test resuming).
     """
@@ -104,13 +120,15 @@ def extract_split(
     bar = tqdm(total=sum(len(blocks[b]) for b in todo), unit="img", desc=f"extract {manifest.split}")
     try:
         if cluster is not None:
-            encoded = cluster.encode(blocks, todo, image_root, encoder, dtype, batch_size, parts, bar)
+            encoded = cluster.encode(blocks, todo, image_root, encoder, dtype, batch_size, parts, bar,
+                                     decode_workers)
         else:
-            for count, b in enumerate(todo):
-                if stop_after_blocks is not None and count >= stop_after_blocks:
-                    return ExtractResult(final, key, False, n, encoded, [], time.perf_counter() - start)
-                _encode_block(blocks[b], image_root, encoder, dtype, batch_size, _block_path(parts, b), bar)
-                encoded += len(blocks[b])
+            now = todo if stop_after_blocks is None else todo[:stop_after_blocks]
+            _encode_blocks([(blocks[b], _block_path(parts, b)) for b in now], image_root, encoder, dtype, batch_size,
+                           bar, decode_workers)
+            encoded = sum(len(blocks[b]) for b in now)
+            if len(now) < len(todo):
+                return ExtractResult(final, key, False, n, encoded, [], time.perf_counter() - start)
     finally:
         bar.close()  # now, not at exit: an error's one line is then the last one printed
     failed = _assemble(parts, len(blocks), final, key, manifest.split, encoder, dtype)
@@ -139,26 +157,89 @@ def _finished_block(path: Path) -> bool:
         return False
 
 
-def _encode_block(rows, image_root, encoder, dtype, batch_size, out: Path, bar) -> None:
+def _decode(image_root: Path, row: ImageRow) -> tuple[Image.Image | None, str | None]:
+    """One image decoded to RGB, or None and the reason it is skipped."""
+    path = image_root / row.image_path
+    try:
+        return load_image(path), None
+    except FileNotFoundError:
+        return None, f"missing file: {row.image_path}"
+    except Exception as err:  # PIL raises many types for a corrupt file
+        return None, f"unreadable image {row.image_path}: {type(err).__name__}: {err}"
+
+
+@dataclass
+class _Batch:
+    size: int  # rows of the manifest it covers
+    ids: list[str]  # of the images decoded, in manifest order
+    pixels: torch.Tensor | None  # their preprocessed pixels; None when none decoded
+    failed: list[tuple[str, str]]  # (image_id, reason), in manifest order
+
+
+def _prepare(rows: list[ImageRow], decoded: list, encoder: VisionEncoder) -> _Batch:
+    ids = [row.image_id for row, (image, _) in zip(rows, decoded) if image is not None]
+    failed = [(row.image_id, reason) for row, (image, reason) in zip(rows, decoded) if image is None]
+    images = [image for image, _ in decoded if image is not None]
+    pixels = encoder.preprocess(images) if images else None
+    if pixels is not None and encoder.device.type == "cuda":  # pinned here, off the encoding thread
+        pixels = pixels.pin_memory()
+    return _Batch(len(rows), ids, pixels, failed)
+
+
+def _batches(spans, image_root: Path, encoder: VisionEncoder, decode_workers: int):
+    """Each of `spans` (lists of rows) decoded and preprocessed, in order. With `decode_workers`, a pool
+    decodes the images (Pillow releases the GIL while it decodes) and one more thread preprocesses each
+    batch, up to PREFETCH_BATCHES ahead of the batch the caller is encoding; the same images in the same
+    order reach the same preprocess call, so the tokens are those of decoding in this thread."""
+    if decode_workers <= 0:
+        for span in spans:
+            yield _prepare(span, [_decode(image_root, row) for row in span], encoder)
+        return
+    pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
+    collate = ThreadPoolExecutor(1, thread_name_prefix="preprocess")
+
+    def collect(span, futures) -> _Batch:
+        return _prepare(span, [future.result() for future in futures], encoder)
+
+    try:
+        pending = deque()
+        for span in spans:
+            pending.append(collate.submit(collect, span, [pool.submit(_decode, image_root, row) for row in span]))
+            if len(pending) > PREFETCH_BATCHES:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # also when the caller stops early (an error): queued decoding is dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
+        collate.shutdown(wait=True, cancel_futures=True)
+
+
+def _encode_blocks(work, image_root, encoder, dtype, batch_size, bar, decode_workers: int = 0) -> None:
+    """Encode each shard of `work` ((rows, part file) pairs) into its part file, in order; each part is saved
+    as soon as its last batch is encoded. Decoding runs on ahead across the shards' boundaries."""
+    spans = [(w, rows[i : i + batch_size]) for w, (rows, _) in enumerate(work) for i in range(0, len(rows), batch_size)]
+    left = [len(range(0, len(rows), batch_size)) for rows, _ in work]  # batches still to encode, per shard
+    for w, (_, out) in enumerate(work):
+        if not left[w]:
+            _save_part(out, [], [], [], [], dtype)
     ok_ids, tokens, failed_ids, reasons = [], [], [], []
-    for i in range(0, len(rows), batch_size):
-        images, ids = [], []
-        for row in rows[i : i + batch_size]:
-            path = image_root / row.image_path
-            try:
-                images.append(load_image(path))
-                ids.append(row.image_id)
-            except FileNotFoundError:
-                failed_ids.append(row.image_id)
-                reasons.append(f"missing file: {row.image_path}")
-            except Exception as err:  # PIL raises many types for a corrupt file
-                failed_ids.append(row.image_id)
-                reasons.append(f"unreadable image {row.image_path}: {type(err).__name__}: {err}")
-        if images:
-            tokens.append(encoder.encode(images).cpu().numpy().astype(dtype))  # (b, N, d_v)
-            ok_ids.extend(ids)
-        if bar is not None:
-            bar.update(len(rows[i : i + batch_size]))
+    with closing(_batches([span for _, span in spans], image_root, encoder, decode_workers)) as batches:
+        for (w, _), batch in zip(spans, batches):
+            for image_id, reason in batch.failed:
+                failed_ids.append(image_id)
+                reasons.append(reason)
+            if batch.pixels is not None:
+                tokens.append(encoder.encode_pixels(batch.pixels).cpu().numpy().astype(dtype))  # (b, N, d_v)
+                ok_ids.extend(batch.ids)
+            if bar is not None:
+                bar.update(batch.size)
+            left[w] -= 1
+            if not left[w]:
+                _save_part(work[w][1], ok_ids, tokens, failed_ids, reasons, dtype)
+                ok_ids, tokens, failed_ids, reasons = [], [], [], []
+
+
+def _save_part(out: Path, ok_ids, tokens, failed_ids, reasons, dtype) -> None:
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(
@@ -172,9 +253,14 @@ def _encode_block(rows, image_root, encoder, dtype, batch_size, out: Path, bar) 
 
 class ShardCluster:
     """Shards encoded as Dask tasks: `workers` local processes, or the cluster at `scheduler` (a ``tls://``
-    one with the `security` settings tls_security gives)."""
+    one with the `security` settings tls_security gives).
 
-    def __init__(self, workers: int = 0, scheduler: str = "", security=None):
+    `device` (extract.device: auto, cpu, cuda or cuda:N) is resolved by each worker on its own machine
+    (worker_device): auto and cuda spread local worker k over its GPUs; None follows the type of the
+    driver's encoder device. Each worker runs its machine's cores // its workers there torch threads (at
+    least MIN_WORKER_THREADS)."""
+
+    def __init__(self, workers: int = 0, scheduler: str = "", security=None, device: str | None = None):
         from distributed import Client, LocalCluster
 
         if scheduler:
@@ -183,11 +269,10 @@ class ShardCluster:
             self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                         dashboard_address=None)
             self.client = Client(self.cluster)
-        # Each worker computes with the torch thread count of an inline run here: CPU kernels may
-        # split their sums differently with another count, and the file must be the same byte for byte.
-        self.threads = torch.get_num_threads()
+        self.device = device
 
-    def encode(self, blocks, todo, image_root, encoder, dtype, batch_size, parts, bar) -> int:
+    def encode(self, blocks, todo, image_root, encoder, dtype, batch_size, parts, bar,
+               decode_workers: int = DECODE_WORKERS) -> int:
         """Encode shards `todo` into `parts`; retried, then listed in one error if they still fail. A part that
         does not fit on the disk is not retried: the run ends in the DiskFullError an inline run gives."""
         from distributed import as_completed
@@ -195,8 +280,10 @@ class ShardCluster:
         # A fresh token per run: the client hands back a live future of the same key instead of submitting
         # it again, so a re-run in this process (after a failure) would otherwise get the old error back.
         run = uuid.uuid4().hex[:8]
-        futures = {self.client.submit(encode_shard, encoder.spec, str(encoder.device), blocks[b], str(image_root),
-                                      dtype, batch_size, str(_block_path(parts, b)), self.threads,
+        device = self.device or encoder.device.type
+        hosts = self.workers_per_host()
+        futures = {self.client.submit(encode_shard, encoder.spec, device, blocks[b], str(image_root), dtype,
+                                      batch_size, str(_block_path(parts, b)), hosts, decode_workers,
                                       key=f"extract-{parts.name}-{run}-{b}", retries=SHARD_RETRIES, pure=False): b
                    for b in todo}
         encoded, failed, disk_full = 0, [], []
@@ -216,6 +303,16 @@ class ShardCluster:
             raise CacheError(f"{parts}: {len(failed)} of {len(todo)} shards failed after {SHARD_RETRIES} retries: "
                              f"{'; '.join(sorted(failed))}; finished shards are kept, re-run to resume")
         return encoded
+
+    def workers_per_host(self) -> dict[str, int]:
+        """How many of the cluster's workers run on each host (each splits that machine's cores)."""
+        from distributed.comm import get_address_host
+
+        counts: dict[str, int] = {}
+        for address in self.client.scheduler_info(n_workers=-1)["workers"]:
+            host = get_address_host(address)
+            counts[host] = counts.get(host, 0) + 1
+        return counts
 
     def close(self) -> None:
         self.client.close()
@@ -255,21 +352,58 @@ def tls_security(scheduler: str, tls_ca_file: str = "", tls_cert: str = "", tls_
                     require_encryption=True)
 
 
+def worker_device(index: int | None, spec: str, device_count: int) -> str:
+    """The device of a Dask worker: `spec` is extract.device, `index` the worker's number on its machine
+    (a LocalCluster's worker k; None when its name is not a number), `device_count` its machine's GPUs.
+    auto uses the GPUs when there are any, else the CPU; auto and cuda put worker k on cuda:(k mod
+    device_count), or on cuda (the device its launcher made current) without a number; cpu and cuda:N
+    are kept as given."""
+    if spec == "auto":
+        spec = "cuda" if device_count > 0 else "cpu"
+    if spec != "cuda":
+        return spec
+    if device_count <= 0:
+        raise ConfigError("extract.device: 'cuda' requested but a Dask worker's machine has no CUDA device")
+    return "cuda" if index is None else f"cuda:{index % device_count}"
+
+
+def worker_threads(cores: int, workers_on_host: int) -> int:
+    """Torch threads of one Dask worker: its machine's cores shared among the workers there, but at least
+    MIN_WORKER_THREADS."""
+    return max(MIN_WORKER_THREADS, cores // max(1, workers_on_host))
+
+
+def _worker_index(name) -> int | None:
+    """A worker's number from its name: a LocalCluster names its workers 0..N-1; `dask worker --name 3`."""
+    if isinstance(name, int):
+        return name
+    return int(name) if isinstance(name, str) and name.isdecimal() else None
+
+
 @lru_cache(maxsize=2)
 def _worker_encoder(spec: str, device: str) -> VisionEncoder:
     return load_encoder(spec, torch.device(device))
 
 
 def encode_shard(spec: str, device: str, rows: list[ImageRow], image_root: str, dtype: str, batch_size: int,
-                 out: str, threads: int) -> int | str:
+                 out: str, hosts: dict[str, int], decode_workers: int = DECODE_WORKERS) -> int | str:
     """A Dask task: encode one shard into its part file (the encoder is loaded once per worker process).
 
-    A full disk is returned as its one-line message rather than raised: a retry would encode the shard
-    again only to fail the same way, and Dask would log each failure with its traceback."""
+    `device` is extract.device, resolved here on the worker's machine (worker_device); `hosts` counts the
+    cluster's workers on each host, so that the workers of one machine share its cores. A full disk is
+    returned as its one-line message rather than raised: a retry would encode the shard again only to fail
+    the same way, and Dask would log each failure with its traceback."""
+    from distributed import get_worker
+    from distributed.comm import get_address_host
+
     keep_freed_memory()
-    torch.set_num_threads(threads)
+    worker = get_worker()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(worker_threads(cores, hosts.get(get_address_host(worker.address), 1)))
+    gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    encoder = _worker_encoder(spec, worker_device(_worker_index(worker.name), device, gpus))
     try:
-        _encode_block(rows, Path(image_root), _worker_encoder(spec, device), dtype, batch_size, Path(out), None)
+        _encode_blocks([(rows, Path(out))], Path(image_root), encoder, dtype, batch_size, None, decode_workers)
     except DiskFullError as err:
         return str(err)
     return len(rows)

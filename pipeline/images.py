@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import threading
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -50,6 +51,9 @@ def split_member_path(path: Path) -> tuple[Path, str] | None:
     return None
 
 
+_TARS = threading.Lock()  # held while a cached shard is indexed or read
+
+
 @lru_cache(maxsize=8)
 def _members(shard: Path) -> tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]:
     """An open shard and its member index; a truncated shard indexes the members before the damage."""
@@ -67,11 +71,12 @@ def read_member(shard: Path, member: str) -> bytes:
     """The bytes of one member; FileNotFoundError when the shard or the member is not there."""
     if not shard.is_file():
         raise FileNotFoundError(f"shard {shard} not found")
-    tar, index = _members(shard)
-    info = index.get(member)
-    if info is None:
-        raise FileNotFoundError(f"{member} not in {shard.name} (or past its damaged end)")
-    data = tar.extractfile(info).read()
+    with _TARS:  # an open shard is shared (cached): one thread at a time seeks and reads in it
+        tar, index = _members(shard)
+        info = index.get(member)
+        if info is None:
+            raise FileNotFoundError(f"{member} not in {shard.name} (or past its damaged end)")
+        data = tar.extractfile(info).read()
     if len(data) != info.size:
         raise OSError(f"{member} in {shard.name} is truncated ({len(data)} of {info.size} bytes)")
     return data
@@ -83,16 +88,25 @@ def read_image_bytes(path: Path) -> bytes:
     return read_member(*member) if member else Path(path).read_bytes()
 
 
+# Python's warning filters are one process-wide list that catch_warnings saves and restores: two threads
+# inside it at once can restore each other's filters (a bomb would then be decoded, not refused). Only
+# the opening, which reads the header and checks the size, is done under it, by one thread at a time.
+_WARNINGS = threading.Lock()
+
+
 def load_image(path: Path) -> Image.Image:
     """Decode an image to RGB; raises FileNotFoundError when it is not there, OSError/ValueError with
     the reason if unreadable. An image past Pillow's decompression-bomb limit (MAX_IMAGE_PIXELS, 89M
-    pixels) is refused before it is decoded, as one too large to be a photo."""
+    pixels) is refused before it is decoded, as one too large to be a photo. Safe to call from several
+    threads at once (the decoding itself runs in parallel: Pillow releases the GIL while it decodes)."""
     member = split_member_path(path)
-    with warnings.catch_warnings():
+    source = io.BytesIO(read_member(*member)) if member else path
+    with _WARNINGS, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(read_member(*member)) if member else path) as img:
-            img.load()
-            return to_rgb(img)
+        img = Image.open(source)
+    with img:  # decoded outside the lock: the size was checked on opening
+        img.load()
+        return to_rgb(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

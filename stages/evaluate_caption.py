@@ -7,11 +7,16 @@ Writes data/metrics/caption/<method>.json, data/plots/caption/<method>/captions.
        reference captions (VQAv2) gives outputs that say "not applicable".
 
     python -m stages.evaluate_caption --method vlap
+
+With evaluate.common.nproc_per_node > 1 the stage starts that many processes under torchrun itself: each
+decodes its shard of the test images, rank 0 scores them all and writes the one-process outputs.
 """
 from __future__ import annotations
 
+import json
 import sys
 
+from pipeline import distributed
 from pipeline.manifest import has_captions, read_manifest, report_group
 from pipeline.config import Config
 from pipeline.io import write_json_atomic
@@ -19,12 +24,13 @@ from pipeline.paths import Dirs
 from pipeline.tasks.caption_metrics import chance_scores, cider_by_domain, start_meteor, write_examples_html
 from pipeline.tasks.captioning import evaluate_captioning
 from pipeline.tasks.inputs import load_eval_inputs
-from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, NO_TEST_CAPTIONS, Out, StageSpec, stage_main,
-                           write_metrics, write_not_applicable)
+from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, LOCKS_HELD_BY, NO_TEST_CAPTIONS, Out, StageSpec,
+                           stage_main, write_metrics, write_not_applicable)
 
 STAGE = StageSpec(
     name="evaluate_caption", description=__doc__.splitlines()[0], per_method=True,
-    params=EVALUATION_PARAMS + ("evaluate.caption", "evaluate.common.seed"),  # seed: the chance-level captions
+    params=EVALUATION_PARAMS + ("evaluate.caption", "evaluate.common.seed",  # seed: the chance-level captions
+                                "evaluate.common.nproc_per_node"),
     deps=EVALUATION_DEPS,
     outs=(Out("metrics/caption/{method}.json", kind="metrics", cache=False),
           Out("plots/caption/{method}/captions.json", cache=False, items=True),
@@ -35,9 +41,30 @@ STAGE = StageSpec(
 def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
     if not has_captions(dirs.prepared, "test"):
         return write_not_applicable(STAGE, dirs, method, NO_TEST_CAPTIONS)
-    start_meteor()  # its JVM loads while the model loads and captions are generated
+    launch = distributed.Launch.of(cfg.evaluate.common, "evaluate.common")
+    if launch.world > 1 and not distributed.launched():
+        distributed.check_devices(cfg.evaluate.common.device, launch)
+        distributed.launch_stage(launch, f"stages.{STAGE.name}", cfg, dirs.root, method, STAGE.label(method),
+                                 env={LOCKS_HELD_BY: STAGE.label(method)})
+        return json.loads((dirs.metrics / "caption" / f"{method}.json").read_text())
+    ranks, _ = distributed.start(cfg.evaluate.common.device)
+    try:
+        result = evaluate(cfg, dirs, method, lm, ranks)
+        distributed.barrier()  # the other ranks wait while rank 0 writes
+        return result
+    finally:
+        distributed.stop()
+
+
+def evaluate(cfg: Config, dirs: Dirs, method: str, lm, ranks: distributed.Ranks) -> dict:
+    """This process's part: its shard of the captions; on rank 0 the scores and every output."""
+    if ranks.is_main:
+        start_meteor()  # its JVM loads while the model loads and captions are generated
     inputs = load_eval_inputs(cfg, method, dirs, lm=lm)
-    metrics, generated = evaluate_captioning(inputs, cfg)
+    evaluated = evaluate_captioning(inputs, cfg, ranks)
+    if evaluated is None:  # not rank 0: it wrote nothing
+        return {}
+    metrics, generated = evaluated
     metrics |= chance_scores(inputs.captions, read_manifest(dirs.prepared, "train"), cfg.evaluate.common.seed)
     domains = {i: report_group(a) for i, a in inputs.attributes.items() if report_group(a)}
     if domains:

@@ -10,11 +10,16 @@ Writes data/metrics/retrieval/<method>.json (with chance levels, and per domain 
        "not applicable" on a test split without reference captions (VQAv2).
 
     python -m stages.evaluate_retrieval --method vlap
+
+With evaluate.common.nproc_per_node > 1 the stage starts that many processes under torchrun itself: each
+bridges its shard of the test (and fitting) images, rank 0 scores them all and writes the one-process outputs.
 """
 from __future__ import annotations
 
+import json
 import sys
 
+from pipeline import distributed
 from pipeline.manifest import has_captions, read_manifest
 from pipeline.features import features_file
 from pipeline.config import Config
@@ -22,12 +27,12 @@ from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
 from pipeline.tasks.inputs import load_eval_inputs
 from pipeline.tasks.retrieval import evaluate_retrieval, fit_on_training
-from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, NO_TEST_CAPTIONS, Out, StageSpec, stage_main,
-                           write_metrics, write_not_applicable)
+from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, LOCKS_HELD_BY, NO_TEST_CAPTIONS, Out, StageSpec,
+                           stage_main, write_metrics, write_not_applicable)
 
 STAGE = StageSpec(
     name="evaluate_retrieval", description=__doc__.splitlines()[0], per_method=True,
-    params=EVALUATION_PARAMS + ("evaluate.retrieval",),
+    params=EVALUATION_PARAMS + ("evaluate.retrieval", "evaluate.common.nproc_per_node"),
     deps=EVALUATION_DEPS,
     outs=(Out("metrics/retrieval/{method}.json", kind="metrics", cache=False),
           Out("plots/retrieval/{method}/recall_at_k.json", kind="plots", cache=False),
@@ -38,13 +43,35 @@ STAGE = StageSpec(
 def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
     if not has_captions(dirs.prepared, "test"):
         return write_not_applicable(STAGE, dirs, method, NO_TEST_CAPTIONS)
+    launch = distributed.Launch.of(cfg.evaluate.common, "evaluate.common")
+    if launch.world > 1 and not distributed.launched():
+        distributed.check_devices(cfg.evaluate.common.device, launch)
+        distributed.launch_stage(launch, f"stages.{STAGE.name}", cfg, dirs.root, method, STAGE.label(method),
+                                 env={LOCKS_HELD_BY: STAGE.label(method)})
+        return json.loads((dirs.metrics / "retrieval" / f"{method}.json").read_text())
+    ranks, _ = distributed.start(cfg.evaluate.common.device)
+    try:
+        result = evaluate(cfg, dirs, method, ranks)
+        distributed.barrier()  # the other ranks wait while rank 0 writes
+        return result
+    finally:
+        distributed.stop()
+
+
+def evaluate(cfg: Config, dirs: Dirs, method: str, ranks: distributed.Ranks) -> dict:
+    """This process's part: its shard of the bridged images; on rank 0 the scores and every output."""
     inputs = load_eval_inputs(cfg, method, dirs, need_lm=False)  # z_v and z_t need no LLM
     if len(inputs.image_ids) < 2:
+        if not ranks.is_main:
+            return {}
         return write_not_applicable(STAGE, dirs, method, f"retrieval needs at least 2 test images with captions "
                                                          f"and features, the data has {len(inputs.image_ids)}")
     fit = fit_on_training(inputs, features_file(dirs.features, "train"), read_manifest(dirs.prepared, "train"),
-                          cfg.evaluate.retrieval, cfg.evaluate.common.batch_size)
-    metrics, curve, per_query = evaluate_retrieval(inputs, cfg, fit)
+                          cfg.evaluate.retrieval, cfg.evaluate.common.batch_size, ranks)
+    evaluated = evaluate_retrieval(inputs, cfg, fit, ranks)
+    if evaluated is None:  # not rank 0: it wrote nothing
+        return {}
+    metrics, curve, per_query = evaluated
     write_json_atomic(dirs.plots / "retrieval" / method / "recall_at_k.json", curve)
     write_json_atomic(STAGE.items_path(dirs, method), per_query)
     return write_metrics(dirs, "retrieval", method, metrics)

@@ -44,14 +44,15 @@ def run(cfg: Config, dirs: Dirs, method: None = None, *, lm=None) -> dict:
     index, report, timings = {}, {}, {}
     with contextlib.ExitStack() as stack:
         security = tls_security(xcfg.scheduler, xcfg.tls_ca_file, xcfg.tls_cert, xcfg.tls_key)  # checked inline too
-        cluster = (stack.enter_context(ShardCluster(xcfg.workers, xcfg.scheduler, security))
+        cluster = (stack.enter_context(ShardCluster(xcfg.workers, xcfg.scheduler, security, device=xcfg.device))
                    if xcfg.workers or xcfg.scheduler else None)
         results = {}
         for split in splits:
             manifest = read_manifest(dirs.prepared, split)
             root = resolve_image_root(manifest.image_root, cfg.prepare)
             results[split] = extract_split(manifest, root, encoder, dirs.features, xcfg.dtype, xcfg.batch_size,
-                                           block_size=xcfg.shard_size, cluster=cluster)
+                                           block_size=xcfg.shard_size, cluster=cluster,
+                                           decode_workers=xcfg.decode_workers)
     for split, result in results.items():
         index[split] = {"file": result.path.name, "key": result.key}
         report[split] = {"images": result.n_images, "skipped": len(result.failed), "skipped_images": result.failed}

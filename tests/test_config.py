@@ -55,5 +55,5 @@ def test_stage_reports_bad_key_in_one_line(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: {params}: extract.bach_size: unknown key (expected one of: encoder, batch_size, dtype, device, shard_size, workers, scheduler, tls_ca_file, tls_cert, tls_key)"
+        f"error: {params}: extract.bach_size: unknown key (expected one of: encoder, batch_size, dtype, device, shard_size, workers, decode_workers, scheduler, tls_ca_file, tls_cert, tls_key)"
     ]

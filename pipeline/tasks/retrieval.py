@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.bridge import visual_representation
+from pipeline.distributed import Ranks, gather_in_order, shard
 from pipeline.features import FeatureCache
 from pipeline.config import Config, RetrievalEvalConfig
 from pipeline.manifest import Manifest, report_group
@@ -93,12 +95,27 @@ def text_domains(inputs: EvalInputs, texts: list[str]) -> dict[str, str]:
     return {t: next(iter(seen[t])) for t in texts if len(seen[t]) == 1 and "" not in seen[t]}
 
 
+def bridged_representations(inputs: EvalInputs, batch_size: int, ranks: Ranks = Ranks()) -> torch.Tensor | None:
+    """(n, D) z_v of the evaluated images, as `inputs.z_v` gives them. On several ranks each bridges its shard
+    of the batches and rank 0 gets every row, in image order (None on the others)."""
+    if ranks.world == 1:
+        return inputs.z_v(batch_size)
+    mine = [visual_representation(inputs.bridged(slice(i, i + batch_size))).cpu()
+            for i in shard(range(0, len(inputs.image_ids), batch_size), ranks)]
+    parts = gather_in_order(mine, ranks)
+    return None if parts is None else torch.cat(parts).to(inputs.device)
+
+
 @torch.inference_mode()
-def evaluate_retrieval(inputs: EvalInputs, cfg: Config, fit: TrainingFit | None) -> tuple[dict, list[dict], dict]:
-    """(metrics of every scorer, overall and per domain, with chance levels; R@k curves; per-query ranks)."""
+def evaluate_retrieval(inputs: EvalInputs, cfg: Config, fit: TrainingFit | None,
+                       ranks: Ranks = Ranks()) -> tuple[dict, list[dict], dict] | None:
+    """(metrics of every scorer, overall and per domain, with chance levels; R@k curves; per-query ranks).
+    On several ranks each bridges its shard of the images and rank 0 alone scores (None on the others)."""
+    z_v = bridged_representations(inputs, cfg.evaluate.common.batch_size, ranks)  # (n, D)
+    if z_v is None:
+        return None
     texts = gallery_texts(inputs)
     relevant = relevance_from_texts([inputs.captions[i] for i in inputs.image_ids], texts)  # (n_images, n_texts)
-    z_v = inputs.z_v(cfg.evaluate.common.batch_size)  # (n, D)
     z_t = inputs.protos.text_reps(texts).to(z_v.device)  # (m, D)
     metrics = chance_metrics(relevant)
     ranks = {}
@@ -130,14 +147,17 @@ def domain_recalls(query_domain: dict[str, list[str | None]], ranks: dict) -> di
 
 @torch.inference_mode()
 def fit_on_training(inputs: EvalInputs, features_path: Path, manifest: Manifest, rcfg: RetrievalEvalConfig,
-                    batch_size: int) -> TrainingFit:
+                    batch_size: int, ranks: Ranks = Ranks()) -> TrainingFit | None:
     """Means and OT columns from the first `fit_images` captioned training images with features and their
-    captions, through the evaluated bridge; nothing of the test set."""
+    captions, through the evaluated bridge; nothing of the test set. On several ranks each bridges its shard
+    of the images and rank 0 alone fits (None on the others)."""
     with FeatureCache(features_path) as cache:
         ids = select_test_images(manifest, cache, rcfg.fit_images)
         rows = cache.rows(ids)
     train = dataclasses.replace(inputs, image_ids=ids, rows=rows, features_path=Path(features_path), reader=None)
-    z_v = train.z_v(batch_size)
+    z_v = bridged_representations(train, batch_size, ranks)
+    if z_v is None:
+        return None
     captions = manifest.captions_by_id
     z_t = inputs.protos.text_reps([c for i in ids for c in captions[i]]).to(z_v.device)
     return TrainingFit(mean_v=z_v.mean(0), mean_t=z_t.mean(0),

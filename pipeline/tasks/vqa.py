@@ -18,6 +18,7 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
+from pipeline.distributed import Ranks, gather_in_order, shard
 from pipeline.generation import SharedPrefix, greedy_decode, prefill, rank_candidates, text_embeds
 from pipeline.manifest import report_group
 from pipeline.tasks.inputs import EvalInputs
@@ -58,12 +59,13 @@ def shot_answer(question: dict) -> str:
 
 
 def answer_questions(inputs: EvalInputs, questions: list[dict], shot_prefix: SharedPrefix, answer_set: list[str],
-                     batch_size: int, max_new_tokens: int) -> list[dict]:
-    """One record per question with the open-ended and the closed-vocabulary answer."""
+                     batch_size: int, max_new_tokens: int, ranks: Ranks = Ranks()) -> list[dict] | None:
+    """One record per question with the open-ended and the closed-vocabulary answer. On several ranks each
+    answers its shard of the batches and rank 0 gets every record, in question order (None on the others)."""
     lm, row_of = inputs.lm, {i: k for k, i in enumerate(inputs.image_ids)}
     candidates = [f" {a}" for a in answer_set]
     records = []
-    for i in tqdm(range(0, len(questions), batch_size), desc=f"vqa {inputs.method}", unit="batch"):
+    for i in tqdm(shard(range(0, len(questions), batch_size), ranks), desc=f"vqa {inputs.method}", unit="batch"):
         batch = questions[i : i + batch_size]
         V = inputs.bridged([row_of[q["image_id"]] for q in batch])  # (b, N, D)
         seqs = [torch.cat([V[k], text_embeds(lm, query_text(q["question"]))]) for k, q in enumerate(batch)]
@@ -78,7 +80,7 @@ def answer_questions(inputs: EvalInputs, questions: list[dict], shot_prefix: Sha
                 "open_accuracy": vqa_accuracy(first_answer(generated), q["answers"]),
                 "closed_accuracy": vqa_accuracy(answer_set[c], q["answers"]),
             })
-    return records
+    return gather_in_order(records, ranks)
 
 
 def summarise(records: list[dict], tag: str) -> dict[str, float]:
