@@ -31,7 +31,7 @@ from harness import time_call  # noqa: E402
 from pipeline.config import PrepareConfig  # noqa: E402
 from pipeline.device import resolve_device  # noqa: E402
 from pipeline.encoders import LITE_SIZE, load_encoder  # noqa: E402
-from pipeline.extraction import DECODE_WORKERS, extract_split  # noqa: E402
+from pipeline.extraction import extract_split  # noqa: E402
 from pipeline.features import FeatureCache  # noqa: E402
 from pipeline.images import load_image  # noqa: E402
 from pipeline.manifest import Manifest, resolve_image_root  # noqa: E402
@@ -51,8 +51,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--decode-workers", type=int, default=DECODE_WORKERS,
-                   help=f"threads decoding ahead of the forward (default {DECODE_WORKERS}, as extract.decode_workers)")
+    p.add_argument("--decode-workers", type=int, default=4,
+                   help="threads decoding ahead of the forward, against none (extract.decode_workers; default 4)")
     p.add_argument("--chunks", type=int, default=4, help="alternate the paths over this many chunks")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (as extract.device)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")

@@ -119,7 +119,10 @@ def max_diff(tmp: Path, a: dict, b: dict) -> float:
         assert "failed" not in r, f"{r['impl']} {r['candidates']} x {r['questions']}: {r['failed']}"
     x, y = (torch.load(tmp / f"{r['impl']}-{r['candidates']}-{r['questions']}.pt") for r in (a, b))
     diff = (x - y).abs().max().item()
-    assert diff < 1e-4, f"{a['impl']} and {b['impl']} scores differ by {diff}"
+    # float32 sums of 1-3 log-probabilities over a 49k vocabulary, reduced in another order: equal to ~1e-5
+    # of their size; what VQA reads, each question's chosen answer, must be the same
+    assert torch.equal(x.argmax(-1), y.argmax(-1)), f"{a['impl']} and {b['impl']} choose different answers"
+    assert diff < 1e-3, f"{a['impl']} and {b['impl']} scores differ by {diff}"
     return diff
 
 

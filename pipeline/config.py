@@ -52,7 +52,9 @@ class ExtractConfig:
     device: Str = "auto"  # auto | cpu | cuda | cuda:N
     shard_size: PositiveInt = 256  # images per resumable unit of work
     workers: NonNegativeInt = 0  # 0: inline; N: a local Dask cluster of N processes
-    decode_workers: NonNegativeInt = 4  # threads decoding images ahead of the encoder (per Dask worker); 0: none
+    # threads decoding images ahead of the encoder (per Dask worker). 0: in the encoding thread, best where the
+    # encoder runs on the CPU (threads compete with it for the cores: bench/extract.py); 4-8 beside a GPU
+    decode_workers: NonNegativeInt = 0
     scheduler: Str = ""  # tcp:// or tls://host:port of an existing Dask scheduler (overrides workers)
     # tls:// schedulers: the cluster's CA certificate, and this machine's certificate and key (PEM files)
     tls_ca_file: Str = ""

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: Fletcher-32 checksum per token chunk
 BLOCK_SIZE = 256  # default images per resumable shard (the final file does not depend on it)
 SHARD_RETRIES = 2  # a failed Dask shard is retried this many times before it is listed
-DECODE_WORKERS = 4  # default threads decoding images (extract.decode_workers); 0: in the encoding thread
+DECODE_WORKERS = 0  # default threads decoding images (extract.decode_workers); 0: in the encoding thread
 PREFETCH_BATCHES = 2  # batches decoded and preprocessed ahead of the one being encoded
 # A Dask worker never computes on one torch thread: single-threaded, ATen runs 1x1 convolutions of batches
 # under 16 with its own kernel instead of oneDNN's (EfficientNet-Lite0's tokens then differ in float16 from
