@@ -21,10 +21,11 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
@@ -48,9 +49,9 @@ BLOCK_SIZE = 256  # default images per resumable shard (the final file does not 
 SHARD_RETRIES = 2  # a failed Dask shard is retried this many times before it is listed
 DECODE_WORKERS = 0  # default threads decoding images (extract.decode_workers); 0: in the encoding thread
 PREFETCH_BATCHES = 2  # batches decoded and preprocessed ahead of the one being encoded
-# A Dask worker never computes on one torch thread: single-threaded, ATen runs 1x1 convolutions of batches
-# under 16 with its own kernel instead of oneDNN's (EfficientNet-Lite0's tokens then differ in float16 from
-# a multi-threaded inline run's), while oneDNN's results did not change from 2 to 16 threads.
+# Extraction never computes on one torch thread, inline or on a Dask worker: single-threaded, ATen runs 1x1
+# convolutions of batches under 16 with its own kernel instead of oneDNN's (EfficientNet-Lite0's tokens then
+# differ in float16 from a multi-threaded run's), while oneDNN's results did not change from 2 to 16 threads.
 MIN_WORKER_THREADS = 2
 
 
@@ -223,7 +224,8 @@ def _encode_blocks(work, image_root, encoder, dtype, batch_size, bar, decode_wor
         if not left[w]:
             _save_part(out, [], [], [], [], dtype)
     ok_ids, tokens, failed_ids, reasons = [], [], [], []
-    with closing(_batches([span for _, span in spans], image_root, encoder, decode_workers)) as batches:
+    with closing(_batches([span for _, span in spans], image_root, encoder, decode_workers)) as batches, \
+            _encoding_threads(encoder):
         for (w, _), batch in zip(spans, batches):
             for image_id, reason in batch.failed:
                 failed_ids.append(image_id)
@@ -237,6 +239,20 @@ def _encode_blocks(work, image_root, encoder, dtype, batch_size, bar, decode_wor
             if not left[w]:
                 _save_part(work[w][1], ok_ids, tokens, failed_ids, reasons, dtype)
                 ok_ids, tokens, failed_ids, reasons = [], [], [], []
+
+
+@contextmanager
+def _encoding_threads(encoder: VisionEncoder) -> Iterator[None]:
+    """At least MIN_WORKER_THREADS torch threads while a CPU encoder runs: on one thread torch picks other
+    convolution kernels for small batches, and other bytes, so a process that runs on one thread (a test
+    session, a one-core machine, a Dask worker given one core) would write other features than one on two."""
+    before = torch.get_num_threads()
+    if encoder.device.type == "cpu" and before < MIN_WORKER_THREADS:
+        torch.set_num_threads(MIN_WORKER_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _save_part(out: Path, ok_ids, tokens, failed_ids, reasons, dtype) -> None:
