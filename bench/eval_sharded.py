@@ -43,18 +43,24 @@ def outputs(root: Path, method: str) -> list[bytes]:
                                                f"plots/caption/{method}/captions.json")]
 
 
-def lm_size(method: str) -> tuple[int, int, int]:
-    """(LM parameters, visual tokens, prompt tokens) of the bridge's LLM, for the FLOP counts."""
+def lm_size(method: str) -> tuple[int, int, int, int]:
+    """(LM parameters, visual tokens, prompt tokens, distinct inner trie nodes of VQAv2-sized closed candidates)
+    of the bridge's LLM, for the FLOP counts. The closed ranking (pipeline.generation.rank_candidates) runs the
+    prefix once and then only the candidates' distinct inner trie nodes through the LM: one-token answers are
+    read off the prefix's logits. The candidates are bench/vqa_closed.py's stand-ins for VQAv2's answer list."""
     import json
 
     import torch
+    from vqa_closed import candidates, inner_trie_nodes
 
     from pipeline.lms import load_lm
 
     meta = json.loads((Dirs().models / method / "config.json").read_text())
     lm = load_lm(meta["llm"], torch.device("cpu"))
+    token_ids = [lm.tokenizer(c, add_special_tokens=False)["input_ids"]
+                 for c in candidates(lm.tokenizer, VQAV2_CLOSED_ANSWERS)]
     return (sum(p.numel() for p in lm.model.parameters()), int(meta["feature_shape"][0]),
-            len(lm.prompt_ids(meta["prompt"])))
+            len(lm.prompt_ids(meta["prompt"])), inner_trie_nodes(token_ids))
 
 
 def main() -> int:
@@ -65,8 +71,6 @@ def main() -> int:
     p.add_argument("--gpu-tflops", type=float, default=100.0,
                    help="ESTIMATE: sustained TFLOP/s of one GPU on this work (assumed, default 100: about 10%% of "
                         "an H100's bf16 dense peak, for batch-32 decoding of a small LM)")
-    p.add_argument("--answer-tokens", type=float, default=2.0,
-                   help="ESTIMATE: mean tokens of a closed-vocabulary candidate answer (assumed)")
     args = p.parse_args()
     if not (Dirs().models / args.method / "config.json").exists():
         print(f"bench/eval_sharded.py: needs the trained {args.method} bridge: `dvc repro train@{args.method}`",
@@ -95,19 +99,19 @@ def main() -> int:
     print(f"metrics and captions.json of {hi} images byte-identical between 1 and {args.processes} processes: {same}")
 
     # ESTIMATE: FLOPs of the LM forward passes (2 x parameters per token), this CPU's measured rate on them,
-    # and VQAv2's per-question tokens: its prefix, 4 open-ended tokens, the closed candidates after the prefix.
-    params, visual, prompt = lm_size(args.method)
+    # and VQAv2's per-question tokens: its prefix, 4 open-ended tokens, the closed candidates' inner trie nodes.
+    params, visual, prompt, trie_nodes = lm_size(args.method)
     new_tokens = int(raw["evaluate"]["caption"]["max_new_tokens"])
     caption_flops = 2 * params * (visual + prompt + new_tokens)
     cpu_rate = caption_flops / per_image[1]
-    question_tokens = visual + 12 + 4 + VQAV2_CLOSED_ANSWERS * args.answer_tokens  # ~12 tokens of question text
+    question_tokens = visual + 12 + 4 + trie_nodes  # ~12 tokens of question text
     question_flops = 2 * params * question_tokens
     total = VQAV2_VAL_QUESTIONS * question_flops
     one_cpu = total / cpu_rate
     gpus = total / (8 * args.gpu_tflops * 1e12)
     print(f"ESTIMATE (not measured): LM {params / 1e6:.0f}M parameters; a caption {caption_flops / 1e9:.1f} GFLOP "
           f"-> this CPU ran {cpu_rate / 1e9:.0f} GFLOP/s in one process; a VQAv2 question ~{question_tokens:.0f} "
-          f"tokens ({VQAV2_CLOSED_ANSWERS} candidates x {args.answer_tokens:g}) = {question_flops / 1e12:.2f} TFLOP, "
+          f"tokens ({trie_nodes} inner trie nodes of {VQAV2_CLOSED_ANSWERS} candidates) = {question_flops / 1e12:.2f} TFLOP, "
           f"{VQAV2_VAL_QUESTIONS:,} questions = {total / 1e15:.0f} PFLOP")
     print(f"ESTIMATE: VQAv2 val on this machine, one process: {one_cpu / 86400:.1f} days; "
           f"on 8 GPUs, {args.processes}-way measured ratio aside (sharding is per question, no communication but the "

@@ -13,7 +13,6 @@ decodes its shard of the test images, rank 0 scores them all and writes the one-
 """
 from __future__ import annotations
 
-import json
 import sys
 
 from pipeline import distributed
@@ -24,7 +23,7 @@ from pipeline.paths import Dirs
 from pipeline.tasks.caption_metrics import chance_scores, cider_by_domain, start_meteor, write_examples_html
 from pipeline.tasks.captioning import evaluate_captioning
 from pipeline.tasks.inputs import load_eval_inputs
-from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, LOCKS_HELD_BY, NO_TEST_CAPTIONS, Out, StageSpec,
+from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, NO_TEST_CAPTIONS, Out, StageSpec, run_sharded,
                            stage_main, write_metrics, write_not_applicable)
 
 STAGE = StageSpec(
@@ -41,19 +40,7 @@ STAGE = StageSpec(
 def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
     if not has_captions(dirs.prepared, "test"):
         return write_not_applicable(STAGE, dirs, method, NO_TEST_CAPTIONS)
-    launch = distributed.Launch.of(cfg.evaluate.common, "evaluate.common")
-    if launch.world > 1 and not distributed.launched():
-        distributed.check_devices(cfg.evaluate.common.device, launch)
-        distributed.launch_stage(launch, f"stages.{STAGE.name}", cfg, dirs.root, method, STAGE.label(method),
-                                 env={LOCKS_HELD_BY: STAGE.label(method)})
-        return json.loads((dirs.metrics / "caption" / f"{method}.json").read_text())
-    ranks, _ = distributed.start(cfg.evaluate.common.device)
-    try:
-        result = evaluate(cfg, dirs, method, lm, ranks)
-        distributed.barrier()  # the other ranks wait while rank 0 writes
-        return result
-    finally:
-        distributed.stop()
+    return run_sharded(STAGE, cfg, dirs, method, "caption", lambda ranks: evaluate(cfg, dirs, method, lm, ranks))
 
 
 def evaluate(cfg: Config, dirs: Dirs, method: str, lm, ranks: distributed.Ranks) -> dict:

@@ -16,7 +16,6 @@ bridges its shard of the test (and fitting) images, rank 0 scores them all and w
 """
 from __future__ import annotations
 
-import json
 import sys
 
 from pipeline import distributed
@@ -27,7 +26,7 @@ from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
 from pipeline.tasks.inputs import load_eval_inputs
 from pipeline.tasks.retrieval import evaluate_retrieval, fit_on_training
-from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, LOCKS_HELD_BY, NO_TEST_CAPTIONS, Out, StageSpec,
+from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, NO_TEST_CAPTIONS, Out, StageSpec, run_sharded,
                            stage_main, write_metrics, write_not_applicable)
 
 STAGE = StageSpec(
@@ -43,19 +42,7 @@ STAGE = StageSpec(
 def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
     if not has_captions(dirs.prepared, "test"):
         return write_not_applicable(STAGE, dirs, method, NO_TEST_CAPTIONS)
-    launch = distributed.Launch.of(cfg.evaluate.common, "evaluate.common")
-    if launch.world > 1 and not distributed.launched():
-        distributed.check_devices(cfg.evaluate.common.device, launch)
-        distributed.launch_stage(launch, f"stages.{STAGE.name}", cfg, dirs.root, method, STAGE.label(method),
-                                 env={LOCKS_HELD_BY: STAGE.label(method)})
-        return json.loads((dirs.metrics / "retrieval" / f"{method}.json").read_text())
-    ranks, _ = distributed.start(cfg.evaluate.common.device)
-    try:
-        result = evaluate(cfg, dirs, method, ranks)
-        distributed.barrier()  # the other ranks wait while rank 0 writes
-        return result
-    finally:
-        distributed.stop()
+    return run_sharded(STAGE, cfg, dirs, method, "retrieval", lambda ranks: evaluate(cfg, dirs, method, ranks))
 
 
 def evaluate(cfg: Config, dirs: Dirs, method: str, ranks: distributed.Ranks) -> dict:

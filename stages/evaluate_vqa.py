@@ -12,7 +12,6 @@ answers its shard of the questions, rank 0 scores them all and writes the one-pr
 """
 from __future__ import annotations
 
-import json
 import random
 import sys
 
@@ -27,7 +26,7 @@ from pipeline.paths import Dirs
 from pipeline.tasks.inputs import load_eval_inputs
 from pipeline.tasks.vqa import (answer_questions, answer_vocabulary, chance_accuracy, select_questions, shots_prefix,
                                 summarise)
-from stages.common import (EVALUATION_DEPS, LOCKS_HELD_BY, Out, StageSpec, stage_main, write_metrics,
+from stages.common import (EVALUATION_DEPS, Out, StageSpec, run_sharded, stage_main, write_metrics,
                            write_not_applicable)
 
 STAGE = StageSpec(
@@ -50,23 +49,10 @@ def pick_shots(dirs: Dirs, n: int, seed: int) -> tuple[list[dict], list[torch.Te
 
 
 def run(cfg: Config, dirs: Dirs, method: str, *, lm=None) -> dict:
-    common = cfg.evaluate.common
     if not has_questions(dirs.prepared, "test"):
         return write_not_applicable(STAGE, dirs, method, "the prepared data has no test questions "
                                                          "(VQA needs a source with questions, e.g. easy-VQA)")
-    launch = distributed.Launch.of(common, "evaluate.common")
-    if launch.world > 1 and not distributed.launched():
-        distributed.check_devices(common.device, launch)
-        distributed.launch_stage(launch, f"stages.{STAGE.name}", cfg, dirs.root, method, STAGE.label(method),
-                                 env={LOCKS_HELD_BY: STAGE.label(method)})
-        return json.loads((dirs.metrics / "vqa" / f"{method}.json").read_text())
-    ranks, _ = distributed.start(common.device)
-    try:
-        result = evaluate(cfg, dirs, method, lm, ranks)
-        distributed.barrier()  # the other ranks wait while rank 0 writes
-        return result
-    finally:
-        distributed.stop()
+    return run_sharded(STAGE, cfg, dirs, method, "vqa", lambda ranks: evaluate(cfg, dirs, method, lm, ranks))
 
 
 def evaluate(cfg: Config, dirs: Dirs, method: str, lm, ranks: distributed.Ranks) -> dict:
