@@ -245,30 +245,6 @@ def stage_main(module: ModuleType, argv: list[str] | None, parents: tuple[argpar
     return report_user_errors(lambda: body(args, load_config(args.params), Dirs.under(args.data)))
 
 
-def run_sharded(spec: StageSpec, cfg: Config, dirs: Dirs, method: str, task: str,
-                evaluate_shard: Callable[[Any], dict]) -> dict:
-    """An evaluation on `evaluate.common.nproc_per_node` processes. Outside torchrun with more than one, the stage
-    starts itself under torchrun (this process holds the locks, its ranks take none) and returns the metrics rank 0
-    wrote to data/metrics/<task>/<method>.json. Otherwise this process runs `evaluate_shard(ranks)` on its shard;
-    rank 0 writes every output while the other ranks wait."""
-    from pipeline import distributed  # torch: imported only by the stages that evaluate
-
-    common = cfg.evaluate.common
-    launch = distributed.Launch.of(common, "evaluate.common")
-    if launch.world > 1 and not distributed.launched():
-        distributed.check_devices(common.device, launch)
-        distributed.launch_stage(launch, f"stages.{spec.name}", cfg, dirs.root, method, spec.label(method),
-                                 env={LOCKS_HELD_BY: spec.label(method)})
-        return json.loads((dirs.metrics / task / f"{method}.json").read_text())
-    ranks, _ = distributed.start(common.device)
-    try:
-        result = evaluate_shard(ranks)
-        distributed.barrier()  # the other ranks wait while rank 0 writes
-        return result
-    finally:
-        distributed.stop()
-
-
 def write_metrics(dirs: Dirs, task: str, method: str, metrics: dict) -> dict:
     """data/metrics/<task>/<method>.json (a git-tracked DVC metrics file), written atomically."""
     metrics = {"applicable": True} | {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}

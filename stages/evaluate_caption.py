@@ -23,7 +23,8 @@ from pipeline.paths import Dirs
 from pipeline.tasks.caption_metrics import chance_scores, cider_by_domain, start_meteor, write_examples_html
 from pipeline.tasks.captioning import evaluate_captioning
 from pipeline.tasks.inputs import load_eval_inputs
-from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, NO_TEST_CAPTIONS, Out, StageSpec, run_sharded,
+from stages.sharded import run_sharded
+from stages.common import (EVALUATION_DEPS, EVALUATION_PARAMS, NO_TEST_CAPTIONS, Out, StageSpec,
                            stage_main, write_metrics, write_not_applicable)
 
 STAGE = StageSpec(

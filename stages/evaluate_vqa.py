@@ -26,7 +26,8 @@ from pipeline.paths import Dirs
 from pipeline.tasks.inputs import load_eval_inputs
 from pipeline.tasks.vqa import (answer_questions, answer_vocabulary, chance_accuracy, select_questions, shots_prefix,
                                 summarise)
-from stages.common import (EVALUATION_DEPS, Out, StageSpec, run_sharded, stage_main, write_metrics,
+from stages.sharded import run_sharded
+from stages.common import (EVALUATION_DEPS, Out, StageSpec, stage_main, write_metrics,
                            write_not_applicable)
 
 STAGE = StageSpec(
