@@ -97,3 +97,28 @@ def test_a_killed_runs_temp_files_are_removed_by_the_next_run_of_its_stage(tmp_p
         path.write_bytes(b"x")
     remove_leftover_temps([folder, single])
     assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
+
+
+def test_a_run_waiting_on_the_repo_names_the_run_that_holds_it_not_a_killed_one(tmp_path):
+    """The repo's run lock (`vlap run`, the flow): a waiter that comes just as the holder took the lock waits
+    for the holder's record; a killed run's record (its process gone) names nobody; a run lets go of its record."""
+    import threading
+
+    from vlap.repro import RUN_LOCK, holder_of, repo_run_lock
+
+    record = (tmp_path / RUN_LOCK).with_suffix(".holder")
+    record.parent.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    record.write_text(f'{{"pid": {dead.pid}, "command": "vlap run", "started": "01:02:03"}}')
+    assert holder_of(tmp_path / RUN_LOCK, wait_s=0.2) == "another `vlap run`"
+    # the holder writes its record a moment after the waiter looked
+    later = threading.Timer(0.3, lambda: record.write_text(
+        f'{{"pid": {os.getpid()}, "command": "vlap run", "started": "04:05:06"}}'))
+    later.start()
+    assert holder_of(tmp_path / RUN_LOCK) == f"`vlap run` (pid {os.getpid()}, started 04:05:06)"
+    later.join()
+    record.unlink()
+    with repo_run_lock(tmp_path, "python -m vlap.flow"):
+        assert f"`python -m vlap.flow` (pid {os.getpid()}" in holder_of(tmp_path / RUN_LOCK, wait_s=0)
+    assert not record.exists()

@@ -25,6 +25,7 @@ from typing import Iterator
 from filelock import FileLock, Timeout
 
 from pipeline.errors import LockTimeoutError
+from pipeline.io import write_json_atomic
 from pipeline.locks import lock_timeout
 
 log = logging.getLogger("vlap.run")
@@ -34,13 +35,35 @@ DVC_BUSY = ("is busy, it is being blocked by", "Unable to acquire lock")
 RETRY_S = 2.0
 
 
-def holder_of(lock: Path) -> str:
-    """Who holds the run lock, as its holder wrote it next to the lock."""
+# Seconds a waiter gives the lock's holder to write who it is (it does so as soon as it holds the lock).
+HOLDER_WAIT_S = 5.0
+
+
+def holder_of(lock: Path, wait_s: float = HOLDER_WAIT_S) -> str:
+    """Who holds the run lock, as its holder wrote it next to the lock. The holder writes it just after it
+    takes the lock (and removes it just before letting go): a waiter that comes in between waits for it a
+    moment. A record whose process is gone is a killed run's, and says nothing of the holder."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            info = json.loads(lock.with_suffix(".holder").read_text())
+            if pid_alive(int(info["pid"])):
+                return f"`{info['command']}` (pid {info['pid']}, started {info['started']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if time.monotonic() > deadline:
+            return "another `vlap run`"
+        time.sleep(0.05)
+
+
+def pid_alive(pid: int) -> bool:
     try:
-        info = json.loads(lock.with_suffix(".holder").read_text())
-        return f"`{info['command']}` (pid {info['pid']}, started {info['started']})"
-    except (OSError, ValueError, KeyError):
-        return "another `vlap run`"
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def run_dvc_repro(root: Path, args: list[str]) -> tuple[int, str]:
@@ -78,11 +101,12 @@ def repo_run_lock(root: Path, command: str) -> Iterator[None]:
         except Timeout:
             raise LockTimeoutError(f"{root.resolve()}: another run still holds {lock_path} after "
                                    f"{timeout:g} s") from None
+    holder = lock_path.with_suffix(".holder")
     try:
-        lock_path.with_suffix(".holder").write_text(json.dumps(
-            {"pid": os.getpid(), "command": command, "started": time.strftime("%H:%M:%S")}))
+        write_json_atomic(holder, {"pid": os.getpid(), "command": command, "started": time.strftime("%H:%M:%S")})
         yield
     finally:
+        holder.unlink(missing_ok=True)
         lock.release()
 
 
