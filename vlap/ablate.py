@@ -37,6 +37,11 @@ from vlap.params_file import parse_assignment, with_overrides
 log = logging.getLogger("vlap.ablate")
 
 
+# The states `dvc queue status` prints in its last column; seconds between two looks at the queue.
+QUEUE_STATES = ("Queued", "Running", "Success", "Failed", "Killed")
+POLL_S = 5
+
+
 class DvcError(UserError):
     """A dvc command the ablation runs failed, or left nothing to report."""
 
@@ -122,32 +127,39 @@ def queue(settings: list[Setting], sets: list[str], baseline: str) -> list[Setti
     return [s for s in settings if s.name not in done]
 
 
-def queue_names(states: tuple[str, ...] = ("Queued", "Running")) -> set[str]:
-    """Names of the experiments `dvc queue status` lists in one of `states`."""
-    names = set()
+def queue_states() -> dict[str, str]:
+    """name -> status (Queued, Running, Success, Failed, ...) of every experiment `dvc queue status` lists."""
+    states = {}
     for line in dvc("queue", "status").splitlines():
         cols = line.split()
-        if len(cols) >= 3 and any(state in cols for state in states):
-            names.add(cols[1])
-    return names
+        if len(cols) >= 3 and cols[0] != "Task" and cols[-1] in QUEUE_STATES:
+            states[cols[1]] = cols[-1]
+    return states
+
+
+def queue_names(states: tuple[str, ...] = ("Queued", "Running")) -> set[str]:
+    """Names of the experiments `dvc queue status` lists in one of `states`."""
+    return {name for name, state in queue_states().items() if state in states}
 
 
 def run_queue(settings: list[Setting], jobs: int, baseline: str) -> list[str]:
-    """Start the queue's workers and wait until every setting has an experiment or has failed; returns
-    the names that failed."""
+    """Start the queue's workers and wait until none of the settings is queued or running; returns the names
+    that failed. One `dvc queue status` a poll: reading the experiments (`dvc exp show`) each time would take
+    the CPU from the experiments themselves."""
     from tqdm import tqdm
 
     dvc("queue", "start", "--jobs", str(jobs))
     wanted = {s.name for s in settings}
     with tqdm(total=len(wanted), desc="ablation experiments", unit="exp") as bar:
         while True:
-            finished = wanted & set(experiment_refs(baseline))
-            failed = wanted & queue_names(("Failed",))
-            bar.n = len(finished | failed)
+            states = queue_states()
+            bar.n = sum(states.get(name) in ("Success", "Failed") for name in wanted)
             bar.refresh()
-            if not wanted & queue_names() or finished | failed == wanted:
-                return sorted(failed - finished)
-            time.sleep(10)
+            if not any(states.get(name) in ("Queued", "Running") for name in wanted):
+                break
+            time.sleep(POLL_S)
+    finished = wanted & set(experiment_refs(baseline))
+    return sorted(wanted - finished)
 
 
 def shown_at(names: list[str]) -> dict[str, tuple[dict, dict[str, dict]]]:
