@@ -40,25 +40,53 @@ def test_dvc_yaml_is_generated_from_the_specs():
     assert check.returncode == 0
 
 
-def loaded_project_files(module: str) -> set[str]:
-    """The project files a fresh interpreter loads to import `module` (empty package __init__ files left out)."""
-    probe = (f"import sys, {module}; print('\\n'.join(sorted(getattr(m, '__file__', '') or '' "
-             f"for n, m in sys.modules.items() if n.split('.')[0] in ('pipeline', 'stages', 'vlap'))))")
-    loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
-                            check=True).stdout.split()
-    files = {Path(f).resolve().relative_to(REPO).as_posix() for f in loaded}
-    return {f for f in files if not (f.endswith("__init__.py") and (REPO / f).stat().st_size == 0)}
+# A fresh interpreter per module, forked from one that has imported only third-party packages (torch's import
+# alone takes seconds): each child imports one module and prints the project files it then holds.
+PROBE = """
+import json, os, sys
+import numpy, torch, h5py, pyarrow, yaml  # third-party only: no project module is loaded before the fork
+assert not [n for n in sys.modules if n.split('.')[0] in ('pipeline', 'stages', 'vlap')]
+found = {}
+for module in sys.argv[1:]:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        __import__(module)
+        files = sorted(getattr(m, '__file__', '') or '' for n, m in list(sys.modules.items())
+                       if n.split('.')[0] in ('pipeline', 'stages', 'vlap'))
+        os.write(write, json.dumps(files).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        found[module] = json.loads(pipe.read())
+    assert os.waitpid(pid, 0)[1] == 0, module
+print(json.dumps(found))
+"""
+
+
+def loaded_project_files(*modules: str) -> dict[str, set[str]]:
+    """For each module: the project files a fresh interpreter loads to import it (empty package __init__ files
+    left out)."""
+    loaded = json.loads(subprocess.run([sys.executable, "-c", PROBE, *modules], cwd=REPO, capture_output=True,
+                                       text=True, check=True).stdout)
+    found = {}
+    for module, names in loaded.items():
+        files = {Path(f).resolve().relative_to(REPO).as_posix() for f in names if f}
+        found[module] = {f for f in files if not (f.endswith("__init__.py") and (REPO / f).stat().st_size == 0)}
+    return found
 
 
 def test_code_deps_are_what_the_stage_imports():
     """A fresh interpreter that imports the stage loads exactly the declared project modules, and the method
     modules the params schema reads the methods' sections from (a method module's code runs only in its own
     train stage, which depends on it)."""
-    schema = loaded_project_files("pipeline.config") - set(graph.NO_OUTPUT_EFFECT)
+    loaded = loaded_project_files("pipeline.config", *(node.module.__name__ for node in graph.graph()))
+    schema = loaded["pipeline.config"] - set(graph.NO_OUTPUT_EFFECT)
     by_methods = {f for m in METHODS for f in graph.code_deps(graph.METHOD_MODULE.format(method=m))}
     assert schema <= by_methods | {graph.METHOD_MODULE.format(method=m) for m in METHODS}, schema - by_methods
     for node in graph.graph():
-        files = loaded_project_files(node.module.__name__) - set(graph.NO_OUTPUT_EFFECT) - schema
+        files = loaded[node.module.__name__] - set(graph.NO_OUTPUT_EFFECT) - schema
         assert files <= set(node.code), (node.spec.name, files - set(node.code))
         assert "stages/graph.py" not in node.code  # editing one stage's spec re-runs only that stage
     train = next(n for n in graph.graph() if n.spec.name == "train")
