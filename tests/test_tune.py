@@ -12,7 +12,7 @@ from pipeline.paths import Dirs
 from stages import extract, prepare, prototypes
 from stages.common import run_stage
 from tiny_models import save_tiny_clip_vision, save_tiny_opt
-from vlap.tune import apply_to_params, grid, run_tune
+from vlap.tune import apply_to_params, grid, lr_beyond_edge, run_tune
 
 pytestmark = pytest.mark.slow  # every method trained over a grid
 
@@ -81,3 +81,25 @@ def test_a_rerun_keeps_finished_settings_and_apply_writes_params(tuned, tmp_path
     apply_to_params({"chosen": {"vlap": {"lr": 0.5, "weight": None}}}, untouched)
     lines = untouched.read_text().splitlines()
     assert lines[2].split() == ["lr:", "0.5", "#", "tuned"] and lines[4] == "    lr: ~  # train.lr"  # nulls stay ~
+
+
+def test_a_method_best_at_an_edge_of_the_grid_is_tried_one_step_past_it(tuned, tmp_path):
+    """--extend-edges: one lr past the edge where a method's best sits, at the grid's ratio there; the runs
+    of another grid in the same folder are kept for a later tune but never compete."""
+    assert lr_beyond_edge(3e-3, [1e-3, 3e-3]) == 9e-3 and lr_beyond_edge(1e-3, [1e-3, 3e-3]) == 3.33e-4
+    assert lr_beyond_edge(3e-3, [1e-3, 3e-3, 1e-2]) is None
+    cfg, root, _ = tuned
+    out = tmp_path / "tune"
+    first = run_tune(cfg, Dirs.under(root / "data"), out, ["limber"], [1e-3, 1e-2], [0.5], val_images=6)
+    best_lr = first["chosen"]["limber"]["lr"]  # two lrs: the best is at an edge
+    past = {1e-3: 1e-4, 1e-2: 0.1}[best_lr]
+    extended = run_tune(cfg, Dirs.under(root / "data"), out, ["limber"], [1e-3, 1e-2], [0.5], val_images=6,
+                        extend_edges=1)
+    assert extended["grid"]["lr_by_method"]["limber"] == sorted([1e-3, 1e-2, past])
+    assert sorted(r["lr"] for r in extended["runs"].values()) == sorted([1e-3, 1e-2, past])
+    assert extended["chosen"]["limber"]["score"] == max(r["score"] for r in extended["runs"].values())
+    assert f"limber: {', '.join(f'{lr:g}' for lr in sorted([1e-3, 1e-2, past]))}" in (out / "report.md").read_text()
+    narrower = run_tune(cfg, Dirs.under(root / "data"), out, ["limber"], [1e-2], [0.5], val_images=6)
+    assert list(narrower["runs"]) == ["limber/lr0.01"] and narrower["chosen"]["limber"]["lr"] == 1e-2
+    saved = json.loads((out / "tune.json").read_text())
+    assert set(saved["kept"]) == {"limber/lr0.001", f"limber/lr{past:g}"}  # kept for a later tune, not chosen

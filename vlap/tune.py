@@ -1,7 +1,8 @@
 """`vlap tune`: every method at its best, with the same budget, chosen on the validation split.
 
     vlap tune [--methods vlap limber contrastive] [--lr 3e-3 1e-2] [--weight 0.1 1.0] [--temperature 0.07 0.01]
-              [--val-images 200] [--apply] [--out data/tune] [--workers N | --scheduler ADDRESS] [--threads T]
+              [--val-images 200] [--extend-edges N] [--apply] [--out data/tune]
+              [--workers N | --scheduler ADDRESS] [--threads T]
 
 Every method gets the same grid: the learning rate, times its alignment weight (λ =
 `methods.vlap.ap_weight`, `methods.contrastive.nce_weight`; limber has none; `--temperature` also varies the initial
@@ -14,8 +15,10 @@ method is tuned for both what it shares with the others (captioning) and what it
 (retrieval). Writes `<out>/report.md` and `tune.json`; `--apply` writes each method's chosen settings
 into params.yaml (`methods.<m>.lr` and its weight), where `dvc repro`, the study and the ablation read
 them. Runs share the pipeline's cached features and prototypes (`dvc repro prototypes` first); a
-re-run keeps every setting it finished. With `--workers N` / `--scheduler ADDRESS` the settings are
-Dask tasks, each worker on its own GPU or share of the cores with its own LLM (vlap/cells.py).
+re-run keeps every setting it finished (`tune.json` keeps the runs of another grid or budget under "kept":
+they never compete). `--extend-edges N`: a method whose best lr is the grid's lowest or highest is tried
+one grid step past it, with every weight, up to N times, so no method is read at the edge of its grid.
+With `--workers N` / `--scheduler ADDRESS` the settings are Dask tasks, each worker on its own GPU or share of the cores with its own LLM (vlap/cells.py).
 """
 from __future__ import annotations
 
@@ -102,53 +105,93 @@ def tune_cell(setting: Setting, cfg: Config, dirs: Dirs, val_images: int, lm) ->
     return evaluate_on_validation(cfg, dirs, setting.method, lm, val_images)
 
 
+def lr_beyond_edge(best_lr: float, lrs: list[float]) -> float | None:
+    """One grid step past the edge of `lrs` (sorted, at least two) where `best_lr` sits, at the ratio of the
+    two values at that edge (1e-3, 3e-3 -> 9e-3 above, 3.33e-4 below); None when the best is inside."""
+    if best_lr == lrs[-1]:
+        return float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}")
+    if best_lr == lrs[0]:
+        return float(f"{lrs[0] * lrs[0] / lrs[1]:.3g}")
+    return None
+
+
 def run_tune(cfg: Config, base: Dirs, out: Path, methods: list[str], lrs: list[float], weights: list[float],
              val_images: int, lm=None, temperatures: list[float] | None = None,
-             cluster: CellCluster | None = None) -> dict:
+             cluster: CellCluster | None = None, extend_edges: int = 0) -> dict:
     """Every setting of the grid trained and scored, one after another here or as tasks on `cluster`'s
-    workers (vlap.cells); a setting finished before with the same fingerprint is kept."""
+    workers (vlap.cells); a setting finished before with the same fingerprint is kept. With `extend_edges`,
+    a method whose best lr is at an edge of its grid gets one more lr past that edge (with every weight),
+    up to that many times: the same rule for every method, so none is read at the edge of what it was given."""
     if not (base.features / "index.json").exists() or not base.prototypes.exists():
         raise MissingInputError(f"{base.root}: no cached features or prototypes (run `dvc repro prototypes` first)")
     if "val" not in manifest_splits(base.prepared):
         raise ConfigError("params.yaml: prepare.validation_fraction: 0 leaves no validation split to tune on")
+    if extend_edges and len(set(lrs)) < 2:
+        raise ConfigError("--extend-edges needs at least two learning rates (the step past an edge is their ratio)")
     results_path = Path(out) / "tune.json"
-    done = json.loads(results_path.read_text())["runs"] if results_path.exists() else {}
-    todo = []  # (key, setting, fingerprint, the cell's arguments)
-    for setting in grid(methods, lrs, weights, temperatures):
-        key = f"{setting.method}/{setting.name}"
-        run_cfg = setting.config(cfg)
-        fingerprint = {"train": without_launch(dataclasses.asdict(run_cfg.train)),  # any process count alike
-                       "method": dataclasses.asdict(getattr(run_cfg.methods, setting.method)), "val_images": val_images}
-        if done.get(key, {}).get("fingerprint") == fingerprint:
-            log.info("tune: %s done before, kept", key)
-            continue
-        dirs = base.sharing_inputs(Path(out) / "runs" / setting.method / setting.name)
-        todo.append((key, setting, fingerprint, (setting, run_cfg, dirs, val_images)))
+    saved = json.loads(results_path.read_text()) if results_path.exists() else {}
+    done = saved.get("runs", {}) | saved.get("kept", {})  # kept: runs of another grid or budget, for a later tune
+    fingerprints = {}  # key -> the fingerprint of this tune's setting
 
-    def finished(i: int, scores: dict) -> None:
-        key, setting, fingerprint, _ = todo[i]
-        done[key] = {"method": setting.method, "lr": setting.lr, "weight": setting.weight,
-                     "temperature": setting.temperature, "fingerprint": fingerprint} | scores
-        write_json_atomic(results_path, {"runs": done})  # after every setting: an interrupted tune resumes
-        log.info("tune: %s validation score %.2f", key, done[key]["score"])
+    def run_settings(settings: list[Setting]) -> None:
+        nonlocal done, lm
+        todo = []  # (key, setting, fingerprint, the cell's arguments)
+        for setting in settings:
+            key = f"{setting.method}/{setting.name}"
+            run_cfg = setting.config(cfg)
+            fingerprint = {"train": without_launch(dataclasses.asdict(run_cfg.train)),  # any process count alike
+                           "method": dataclasses.asdict(getattr(run_cfg.methods, setting.method)),
+                           "val_images": val_images}
+            fingerprints[key] = fingerprint
+            if done.get(key, {}).get("fingerprint") == fingerprint:
+                log.info("tune: %s done before, kept", key)
+                continue
+            dirs = base.sharing_inputs(Path(out) / "runs" / setting.method / setting.name)
+            todo.append((key, setting, fingerprint, (setting, run_cfg, dirs, val_images)))
 
-    if cluster is None:
-        if lm is None and todo:
-            from pipeline.device import resolve_device
-            from pipeline.lms import load_lm
+        def finished(i: int, scores: dict) -> None:
+            key, setting, fingerprint, _ = todo[i]
+            done[key] = {"method": setting.method, "lr": setting.lr, "weight": setting.weight,
+                         "temperature": setting.temperature, "fingerprint": fingerprint} | scores
+            write_json_atomic(results_path, {"runs": done})  # after every setting: an interrupted tune resumes
+            log.info("tune: %s validation score %.2f", key, done[key]["score"])
 
-            lm = load_lm(cfg.prototypes.llm, resolve_device(cfg.train.device))
-        for i, (_, _, _, args) in enumerate(todo):
-            finished(i, tune_cell(*args, lm=lm))
-    elif todo:  # one LLM per worker, for every setting it runs
-        order = list(dict.fromkeys([*done, *(key for key, *_ in todo)]))  # as a serial run adds them (ties in max)
-        cluster.map([(tune_cell, args) for *_, args in todo], cfg.prototypes.llm, cfg.train.device, finished)
-        done = {key: done[key] for key in order}
-    chosen = {m: max((r for r in done.values() if r["method"] == m), key=lambda r: r["score"]) for m in methods}
-    report = {"runs": done, "chosen": {m: {"lr": r["lr"], "weight": r["weight"], "temperature": r.get("temperature"),
+        if cluster is None:
+            if lm is None and todo:
+                from pipeline.device import resolve_device
+                from pipeline.lms import load_lm
+
+                lm = load_lm(cfg.prototypes.llm, resolve_device(cfg.train.device))
+            for i, (_, _, _, args) in enumerate(todo):
+                finished(i, tune_cell(*args, lm=lm))
+        elif todo:  # one LLM per worker, for every setting it runs
+            order = list(dict.fromkeys([*done, *(key for key, *_ in todo)]))  # as a serial run adds them (ties in max)
+            cluster.map([(tune_cell, args) for *_, args in todo], cfg.prototypes.llm, cfg.train.device, finished)
+            done = {key: done[key] for key in order}
+
+    def best(method: str) -> dict:
+        """The method's best run of this tune's grid (runs kept from another grid or budget do not compete)."""
+        return max((done[k] for k in fingerprints if k.startswith(f"{method}/")
+                    and done[k]["fingerprint"] == fingerprints[k]), key=lambda r: r["score"])
+
+    lr_grid = {m: sorted(set(lrs)) for m in methods}
+    run_settings(grid(methods, lrs, weights, temperatures))
+    for _ in range(extend_edges):
+        beyond = {m: lr for m in methods if (lr := lr_beyond_edge(best(m)["lr"], lr_grid[m])) is not None}
+        if not beyond:
+            break
+        for m, lr in beyond.items():
+            log.info("tune: %s is best at the edge of lr %s: trying lr %g", m, lr_grid[m], lr)
+            lr_grid[m] = sorted(lr_grid[m] + [lr])
+        run_settings([s for m, lr in beyond.items() for s in grid([m], [lr], weights, temperatures)])
+    chosen = {m: best(m) for m in methods}
+    runs = {k: done[k] for k in done if k in fingerprints}
+    report = {"runs": runs, "chosen": {m: {"lr": r["lr"], "weight": r["weight"], "temperature": r.get("temperature"),
                                            "score": r["score"]} for m, r in chosen.items()},
-              "grid": {"lr": lrs, "weight": weights, "temperature": temperatures}, "val_images": val_images}
-    write_json_atomic(results_path, report)
+              "grid": {"lr": lrs, "weight": weights, "temperature": temperatures, "extend_edges": extend_edges,
+                       "lr_by_method": lr_grid},
+              "val_images": val_images}
+    write_json_atomic(results_path, report | {"kept": {k: r for k, r in done.items() if k not in runs}})
     write_markdown(Path(out) / "report.md", markdown(report, cfg))
     return report
 
@@ -160,6 +203,7 @@ def markdown(report: dict, cfg: Config) -> str:
              f"Grid: lr {report['grid']['lr']} × alignment weight {report['grid']['weight']} (λ for vlap, "
              f"nce_weight for contrastive; limber has none); {t.steps} steps of batch {t.batch_size}, {t.precision}, "
              f"seed {t.seed}. Score: ½ (METEOR × 100 + mean R@1 of the best scorer). **Bold**: chosen.", "",
+             *extended_grid_lines(report["grid"]),
              "| method | lr | weight | score | " + " | ".join(cols) + " | final losses |",
              "| --- | ---: | ---: | ---: |" + " ---: |" * len(cols) + " --- |"]
     for key, r in sorted(report["runs"].items()):
@@ -173,6 +217,17 @@ def markdown(report: dict, cfg: Config) -> str:
                      f"{r['score']:.2f} | " + " | ".join(f"{r[k]:.3f}" if k in ("CIDEr", "METEOR") else f"{r[k]:.1f}"
                                                     for k in cols) + f" | {final} |")
     return "\n".join(lines) + "\n"
+
+
+def extended_grid_lines(grid_record: dict) -> list[str]:
+    """The lrs each method was tried at, where the grid was extended past its edges (`--extend-edges`)."""
+    extended = {m: lrs for m, lrs in grid_record.get("lr_by_method", {}).items()
+                if len(lrs) > len(set(grid_record["lr"]))}
+    if not extended:
+        return []
+    tried = "; ".join(f"{m}: {', '.join(f'{lr:g}' for lr in lrs)}" for m, lrs in extended.items())
+    return [f"Extended past the edge where a method's best lr sat (up to {grid_record['extend_edges']} step(s), the "
+            f"same rule for every method): {tried}.", ""]
 
 
 def apply_to_params(report: dict, params: Path) -> None:
@@ -198,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, nargs="+", default=None,
                    help="contrastive: initial temperatures of its learnable logit scale (default: params.yaml's)")
     p.add_argument("--val-images", type=int, default=200, help="validation images scored, 0 = all")
+    p.add_argument("--extend-edges", type=int, default=0, metavar="N",
+                   help="a method best at the lowest or highest lr gets one more lr past it, up to N times")
     p.add_argument("--apply", action="store_true", help="write the chosen settings into --params")
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
                    help="a params value for every setting tried, e.g. train.steps=1000 (a budget other than params')")
@@ -213,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster = cluster_for(args.workers, args.scheduler, cfg.extract, args.threads)
         try:
             report = run_tune(cfg, Dirs.under(args.data), args.out or args.data / "tune", args.methods, args.lr,
-                              args.weight, args.val_images, temperatures=args.temperature, cluster=cluster)
+                              args.weight, args.val_images, temperatures=args.temperature, cluster=cluster,
+                              extend_edges=args.extend_edges)
         finally:
             if cluster is not None:
                 cluster.close()
