@@ -7,7 +7,9 @@ sequence ends at the last position and decoding continues from there.
 With a decoder-only LM the work a batch shares is done once: `SharedPrefix` runs
 embeddings that lead every sequence (the n-shot examples) through the LM a single
 time, and `prefill` runs a batch's own embeddings (all but the last position) once,
-so that greedy decoding and answer ranking both continue from the same KV cache.
+so that greedy decoding and answer ranking both continue from the same KV cache;
+`prefill_shared_leads` also runs once what several rows of a batch share after the
+prefix (an image's visual tokens, read by each question about it).
 """
 from __future__ import annotations
 
@@ -101,6 +103,44 @@ def prefill(lm: LanguageModel, sequences: list[torch.Tensor], prefix: SharedPref
     out = lm.model.base_model(inputs_embeds=embeds[:, done:-1], attention_mask=mask[:, :-1],
                               position_ids=positions[:, done:-1], use_cache=True, **with_cache(lm.model, cache))
     return Prefilled(embeds, mask, out.past_key_values)
+
+
+@torch.inference_mode()
+def prefill_shared_leads(lm: LanguageModel, leads: torch.Tensor, lead_of: list[int], texts: list[torch.Tensor],
+                         prefix: SharedPrefix | None = None) -> Prefilled:
+    """Rows [prefix][leads[lead_of[i]]][texts[i]] where rows share leads (U, N, D) of one length, as the
+    questions about one image share its visual tokens: `prefill` of the whole rows, with less work.
+
+    A decoder-only LM runs each distinct lead once, after the prefix, and its keys and values serve every
+    row that reads it (causal attention: a lead's do not depend on what follows); then each row's text,
+    left-padded after its lead, up to the last position. The padding between lead and text is masked and
+    not counted in the positions, so every row sees exactly prefix + lead + text. An encoder-decoder LM
+    reads its input whole: it gets the whole rows."""
+    rows = [torch.cat([leads[j], t]) for j, t in zip(lead_of, texts)] if lm.is_encoder_decoder else None
+    if rows is not None:
+        return prefill(lm, rows, prefix)
+    U, N = leads.shape[:2]
+    P = 0 if prefix is None else len(prefix)
+    cache = None
+    if P:
+        cache = copy.deepcopy(prefix.cache)
+        cache.batch_repeat_interleave(U)
+    lead_positions = torch.arange(P, P + N, device=leads.device).expand(U, -1)
+    cache = lm.model.base_model(inputs_embeds=leads, attention_mask=leads.new_ones((U, P + N), dtype=torch.long),
+                                position_ids=lead_positions, use_cache=True,
+                                **with_cache(lm.model, cache)).past_key_values
+    index = torch.tensor(lead_of, device=leads.device)
+    cache.batch_select_indices(index)  # each row's copy of its lead's keys and values
+    text_embeds_, text_mask = left_pad(texts)
+    B = len(texts)
+    embeds = torch.cat([*([prefix.embeds.expand(B, -1, -1)] if P else []), leads[index], text_embeds_], 1)
+    mask = torch.cat([text_mask.new_ones((B, P + N)), text_mask], 1)
+    if embeds.shape[1] - 1 > P + N:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = lm.model.base_model(inputs_embeds=embeds[:, P + N:-1], attention_mask=mask[:, :-1],
+                                    position_ids=positions[:, P + N:-1], use_cache=True,
+                                    **with_cache(lm.model, cache)).past_key_values
+    return Prefilled(embeds, mask, cache)
 
 
 @torch.inference_mode()

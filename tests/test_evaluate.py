@@ -21,8 +21,8 @@ from pipeline.features import FeatureCache, features_file
 from pipeline.errors import MismatchError
 from pipeline.prototypes import prototypes_file
 from reference_ranking import unchunked_rank_candidates
-from pipeline.generation import (RANKING_MEMORY, SharedPrefix, greedy_decode, left_pad, prefill, rank_candidates,
-                                 text_embeds)
+from pipeline.generation import (RANKING_MEMORY, SharedPrefix, greedy_decode, left_pad, prefill, prefill_shared_leads,
+                                 rank_candidates, text_embeds)
 from pipeline.tasks.inputs import load_eval_inputs
 from stages import evaluate_arithmetic, evaluate_caption, evaluate_retrieval, evaluate_vqa, summarize, train
 
@@ -284,6 +284,35 @@ def test_cached_shot_prefix_and_prefill_equal_the_whole_sequences(smollm2):
     assert cached_answers[0].startswith("blue") and cached_scores[0].argmax() == 0  # the sky is blue
     assert prefix.cache.get_seq_length() == len(shots)  # batches copy the shared cache, never extend it
 
+
+
+@pytest.mark.parametrize("with_shots", [False, True])
+def test_rows_sharing_a_lead_run_it_once_and_equal_the_whole_sequences(smollm2, with_shots):
+    """Questions about one image share its visual tokens (here: a lead of 6 real token embeddings): each lead
+    runs once, after the shots if any, and the answers and candidate log-likelihoods equal those of every
+    whole sequence [shots][lead][question] run from scratch."""
+    ids = smollm2.tokenizer(["a red circle on a white", "a blue square on a black"], add_special_tokens=False,
+                            return_tensors="pt")["input_ids"]
+    assert ids.shape == (2, 6)
+    leads = smollm2.embed(ids)  # (U=2, N=6, D)
+    questions = [text_embeds(smollm2, p) for p in [" Question: what colour is it? Answer:",
+                                                    " Question: which shape is drawn here? Answer:",
+                                                    " Question: what colour? Answer:"]]
+    lead_of = [0, 1, 0]
+    shots = text_embeds(smollm2, "Question: what colour is a lemon? Answer: yellow\n")
+    prefix = SharedPrefix(smollm2, shots) if with_shots else None
+    state = prefill_shared_leads(smollm2, leads, lead_of, questions, prefix)
+    assert state.cache.get_seq_length() == state.embeds.shape[1] - 1  # everything but the last position
+    candidates = [" red", " blue", " circle", " teal"]  # " teal" is two tokens
+    answers = greedy_decode(smollm2, state.embeds, state.mask, 3, cache=state.cache_copy())
+    scores = rank_candidates(smollm2, state.embeds, state.mask, candidates, cache=state.cache)
+    lead = [shots] if with_shots else []
+    embeds, mask = left_pad([torch.cat([*lead, leads[j], q]) for j, q in zip(lead_of, questions)])
+    assert answers == greedy_decode(smollm2, embeds, mask, 3)
+    assert torch.allclose(scores, rank_candidates(smollm2, embeds, mask, candidates), atol=1e-3)
+    assert not torch.allclose(scores[0], scores[2], atol=1e-3)  # one lead, two questions: two distributions
+    if with_shots:
+        assert prefix.cache.get_seq_length() == len(shots)  # the shared cache is copied, never extended
 
 @pytest.mark.slow
 def test_bridge_from_another_encoder_is_refused(trained, smollm2, tmp_path):

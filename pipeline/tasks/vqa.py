@@ -4,7 +4,8 @@ Query prefix: [shots] [V] "Question: {q} Answer:"; each shot is a training image
 [V] "Question: {q} Answer: {a}\\n" (a: its most common human answer). Open-ended answers are
 decoded greedily; closed-vocabulary answers rank the dataset's answer set by LLM log-likelihood,
 the query's prefix run once for both (KV cache). With a decoder-only LM the n-shot examples, the
-same for every query, run through the LM once for the whole evaluation (`SharedPrefix`). Accuracy
+same for every query, run through the LM once for the whole evaluation (`SharedPrefix`), and an
+image's visual tokens once per batch for all the questions about it (`prefill_shared_leads`). Accuracy
 is reported per image domain where the test images have one (zero-shot: seen / unseen) and per
 question type: VQAv2's answer type (yes_no, number, other) where the data has one,
 else easy-VQA's (color, shape, yes_no).
@@ -19,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.distributed import Ranks, gather_in_order, shard
-from pipeline.generation import SharedPrefix, greedy_decode, prefill, rank_candidates, text_embeds
+from pipeline.generation import SharedPrefix, greedy_decode, prefill_shared_leads, rank_candidates, text_embeds
 from pipeline.manifest import report_group
 from pipeline.tasks.inputs import EvalInputs
 from pipeline.tasks.vqa_metrics import accuracy_by_type, normalize_answer, question_type, vqa_accuracy
@@ -67,9 +68,11 @@ def answer_questions(inputs: EvalInputs, questions: list[dict], shot_prefix: Sha
     records = []
     for i in tqdm(shard(range(0, len(questions), batch_size), ranks), desc=f"vqa {inputs.method}", unit="batch"):
         batch = questions[i : i + batch_size]
-        V = inputs.bridged([row_of[q["image_id"]] for q in batch])  # (b, N, D)
-        seqs = [torch.cat([V[k], text_embeds(lm, query_text(q["question"]))]) for k, q in enumerate(batch)]
-        state = prefill(lm, seqs, shot_prefix)
+        images = list(dict.fromkeys(q["image_id"] for q in batch))  # each image's tokens run once for its questions
+        V = inputs.bridged([row_of[i] for i in images])  # (u, N, D)
+        lead_of = [images.index(q["image_id"]) for q in batch]
+        state = prefill_shared_leads(lm, V, lead_of, [text_embeds(lm, query_text(q["question"])) for q in batch],
+                                     shot_prefix)
         open_answers = greedy_decode(lm, state.embeds, state.mask, max_new_tokens, cache=state.cache_copy())
         closed = rank_candidates(lm, state.embeds, state.mask, candidates, cache=state.cache).argmax(-1).tolist()
         for q, generated, c in zip(batch, open_answers, closed):
