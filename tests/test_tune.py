@@ -1,6 +1,7 @@
 """`vlap tune`: the same grid for every method, scored on the validation split, chosen settings applied."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -8,11 +9,14 @@ import pytest
 from graph_runner import cut_easyvqa
 from pipeline.manifest import Split, read_manifest, write_split
 from pipeline.config import load_config, parse_config
+from pipeline.errors import ConfigError
 from pipeline.paths import Dirs
 from stages import extract, prepare, prototypes
 from stages.common import run_stage
+from dvc_repo import REPO
 from tiny_models import save_tiny_clip_vision, save_tiny_opt
-from vlap.tune import apply_to_params, grid, lr_beyond_edge, run_tune
+from vlap.tune import apply_to_params, grid, lr_beyond_edge, run_tune, tuned_settings
+from vlap import study
 
 pytestmark = pytest.mark.slow  # every method trained over a grid
 
@@ -103,3 +107,26 @@ def test_a_method_best_at_an_edge_of_the_grid_is_tried_one_step_past_it(tuned, t
     assert list(narrower["runs"]) == ["limber/lr0.01"] and narrower["chosen"]["limber"]["lr"] == 1e-2
     saved = json.loads((out / "tune.json").read_text())
     assert set(saved["kept"]) == {"limber/lr0.001", f"limber/lr{past:g}"}  # kept for a later tune, not chosen
+
+
+def test_a_study_takes_the_tunes_choices_only_at_the_budget_they_were_tuned_at(tuned, capsys):
+    """`vlap study --tuned tune.json`: each method's chosen lr and weight as settings; a tune at another budget
+    (length, batch, precision, ...) is refused in one line before anything trains."""
+    cfg, root, report = tuned
+    tune_json = root / "tune" / "tune.json"
+    sets = tuned_settings(tune_json, dataclasses.asdict(cfg.train))
+    chosen = report["chosen"]
+    assert f"methods.vlap.lr={chosen['vlap']['lr']}" in sets and f"methods.limber.lr={chosen['limber']['lr']}" in sets
+    assert f"methods.contrastive.nce_weight={chosen['contrastive']['weight']}" in sets
+    assert not any(s.startswith("methods.limber.") and not s.startswith("methods.limber.lr=") for s in sets)
+    longer = dataclasses.asdict(dataclasses.replace(cfg.train, steps=cfg.train.steps + 5, seed=3))
+    with pytest.raises(ConfigError, match=r"tuned at another budget \(train.steps 3 there, 8 here\)"):
+        tuned_settings(tune_json, longer)
+    assert tuned_settings(tune_json, dataclasses.asdict(dataclasses.replace(cfg.train, seed=3))) == sets  # not budget
+    code = study.main(["--params", str(REPO / "params.yaml"), "--tuned", str(tune_json), "--data", str(root / "data"),
+                       "--out", str(root / "study-refused"), "--seeds", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "was tuned at another budget" in err[0] and "train.steps 3 there" in err[0]
+    assert not (root / "study-refused").exists()
+    with pytest.raises(ConfigError, match="not a tune.json"):
+        tuned_settings(root / "tune" / "report.md", dataclasses.asdict(cfg.train))

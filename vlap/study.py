@@ -1,13 +1,14 @@
 """`vlap study`: seeds × methods at one training budget on the same cached features, with intervals.
 
     vlap study [--seeds 0 1 2] [--steps 200] [--test-images 0] [--vqa-questions 500] [--vqa-shots 0]
-               [--out data/study] [--workers N | --scheduler ADDRESS] [--threads T]
+               [--tuned data/tune/tune.json] [--out data/study] [--workers N | --scheduler ADDRESS] [--threads T]
 
 Each seed trains every method (the seed sets the bridge's initialisation and the batch order) and
 runs every evaluation, in its own data root under `<out>/runs/seed-<s>/` whose prepared data,
 features and prototypes are links to the pipeline's own: nothing is encoded again (run
 `dvc repro prototypes` first). Evaluation settings are the same for every seed, so every method
-and seed is scored on the same test items. The report (`<out>/report.md`, `study.json`,
+and seed is scored on the same test items. `--tuned` takes each method's settings from a finished
+`vlap tune` made at the study's training budget (and refuses one made at another). The report (`<out>/report.md`, `study.json`,
 `intervals.png`) gives each headline metric as mean and 95% interval (pipeline.stats: bootstrap
 over seeds and test items) and the paired difference VLAP − each baseline with its interval.
 A re-run runs again only the stage runs whose inputs changed: each seed root keeps a record of what
@@ -44,6 +45,7 @@ from stages.common import run_stage
 from stages.graph import RUN_RECORD, Node, RunRecord, graph
 from vlap.cells import CellCluster, add_placement_options, cluster_for, recorded_command
 from vlap.params_file import load_config_with
+from vlap.tune import tuned_settings
 
 log = logging.getLogger("vlap.study")
 STAGES = ("train", *(f"evaluate_{task}" for task in TASKS))
@@ -335,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
                    help="a params value for every run of the study, e.g. train.batch_size=32 (repeatable)")
+    p.add_argument("--tuned", type=Path, default=None, metavar="TUNE_JSON",
+                   help="each method's settings as this `vlap tune` chose them (its tune.json), checked against the "
+                        "study's training budget; --set after it still wins")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="one more row: VLAP with these params, e.g. released:methods.vlap.target=released,"
                         "prototypes.prior=released (repeatable)")
@@ -345,13 +350,17 @@ def main(argv: list[str] | None = None) -> int:
     command = recorded_command("vlap study", argv)  # the same study whichever workers ran it
 
     def go() -> None:
-        cfg = load_config_with(args.params, args.sets)
+        sets = args.sets
+        if args.tuned is not None:  # the tune's choices first: an explicit --set overrides one of them
+            budget = study_config(load_config_with(args.params, sets), args.seeds[0], args.steps, None, None, None)
+            sets = tuned_settings(args.tuned, dataclasses.asdict(budget.train)) + sets
+        cfg = load_config_with(args.params, sets)
         variants = {}
         for text in args.variant:
             name, sep, assignments = text.partition(":")
             if not sep or not name or not assignments:
                 raise ConfigError(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
-            variants[name] = load_config_with(args.params, args.sets + assignments.split(","))
+            variants[name] = load_config_with(args.params, sets + assignments.split(","))
         cluster = cluster_for(args.workers, args.scheduler, cfg.extract, args.threads)
         try:
             run_study(cfg, Dirs.under(args.data), args.out or args.data / "study", args.seeds, args.methods,

@@ -230,16 +230,45 @@ def extended_grid_lines(grid_record: dict) -> list[str]:
             f"same rule for every method): {tried}.", ""]
 
 
-def apply_to_params(report: dict, params: Path) -> None:
-    """Write each chosen lr and weight into params.yaml, keeping its comments."""
+def chosen_values(report: dict) -> dict[str, object]:
+    """Each method's chosen settings as params keys: `methods.<m>.lr`, its weight, its initial temperature."""
     values = {}
     for method, c in report["chosen"].items():
         values[f"methods.{method}.lr"] = c["lr"]
         if c["weight"] is not None:
             values[f"methods.{method}.{WEIGHT_KEY[method]}"] = c["weight"]
         if c.get("temperature") is not None:
-            values[f"methods.{method}.temperature"] = c["temperature"]
-    update_params(params, values)
+            values[f"methods.{method}.{method_class(method).temperature_key}"] = c["temperature"]
+    return values
+
+
+def apply_to_params(report: dict, params: Path) -> None:
+    """Write each chosen lr and weight into params.yaml, keeping its comments."""
+    update_params(params, chosen_values(report))
+
+
+# What a tuned setting is tied to: a learning rate chosen at one length, batch or precision is no choice at another
+BUDGET_KEYS = ("max_samples", "steps", "epochs", "batch_size", "weight_decay", "warmup_steps", "warmup_epochs",
+               "schedule", "prompt", "max_caption_tokens", "precision")
+
+
+def tuned_settings(path: Path, train: dict) -> list[str]:
+    """`key=value` settings of the methods a tune (its tune.json) chose, for runs whose train section is `train`
+    (the study's); a ConfigError in one line where the tune trained at another budget."""
+    try:
+        report = json.loads(Path(path).read_text())
+        chosen = report["chosen"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--tuned {path}: not a tune.json that `vlap tune` finished ({type(e).__name__}: {e})")
+    for method, c in chosen.items():
+        run = next((r for r in report["runs"].values() if r["method"] == method and r["lr"] == c["lr"]
+                    and r["weight"] == c["weight"] and r.get("temperature") == c.get("temperature")), None)
+        tuned = {} if run is None else run["fingerprint"]["train"]
+        differ = [f"train.{k} {tuned.get(k)!r} there, {train[k]!r} here" for k in BUDGET_KEYS if tuned.get(k) != train[k]]
+        if differ:
+            raise ConfigError(f"--tuned {path}: {method} was tuned at another budget ({'; '.join(differ)}): "
+                              f"tune at this one (vlap tune --set ...) or pass its settings with --set")
+    return [f"{key}={value}" for key, value in chosen_values(report).items()]
 
 
 def main(argv: list[str] | None = None) -> int:
