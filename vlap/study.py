@@ -8,8 +8,8 @@ runs every evaluation, in its own data root under `<out>/runs/seed-<s>/` whose p
 features and prototypes are links to the pipeline's own: nothing is encoded again (run
 `dvc repro prototypes` first). Evaluation settings are the same for every seed, so every method
 and seed is scored on the same test items. `--tuned` takes each method's settings from a finished
-`vlap tune` made at the study's training budget (and refuses one made at another). The report (`<out>/report.md`, `study.json`,
-`intervals.png`) gives each headline metric as mean and 95% interval (pipeline.stats: bootstrap
+`vlap tune` made at the study's training budget (and refuses one made at another). The report
+(`<out>/report.md`, `study.json`, `intervals.png`) gives each headline metric as mean and 95% interval (pipeline.stats: bootstrap
 over seeds and test items) and the paired difference VLAP − each baseline with its interval.
 A re-run runs again only the stage runs whose inputs changed: each seed root keeps a record of what
 each training and evaluation last ran on (`stages.lock.json`: its declared params, data deps and code

@@ -18,7 +18,8 @@ them. Runs share the pipeline's cached features and prototypes (`dvc repro proto
 re-run keeps every setting it finished (`tune.json` keeps the runs of another grid or budget under "kept":
 they never compete). `--extend-edges N`: a method whose best lr is the grid's lowest or highest is tried
 one grid step past it, with every weight, up to N times, so no method is read at the edge of its grid.
-With `--workers N` / `--scheduler ADDRESS` the settings are Dask tasks, each worker on its own GPU or share of the cores with its own LLM (vlap/cells.py).
+With `--workers N` / `--scheduler ADDRESS` the settings are Dask tasks, each worker on its own GPU or share
+of the cores with its own LLM (vlap/cells.py).
 """
 from __future__ import annotations
 
@@ -264,7 +265,8 @@ def tuned_settings(path: Path, train: dict) -> list[str]:
         run = next((r for r in report["runs"].values() if r["method"] == method and r["lr"] == c["lr"]
                     and r["weight"] == c["weight"] and r.get("temperature") == c.get("temperature")), None)
         tuned = {} if run is None else run["fingerprint"]["train"]
-        differ = [f"train.{k} {tuned.get(k)!r} there, {train[k]!r} here" for k in BUDGET_KEYS if tuned.get(k) != train[k]]
+        differ = [f"train.{k} {tuned.get(k)!r} there, {train[k]!r} here" for k in BUDGET_KEYS
+                  if tuned.get(k) != train[k]]
         if differ:
             raise ConfigError(f"--tuned {path}: {method} was tuned at another budget ({'; '.join(differ)}): "
                               f"tune at this one (vlap tune --set ...) or pass its settings with --set")
