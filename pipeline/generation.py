@@ -90,19 +90,29 @@ def prefill(lm: LanguageModel, sequences: list[torch.Tensor], prefix: SharedPref
     if prefix is None or prefix.cache is None:
         lead = [] if prefix is None or not len(prefix) else [prefix.embeds]
         embeds, mask = left_pad([torch.cat([*lead, s]) for s in sequences])
-        cache, done = None, 0
-    else:
-        embeds, mask = left_pad(sequences)
-        embeds = torch.cat([prefix.embeds.expand(B, -1, -1), embeds], 1)
-        mask = torch.cat([mask.new_ones((B, len(prefix))), mask], 1)
-        cache, done = copy.deepcopy(prefix.cache), len(prefix)
-        cache.batch_repeat_interleave(B)
-    if lm.is_encoder_decoder or embeds.shape[1] - 1 <= done:
-        return Prefilled(embeds, mask, cache)
+        return Prefilled(embeds, mask, None if lm.is_encoder_decoder else _run_after(lm, embeds, mask, None, 0))
+    embeds, mask = left_pad(sequences)
+    embeds = torch.cat([prefix.embeds.expand(B, -1, -1), embeds], 1)
+    mask = torch.cat([mask.new_ones((B, len(prefix))), mask], 1)
+    return Prefilled(embeds, mask, _run_after(lm, embeds, mask, _repeated(prefix, B), len(prefix)))
+
+
+def _repeated(prefix: SharedPrefix, rows: int) -> Any:
+    """A copy of the prefix's cache for `rows` rows (generation extends a cache in place)."""
+    cache = copy.deepcopy(prefix.cache)
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
+def _run_after(lm: LanguageModel, embeds: torch.Tensor, mask: torch.Tensor, cache: Any, done: int) -> Any:
+    """The cache of every position but the last: positions `done`.. run after `cache` (which holds the
+    first `done`), counting only unmasked tokens, so that left padding does not shift a row."""
+    if embeds.shape[1] - 1 <= done:
+        return cache
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = lm.model.base_model(inputs_embeds=embeds[:, done:-1], attention_mask=mask[:, :-1],
-                              position_ids=positions[:, done:-1], use_cache=True, **with_cache(lm.model, cache))
-    return Prefilled(embeds, mask, out.past_key_values)
+    return lm.model.base_model(inputs_embeds=embeds[:, done:-1], attention_mask=mask[:, :-1],
+                               position_ids=positions[:, done:-1], use_cache=True,
+                               **with_cache(lm.model, cache)).past_key_values
 
 
 @torch.inference_mode()
@@ -121,10 +131,7 @@ def prefill_shared_leads(lm: LanguageModel, leads: torch.Tensor, lead_of: list[i
         return prefill(lm, rows, prefix)
     U, N = leads.shape[:2]
     P = 0 if prefix is None else len(prefix)
-    cache = None
-    if P:
-        cache = copy.deepcopy(prefix.cache)
-        cache.batch_repeat_interleave(U)
+    cache = _repeated(prefix, U) if P else None
     lead_positions = torch.arange(P, P + N, device=leads.device).expand(U, -1)
     cache = lm.model.base_model(inputs_embeds=leads, attention_mask=leads.new_ones((U, P + N), dtype=torch.long),
                                 position_ids=lead_positions, use_cache=True,
@@ -135,12 +142,7 @@ def prefill_shared_leads(lm: LanguageModel, leads: torch.Tensor, lead_of: list[i
     B = len(texts)
     embeds = torch.cat([*([prefix.embeds.expand(B, -1, -1)] if P else []), leads[index], text_embeds_], 1)
     mask = torch.cat([text_mask.new_ones((B, P + N)), text_mask], 1)
-    if embeds.shape[1] - 1 > P + N:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = lm.model.base_model(inputs_embeds=embeds[:, P + N:-1], attention_mask=mask[:, :-1],
-                                    position_ids=positions[:, P + N:-1], use_cache=True,
-                                    **with_cache(lm.model, cache)).past_key_values
-    return Prefilled(embeds, mask, cache)
+    return Prefilled(embeds, mask, _run_after(lm, embeds, mask, cache, P + N))
 
 
 @torch.inference_mode()
