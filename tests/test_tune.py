@@ -15,7 +15,7 @@ from stages import extract, prepare, prototypes
 from stages.common import run_stage
 from dvc_repo import REPO
 from tiny_models import save_tiny_clip_vision, save_tiny_opt
-from vlap.tune import apply_to_params, grid, lr_beyond_edge, run_tune, tuned_settings
+from vlap.tune import apply_to_params, beyond_edge, grid, run_tune, tuned_settings
 from vlap import study
 
 pytestmark = pytest.mark.slow  # every method trained over a grid
@@ -88,10 +88,12 @@ def test_a_rerun_keeps_finished_settings_and_apply_writes_params(tuned, tmp_path
 
 
 def test_a_method_best_at_an_edge_of_the_grid_is_tried_one_step_past_it(tuned, tmp_path):
-    """--extend-edges: one lr past the edge where a method's best sits, at the grid's ratio there; the runs
-    of another grid in the same folder are kept for a later tune but never compete."""
-    assert lr_beyond_edge(3e-3, [1e-3, 3e-3]) == 9e-3 and lr_beyond_edge(1e-3, [1e-3, 3e-3]) == 3.33e-4
-    assert lr_beyond_edge(3e-3, [1e-3, 3e-3, 1e-2]) is None
+    """--extend-edges: one lr past the edge where a method's best sits, at the grid's ratio there, and one weight
+    past the edge where its best weight sits, at its best lr; the runs of another grid in the same folder are
+    kept for a later tune but never compete."""
+    assert beyond_edge(3e-3, [1e-3, 3e-3]) == 9e-3 and beyond_edge(1e-3, [1e-3, 3e-3]) == 3.33e-4
+    assert beyond_edge(3e-3, [1e-3, 3e-3, 1e-2]) is None and beyond_edge(1.0, [0.1, 1.0]) == 10.0
+    assert beyond_edge(1e-3, [1e-3]) is None  # one value: no step to take
     cfg, root, _ = tuned
     out = tmp_path / "tune"
     first = run_tune(cfg, Dirs.under(root / "data"), out, ["limber"], [1e-3, 1e-2], [0.5], val_images=6)
@@ -107,6 +109,17 @@ def test_a_method_best_at_an_edge_of_the_grid_is_tried_one_step_past_it(tuned, t
     assert list(narrower["runs"]) == ["limber/lr0.01"] and narrower["chosen"]["limber"]["lr"] == 1e-2
     saved = json.loads((out / "tune.json").read_text())
     assert set(saved["kept"]) == {"limber/lr0.001", f"limber/lr{past:g}"}  # kept for a later tune, not chosen
+    weights = run_tune(cfg, Dirs.under(root / "data"), tmp_path / "weights", ["contrastive"], [1e-3], [0.5, 2.0],
+                       val_images=6, extend_edges=1)
+    first_round = {r["weight"]: r["score"] for r in weights["runs"].values() if r["weight"] in (0.5, 2.0)}
+    past_weight = {0.5: 0.125, 2.0: 8.0}[max(first_round, key=first_round.get)]
+    assert weights["grid"]["weight_by_method"]["contrastive"] == sorted([0.5, 2.0, past_weight])
+    assert weights["grid"]["lr_by_method"]["contrastive"] == [1e-3]  # one lr: no lr edge to step past
+    assert sorted((r["lr"], r["weight"]) for r in weights["runs"].values()) == sorted(
+        (1e-3, w) for w in (0.5, 2.0, past_weight))
+    assert weights["chosen"]["contrastive"]["score"] == max(r["score"] for r in weights["runs"].values())
+    report = (tmp_path / "weights" / "report.md").read_text()
+    assert "best weight sat (up to 1 round(s), the same rule for every method): contrastive: " in report
 
 
 def test_a_study_takes_the_tunes_choices_only_at_the_budget_they_were_tuned_at(tuned, capsys):

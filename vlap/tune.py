@@ -17,7 +17,9 @@ into params.yaml (`methods.<m>.lr` and its weight), where `dvc repro`, the study
 them. Runs share the pipeline's cached features and prototypes (`dvc repro prototypes` first); a
 re-run keeps every setting it finished (`tune.json` keeps the runs of another grid or budget under "kept":
 they never compete). `--extend-edges N`: a method whose best lr is the grid's lowest or highest is tried
-one grid step past it, with every weight, up to N times, so no method is read at the edge of its grid.
+one grid step past it, with every weight it was tried at; one whose best alignment weight is the lowest or
+highest is tried one weight step past it, at its best lr; up to N rounds, so no method is read at the edge of
+its grid.
 With `--workers N` / `--scheduler ADDRESS` the settings are Dask tasks, each worker on its own GPU or share
 of the cores with its own LLM (vlap/cells.py).
 """
@@ -106,13 +108,16 @@ def tune_cell(setting: Setting, cfg: Config, dirs: Dirs, val_images: int, lm) ->
     return evaluate_on_validation(cfg, dirs, setting.method, lm, val_images)
 
 
-def lr_beyond_edge(best_lr: float, lrs: list[float]) -> float | None:
-    """One grid step past the edge of `lrs` (sorted, at least two) where `best_lr` sits, at the ratio of the
-    two values at that edge (1e-3, 3e-3 -> 9e-3 above, 3.33e-4 below); None when the best is inside."""
-    if best_lr == lrs[-1]:
-        return float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}")
-    if best_lr == lrs[0]:
-        return float(f"{lrs[0] * lrs[0] / lrs[1]:.3g}")
+def beyond_edge(best: float, values: list[float]) -> float | None:
+    """One grid step past the edge of `values` (sorted, at least two: lrs or weights) where `best` sits, at the
+    ratio of the two values at that edge (1e-3, 3e-3 -> 9e-3 above, 3.33e-4 below); None when the best is
+    inside, or when there is one value only."""
+    if len(values) < 2:
+        return None
+    if best == values[-1]:
+        return float(f"{values[-1] * values[-1] / values[-2]:.3g}")
+    if best == values[0]:
+        return float(f"{values[0] * values[0] / values[1]:.3g}")
     return None
 
 
@@ -122,13 +127,15 @@ def run_tune(cfg: Config, base: Dirs, out: Path, methods: list[str], lrs: list[f
     """Every setting of the grid trained and scored, one after another here or as tasks on `cluster`'s
     workers (vlap.cells); a setting finished before with the same fingerprint is kept. With `extend_edges`,
     a method whose best lr is at an edge of its grid gets one more lr past that edge (with every weight),
-    up to that many times: the same rule for every method, so none is read at the edge of what it was given."""
+    up to that many times, and a method whose best weight is at an edge of the weights gets one more weight past
+    it (at its best lr): the same rule for every method, so none is read at the edge of what it was given."""
     if not (base.features / "index.json").exists() or not base.prototypes.exists():
         raise MissingInputError(f"{base.root}: no cached features or prototypes (run `dvc repro prototypes` first)")
     if "val" not in manifest_splits(base.prepared):
         raise ConfigError("params.yaml: prepare.validation_fraction: 0 leaves no validation split to tune on")
-    if extend_edges and len(set(lrs)) < 2:
-        raise ConfigError("--extend-edges needs at least two learning rates (the step past an edge is their ratio)")
+    if extend_edges and len(set(lrs)) < 2 and len(set(weights)) < 2:
+        raise ConfigError("--extend-edges needs at least two learning rates or two weights (the step past an edge "
+                          "is the ratio of the two values there)")
     results_path = Path(out) / "tune.json"
     saved = json.loads(results_path.read_text()) if results_path.exists() else {}
     done = saved.get("runs", {}) | saved.get("kept", {})  # kept: runs of another grid or budget, for a later tune
@@ -176,21 +183,33 @@ def run_tune(cfg: Config, base: Dirs, out: Path, methods: list[str], lrs: list[f
                     and done[k]["fingerprint"] == fingerprints[k]), key=lambda r: r["score"])
 
     lr_grid = {m: sorted(set(lrs)) for m in methods}
+    weight_grid = {m: sorted(set(weights)) for m in methods if m in WEIGHT_KEY}
     run_settings(grid(methods, lrs, weights, temperatures))
     for _ in range(extend_edges):
-        beyond = {m: lr for m in methods if (lr := lr_beyond_edge(best(m)["lr"], lr_grid[m])) is not None}
-        if not beyond:
+        top = {m: best(m) for m in methods}
+        past_lr = {m: lr for m in methods if (lr := beyond_edge(top[m]["lr"], lr_grid[m])) is not None}
+        past_weight = {m: w for m, ws in weight_grid.items() if (w := beyond_edge(top[m]["weight"], ws)) is not None}
+        if not past_lr and not past_weight:
             break
-        for m, lr in beyond.items():
+        settings = []
+        for m, lr in past_lr.items():
             log.info("tune: %s is best at the edge of lr %s: trying lr %g", m, lr_grid[m], lr)
+            settings += grid([m], [lr], weight_grid.get(m, weights), temperatures)
+        for m, w in past_weight.items():
+            log.info("tune: %s is best at the edge of weight %s: trying weight %g at lr %g", m, weight_grid[m], w,
+                     top[m]["lr"])
+            settings += grid([m], [top[m]["lr"]], [w], temperatures)
+        for m, lr in past_lr.items():
             lr_grid[m] = sorted(lr_grid[m] + [lr])
-        run_settings([s for m, lr in beyond.items() for s in grid([m], [lr], weights, temperatures)])
+        for m, w in past_weight.items():
+            weight_grid[m] = sorted(weight_grid[m] + [w])
+        run_settings(settings)
     chosen = {m: best(m) for m in methods}
     runs = {k: done[k] for k in done if k in fingerprints}
     report = {"runs": runs, "chosen": {m: {"lr": r["lr"], "weight": r["weight"], "temperature": r.get("temperature"),
                                            "score": r["score"]} for m, r in chosen.items()},
               "grid": {"lr": lrs, "weight": weights, "temperature": temperatures, "extend_edges": extend_edges,
-                       "lr_by_method": lr_grid},
+                       "lr_by_method": lr_grid, "weight_by_method": weight_grid},
               "val_images": val_images}
     write_json_atomic(results_path, report | {"kept": {k: r for k, r in done.items() if k not in runs}})
     write_markdown(Path(out) / "report.md", markdown(report, cfg))
@@ -221,14 +240,17 @@ def markdown(report: dict, cfg: Config) -> str:
 
 
 def extended_grid_lines(grid_record: dict) -> list[str]:
-    """The lrs each method was tried at, where the grid was extended past its edges (`--extend-edges`)."""
-    extended = {m: lrs for m, lrs in grid_record.get("lr_by_method", {}).items()
-                if len(lrs) > len(set(grid_record["lr"]))}
-    if not extended:
-        return []
-    tried = "; ".join(f"{m}: {', '.join(f'{lr:g}' for lr in lrs)}" for m, lrs in extended.items())
-    return [f"Extended past the edge where a method's best lr sat (up to {grid_record['extend_edges']} step(s), the "
-            f"same rule for every method): {tried}.", ""]
+    """The lrs and weights each method was tried at, where the grid was extended past its edges
+    (`--extend-edges`)."""
+    lines = []
+    for axis, name in (("lr", "lr"), ("weight", "weight")):
+        extended = {m: values for m, values in grid_record.get(f"{axis}_by_method", {}).items()
+                    if len(values) > len(set(grid_record[axis]))}
+        if extended:
+            tried = "; ".join(f"{m}: {', '.join(f'{v:g}' for v in values)}" for m, values in extended.items())
+            lines += [f"Extended past the edge where a method's best {name} sat (up to {grid_record['extend_edges']} "
+                      f"round(s), the same rule for every method): {tried}.", ""]
+    return lines
 
 
 def chosen_values(report: dict) -> dict[str, object]:
@@ -285,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="contrastive: initial temperatures of its learnable logit scale (default: params.yaml's)")
     p.add_argument("--val-images", type=int, default=200, help="validation images scored, 0 = all")
     p.add_argument("--extend-edges", type=int, default=0, metavar="N",
-                   help="a method best at the lowest or highest lr gets one more lr past it, up to N times")
+                   help="a method best at the lowest or highest lr (or weight) gets one more past it, up to N rounds")
     p.add_argument("--apply", action="store_true", help="write the chosen settings into --params")
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
                    help="a params value for every setting tried, e.g. train.steps=1000 (a budget other than params')")
