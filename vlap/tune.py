@@ -192,16 +192,14 @@ def run_tune(cfg: Config, base: Dirs, out: Path, methods: list[str], lrs: list[f
         if not past_lr and not past_weight:
             break
         settings = []
-        for m, lr in past_lr.items():
+        for m, lr in past_lr.items():  # with the weights tried before this round
             log.info("tune: %s is best at the edge of lr %s: trying lr %g", m, lr_grid[m], lr)
             settings += grid([m], [lr], weight_grid.get(m, weights), temperatures)
+            lr_grid[m] = sorted(lr_grid[m] + [lr])
         for m, w in past_weight.items():
             log.info("tune: %s is best at the edge of weight %s: trying weight %g at lr %g", m, weight_grid[m], w,
                      top[m]["lr"])
             settings += grid([m], [top[m]["lr"]], [w], temperatures)
-        for m, lr in past_lr.items():
-            lr_grid[m] = sorted(lr_grid[m] + [lr])
-        for m, w in past_weight.items():
             weight_grid[m] = sorted(weight_grid[m] + [w])
         run_settings(settings)
     chosen = {m: best(m) for m in methods}
@@ -243,12 +241,12 @@ def extended_grid_lines(grid_record: dict) -> list[str]:
     """The lrs and weights each method was tried at, where the grid was extended past its edges
     (`--extend-edges`)."""
     lines = []
-    for axis, name in (("lr", "lr"), ("weight", "weight")):
+    for axis in ("lr", "weight"):
         extended = {m: values for m, values in grid_record.get(f"{axis}_by_method", {}).items()
                     if len(values) > len(set(grid_record[axis]))}
         if extended:
             tried = "; ".join(f"{m}: {', '.join(f'{v:g}' for v in values)}" for m, values in extended.items())
-            lines += [f"Extended past the edge where a method's best {name} sat (up to {grid_record['extend_edges']} "
+            lines += [f"Extended past the edge where a method's best {axis} sat (up to {grid_record['extend_edges']} "
                       f"round(s), the same rule for every method): {tried}.", ""]
     return lines
 
