@@ -3,7 +3,7 @@
     python bench/ddp.py [--processes 2] [--steps 10 30] [--method vlap] [--precision fp32]
 
 Runs the train stage on the default run's cached inputs (data/prepared, data/features,
-data/prototypes must exist: `dvc repro prototypes`) in a temporary data root, once as
+data/prototypes must exist: `dvc repro extract prototypes`) in a temporary data root, once as
 `python -m stages.train` and once as `torchrun --nproc-per-node P -m stages.train`, each at two
 step counts. The per-step time is the difference of the two wall times divided by the step
 difference, so start-up (interpreters, LLM loads, process group) cancels out. Prints both
@@ -46,7 +46,8 @@ def main() -> int:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None, help="train.precision (default: params)")
     args = p.parse_args()
     if not (Dirs().features / "index.json").exists():
-        print("bench/ddp.py: run `dvc repro prototypes` first (needs the default's cached inputs)", file=sys.stderr)
+        print("bench/ddp.py: run `dvc repro extract prototypes` first (needs the default's cached inputs)",
+              file=sys.stderr)
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="ddp-bench-"))
     raw = yaml.safe_load(Path("params.yaml").read_text())

@@ -137,7 +137,7 @@ def test_a_rerun_runs_only_the_stages_whose_inputs_changed(study):
 def test_a_study_without_cached_inputs_fails_in_one_line(tmp_path):
     from pipeline.errors import MissingInputError
 
-    with pytest.raises(MissingInputError, match="run `dvc repro prototypes` first"):
+    with pytest.raises(MissingInputError, match="run `dvc repro extract prototypes` first"):
         run_study(parse_config({}), Dirs.under(tmp_path / "data"), tmp_path / "study", [0], ["vlap"])
 
 

@@ -12,7 +12,7 @@ the val split's losses and R@1; the run stops at the first point where the plate
 of the steps, from `--min-steps` on), or at `--max-steps` with its remaining slope reported.
 
 Every method runs with the same batch, learning rate, schedule and validation subset, on the pipeline's
-cached features and prototypes (linked, never re-made; `dvc repro prototypes` first), one seed. Each run
+cached features and prototypes (linked, never re-made; `dvc repro extract prototypes` first), one seed. Each run
 lives in `<data>/curves/<method>/` and checkpoints at every point: a killed or stopped `vlap curves`
 resumes each method from its last point, and a method already at its plateau is not trained again. The
 bridge at the plateau (or the last step) is written to `<data>/curves/<method>/models/<method>/`, a data
@@ -185,7 +185,8 @@ def run_curves(cfg: Config, base: Dirs, out: Path, methods: list[str], max_steps
                precision: str, every: int, val_samples: int, warmup_steps: int, criterion: Criterion,
                command: str, work: Path | None = None, lm=None, train: bool = True) -> dict:
     if not (base.features / "index.json").exists() or not base.prototypes.exists():
-        raise MissingInputError(f"{base.root}: no cached features or prototypes (run `dvc repro prototypes` first)")
+        raise MissingInputError(f"{base.root}: no cached features or prototypes "
+                                "(run `dvc repro extract prototypes` first)")
     from pipeline.train import load_train_data
 
     work = work or base.root / "curves"

@@ -6,7 +6,7 @@
 Each seed trains every method (the seed sets the bridge's initialisation and the batch order) and
 runs every evaluation, in its own data root under `<out>/runs/seed-<s>/` whose prepared data,
 features and prototypes are links to the pipeline's own: nothing is encoded again (run
-`dvc repro prototypes` first). Evaluation settings are the same for every seed, so every method
+`dvc repro extract prototypes` first). Evaluation settings are the same for every seed, so every method
 and seed is scored on the same test items. `--tuned` takes each method's settings from a finished
 `vlap tune` made at the study's training budget (and refuses one made at another). The report
 (`<out>/report.md`, `study.json`, `intervals.png`) gives each headline metric as mean and 95% interval (pipeline.stats: bootstrap
@@ -276,7 +276,8 @@ def run_study(cfg: Config, base: Dirs, out: Path, seeds: list[int], methods: lis
     variant) is a cell: run one after another here, or as tasks on `cluster`'s workers (vlap.cells)."""
     variants = variants or {}
     if not (base.features / "index.json").exists() or not base.prototypes.exists():
-        raise MissingInputError(f"{base.root}: no cached features or prototypes (run `dvc repro prototypes` first)")
+        raise MissingInputError(f"{base.root}: no cached features or prototypes "
+                                "(run `dvc repro extract prototypes` first)")
     cells: list[tuple[str, str, Callable, tuple]] = []  # (row, its method, the cell, its arguments)
     for seed in seeds:
         run_cfg = study_config(cfg, seed, steps, test_images, vqa_questions, vqa_shots)

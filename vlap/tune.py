@@ -14,7 +14,7 @@ The validation score is the mean of METEOR × 100 and the mean R@1 of the method
 method is tuned for both what it shares with the others (captioning) and what it aligns for
 (retrieval). Writes `<out>/report.md` and `tune.json`; `--apply` writes each method's chosen settings
 into params.yaml (`methods.<m>.lr` and its weight), where `dvc repro`, the study and the ablation read
-them. Runs share the pipeline's cached features and prototypes (`dvc repro prototypes` first); a
+them. Runs share the pipeline's cached features and prototypes (`dvc repro extract prototypes` first); a
 re-run keeps every setting it finished (`tune.json` keeps the runs of another grid or budget under "kept":
 they never compete). `--extend-edges N`: a method whose best lr is the grid's lowest or highest is tried
 one grid step past it, with every weight it was tried at; one whose best alignment weight is the lowest or
@@ -130,7 +130,8 @@ def run_tune(cfg: Config, base: Dirs, out: Path, methods: list[str], lrs: list[f
     up to that many times, and a method whose best weight is at an edge of the weights gets one more weight past
     it (at its best lr): the same rule for every method, so none is read at the edge of what it was given."""
     if not (base.features / "index.json").exists() or not base.prototypes.exists():
-        raise MissingInputError(f"{base.root}: no cached features or prototypes (run `dvc repro prototypes` first)")
+        raise MissingInputError(f"{base.root}: no cached features or prototypes "
+                                "(run `dvc repro extract prototypes` first)")
     if "val" not in manifest_splits(base.prepared):
         raise ConfigError("params.yaml: prepare.validation_fraction: 0 leaves no validation split to tune on")
     if extend_edges and len(set(lrs)) < 2 and len(set(weights)) < 2:
