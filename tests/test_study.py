@@ -134,6 +134,38 @@ def test_a_rerun_runs_only_the_stages_whose_inputs_changed(study):
     assert json.loads(files["caption"].read_text())["CIDEr"] >= 0
 
 
+
+def test_finished_cells_carried_to_another_study_folder_are_kept_unless_changed(study, tmp_path, caplog):
+    """`--carry`: a cell copied out of one study folder is restored into an empty one and nothing runs again;
+    a carried output that no longer matches its record runs that stage again (the record keys on content)."""
+    import logging
+    import shutil
+
+    from vlap.study import study_nodes
+
+    cfg, base, out, _, _ = study
+    carry = tmp_path / "cells"
+    args = dict(seeds=[0], methods=["limber"], steps=3, test_images=10, vqa_questions=4, n_boot=200, carry=carry)
+    first = run_study(cfg, base, out, **args)  # the cell is up to date there: it is only copied into `carry`
+    assert (carry / "seed-0" / "models" / "limber" / "model.safetensors").read_bytes() == \
+        (out / "runs" / "seed-0" / "models" / "limber" / "model.safetensors").read_bytes()
+    assert not (carry / "seed-0" / "models" / "vlap").exists()  # only the cells this study ran
+    elsewhere = tmp_path / "elsewhere"
+    with caplog.at_level(logging.INFO, logger="vlap.study"):
+        again = run_study(cfg, base, elsewhere, **args)
+    kept = [r.getMessage() for r in caplog.records if r.getMessage().endswith("up to date, kept")]
+    assert len(kept) == len(study_nodes()), kept
+    assert again["caption/CIDEr"]["methods"]["limber"] == first["caption/CIDEr"]["methods"]["limber"]
+    # A carried file edited after it was recorded: that stage runs again, the others are kept.
+    shutil.rmtree(elsewhere)
+    (carry / "seed-0" / "metrics" / "caption" / "limber.json").write_text("{}")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vlap.study"):
+        run_study(cfg, base, elsewhere, **args)
+    kept = {r.getMessage() for r in caplog.records if r.getMessage().endswith("up to date, kept")}
+    assert len(kept) == len(study_nodes()) - 1 and not any("caption" in k for k in kept)
+    assert json.loads((elsewhere / "runs" / "seed-0" / "metrics" / "caption" / "limber.json").read_text())["CIDEr"] >= 0
+
 def test_a_study_without_cached_inputs_fails_in_one_line(tmp_path):
     from pipeline.errors import MissingInputError
 

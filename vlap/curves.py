@@ -32,11 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import METHODS, Config, load_config, section_values
-from pipeline.errors import MissingInputError, report_user_errors
+from pipeline.errors import report_user_errors
 from pipeline.io import write_json_atomic
 from pipeline.paths import Dirs
 from pipeline.plateau import Plateau, plateau
 from pipeline.report import figure, save_figure, write_markdown
+from vlap.inputs import require_cached_inputs
 
 log = logging.getLogger("vlap.curves")
 LOSS = "loss_cap"  # the val/ metric the plateau is read on
@@ -184,9 +185,7 @@ def plot(records: dict[str, dict], path: Path, per_epoch: int) -> None:
 def run_curves(cfg: Config, base: Dirs, out: Path, methods: list[str], max_steps: int, batch_size: int, lr: float,
                precision: str, every: int, val_samples: int, warmup_steps: int, criterion: Criterion,
                command: str, work: Path | None = None, lm=None, train: bool = True) -> dict:
-    if not (base.features / "index.json").exists() or not base.prototypes.exists():
-        raise MissingInputError(f"{base.root}: no cached features or prototypes "
-                                "(run `dvc repro extract prototypes` first)")
+    require_cached_inputs(base)
     from pipeline.train import load_train_data
 
     work = work or base.root / "curves"

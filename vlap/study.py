@@ -2,6 +2,7 @@
 
     vlap study [--seeds 0 1 2] [--steps 200] [--test-images 0] [--vqa-questions 500] [--vqa-shots 0]
                [--tuned data/tune/tune.json] [--out data/study] [--workers N | --scheduler ADDRESS] [--threads T]
+               [--carry results/study/cells]
 
 Each seed trains every method (the seed sets the bridge's initialisation and the batch order) and
 runs every evaluation, in its own data root under `<out>/runs/seed-<s>/` whose prepared data,
@@ -17,7 +18,9 @@ as dvc.lock hashes them, and its outputs' digests), and a stage whose record mat
 Each (seed, method or variant) is a cell: one after another in this process with one LLM, or with
 `--workers N` / `--scheduler ADDRESS` each cell a Dask task, each worker on its own GPU or share of the
 cores with its own LLM (vlap/cells.py); the outputs and the report are the same bytes either way when
-each cell computes on the same number of torch threads (`--threads`).
+each cell computes on the same number of torch threads (`--threads`). `--carry DIR` moves finished cells
+between machines: each cell is copied into DIR as it finishes (commit it), and a study elsewhere restores
+them from DIR before it runs; a restored cell is kept only where its recorded digests still hold (vlap/carry.py).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import numpy as np
 
 from pipeline import stats
 from pipeline.config import METHODS, Config, section_values
-from pipeline.errors import ConfigError, MissingInputError, report_user_errors
+from pipeline.errors import ConfigError, report_user_errors
 from pipeline.methods import PROPOSED
 from pipeline.io import write_json_atomic
 from pipeline.report import figure, save_figure, write_markdown
@@ -44,6 +47,8 @@ from pipeline.train import method_lr
 from stages.common import run_stage
 from stages.graph import RUN_RECORD, Node, RunRecord, graph
 from vlap.cells import CellCluster, add_placement_options, cluster_for, recorded_command
+from vlap.carry import CellCarry
+from vlap.inputs import require_cached_inputs
 from vlap.params_file import load_config_with
 from vlap.tune import tuned_settings
 
@@ -270,14 +275,18 @@ def variant_cell(base: Dirs, root: Path, cfg: Config, variant_cfg: Config, lm) -
 def run_study(cfg: Config, base: Dirs, out: Path, seeds: list[int], methods: list[str], steps: int | None = None,
               test_images: int | None = None, vqa_questions: int | None = None, n_boot: int = 2000,
               command: str = "vlap study", lm=None, vqa_shots: int | None = None,
-              variants: dict[str, Config] | None = None, cluster: CellCluster | None = None) -> dict:
+              variants: dict[str, Config] | None = None, cluster: CellCluster | None = None,
+              carry: Path | None = None) -> dict:
     """Every seed trains and evaluates each method, and each of VLAP's `variants` (name -> the config VLAP
     trains with instead: another target, prior, lambda), all on the same cached inputs. Each (seed, method or
-    variant) is a cell: run one after another here, or as tasks on `cluster`'s workers (vlap.cells)."""
+    variant) is a cell: run one after another here, or as tasks on `cluster`'s workers (vlap.cells). With
+    `carry`, finished cells are restored from that folder first and each cell is copied there as it finishes
+    (vlap.carry)."""
     variants = variants or {}
-    if not (base.features / "index.json").exists() or not base.prototypes.exists():
-        raise MissingInputError(f"{base.root}: no cached features or prototypes "
-                                "(run `dvc repro extract prototypes` first)")
+    require_cached_inputs(base)
+    carried = CellCarry(carry, Path(out) / "runs") if carry is not None else None
+    if carried is not None:
+        carried.restore()
     cells: list[tuple[str, str, Callable, tuple]] = []  # (row, its method, the cell, its arguments)
     for seed in seeds:
         run_cfg = study_config(cfg, seed, steps, test_images, vqa_questions, vqa_shots)
@@ -287,15 +296,24 @@ def run_study(cfg: Config, base: Dirs, out: Path, seeds: list[int], methods: lis
             variant_cfg = study_config(variant, seed, steps, test_images, vqa_questions, vqa_shots)
             cells.append((name, PROPOSED, variant_cell, (base, Path(out) / "runs" / f"seed-{seed}" / f"variant-{name}",
                                                          cfg, variant_cfg)))
+
+    def keep(i: int, dirs: Dirs) -> None:
+        if carried is not None:
+            carried.save(dirs, study_nodes(), cells[i][1])
+
     if cluster is None:
         if lm is None:  # one LLM for every training and evaluation of the study
             from pipeline.device import resolve_device
             from pipeline.lms import load_lm
 
             lm = load_lm(cfg.prototypes.llm, resolve_device(cfg.train.device))
-        roots = [fn(*args, lm=lm) for _, _, fn, args in cells]
+        roots = []
+        for i, (_, _, fn, args) in enumerate(cells):
+            roots.append(fn(*args, lm=lm))
+            keep(i, roots[-1])
     else:  # one LLM per worker, for every cell it runs
-        roots = cluster.map([(fn, args) for _, _, fn, args in cells], cfg.prototypes.llm, cfg.train.device)
+        roots = cluster.map([(fn, args) for _, _, fn, args in cells], cfg.prototypes.llm, cfg.train.device,
+                            on_done=keep)
     runs: dict[str, list[tuple[Dirs, str]]] = {row: [] for row in [*methods, *variants]}
     for (row, method, _, _), dirs in zip(cells, roots):
         runs[row].append((dirs, method))
@@ -344,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="one more row: VLAP with these params, e.g. released:methods.vlap.target=released,"
                         "prototypes.prior=released (repeatable)")
+    p.add_argument("--carry", type=Path, default=None, metavar="DIR",
+                   help="a folder to move finished cells between machines (commit it): cells in it are restored "
+                        "first, and each finished cell is copied into it (a few MB each)")
     add_placement_options(p)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
@@ -366,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_study(cfg, Dirs.under(args.data), args.out or args.data / "study", args.seeds, args.methods,
                       args.steps, args.test_images, args.vqa_questions, args.boot, command, vqa_shots=args.vqa_shots,
-                      variants=variants, cluster=cluster)
+                      variants=variants, cluster=cluster, carry=args.carry)
         finally:
             if cluster is not None:
                 cluster.close()

@@ -37,10 +37,11 @@ from pipeline.features import features_file
 from pipeline.config import METHODS, Config
 from pipeline.distributed import without_launch
 from pipeline.methods import NAMES, method_class
-from pipeline.errors import ConfigError, MissingInputError, report_user_errors
+from pipeline.errors import ConfigError, report_user_errors
 from pipeline.io import write_json_atomic
 from pipeline.report import write_markdown
 from vlap.cells import CellCluster, add_placement_options, cluster_for
+from vlap.inputs import require_cached_inputs
 from vlap.params_file import load_config_with, update_params
 from pipeline.paths import Dirs
 from pipeline.tasks.captioning import evaluate_captioning
@@ -129,9 +130,7 @@ def run_tune(cfg: Config, base: Dirs, out: Path, methods: list[str], lrs: list[f
     a method whose best lr is at an edge of its grid gets one more lr past that edge (with every weight),
     up to that many times, and a method whose best weight is at an edge of the weights gets one more weight past
     it (at its best lr): the same rule for every method, so none is read at the edge of what it was given."""
-    if not (base.features / "index.json").exists() or not base.prototypes.exists():
-        raise MissingInputError(f"{base.root}: no cached features or prototypes "
-                                "(run `dvc repro extract prototypes` first)")
+    require_cached_inputs(base)
     if "val" not in manifest_splits(base.prepared):
         raise ConfigError("params.yaml: prepare.validation_fraction: 0 leaves no validation split to tune on")
     if extend_edges and len(set(lrs)) < 2 and len(set(weights)) < 2:
