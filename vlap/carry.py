@@ -51,7 +51,7 @@ class CellCarry:
 
     def save(self, dirs: Dirs, nodes: list[Node], method: str) -> None:
         """Copy a finished cell (the runs of `nodes` for `method` in the data root `dirs`) into the folder."""
-        rel = Path(dirs.root).relative_to(self.runs)
+        rel = Path(dirs.root).resolve().relative_to(self.runs.resolve())
         record = _read(dirs.root / RUN_RECORD)
         labels = [n.spec.label(method) for n in nodes if n.spec.label(method) in record]
         target = self.folder / rel
