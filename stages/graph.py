@@ -119,29 +119,31 @@ class RunRecord:
     def __init__(self, path: Path):
         self.path = path
 
-    def _read(self) -> dict:
+    def entries(self) -> dict:
         return json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def merge(self, entries: dict) -> None:
+        """Add recorded runs (label -> entry) as they are, e.g. ones carried from another machine."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{self.path}.lock"):
+            write_json_atomic(self.path, self.entries() | entries)
 
     def outputs_changed(self, node: Node, method: str | None, dirs: Dirs) -> bool:
         """An output is missing, or differs from what the recorded run wrote (nothing recorded: only a
         missing output counts)."""
-        entry = self._read().get(node.spec.label(method))
+        entry = self.entries().get(node.spec.label(method))
         outputs = node.outputs_digest(method, dirs)
         return None in outputs.values() or (entry is not None and entry["outputs"] != outputs)
 
     def up_to_date(self, node: Node, method: str | None, cfg: Config, dirs: Dirs) -> bool:
         """A run is recorded, its outputs are unchanged, and it ran on the inputs there are now."""
-        entry = self._read().get(node.spec.label(method))
+        entry = self.entries().get(node.spec.label(method))
         return (entry is not None and not self.outputs_changed(node, method, dirs)
                 and entry["inputs"] == node.declared_inputs_digest(method, cfg, dirs))
 
     def record(self, node: Node, method: str | None, cfg: Config, dirs: Dirs) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(f"{self.path}.lock"):  # flow tasks on Dask workers record side by side
-            entries = self._read()
-            entries[node.spec.label(method)] = {"inputs": node.declared_inputs_digest(method, cfg, dirs),
-                                                "outputs": node.outputs_digest(method, dirs)}
-            write_json_atomic(self.path, entries)
+        self.merge({node.spec.label(method): {"inputs": node.declared_inputs_digest(method, cfg, dirs),
+                                              "outputs": node.outputs_digest(method, dirs)}})
 
 
 def stage_modules() -> list[ModuleType]:

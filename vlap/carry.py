@@ -10,14 +10,13 @@ cached features, prototypes and code there are the same bytes; anything else tra
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
 
-from pipeline.io import atomic_path, write_json_atomic
+from pipeline.io import atomic_path
 from pipeline.paths import Dirs
-from stages.graph import RUN_RECORD, Node
+from stages.graph import RUN_RECORD, Node, RunRecord
 
 log = logging.getLogger("vlap.carry")
 
@@ -36,15 +35,14 @@ class CellCarry:
         for carried_record in sorted(self.folder.rglob(RUN_RECORD)):
             rel = carried_record.parent.relative_to(self.folder)
             root = self.runs / rel
-            local = _read(root / RUN_RECORD)
-            entries = {label: e for label, e in _read(carried_record).items() if label not in local}
+            local = RunRecord(root / RUN_RECORD).entries()
+            entries = {label: e for label, e in RunRecord(carried_record).entries().items() if label not in local}
             if not entries:
                 continue
             for label, entry in entries.items():
                 for out in entry["outputs"]:
                     _copy(carried_record.parent / out, root / out)
-            root.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(root / RUN_RECORD, local | entries)
+            RunRecord(root / RUN_RECORD).merge(entries)
             restored += len(entries)
             log.info("carry: %d stage run(s) of %s restored from %s", len(entries), rel, self.folder)
         return restored
@@ -52,18 +50,14 @@ class CellCarry:
     def save(self, dirs: Dirs, nodes: list[Node], method: str) -> None:
         """Copy a finished cell (the runs of `nodes` for `method` in the data root `dirs`) into the folder."""
         rel = Path(dirs.root).resolve().relative_to(self.runs.resolve())
-        record = _read(dirs.root / RUN_RECORD)
+        record = RunRecord(dirs.root / RUN_RECORD).entries()
         labels = [n.spec.label(method) for n in nodes if n.spec.label(method) in record]
         target = self.folder / rel
         for label in labels:
             for out in record[label]["outputs"]:
                 _copy(dirs.root / out, target / out)
-        write_json_atomic(target / RUN_RECORD, _read(target / RUN_RECORD) | {k: record[k] for k in labels})
+        RunRecord(target / RUN_RECORD).merge({k: record[k] for k in labels})
         log.info("carry: %s %s copied to %s", rel, method, self.folder)
-
-
-def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _copy(src: Path, dst: Path) -> None:
