@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from pipeline.paths import Dirs
@@ -50,15 +49,23 @@ def test_a_held_output_fails_in_one_line_and_loses_nothing(tmp_path):
 
 
 def test_a_second_run_waits_with_a_message_then_writes(tmp_path):
+    """The second run says whom it waits for, and writes once the other lets go. The other holds the lock until
+    the message is seen (a fixed hold would race the second run's start-up on a loaded machine)."""
     data = Dirs.under(tmp_path / "data")
-    other = holder(data.root, 3)
-    start = time.monotonic()
-    proc = prepare(data.root, "")  # wait as long as it takes
-    other.wait(timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    assert "waiting for" in proc.stderr and "which another run is writing" in proc.stderr
-    assert time.monotonic() - start >= 2.5
-    assert (data.prepared / "train.parquet").is_file()
+    other = holder(data.root, 300)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.prepare", "--data", str(data.root)], cwd=REPO,
+                            stderr=subprocess.PIPE, text=True, env=os.environ | {"VLAP_LOCK_TIMEOUT": ""})
+    try:
+        first = ""
+        while "waiting for" not in first and (line := proc.stderr.readline()):
+            first += line
+        assert "waiting for" in first and "which another run is writing" in first, first
+        assert not (data.prepared / "train.parquet").exists()  # nothing written while the other holds it
+    finally:
+        other.kill()
+    rest = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 0, first + rest
+    assert (data.prepared / "train.parquet").exists()
 
 
 def test_two_runs_of_a_stage_started_together_write_its_outputs_once(tmp_path):
