@@ -7,6 +7,8 @@ import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The test repos' `dvc` commands start no analytics process (one per command: 62 in a run of the suite)
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 # Each test process (one per pytest-xdist worker) and the flows it starts get their own Prefect home: two
 # temporary Prefect servers never share one SQLite database, and the user's ~/.prefect is left alone.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="vlap-test-prefect-")
