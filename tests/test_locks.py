@@ -26,8 +26,12 @@ def holder(data: Path, seconds: float) -> subprocess.Popen:
     return proc
 
 
+def prepare_command(data: Path) -> list[str]:
+    return [sys.executable, "-m", "stages.prepare", "--data", str(data)]
+
+
 def prepare(data: Path, timeout: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.prepare", "--data", str(data)], cwd=REPO,
+    return subprocess.run(prepare_command(data), cwd=REPO,
                           capture_output=True, text=True, timeout=300,
                           env=os.environ | {"VLAP_LOCK_TIMEOUT": timeout})
 
@@ -53,7 +57,7 @@ def test_a_second_run_waits_with_a_message_then_writes(tmp_path):
     the message is seen (a fixed hold would race the second run's start-up on a loaded machine)."""
     data = Dirs.under(tmp_path / "data")
     other = holder(data.root, 300)
-    proc = subprocess.Popen([sys.executable, "-m", "stages.prepare", "--data", str(data.root)], cwd=REPO,
+    proc = subprocess.Popen(prepare_command(data.root), cwd=REPO,
                             stderr=subprocess.PIPE, text=True, env=os.environ | {"VLAP_LOCK_TIMEOUT": ""})
     try:
         first = ""
@@ -72,7 +76,7 @@ def test_two_runs_of_a_stage_started_together_write_its_outputs_once(tmp_path):
     """Both finish; the one that waited finds the outputs written from its own inputs and does not write
     them again (the files keep the first run's mtimes); an edit to an output makes a waiting run run."""
     data = Dirs.under(tmp_path / "data")
-    cmd = [sys.executable, "-m", "stages.prepare", "--data", str(data.root)]
+    cmd = prepare_command(data.root)
     runs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for _ in range(2)]
     logs = [run.communicate(timeout=300)[0] for run in runs]

@@ -35,14 +35,15 @@ class CellCarry:
         for carried_record in sorted(self.folder.rglob(RUN_RECORD)):
             rel = carried_record.parent.relative_to(self.folder)
             root = self.runs / rel
-            local = RunRecord(root / RUN_RECORD).entries()
+            record = RunRecord(root / RUN_RECORD)
+            local = record.entries()
             entries = {label: e for label, e in RunRecord(carried_record).entries().items() if label not in local}
             if not entries:
                 continue
-            for label, entry in entries.items():
+            for entry in entries.values():
                 for out in entry["outputs"]:
                     _copy(carried_record.parent / out, root / out)
-            RunRecord(root / RUN_RECORD).merge(entries)
+            record.merge(entries)
             restored += len(entries)
             log.info("carry: %d stage run(s) of %s restored from %s", len(entries), rel, self.folder)
         return restored
